@@ -1,0 +1,114 @@
+"""The ``lightning-selmerge`` command.
+
+``lightning-selmerge merge REPLICA... --out DIR`` merges saved checkpoints (safetensors files or
+Hugging Face model directories) out of core::
+
+    lightning-selmerge merge runs/r0 runs/r1 runs/r2 runs/r3 --base base_model \\
+        --method selection --resample 1 --seed 0 --out merged
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import ArgumentParser
+
+from .merging import MergeError, load_rules, make_method, merge_checkpoints
+
+__all__ = ["main", "merge_parser"]
+
+
+def merge_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="lightning-selmerge merge",
+        description="Merge K fine-tuned replicas saved as safetensors into one model directory.",
+    )
+    parser.add_argument("replicas", nargs="+", help="replica checkpoints (files or HF dirs)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    parser.add_argument("--base", default=None, help="pre-trained checkpoint (needed by resample)")
+    parser.add_argument("--method", default="selection", choices=["selection", "average"])
+    parser.add_argument(
+        "--resample",
+        type=int,
+        default=0,
+        help="selection: re-draw an unmoved element up to N times",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
+    parser.add_argument(
+        "--weights",
+        type=Sequence[float],
+        default=None,
+        help="average: one weight per replica, e.g. [1,1,2]",
+    )
+    parser.add_argument(
+        "--probabilities",
+        type=Sequence[float],
+        default=None,
+        help="selection: one probability per replica, summing to 1",
+    )
+    parser.add_argument(
+        "--rules",
+        default=None,
+        help="YAML list of {pattern, method, ...}: per-tensor methods, first wins",
+    )
+    parser.add_argument("--shard_size", type=int, default=5 * 2**30, help="max bytes per shard")
+    parser.add_argument("--chunk_numel", type=int, default=1 << 20, help="elements merged at once")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_merge(argv: Sequence[str]) -> int:
+    args = merge_parser().parse_args(list(argv))
+    from tqdm.auto import tqdm
+
+    try:
+        method = make_method(
+            args.method,
+            weights=args.weights,
+            probabilities=args.probabilities,
+            resample=args.resample,
+        )
+        rules = load_rules(args.rules) if args.rules else []
+        with tqdm(desc="merging tensors", unit="tensor", disable=args.quiet) as bar:
+
+            def progress(done: int) -> None:
+                bar.update(done - bar.n)
+
+            out = merge_checkpoints(
+                args.replicas,
+                args.out,
+                method=method,
+                base=args.base,
+                rules=rules,
+                seed=args.seed,
+                chunk_numel=args.chunk_numel,
+                max_shard_bytes=args.shard_size,
+                overwrite=args.overwrite,
+                progress=progress,
+            )
+    except MergeError as err:
+        print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.replicas)} replicas into {out}")
+    return 0
+
+
+_COMMANDS = {"merge": run_merge}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in _COMMANDS:
+        print(
+            "usage: lightning-selmerge {" + ",".join(_COMMANDS) + "} ...\n"
+            "  merge   merge saved replica checkpoints (see: lightning-selmerge merge --help)",
+            file=sys.stderr,
+        )
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return _COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The merge core: pure torch, no Lightning.
+
+Methods over K aligned tensors (:class:`WeightedAverage`, :class:`ParameterSelection` with
+optional resample), a random source keyed by (seed, tensor name, element offset), whole
+state-dict merge (:func:`merge_state_dicts`) and out-of-core merge of safetensors checkpoints
+(:func:`merge_checkpoints`).
+"""
+
+from .checkpoints import merge_checkpoints
+from .errors import MergeError
+from .keyed_random import KeyedRandom
+from .methods import ChunkContext, MergeMethod, ParameterSelection, WeightedAverage
+from .rules import MergeRule, load_rules, make_method, method_for
+from .state_dict import iter_merged_chunks, merge_state_dicts, merge_tensor
+
+__all__ = [
+    "ChunkContext",
+    "KeyedRandom",
+    "MergeError",
+    "MergeMethod",
+    "MergeRule",
+    "ParameterSelection",
+    "WeightedAverage",
+    "iter_merged_chunks",
+    "load_rules",
+    "make_method",
+    "merge_checkpoints",
+    "merge_state_dicts",
+    "merge_tensor",
+    "method_for",
+]

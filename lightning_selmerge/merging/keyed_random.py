@@ -1,0 +1,123 @@
+"""Counter-based random numbers keyed by (seed, tensor name, element offset).
+
+Every element of every tensor has its own random values, computed from a stable hash of the seed
+and the tensor's name and from the element's flat offset, never from a stateful generator. So a
+merge gives the same bits whatever the chunk size, the order in which tensors are visited, the
+device, or how a tensor is split across ranks and shards.
+
+The mixer is SplitMix64 (Steele et al., 2014) evaluated with int64 tensor ops; one 64-bit hash
+yields four 16-bit uniforms, so the cost is about one hash per four elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import torch
+
+__all__ = ["UNIFORM_LEVELS", "KeyedRandom"]
+
+#: Uniforms are integers in ``[0, UNIFORM_LEVELS)``.
+UNIFORM_LEVELS = 1 << 16
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _as_int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MUL1 = _as_int64(0xBF58476D1CE4E5B9)
+_MUL2 = _as_int64(0x94D049BB133111EB)
+
+
+def _logical_shift_xor_(x: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
+    # torch's >> on int64 is arithmetic; mask the sign extension away to get a logical shift.
+    torch.bitwise_right_shift(x, shift, out=scratch)
+    scratch &= (1 << (64 - shift)) - 1
+    x ^= scratch
+
+
+def splitmix64_(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function applied in place to an int64 tensor (wrapping arithmetic)."""
+    scratch = torch.empty_like(x)
+    _logical_shift_xor_(x, 30, scratch)
+    x *= _MUL1
+    _logical_shift_xor_(x, 27, scratch)
+    x *= _MUL2
+    _logical_shift_xor_(x, 31, scratch)
+    return x
+
+
+class KeyedRandom:
+    """Uniform 16-bit integers for element ``offset`` of tensor ``name`` in stream ``stream``.
+
+    Stream 0 is a selection's first draw; a resample's j-th re-draw uses stream j.
+
+    Example:
+        >>> rng = KeyedRandom(seed=0)
+        >>> whole = rng.uniform16("layer.weight", stream=0, start=0, numel=10)
+        >>> part = rng.uniform16("layer.weight", stream=0, start=3, numel=4)
+        >>> bool((whole[3:7] == part).all())
+        True
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._keys: dict[tuple[str, int], int] = {}
+
+    def key(self, name: str, stream: int) -> int:
+        """A stable 64-bit key (blake2b, never Python's salted ``hash``) for one tensor stream."""
+        cached = self._keys.get((name, stream))
+        if cached is None:
+            digest = hashlib.blake2b(
+                f"{self.seed}\x00{name}\x00{stream}".encode(), digest_size=8
+            ).digest()
+            cached = self._keys[(name, stream)] = _as_int64(int.from_bytes(digest, "little"))
+        return cached
+
+    def _hash_words(self, name: str, stream: int, words: torch.Tensor) -> torch.Tensor:
+        words.mul_(_GOLDEN).add_(self.key(name, stream))
+        return splitmix64_(words)
+
+    def bits16(
+        self,
+        name: str,
+        stream: int,
+        start: int,
+        numel: int,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """16 random bits (an int16 bit pattern) for each element ``start .. start+numel``.
+
+        Read as unsigned, element ``i`` of word ``i // 4`` holds bits ``16 * (i % 4)`` and up.
+        """
+        first_word, last_word = start >> 2, (start + numel + 3) >> 2
+        words = torch.arange(first_word, last_word, dtype=torch.int64, device=device)
+        hashed = self._hash_words(name, stream, words)
+        if _LITTLE_ENDIAN:
+            lanes = hashed.view(torch.int16)
+        else:  # pragma: no cover - no big-endian host runs torch today
+            shifts = torch.arange(0, 64, 16, device=hashed.device)
+            lanes = ((hashed.unsqueeze(1) >> shifts) & 0xFFFF).to(torch.int16).reshape(-1)
+        begin = start - (first_word << 2)
+        return lanes[begin : begin + numel]
+
+    def uniform16(
+        self,
+        name: str,
+        stream: int,
+        start: int,
+        numel: int,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Uniforms (int32 in ``[0, 2**16)``) for elements ``start .. start+numel``."""
+        return self.bits16(name, stream, start, numel, device).to(torch.int32) & 0xFFFF
+
+    def uniform16_at(self, name: str, stream: int, offsets: torch.Tensor) -> torch.Tensor:
+        """Uniforms for the elements at the given flat ``offsets`` (int64 tensor)."""
+        hashed = self._hash_words(name, stream, offsets >> 2)
+        lane_shift = (offsets & 3).mul_(16)
+        return hashed.bitwise_right_shift_(lane_shift).bitwise_and_(0xFFFF).to(torch.int32)

@@ -1,0 +1,314 @@
+"""Merge methods over K aligned 1-D chunks of one tensor: weighted average and parameter selection.
+
+A method sees flat, equally long chunks of the K replicas (and of the base, when it needs one),
+plus a :class:`ChunkContext` naming the tensor and the chunk's flat offset, which keys the random
+draws. Selection never does arithmetic on values: it copies bit patterns, so every output element
+is bit-identical to the element of the replica it was drawn from.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MergeError
+from .keyed_random import UNIFORM_LEVELS, KeyedRandom
+
+__all__ = ["ChunkContext", "MergeMethod", "ParameterSelection", "WeightedAverage"]
+
+_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Where a chunk sits: the tensor's name and the chunk's first flat element offset."""
+
+    rng: KeyedRandom
+    name: str
+    start: int
+
+
+class MergeMethod(ABC):
+    """How K replicas' values of one tensor become one value."""
+
+    #: Whether :meth:`merge_chunk` needs the base (pre-trained) tensor.
+    needs_base: bool = False
+
+    @abstractmethod
+    def validate(self, num_replicas: int) -> None:
+        """Raise :class:`MergeError` when the method cannot merge ``num_replicas`` replicas."""
+
+    @abstractmethod
+    def merge_chunk(
+        self,
+        ctx: ChunkContext,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Merge flat, equally long chunks; return the merged chunk in the replicas' dtype."""
+
+
+def _check_num_replicas(num_replicas: int) -> None:
+    if num_replicas < 2:
+        raise MergeError(
+            f"merging needs at least 2 replicas, got {num_replicas}: pass K >= 2 replica state "
+            "dicts or checkpoints"
+        )
+
+
+def _check_length(values: Sequence[float], num_replicas: int, what: str) -> None:
+    if len(values) != num_replicas:
+        raise MergeError(
+            f"{len(values)} {what} for {num_replicas} replicas: give exactly one per replica"
+        )
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise MergeError(f"{what} must be finite numbers, got {list(values)}")
+
+
+@dataclass(frozen=True)
+class WeightedAverage(MergeMethod):
+    """``sum_k w_k * x_k / sum_k w_k``, computed in float32 (float64 for float64 tensors).
+
+    ``weights=None`` weighs every replica 1 (the plain mean). The arithmetic is that of
+    mergekit's ``linear`` method (``addcmul_`` into a zeroed accumulator, then ``div_``), so the two
+    give bit-identical outputs.
+
+    Example:
+        >>> import torch
+        >>> from lightning_selmerge.merging import merge_state_dicts
+        >>> a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+        >>> merge_state_dicts([a, b], method=WeightedAverage(weights=[1.0, 3.0]))["w"]
+        tensor([0.7500, 0.7500, 0.7500])
+    """
+
+    weights: Sequence[float] | None = None
+
+    def validate(self, num_replicas: int) -> None:
+        _check_num_replicas(num_replicas)
+        if self.weights is None:
+            return
+        _check_length(self.weights, num_replicas, "weights")
+        if not sum(self.weights) > 0:
+            raise MergeError(
+                f"average weights {list(self.weights)} sum to {sum(self.weights)}: "
+                "they must sum to a positive number"
+            )
+
+    def merge_chunk(
+        self,
+        ctx: ChunkContext,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        first = replicas[0]
+        compute = torch.float64 if first.dtype == torch.float64 else torch.float32
+        weights = torch.tensor(
+            self.weights if self.weights is not None else [1.0] * len(replicas), dtype=compute
+        )
+        acc = torch.zeros(first.shape, dtype=compute, device=first.device)
+        for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
+            acc.addcmul_(tensor, weight)
+        acc.div_(weights.sum().to(first.device))
+        return acc.to(first.dtype)
+
+
+@dataclass(frozen=True)
+class ParameterSelection(MergeMethod):
+    """Each element copied from one replica drawn at random (Ju et al., 2024).
+
+    Args:
+        probabilities: chance of each replica; ``None`` is uniform ``1/K``. Probabilities are
+            resolved to multiples of ``2**-16``.
+        resample: when the drawn replica left the element at the base (pre-trained) value, draw
+            again, up to this many times (the paper's *resample*). Needs the base weights. The
+            ``resample + 1`` candidates are drawn up front and the first that moved is kept, so
+            this is one pass whatever ``resample`` is.
+
+    Example:
+        >>> import torch
+        >>> from lightning_selmerge.merging import merge_state_dicts
+        >>> replicas = [{"w": torch.full((4,), float(k))} for k in range(3)]
+        >>> merged = merge_state_dicts(replicas, method=ParameterSelection(), seed=0)["w"]
+        >>> all(v in (0.0, 1.0, 2.0) for v in merged.tolist())
+        True
+    """
+
+    probabilities: Sequence[float] | None = None
+    resample: int = 0
+    _thresholds: dict[int, list[int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def needs_base(self) -> bool:  # type: ignore[override]
+        return self.resample > 0
+
+    def validate(self, num_replicas: int) -> None:
+        _check_num_replicas(num_replicas)
+        if num_replicas > 63:
+            raise MergeError(f"selection merges at most 63 replicas, got {num_replicas}")
+        if not isinstance(self.resample, int) or self.resample < 0:
+            raise MergeError(f"resample must be an integer >= 0, got {self.resample!r}")
+        if self.probabilities is None:
+            return
+        _check_length(self.probabilities, num_replicas, "probabilities")
+        if any(p < 0 or p > 1 for p in self.probabilities):
+            raise MergeError(
+                f"probabilities {list(self.probabilities)} out of range: each must be in [0, 1]"
+            )
+        if abs(sum(self.probabilities) - 1.0) > 1e-6:
+            raise MergeError(
+                f"probabilities {list(self.probabilities)} sum to {sum(self.probabilities)}: "
+                "they must sum to 1"
+            )
+
+    def thresholds(self, num_replicas: int) -> list[int]:
+        """Replica ``k`` is drawn when ``thresholds[k-1] <= u < thresholds[k]`` (``u`` 16-bit)."""
+        cached = self._thresholds.get(num_replicas)
+        if cached is None:
+            if self.probabilities is None:
+                cumulative = [k / num_replicas for k in range(1, num_replicas)]
+            else:
+                cumulative = [sum(self.probabilities[: k + 1]) for k in range(num_replicas - 1)]
+            cached = [math.ceil(c * UNIFORM_LEVELS - 1e-9) for c in cumulative]
+            self._thresholds[num_replicas] = cached
+        return cached
+
+    def draw(self, uniforms: torch.Tensor, num_replicas: int) -> torch.Tensor:
+        """Map 16-bit uniforms (int32) to replica indices (uint8 or int16)."""
+        if self.probabilities is None:
+            return ((uniforms * num_replicas) >> 16).to(_index_dtype(num_replicas))
+        choice = torch.zeros(
+            uniforms.shape, dtype=_index_dtype(num_replicas), device=uniforms.device
+        )
+        for threshold in self.thresholds(num_replicas):
+            choice += uniforms >= threshold
+        return choice
+
+    def choose(
+        self,
+        ctx: ChunkContext,
+        numel: int,
+        num_replicas: int,
+        moved: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """The replica index chosen for each element of the chunk.
+
+        ``moved`` (needed when ``resample > 0``) has bit ``k`` set where replica ``k`` differs
+        from the base; see :func:`moved_bits`. Every rank of a distributed merge calls this with
+        the same arguments and gets the same choice.
+        """
+        uniforms = ctx.rng.uniform16(ctx.name, 0, ctx.start, numel, device)
+        choice = self.draw(uniforms, num_replicas)
+        if self.resample == 0:
+            return choice
+        if moved is None:
+            raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
+        moved = moved.to(choice.dtype)
+        unmoved = ((moved >> choice) & 1) == 0
+        pending = (unmoved & (moved != 0)).nonzero().squeeze(1)
+        for redraw in range(1, self.resample + 1):
+            if pending.numel() == 0:
+                break
+            candidate = self.draw(
+                ctx.rng.uniform16_at(ctx.name, redraw, pending + ctx.start), num_replicas
+            )
+            choice[pending] = candidate
+            pending = pending[((moved[pending] >> candidate) & 1) == 0]
+        return choice
+
+    def merge_chunk(
+        self,
+        ctx: ChunkContext,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        num_replicas = len(replicas)
+        bits = [bit_view(r) for r in replicas]
+        numel, device = bits[0].numel(), bits[0].device
+        if self.resample == 0 and self.probabilities is None and _is_power_of_two(num_replicas):
+            # Fast path: the chosen index is the top bits of the uniform; build masks from them.
+            lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device).to(bits[0].dtype)
+            masks = _masks_from_uniform_bits(lanes, num_replicas)
+        else:
+            if base is None and self.resample > 0:
+                raise MergeError(
+                    f"{ctx.name}: selection with resample={self.resample} needs the base "
+                    "(pre-trained) weights: pass base=..."
+                )
+            moved = moved_bits(bits, bit_view(base)) if self.resample > 0 else None
+            choice = self.choose(ctx, numel, num_replicas, moved, device)
+            masks = _masks_from_choice(choice, num_replicas, bits[0].dtype)
+        return _select_by_masks(bits, masks).view(replicas[0].dtype)
+
+
+def bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a same-width integer tensor (no copy)."""
+    return tensor.view(_BITS_DTYPE[tensor.element_size()])
+
+
+def moved_bits(replica_bits: Sequence[torch.Tensor], base_bits: torch.Tensor) -> torch.Tensor:
+    """Per element, bit ``k`` set where replica ``k``'s bits differ from the base's."""
+    dtype = _index_dtype(len(replica_bits))
+    moved = torch.zeros(base_bits.shape, dtype=dtype, device=base_bits.device)
+    for k, replica in enumerate(replica_bits):
+        moved.add_(torch.ne(replica, base_bits).to(dtype), alpha=1 << k)
+    return moved
+
+
+def _index_dtype(num_replicas: int) -> torch.dtype:
+    """The narrowest dtype holding a replica index and a bit per replica (shifts stay in it)."""
+    for dtype, limit in ((torch.uint8, 8), (torch.int16, 15), (torch.int32, 31)):
+        if num_replicas <= limit:
+            return dtype
+    return torch.int64
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value & (value - 1) == 0
+
+
+def _masks_from_uniform_bits(lanes: torch.Tensor, num_replicas: int) -> list[torch.Tensor]:
+    """Masks (0 or -1) for bit j (LSB first) of ``u >> (16 - b)`` with ``K = 2**b``."""
+    width = lanes.element_size() * 8
+    b = num_replicas.bit_length() - 1
+    masks = []
+    for j in range(b):
+        position = 16 - b + j  # bit of the 16-bit uniform that is bit j of the choice
+        masks.append((lanes << (width - 1 - position)) >> (width - 1))
+    return masks
+
+
+def _masks_from_choice(
+    choice: torch.Tensor, num_replicas: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    levels = max(1, (num_replicas - 1).bit_length())
+    return [((choice >> j) & 1).to(dtype).neg_() for j in range(levels)]
+
+
+def _select_by_masks(bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Binary-tree select: at level j, pair (a, b) becomes ``b`` where mask j is -1, else ``a``."""
+    level = list(bits)
+    owned = [False] * len(level)
+    for mask in masks:
+        merged, merged_owned = [], []
+        for i in range(0, len(level), 2):
+            if i + 1 == len(level):
+                merged.append(level[i])
+                merged_owned.append(owned[i])
+                continue
+            a, b = level[i], level[i + 1]
+            out = b if owned[i + 1] else torch.empty_like(a)
+            torch.bitwise_xor(a, b, out=out)
+            out &= mask
+            out ^= a
+            merged.append(out)
+            merged_owned.append(True)
+        level, owned = merged, merged_owned
+    return level[0] if owned[0] else level[0].clone()

@@ -1,0 +1,312 @@
+"""Memory-mapped reading and streaming, sharded writing of safetensors checkpoints.
+
+The reader maps a file and hands out zero-copy tensor views; :meth:`SafetensorsFile.release`
+drops a tensor's pages from this process's resident memory once it has been merged, so a merge's
+peak RSS stays near one tensor per input instead of the whole checkpoints. The writer knows every
+output tensor's dtype and shape up front, writes each shard's header first and then streams the
+tensors' bytes chunk by chunk. Both follow the safetensors format (8-byte little-endian header
+length, JSON header, raw little-endian data); files written here load with ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MergeError
+
+__all__ = [
+    "CheckpointReader",
+    "SafetensorsFile",
+    "ShardedSafetensorsWriter",
+    "TensorInfo",
+    "open_checkpoint",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's dtype and shape, as a checkpoint's header gives them."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SafetensorsFile:
+    """One memory-mapped ``.safetensors`` file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+                self._mmap = (
+                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                    if os.fstat(handle.fileno()).st_size > 8 + header_len
+                    else None
+                )
+        except (OSError, struct.error, ValueError) as err:
+            raise MergeError(f"{self.path} is not a readable safetensors file: {err}") from err
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in DTYPES:
+                raise MergeError(
+                    f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}"
+                )
+            begin, end = entry["data_offsets"]
+            self._entries[name] = (
+                TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"])),
+                begin,
+                end,
+            )
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entries[name][0]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of the tensor's bytes in the mapped file."""
+        info, begin, end = self._entries[name]
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(
+            self._mmap, dtype=info.dtype, count=info.numel, offset=self._data_start + begin
+        )
+        return flat.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident set (the file is untouched)."""
+        _, begin, end = self._entries[name]
+        if self._mmap is None or end == begin:
+            return
+        page = mmap.PAGESIZE
+        first = (self._data_start + begin) // page * page
+        last = self._data_start + end
+        self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            # A tensor view may still hold the buffer; then the GC unmaps it later.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+
+
+class CheckpointReader:
+    """A checkpoint as tensor names: a ``.safetensors`` file or a Hugging Face model directory
+    (``model.safetensors``, or shards listed in ``model.safetensors.index.json``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._files: dict[Path, SafetensorsFile] = {}
+        self._where: dict[str, Path] = {}
+        for file in self._weight_files():
+            reader = self._files[file] = SafetensorsFile(file)
+            for name in reader.names():
+                self._where[name] = file
+
+    def _weight_files(self) -> list[Path]:
+        path = self.path
+        if not path.exists():
+            raise MergeError(f"checkpoint {path} does not exist")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise MergeError(
+                    f"{path} is not a .safetensors file: save checkpoints with safetensors "
+                    "(save_pretrained(..., safe_serialization=True) or safetensors.torch.save_file)"
+                )
+            return [path]
+        index = path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise MergeError(f"{index} is not a valid safetensors index: {err}") from err
+            files = sorted({path / shard for shard in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise MergeError(f"{index} lists shards that are missing: {missing}")
+            return files
+        if (path / SINGLE_NAME).is_file():
+            return [path / SINGLE_NAME]
+        raise MergeError(
+            f"no safetensors weights in directory {path}: expected {SINGLE_NAME} or {INDEX_NAME}"
+        )
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._files[self._where[name]].info(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._files[self._where[name]].tensor(name)
+
+    def release(self, name: str) -> None:
+        self._files[self._where[name]].release(name)
+
+    def close(self) -> None:
+        for reader in self._files.values():
+            reader.close()
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a replica or base checkpoint (file or Hugging Face directory) for merging."""
+    return CheckpointReader(path)
+
+
+def _shard_plan(
+    tensors: Sequence[tuple[str, TensorInfo]], max_shard_bytes: int
+) -> list[list[tuple[str, TensorInfo]]]:
+    shards: list[list[tuple[str, TensorInfo]]] = [[]]
+    size = 0
+    for name, info in tensors:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, info))
+        size += info.nbytes
+    return shards
+
+
+def _header(tensors: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, info in tensors:
+        header[name] = {
+            "dtype": DTYPE_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors, in the planned order, into Hugging Face style shards plus an index.
+
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
+    with ``model.safetensors.index.json``. Call :meth:`write` with each tensor's bytes in planned
+    order (in as many pieces as you like), then :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        *,
+        max_shard_bytes: int = 5 * 2**30,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._shards = _shard_plan(tensors, max_shard_bytes)
+        count = len(self._shards)
+        self.file_names = (
+            [SINGLE_NAME]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._order = [
+            (name, info, shard) for shard, items in enumerate(self._shards) for name, info in items
+        ]
+        self._position = 0
+        self._remaining = self._order[0][1].nbytes if self._order else 0
+        self._shard = -1
+        self._handle = None
+        if not self._order:
+            self._open_shard(0)
+
+    def _open_shard(self, shard: int) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        self._shard = shard
+        self._handle = open(self.directory / self.file_names[shard], "wb")  # noqa: SIM115
+        self._handle.write(_header(self._shards[shard], self._metadata))
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next bytes of tensor ``name`` (a contiguous chunk in its dtype)."""
+        if self._position >= len(self._order) or self._order[self._position][0] != name:
+            expected = (
+                self._order[self._position][0] if self._position < len(self._order) else "nothing"
+            )
+            raise MergeError(f"writer expected tensor {expected!r} next, got {name!r}")
+        _, info, shard = self._order[self._position]
+        if chunk.dtype != info.dtype:
+            raise MergeError(f"tensor {name!r}: writing {chunk.dtype}, planned {info.dtype}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() > self._remaining:
+            raise MergeError(f"tensor {name!r}: more bytes written than its shape holds")
+        self._handle.write(memoryview(data.numpy()))
+        self._remaining -= data.numel()
+        while self._remaining == 0 and self._position < len(self._order):
+            self._position += 1
+            if self._position < len(self._order):
+                self._remaining = self._order[self._position][1].nbytes
+
+    def close(self) -> None:
+        """Finish the last shard (fsync) and write the index when there are several shards."""
+        if self._position < len(self._order):
+            raise MergeError(
+                f"writer closed before tensor {self._order[self._position][0]!r} was written"
+            )
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+        if len(self.file_names) > 1:
+            weight_map = {name: self.file_names[shard] for name, _, shard in self._order}
+            total = sum(info.nbytes for _, info, _ in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,187 @@
+"""Merge whole state dicts held in memory, tensor by tensor and chunk by chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import MergeError
+from .keyed_random import KeyedRandom
+from .methods import ChunkContext, MergeMethod, ParameterSelection
+from .rules import MergeRule, method_for
+
+__all__ = ["DEFAULT_CHUNK_NUMEL", "iter_merged_chunks", "merge_state_dicts", "merge_tensor"]
+
+#: Elements merged at once; bounds the extra memory to a few times this many elements.
+DEFAULT_CHUNK_NUMEL = 1 << 20
+
+
+def iter_merged_chunks(
+    name: str,
+    replicas: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    method: MergeMethod,
+    rng: KeyedRandom,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    offset: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Merged flat chunks of one floating-point tensor, in order.
+
+    ``offset`` is the flat position of the first element within the whole tensor (non-zero when
+    the tensors are one rank's shard of it), so the random draws stay those of the whole tensor.
+    """
+    if chunk_numel < 1:
+        raise MergeError(f"chunk_numel must be >= 1, got {chunk_numel}")
+    flat = [r.reshape(-1) for r in replicas]
+    flat_base = base.reshape(-1) if base is not None else None
+    numel = flat[0].numel()
+    for begin in range(0, numel, chunk_numel):
+        end = min(begin + chunk_numel, numel)
+        yield method.merge_chunk(
+            ChunkContext(rng, name, offset + begin),
+            [f[begin:end] for f in flat],
+            flat_base[begin:end] if flat_base is not None else None,
+        )
+
+
+def merge_tensor(
+    name: str,
+    replicas: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    method: MergeMethod,
+    rng: KeyedRandom,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+) -> torch.Tensor:
+    """Merge one floating-point tensor; the result is a new contiguous tensor."""
+    out = torch.empty(replicas[0].shape, dtype=replicas[0].dtype, device=replicas[0].device)
+    flat_out = out.view(-1)
+    begin = 0
+    for chunk in iter_merged_chunks(name, replicas, base, method, rng, chunk_numel=chunk_numel):
+        flat_out[begin : begin + chunk.numel()].copy_(chunk)
+        begin += chunk.numel()
+    return out
+
+
+def check_aligned(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """Same shape and dtype everywhere, or a :class:`MergeError` naming the tensor and the input."""
+    first = tensors[0]
+    for label, tensor in zip(labels[1:], tensors[1:]):
+        if tensor.shape != first.shape:
+            raise MergeError(
+                f"tensor {name!r}: shape {tuple(tensor.shape)} in {label} but "
+                f"{tuple(first.shape)} in {labels[0]}: the inputs must be the same architecture"
+            )
+        if tensor.dtype != first.dtype:
+            raise MergeError(
+                f"tensor {name!r}: dtype {tensor.dtype} in {label} but {first.dtype} in "
+                f"{labels[0]}: cast the checkpoints to one dtype before merging"
+            )
+
+
+def check_same_names(names: Sequence[set[str]], labels: Sequence[str]) -> None:
+    """Every input has the same tensor names, or a :class:`MergeError` listing the difference."""
+    for label, other in zip(labels[1:], names[1:]):
+        missing, extra = sorted(names[0] - other), sorted(other - names[0])
+        if missing or extra:
+            raise MergeError(
+                f"{label} does not have the same tensors as {labels[0]}: missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, extra "
+                f"{extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+
+
+def copy_exact(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> torch.Tensor:
+    """Integer and bool tensors are never merged: they must agree, and replica 0's is kept."""
+    for label, tensor in zip(labels[1:], tensors[1:]):
+        if not torch.equal(tensor, tensors[0]):
+            raise MergeError(
+                f"non-float tensor {name!r} ({tensors[0].dtype}) differs between {labels[0]} and "
+                f"{label}: integer and bool buffers are copied, never merged, so they must be equal"
+            )
+    return tensors[0].clone()
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def merge_state_dicts(
+    replicas: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    method: MergeMethod | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+    rules: Sequence[MergeRule] = (),
+    seed: int = 0,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+) -> dict[str, torch.Tensor]:
+    """Merge K aligned state dicts into one.
+
+    Floating-point tensors are merged by ``method`` (default: uniform parameter selection) or by
+    the first of ``rules`` whose pattern matches the name; integer and bool tensors are copied
+    from replica 0 after checking that all replicas agree. Tensors that share storage (tied
+    weights) are merged once and stay tied in the output. Random draws are keyed by ``seed``, the
+    tensor's name and each element's offset, so the result does not depend on ``chunk_numel``
+    or the order of the keys.
+
+    Args:
+        replicas: K >= 2 state dicts with the same keys, shapes and dtypes.
+        method: the default method; :class:`ParameterSelection` if ``None``.
+        base: the pre-trained state dict, needed by selection with ``resample > 0``.
+        rules: per-tensor overrides, first match wins.
+        seed: the random seed of selection.
+        chunk_numel: elements merged at once (bounds the extra memory).
+
+    Example:
+        >>> import torch
+        >>> from lightning_selmerge.merging import ParameterSelection
+        >>> base = {"w": torch.zeros(6)}
+        >>> replicas = [{"w": torch.tensor([1., 0, 0, 0, 0, 0])}, {"w": torch.zeros(6)}]
+        >>> merge_state_dicts(replicas, base=base, method=ParameterSelection(resample=8))["w"][0]
+        tensor(1.)
+    """
+    method = method if method is not None else ParameterSelection()
+    labels = [f"replica {k}" for k in range(len(replicas))]
+    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
+        candidate.validate(len(replicas))
+    check_same_names([set(r) for r in replicas], labels)
+    rng = KeyedRandom(seed)
+
+    # Tied tensors: one merge per storage, keyed (for the random draws) by the smallest name.
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in replicas[0].items():
+        groups.setdefault(_storage_key(tensor), []).append(name)
+
+    merged: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        key_name = min(names)
+        tensors = [r[key_name] for r in replicas]
+        check_aligned(key_name, tensors, labels)
+        if not tensors[0].is_floating_point():
+            result = copy_exact(key_name, tensors, labels)
+        else:
+            chosen = method_for(key_name, rules, method)
+            base_tensor = None
+            if chosen.needs_base:
+                if base is None or key_name not in base:
+                    raise MergeError(
+                        f"tensor {key_name!r}: {chosen} needs the base (pre-trained) weights, "
+                        "but no base tensor was given: pass base=<pre-trained state dict>"
+                    )
+                base_tensor = base[key_name]
+                check_aligned(key_name, [tensors[0], base_tensor], ["replica 0", "base"])
+            result = merge_tensor(
+                key_name, tensors, base_tensor, chosen, rng, chunk_numel=chunk_numel
+            )
+        for name in names:
+            merged[name] = result
+    return {name: merged[name] for name in replicas[0]}

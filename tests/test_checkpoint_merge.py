@@ -1,0 +1,223 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_selmerge.cli import main as cli
+from lightning_selmerge.merging import (
+    MergeError,
+    MergeRule,
+    ParameterSelection,
+    WeightedAverage,
+    merge_checkpoints,
+    merge_state_dicts,
+)
+from lightning_selmerge.merging.safetensors_io import CheckpointReader
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def hf_replicas(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    dirs = []
+    for k in range(3):
+        model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01 * (torch.rand_like(p) < 0.7))
+        # sharded on purpose: HF writes the index json
+        model.save_pretrained(tmp_path / f"r{k}", max_shard_size="20KB")
+        dirs.append(tmp_path / f"r{k}")
+    return tmp_path / "base", dirs
+
+
+def load_dir(path):
+    reader = CheckpointReader(path)
+    return {name: reader.tensor(name).clone() for name in reader.names()}
+
+
+@pytest.mark.parametrize(
+    "method", [WeightedAverage(), ParameterSelection(), ParameterSelection(resample=2)]
+)
+def test_file_merge_equals_state_dict_merge_and_loads_with_from_pretrained(
+    tmp_path, hf_replicas, method
+):
+    base, dirs = hf_replicas
+    assert (dirs[0] / "model.safetensors.index.json").exists()
+    out = merge_checkpoints(
+        dirs,
+        tmp_path / "merged",
+        base=base,
+        method=method,
+        seed=5,
+        max_shard_bytes=30_000,
+        chunk_numel=333,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (out / "config.json").exists()
+    expected = merge_state_dicts(
+        [load_dir(d) for d in dirs], base=load_dir(base), method=method, seed=5
+    )
+    got = load_dir(out)
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in got)
+    model = GPT2LMHeadModel.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        if name in got:
+            assert torch.equal(tensor, got[name]), name
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+
+
+def test_single_safetensors_files_and_rules(tmp_path):
+    files = []
+    for k in range(2):
+        path = tmp_path / f"r{k}.safetensors"
+        save_file(
+            {
+                "ln.weight": torch.full((4,), float(k)),
+                "w": torch.full((1000,), float(k)),
+                "step": torch.tensor([3]),
+            },
+            path,
+        )
+        files.append(path)
+    out = merge_checkpoints(
+        files, tmp_path / "out", rules=[MergeRule("ln", WeightedAverage())], seed=0
+    )
+    merged = load_file(out / "model.safetensors")
+    assert torch.equal(merged["ln.weight"], torch.full((4,), 0.5))
+    assert set(merged["w"].tolist()) == {0.0, 1.0}
+    assert merged["step"].tolist() == [3]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, hf_replicas):
+    _base, dirs = hf_replicas
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="already exists"):
+        merge_checkpoints(dirs, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_checkpoints(dirs, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "merged", "r0", "r1", "r2"]
+
+
+def mismatched(tmp_path, change):
+    paths = []
+    for k in range(2):
+        tensors = {"a": torch.zeros(4, 4), "b": torch.zeros(3)}
+        if k == 1:
+            change(tensors)
+        path = tmp_path / f"m{k}.safetensors"
+        save_file(tensors, path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t: t.pop("b"), "does not have the same tensors"),
+        (lambda t: t.update(a=torch.zeros(4, 5)), "tensor 'a'"),
+        (lambda t: t.update(a=torch.zeros(4, 4, dtype=torch.float16)), "tensor 'a'.*dtype"),
+    ],
+)
+def test_mismatched_files_are_refused_and_write_nothing(tmp_path, change, match):
+    paths = mismatched(tmp_path, change)
+    with pytest.raises(MergeError, match=match):
+        merge_checkpoints(paths, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors"]
+
+
+def test_bad_inputs_are_named(tmp_path, hf_replicas):
+    _base, dirs = hf_replicas
+    with pytest.raises(MergeError, match="does not exist"):
+        merge_checkpoints([dirs[0], tmp_path / "nope"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MergeError, match="no safetensors weights"):
+        merge_checkpoints([dirs[0], tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(MergeError, match="needs the base"):
+        merge_checkpoints(dirs, tmp_path / "out", method=ParameterSelection(resample=1))
+    with pytest.raises(MergeError, match="at least 2 replicas"):
+        merge_checkpoints(dirs[:1], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_mid_merge_leaves_no_partial_output(tmp_path, hf_replicas, monkeypatch):
+    _base, dirs = hf_replicas
+    from lightning_selmerge.merging import safetensors_io
+
+    calls = {"n": 0}
+    real_write = safetensors_io.ShardedSafetensorsWriter.write
+
+    def failing_write(self, name, chunk):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return real_write(self, name, chunk)
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        merge_checkpoints(dirs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_cli_merge(tmp_path, hf_replicas, capsys):
+    base, dirs = hf_replicas
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- pattern: 'ln_'\n  method: average\n- pattern: '.'\n  method: selection\n  resample: 1\n"
+    )
+    args = [
+        "merge",
+        *map(str, dirs),
+        "--base",
+        str(base),
+        "--rules",
+        str(rules),
+        "--seed",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
+    assert cli(args) == 0
+    merged = load_dir(tmp_path / "out")
+    expected = merge_state_dicts(
+        [load_dir(d) for d in dirs],
+        base=load_dir(base),
+        seed=2,
+        rules=[MergeRule("ln_", WeightedAverage()), MergeRule(".", ParameterSelection(resample=1))],
+    )
+    assert all(torch.equal(merged[n], expected[n]) for n in merged)
+    assert cli(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        cli(
+            [
+                "merge",
+                *map(str, dirs),
+                "--method",
+                "average",
+                "--weights",
+                "[1, 2]",
+                "--out",
+                str(tmp_path / "o2"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "2 weights for 3 replicas" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from lightning_selmerge.merging import (
+    KeyedRandom,
+    MergeError,
+    ParameterSelection,
+    WeightedAverage,
+    merge_state_dicts,
+)
+from lightning_selmerge.merging.methods import ChunkContext
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_replicas(k, shape, dtype, seed=0, unmoved=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    replicas = []
+    for _ in range(k):
+        moved = base + torch.randn(shape, generator=gen).to(dtype)
+        keep = torch.rand(shape, generator=gen) < unmoved
+        replicas.append(torch.where(keep, base, moved))
+    return base, replicas
+
+
+def reference_candidate(rng, name, offset, stream, k, probabilities):
+    u = rng.uniform16_at(name, stream, torch.tensor([offset])).item()
+    cumulative = 0.0
+    for index in range(k):
+        cumulative += probabilities[index] if probabilities else 1.0 / k
+        if u < math.ceil(cumulative * 65536 - 1e-9) or index == k - 1:
+            return index
+    raise AssertionError
+
+
+def reference_selection(name, replicas, base, seed, probabilities=None, resample=0):
+    """Element by element, the documented definition: draw, re-draw while unmoved."""
+    rng = KeyedRandom(seed)
+    flat = [r.reshape(-1) for r in replicas]
+    flat_base = base.reshape(-1) if base is not None else None
+    out = torch.empty_like(flat[0])
+    for i in range(flat[0].numel()):
+        for stream in range(resample + 1):
+            choice = reference_candidate(rng, name, i, stream, len(flat), probabilities)
+            if flat_base is None or not torch.equal(
+                flat[choice][i].view(-1).view(torch.uint8), flat_base[i].view(-1).view(torch.uint8)
+            ):
+                break
+        out[i] = flat[choice][i]
+    return out.view(replicas[0].shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_weighted_average_matches_naive_reference(dtype, k):
+    _base, replicas = make_replicas(k, (7, 5), dtype)
+    weights = [0.5 + i for i in range(k)]
+    merged = merge_state_dicts(
+        [{"w": r} for r in replicas], method=WeightedAverage(weights), chunk_numel=4
+    )["w"]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = sum(w * r.to(compute) for w, r in zip(weights, replicas)) / sum(weights)
+    assert merged.dtype == dtype
+    # one rounding to the output dtype, up to one float32 ulp from fused multiply-add
+    torch.testing.assert_close(merged, expected.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("probabilities", [None, "skewed"])
+def test_selection_matches_naive_reference(dtype, k, probabilities):
+    probs = None if probabilities is None else [i + 1 for i in range(k)]
+    probs = None if probs is None else [p / sum(probs) for p in probs]
+    _, replicas = make_replicas(k, (6, 9), dtype, seed=k)
+    merged = merge_state_dicts(
+        [{"enc.w": r} for r in replicas], method=ParameterSelection(probs), seed=11, chunk_numel=5
+    )["enc.w"]
+    expected = reference_selection("enc.w", replicas, None, 11, probs)
+    assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("resample", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_with_resample_matches_naive_reference(k, resample, dtype):
+    base, replicas = make_replicas(k, (8, 8), dtype, seed=resample, unmoved=0.6)
+    sds = [{"w": r} for r in replicas]
+    merged = merge_state_dicts(
+        sds, base={"w": base}, method=ParameterSelection(resample=resample), seed=5, chunk_numel=9
+    )["w"]
+    expected = reference_selection("w", replicas, base, 5, resample=resample)
+    assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_selection_frequencies_are_one_over_k(k):
+    n = 200_000
+    replicas = [{"w": torch.full((n,), float(i))} for i in range(k)]
+    merged = merge_state_dicts(replicas, method=ParameterSelection(), seed=1)["w"]
+    counts = torch.bincount(merged.long(), minlength=k).double()
+    expected = n / k
+    sd = math.sqrt(n * (1 / k) * (1 - 1 / k))
+    assert torch.all((counts - expected).abs() < 5 * sd), counts
+
+
+def test_selection_follows_given_probabilities():
+    n = 200_000
+    probabilities = [0.1, 0.6, 0.3]
+    replicas = [{"w": torch.full((n,), float(i))} for i in range(3)]
+    merged = merge_state_dicts(replicas, method=ParameterSelection(probabilities), seed=2)["w"]
+    counts = torch.bincount(merged.long(), minlength=3).double() / n
+    for got, p in zip(counts.tolist(), probabilities):
+        assert abs(got - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_selection_never_picks_a_replica_with_probability_zero():
+    replicas = [{"w": torch.full((5000,), float(i))} for i in range(3)]
+    merged = merge_state_dicts(replicas, method=ParameterSelection([0.5, 0.0, 0.5]))["w"]
+    assert not (merged == 1.0).any()
+
+
+def test_resample_picks_a_moved_element_whenever_a_candidate_moved():
+    k, resample, n = 4, 2, 50_000
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(n)
+    # replica i moved (value i + 1) at a random 30% of the elements
+    replicas = [
+        torch.where(torch.rand(n, generator=gen) < 0.3, float(i + 1), 0.0) for i in range(k)
+    ]
+    method = ParameterSelection(resample=resample)
+    merged = merge_state_dicts(
+        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=9
+    )["w"]
+    rng = KeyedRandom(9)
+    candidates = torch.stack(
+        [method.draw(rng.uniform16("w", j, 0, n), k) for j in range(resample + 1)]
+    ).long()
+    moved = torch.stack([r != 0 for r in replicas])  # [k, n]
+    candidate_moved = torch.gather(moved, 0, candidates)  # [resample + 1, n]
+    any_candidate_moved = candidate_moved.any(0)
+    assert (merged[any_candidate_moved] != 0).all()
+    assert (merged[~any_candidate_moved] == 0).all()
+    # the first candidate that moved is the one kept
+    first = candidate_moved.float().argmax(0)
+    kept = candidates.gather(0, first.unsqueeze(0)).squeeze(0)
+    assert torch.equal(merged[any_candidate_moved], (kept + 1).float()[any_candidate_moved])
+    # and resample really changed something compared with plain selection
+    plain = merge_state_dicts([{"w": r} for r in replicas], method=ParameterSelection(), seed=9)
+    assert (plain["w"] == 0).sum() > (merged == 0).sum()
+
+
+def test_resample_zero_equals_plain_selection_and_first_candidate():
+    _base, replicas = make_replicas(4, (1000,), torch.bfloat16, unmoved=0.5)
+    sds = [{"w": r} for r in replicas]
+    plain = merge_state_dicts(sds, method=ParameterSelection(), seed=4)["w"]
+    general = merge_state_dicts(sds, method=ParameterSelection([0.25] * 4), seed=4)["w"]
+    assert torch.equal(plain.view(torch.int16), general.view(torch.int16))
+
+
+def test_chunk_context_offsets_reproduce_a_split_tensor():
+    """A tensor split across ranks: each part merged with its offset gives the whole merge."""
+    base, replicas = make_replicas(3, (1001,), torch.float32, unmoved=0.4)
+    rng = KeyedRandom(0)
+    method = ParameterSelection(resample=2)
+    whole = method.merge_chunk(ChunkContext(rng, "w", 0), replicas, base)
+    cut = [0, 17, 500, 1001]
+    parts = [
+        method.merge_chunk(ChunkContext(rng, "w", a), [r[a:b] for r in replicas], base[a:b])
+        for a, b in itertools.pairwise(cut)
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize(
+    "method,match",
+    [
+        (WeightedAverage([1.0]), "1 weights for 2 replicas"),
+        (WeightedAverage([1.0, -1.0]), "sum to a positive number"),
+        (WeightedAverage([1.0, float("nan")]), "finite"),
+        (ParameterSelection([0.5, 0.6]), "sum to 1"),
+        (ParameterSelection([1.5, -0.5]), "out of range"),
+        (ParameterSelection([1.0]), "1 probabilities for 2 replicas"),
+        (ParameterSelection(resample=-1), "resample must be an integer >= 0"),
+    ],
+)
+def test_bad_method_parameters_are_named(method, match):
+    replicas = [{"w": torch.zeros(3)}, {"w": torch.ones(3)}]
+    with pytest.raises(MergeError, match=match):
+        merge_state_dicts(replicas, base=replicas[0], method=method)
+
+
+def test_fewer_than_two_replicas_is_refused():
+    with pytest.raises(MergeError, match="at least 2 replicas"):
+        merge_state_dicts([{"w": torch.zeros(3)}])

@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from lightning_selmerge.merging import (
+    MergeError,
+    MergeRule,
+    ParameterSelection,
+    WeightedAverage,
+    merge_state_dicts,
+)
+
+
+def tiny_state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if base is None:
+        return {
+            "embed.weight": torch.randn(50, 8, generator=gen),
+            "block.ln.weight": torch.ones(8),
+            "block.fc.weight": torch.randn(16, 8, generator=gen).bfloat16(),
+            "block.fc.bias": torch.zeros(16, dtype=torch.float16),
+            "block.bn.num_batches_tracked": torch.tensor(7),
+            "mask": torch.tensor([True, False, True]),
+        }
+    state = {}
+    for name, tensor in base.items():
+        if tensor.is_floating_point():
+            delta = torch.randn(tensor.shape, generator=gen) * 0.1
+            keep = torch.rand(tensor.shape, generator=gen) < 0.3
+            state[name] = torch.where(keep, tensor, tensor + delta.to(tensor.dtype))
+        else:
+            state[name] = tensor.clone()
+    return state
+
+
+@pytest.fixture
+def states():
+    base = tiny_state(0)
+    return base, [tiny_state(k + 1, base) for k in range(3)]
+
+
+@pytest.mark.parametrize(
+    "method", [WeightedAverage(), ParameterSelection(), ParameterSelection(resample=3)]
+)
+def test_result_does_not_depend_on_chunk_size_or_key_order(states, method):
+    base, replicas = states
+    reference = merge_state_dicts(replicas, base=base, method=method, seed=3)
+    for chunk in (1, 7, 64, 10_000):
+        again = merge_state_dicts(replicas, base=base, method=method, seed=3, chunk_numel=chunk)
+        assert all(torch.equal(reference[n], again[n]) for n in reference)
+    reordered = [dict(reversed(list(r.items()))) for r in replicas]
+    again = merge_state_dicts(reordered, base=base, method=method, seed=3)
+    assert all(torch.equal(reference[n], again[n]) for n in reference)
+    other_seed = merge_state_dicts(replicas, base=base, method=method, seed=4)
+    if isinstance(method, ParameterSelection):
+        assert not torch.equal(reference["embed.weight"], other_seed["embed.weight"])
+
+
+def test_dtypes_are_preserved_and_integer_buffers_copied(states):
+    base, replicas = states
+    merged = merge_state_dicts(replicas, base=base, method=ParameterSelection(resample=1))
+    for name, tensor in base.items():
+        assert merged[name].dtype == tensor.dtype
+        assert merged[name].shape == tensor.shape
+    assert merged["block.bn.num_batches_tracked"].item() == 7
+    assert torch.equal(merged["mask"], base["mask"])
+
+
+def test_integer_buffers_that_differ_are_refused(states):
+    _base, replicas = states
+    replicas[2]["block.bn.num_batches_tracked"] = torch.tensor(8)
+    with pytest.raises(MergeError, match="num_batches_tracked.*replica 0 and replica 2"):
+        merge_state_dicts(replicas)
+
+
+def test_rules_first_match_wins(states):
+    _base, replicas = states
+    rules = [MergeRule(r"\.ln\.", WeightedAverage()), MergeRule(r"fc", ParameterSelection())]
+    merged = merge_state_dicts(replicas, rules=rules, method=WeightedAverage([1, 0, 0]), seed=0)
+    ln = torch.stack([r["block.ln.weight"] for r in replicas]).mean(0)
+    torch.testing.assert_close(merged["block.ln.weight"], ln)
+    fc = torch.stack([r["block.fc.weight"] for r in replicas])
+    assert ((merged["block.fc.weight"] == fc).any(0)).all()
+    assert not torch.equal(merged["block.fc.weight"], replicas[0]["block.fc.weight"])
+    # the default method (all weight on replica 0) applies to what no rule matches
+    assert torch.equal(merged["embed.weight"], replicas[0]["embed.weight"])
+
+
+def test_tied_weights_are_merged_once_and_stay_tied():
+    replicas = []
+    for k in range(3):
+        embed = torch.randn(10, 4, generator=torch.Generator().manual_seed(k))
+        replicas.append({"embed.weight": embed, "lm_head.weight": embed, "other": embed.clone()})
+    merged = merge_state_dicts(replicas, seed=1)
+    assert merged["embed.weight"] is merged["lm_head.weight"]
+    assert merged["other"] is not merged["embed.weight"]
+    module = torch.nn.Module()
+    module.embed = torch.nn.Embedding(10, 4)
+    module.lm_head = torch.nn.Linear(4, 10, bias=False)
+    module.lm_head.weight = module.embed.weight
+    module.load_state_dict({k: v for k, v in merged.items() if k != "other"})
+    assert module.lm_head.weight.data_ptr() == module.embed.weight.data_ptr()
+
+
+def test_selection_output_elements_come_from_the_replicas(states):
+    _base, replicas = states
+    merged = merge_state_dicts(replicas, method=ParameterSelection(), seed=0)
+    for name in ("embed.weight", "block.fc.weight", "block.fc.bias"):
+        stacked = torch.stack([r[name] for r in replicas])
+        assert (stacked == merged[name]).any(0).all()
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda r: r.pop("block.ln.weight"), "replica 1 does not have the same tensors.*ln"),
+        (lambda r: r.update(extra=torch.zeros(1)), "extra \\['extra'\\]"),
+        (lambda r: r.update({"embed.weight": torch.zeros(49, 8)}), "'embed.weight': shape"),
+        (
+            lambda r: r.update({"block.ln.weight": torch.ones(8).double()}),
+            "'block.ln.weight': dtype",
+        ),
+    ],
+)
+def test_mismatched_replicas_are_refused_naming_the_tensor(states, mutate, match):
+    _base, replicas = states
+    mutate(replicas[1])
+    with pytest.raises(MergeError, match=match):
+        merge_state_dicts(replicas)
+
+
+def test_resample_without_base_is_refused(states):
+    _, replicas = states
+    with pytest.raises(MergeError, match="needs the base"):
+        merge_state_dicts(replicas, method=ParameterSelection(resample=1))
