@@ -1,0 +1,110 @@
+"""Property-based tests of the merge core (hypothesis)."""
+
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_selmerge.merging import (
+    KeyedRandom,
+    ParameterSelection,
+    WeightedAverage,
+    merge_state_dicts,
+)
+from lightning_selmerge.merging.methods import ChunkContext
+
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+
+
+@st.composite
+def replica_sets(draw):
+    k = draw(st.integers(2, 6))
+    numel = draw(st.integers(1, 300))
+    dtype = draw(DTYPES)
+    seed = draw(st.integers(0, 2**31))
+    unmoved = draw(st.floats(0.0, 1.0))
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=gen).to(dtype)
+    replicas = [
+        torch.where(
+            torch.rand(numel, generator=gen) < unmoved,
+            base,
+            torch.randn(numel, generator=gen).to(dtype),
+        )
+        for _ in range(k)
+    ]
+    return base, replicas
+
+
+@settings(max_examples=60, deadline=None)
+@given(replica_sets(), st.integers(0, 3), st.integers(0, 1000))
+def test_selection_elements_each_equal_one_replicas_element(data, resample, seed):
+    base, replicas = data
+    merged = merge_state_dicts(
+        [{"w": r} for r in replicas],
+        base={"w": base},
+        method=ParameterSelection(resample=resample),
+        seed=seed,
+    )["w"]
+    bits = torch.stack([r.view(torch.uint8).view(r.numel(), -1) for r in replicas])
+    out = merged.view(torch.uint8).view(merged.numel(), -1)
+    assert (bits == out).all(-1).any(0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(replica_sets(), st.lists(st.floats(0.1, 10.0), min_size=6, max_size=6))
+def test_average_of_identical_replicas_is_the_replica(data, weights):
+    base, replicas = data
+    copies = [{"w": base.clone()} for _ in replicas]
+    merged = merge_state_dicts(copies, method=WeightedAverage(weights[: len(replicas)]))["w"]
+    torch.testing.assert_close(merged, base)
+    if base.dtype in (torch.bfloat16, torch.float16):
+        # equal weights on identical values are exact after rounding to the input dtype
+        equal = merge_state_dicts(copies, method=WeightedAverage())["w"]
+        assert torch.equal(equal, base)
+
+
+@settings(max_examples=60, deadline=None)
+@given(replica_sets(), st.integers(1, 4), st.integers(0, 1000))
+def test_resample_never_returns_unmoved_when_a_candidate_moved(data, resample, seed):
+    base, replicas = data
+    k = len(replicas)
+    method = ParameterSelection(resample=resample)
+    merged = merge_state_dicts(
+        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=seed
+    )["w"]
+    rng, n = KeyedRandom(seed), base.numel()
+    candidates = torch.stack(
+        [method.draw(rng.uniform16("w", j, 0, n), k) for j in range(resample + 1)]
+    ).long()
+    as_int = lambda t: t.view(torch.uint8).view(n, -1)  # noqa: E731
+    moved = torch.stack([(as_int(r) != as_int(base)).any(-1) for r in replicas])
+    some_candidate_moved = torch.gather(moved, 0, candidates).any(0)
+    merged_moved = (as_int(merged) != as_int(base)).any(-1)
+    assert merged_moved[some_candidate_moved].all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    replica_sets(), st.integers(0, 2), st.lists(st.integers(0, 300), max_size=4), st.integers(1, 64)
+)
+def test_merge_is_invariant_to_chunk_size_and_rank_splits(data, resample, cuts, chunk):
+    base, replicas = data
+    n = base.numel()
+    method = ParameterSelection(resample=resample)
+    whole = merge_state_dicts(
+        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=1
+    )["w"]
+    chunked = merge_state_dicts(
+        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=1, chunk_numel=chunk
+    )["w"]
+    assert torch.equal(whole.view(torch.uint8), chunked.view(torch.uint8))
+    bounds = sorted({0, n, *(c % (n + 1) for c in cuts)})
+    rng = KeyedRandom(1)
+    parts = [
+        method.merge_chunk(ChunkContext(rng, "w", a), [r[a:b] for r in replicas], base[a:b])
+        for a, b in itertools.pairwise(bounds)
+        if b > a
+    ]
+    assert torch.equal(torch.cat(parts).view(torch.uint8), whole.view(torch.uint8))
