@@ -66,21 +66,7 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         return run(PYTHON, "examples/demo.py", *rest, check=False)
     if command == "test":
-        if (
-            run(
-                PYTHON,
-                "-m",
-                "ruff",
-                "check",
-                "lightning_selmerge",
-                "tests",
-                "examples",
-                "benchmarks",
-                "scripts",
-                check=False,
-            )
-            != 0
-        ):
+        if run(PYTHON, "-m", "ruff", "check", ".", check=False) != 0:
             return 1
         return run(PYTHON, "-m", "pytest", "-q", *rest, check=False)
     return 0
