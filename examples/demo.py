@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 from lightning_selmerge.cli import main as selmerge
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(args.seed)
     tokens = encode(TEXT_LINES)
