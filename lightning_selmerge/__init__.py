@@ -1,8 +1,14 @@
 """lightning_selmerge: fine-tune K replicas on different data orders and merge them.
 
 See the README for the quickstart. The merge core (:mod:`lightning_selmerge.merging`) is pure
-torch and usable on its own.
+torch and usable on its own; the Lightning parts are imported lazily, so ``import
+lightning_selmerge`` for merging does not pay for importing Lightning.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .merging import (
     MergeError,
@@ -15,12 +21,27 @@ from .merging import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DataOrderSampler": "lightning_selmerge.data",
+    "IndexedDataset": "lightning_selmerge.data",
+    "PositionLossMonitor": "lightning_selmerge.imbalance",
+}
+
 __all__ = [
+    "DataOrderSampler",
+    "IndexedDataset",
     "MergeError",
     "MergeRule",
     "ParameterSelection",
+    "PositionLossMonitor",
     "WeightedAverage",
     "__version__",
     "merge_checkpoints",
     "merge_state_dicts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_selmerge' has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""A fixed probe subset of the training set, re-evaluated with ``module.per_sample_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+__all__ = ["PositionProbe"]
+
+
+def _move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return type(batch)((k, _move_to(v, device)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_move_to(v, device) for v in batch)
+    return batch
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class PositionProbe:
+    """Evaluate a fixed subset of a dataset, one loss per sample, in eval mode without grads.
+
+    Args:
+        dataset: the training dataset (map-style), items as the training loader sees them.
+        indices: dataset indices of the probe samples (kept in this order).
+        batch_size: probe batch size.
+        collate_fn: the training loader's collate function (``None``: torch's default).
+
+    Example:
+        >>> import torch
+        >>> class Model(torch.nn.Module):
+        ...     def per_sample_loss(self, batch):
+        ...         return batch["x"].float()
+        >>> data = [{"x": i} for i in range(10)]
+        >>> PositionProbe(data, indices=[7, 3], batch_size=1).evaluate(Model()).tolist()
+        [7.0, 3.0]
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        indices: Sequence[int] | torch.Tensor,
+        batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        self.batch_size = int(batch_size)
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Losses ``[len(indices)]`` (float32, CPU) from ``loss_fn(batch)``.
+
+        ``loss_fn`` defaults to ``module.per_sample_loss``. The module is put in eval mode and
+        restored to its previous mode afterwards.
+        """
+        fn = loss_fn if loss_fn is not None else getattr(module, "per_sample_loss", None)
+        if not callable(fn):
+            raise AttributeError(
+                f"{type(module).__name__} has no per_sample_loss(batch) -> Tensor[B]; define it "
+                "(see lightning_selmerge.imbalance.losses) or pass loss_fn."
+            )
+        loader = DataLoader(
+            Subset(self.dataset, self.indices.tolist()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self.collate_fn,
+            num_workers=0,
+        )
+        device = _module_device(module)
+        was_training = module.training
+        module.eval()
+        out: list[torch.Tensor] = []
+        try:
+            for batch in loader:
+                losses = fn(_move_to(batch, device))
+                losses = torch.as_tensor(losses).detach().float().reshape(-1).cpu()
+                out.append(losses)
+        finally:
+            module.train(was_training)
+        result = torch.cat(out) if out else torch.empty(0)
+        if result.numel() != len(self):
+            raise ValueError(
+                f"per_sample_loss returned {result.numel()} values for {len(self)} probe samples; "
+                "it must return one loss per sample, shape [B]."
+            )
+        return result
