@@ -132,7 +132,7 @@ def merge_checkpoints(
                         f"tensor {name!r}: selection with resample needs the base (pre-trained) "
                         "checkpoint: pass --base / base=..."
                     )
-                if name not in base_reader.names() or base_reader.info(name) != info:
+                if name not in base_reader or base_reader.info(name) != info:
                     raise MergeError(
                         f"tensor {name!r} is missing from the base checkpoint {base} or has "
                         "another shape or dtype there"
@@ -158,13 +158,17 @@ def merge_checkpoints(
                 else:
                     chosen = method_for(name, rules, method)
                     base_tensor = base_reader.tensor(name) if chosen.needs_base else None
+                    start = 0
                     for chunk in iter_merged_chunks(
                         name, tensors, base_tensor, chosen, rng, chunk_numel=chunk_numel
                     ):
                         writer.write(name, chunk)
-                    if base_tensor is not None:
-                        del base_tensor
-                        base_reader.release(name)
+                        # Merged input pages leave the resident set chunk by chunk, so peak
+                        # memory is bounded by the chunk size, not by the largest tensor.
+                        stop = start + chunk.numel()
+                        for reader in readers if base_tensor is None else [*readers, base_reader]:
+                            reader.release(name, start, stop)
+                        start = stop
                 del tensors
                 for reader in readers:
                     reader.release(name)

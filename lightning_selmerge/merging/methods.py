@@ -111,8 +111,13 @@ class WeightedAverage(MergeMethod):
             self.weights if self.weights is not None else [1.0] * len(replicas), dtype=compute
         )
         acc = torch.zeros(first.shape, dtype=compute, device=first.device)
-        for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
-            acc.addcmul_(tensor, weight)
+        if self.weights is None:
+            # x * 1.0 is exact, so add_ gives addcmul_'s bits at a fraction of its cost.
+            for tensor in replicas:
+                acc.add_(tensor)
+        else:
+            for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
+                acc.addcmul_(tensor, weight)
         acc.div_(weights.sum().to(first.device))
         return acc.to(first.dtype)
 

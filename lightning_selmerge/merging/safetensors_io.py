@@ -114,15 +114,19 @@ class SafetensorsFile:
         )
         return flat.view(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's resident set (the file is untouched)."""
-        _, begin, end = self._entries[name]
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of flat elements ``start:stop`` of a tensor from this process's
+        resident set (the file is untouched; a later read maps them in again)."""
+        info, begin, end = self._entries[name]
         if self._mmap is None or end == begin:
             return
+        size = info.nbytes // max(info.numel, 1)
+        stop = info.numel if stop is None else stop
         page = mmap.PAGESIZE
-        first = (self._data_start + begin) // page * page
-        last = self._data_start + end
-        self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+        first = (self._data_start + begin + start * size) // page * page
+        last = self._data_start + begin + stop * size
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         if self._mmap is not None:
@@ -175,14 +179,17 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
     def info(self, name: str) -> TensorInfo:
         return self._files[self._where[name]].info(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._files[self._where[name]].tensor(name)
 
-    def release(self, name: str) -> None:
-        self._files[self._where[name]].release(name)
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        self._files[self._where[name]].release(name, start, stop)
 
     def close(self) -> None:
         for reader in self._files.values():
