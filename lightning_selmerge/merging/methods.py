@@ -9,6 +9,7 @@ is bit-identical to the element of the replica it was drawn from.
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class WeightedAverage(MergeMethod):
         weights = torch.tensor(
             self.weights if self.weights is not None else [1.0] * len(replicas), dtype=compute
         )
-        acc = torch.zeros(first.shape, dtype=compute, device=first.device)
+        acc = _accumulator(first.numel(), compute, first.device).view(first.shape).zero_()
         if self.weights is None:
             # x * 1.0 is exact, so add_ gives addcmul_'s bits at a fraction of its cost.
             for tensor in replicas:
@@ -251,6 +252,18 @@ class ParameterSelection(MergeMethod):
             choice = self.choose(ctx, numel, num_replicas, moved, device)
             masks = _masks_from_choice(choice, num_replicas, bits[0].dtype)
         return _select_by_masks(bits, masks).view(replicas[0].dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _accumulator(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reused scratch buffer: a fresh allocation per chunk costs page faults."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((dtype, device))
+    if buffer is None or buffer.numel() < numel or buffer.numel() > 4 * max(numel, 1 << 16):
+        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def bit_view(tensor: torch.Tensor) -> torch.Tensor:
