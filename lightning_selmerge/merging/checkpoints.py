@@ -15,7 +15,7 @@ from .keyed_random import KeyedRandom
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .safetensors_io import INDEX_NAME, CheckpointReader, ShardedSafetensorsWriter, TensorInfo
-from .state_dict import DEFAULT_CHUNK_NUMEL, copy_exact, iter_merged_chunks
+from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
 __all__ = ["merge_checkpoints"]
 
@@ -26,16 +26,9 @@ PROVENANCE_NAME = "selmerge.json"
 def _aligned_infos(
     readers: Sequence[CheckpointReader], labels: Sequence[str]
 ) -> list[tuple[str, TensorInfo]]:
+    check_same_names([set(reader.names()) for reader in readers], labels)
     names = readers[0].names()
-    reference = set(names)
     for label, reader in zip(labels[1:], readers[1:]):
-        other = set(reader.names())
-        if other != reference:
-            missing, extra = sorted(reference - other), sorted(other - reference)
-            raise MergeError(
-                f"{label} does not have the same tensors as {labels[0]}: missing {missing[:5]}, "
-                f"extra {extra[:5]}"
-            )
         for name in names:
             mine, theirs = readers[0].info(name), reader.info(name)
             if mine != theirs:
