@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from reference_merge import candidate, candidate_matrix
 
 from lightning_selmerge.merging import (
     KeyedRandom,
@@ -27,16 +28,6 @@ def make_replicas(k, shape, dtype, seed=0, unmoved=0.0):
     return base, replicas
 
 
-def reference_candidate(rng, name, offset, stream, k, probabilities):
-    u = rng.uniform16_at(name, stream, torch.tensor([offset])).item()
-    cumulative = 0.0
-    for index in range(k):
-        cumulative += probabilities[index] if probabilities else 1.0 / k
-        if u < math.ceil(cumulative * 65536 - 1e-9) or index == k - 1:
-            return index
-    raise AssertionError
-
-
 def reference_selection(name, replicas, base, seed, probabilities=None, resample=0):
     """Element by element, the documented definition: draw, re-draw while unmoved."""
     rng = KeyedRandom(seed)
@@ -45,7 +36,7 @@ def reference_selection(name, replicas, base, seed, probabilities=None, resample
     out = torch.empty_like(flat[0])
     for i in range(flat[0].numel()):
         for stream in range(resample + 1):
-            choice = reference_candidate(rng, name, i, stream, len(flat), probabilities)
+            choice = candidate(rng, name, i, stream, len(flat), probabilities, resample)
             if flat_base is None or not torch.equal(
                 flat[choice][i].view(-1).view(torch.uint8), flat_base[i].view(-1).view(torch.uint8)
             ):
@@ -83,8 +74,8 @@ def test_selection_matches_naive_reference(dtype, k, probabilities):
     assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-@pytest.mark.parametrize("resample", [1, 2, 4])
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+@pytest.mark.parametrize("resample", [1, 2, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selection_with_resample_matches_naive_reference(k, resample, dtype):
     base, replicas = make_replicas(k, (8, 8), dtype, seed=resample, unmoved=0.6)
@@ -124,7 +115,7 @@ def test_selection_never_picks_a_replica_with_probability_zero():
 
 
 def test_resample_picks_a_moved_element_whenever_a_candidate_moved():
-    k, resample, n = 4, 2, 50_000
+    k, resample, n = 4, 2, 4000
     gen = torch.Generator().manual_seed(0)
     base = torch.zeros(n)
     # replica i moved (value i + 1) at a random 30% of the elements
@@ -135,10 +126,7 @@ def test_resample_picks_a_moved_element_whenever_a_candidate_moved():
     merged = merge_state_dicts(
         [{"w": r} for r in replicas], base={"w": base}, method=method, seed=9
     )["w"]
-    rng = KeyedRandom(9)
-    candidates = torch.stack(
-        [method.draw(rng.uniform16("w", j, 0, n), k) for j in range(resample + 1)]
-    ).long()
+    candidates = candidate_matrix(9, "w", n, k, resample)
     moved = torch.stack([r != 0 for r in replicas])  # [k, n]
     candidate_moved = torch.gather(moved, 0, candidates)  # [resample + 1, n]
     any_candidate_moved = candidate_moved.any(0)

@@ -5,6 +5,7 @@ import itertools
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_merge import candidate_matrix
 
 from lightning_selmerge.merging import (
     KeyedRandom,
@@ -74,10 +75,8 @@ def test_resample_never_returns_unmoved_when_a_candidate_moved(data, resample, s
     merged = merge_state_dicts(
         [{"w": r} for r in replicas], base={"w": base}, method=method, seed=seed
     )["w"]
-    rng, n = KeyedRandom(seed), base.numel()
-    candidates = torch.stack(
-        [method.draw(rng.uniform16("w", j, 0, n), k) for j in range(resample + 1)]
-    ).long()
+    n = base.numel()
+    candidates = candidate_matrix(seed, "w", n, k, resample)
     as_int = lambda t: t.view(torch.uint8).view(n, -1)  # noqa: E731
     moved = torch.stack([(as_int(r) != as_int(base)).any(-1) for r in replicas])
     some_candidate_moved = torch.gather(moved, 0, candidates).any(0)

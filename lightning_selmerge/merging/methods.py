@@ -210,12 +210,14 @@ class ParameterSelection(MergeMethod):
         from the base; see :func:`moved_bits`. Every rank of a distributed merge calls this with
         the same arguments and gets the same choice.
         """
+        if self.resample > 0 and moved is None:
+            raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
+        if self.resample > 0 and self.candidates_share_one_draw(num_replicas):
+            return self._choose_from_one_draw(ctx, numel, num_replicas, moved, device)
         uniforms = ctx.rng.uniform16(ctx.name, 0, ctx.start, numel, device)
         choice = self.draw(uniforms, num_replicas)
         if self.resample == 0:
             return choice
-        if moved is None:
-            raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
         moved = moved.to(choice.dtype)
         unmoved = ((moved >> choice) & 1) == 0
         pending = (unmoved & (moved != 0)).nonzero().squeeze(1)
@@ -227,6 +229,46 @@ class ParameterSelection(MergeMethod):
             )
             choice[pending] = candidate
             pending = pending[((moved[pending] >> candidate) & 1) == 0]
+        return choice
+
+    def candidates_share_one_draw(self, num_replicas: int) -> bool:
+        """Whether all ``resample + 1`` candidates come from the element's one 16-bit draw.
+
+        With uniform probabilities and ``K = 2**b`` replicas, candidate ``j`` is the ``j``-th
+        ``b``-bit group of the draw, from the top (candidate 0 is the plain selection's choice),
+        as long as ``(resample + 1) * b <= 16``. Otherwise candidate ``j`` is drawn from
+        stream ``j``. Both give each candidate uniformly and independently.
+        """
+        bits = num_replicas.bit_length() - 1
+        return (
+            self.probabilities is None
+            and _is_power_of_two(num_replicas)
+            and (self.resample + 1) * bits <= 16
+        )
+
+    def _choose_from_one_draw(
+        self,
+        ctx: ChunkContext,
+        numel: int,
+        num_replicas: int,
+        moved: torch.Tensor,
+        device: torch.device | str | None,
+    ) -> torch.Tensor:
+        """Dense resolution, last candidate first: keep candidate j where it moved."""
+        lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device)
+        bits, dtype = num_replicas.bit_length() - 1, _index_dtype(num_replicas)
+        moved = moved.to(dtype)
+
+        def candidate(j: int) -> torch.Tensor:
+            # bits [16 - (j+1)b, 16 - jb) of the draw; the arithmetic shift's sign copies are
+            # masked away because they sit above the group.
+            return ((lanes >> (16 - (j + 1) * bits)) & (num_replicas - 1)).to(dtype)
+
+        choice = candidate(self.resample)
+        for j in range(self.resample - 1, -1, -1):
+            option = candidate(j)
+            keep = ((moved >> option) & 1).neg_()
+            choice ^= (choice ^ option) & keep
         return choice
 
     def merge_chunk(
