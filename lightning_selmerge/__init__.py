@@ -22,18 +22,22 @@ from .merging import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DataOrderEnsemble": "lightning_selmerge.ensemble",
+    "SelectionMergeCallback": "lightning_selmerge.ensemble",
     "DataOrderSampler": "lightning_selmerge.data",
     "IndexedDataset": "lightning_selmerge.data",
     "PositionLossMonitor": "lightning_selmerge.imbalance",
 }
 
 __all__ = [
+    "DataOrderEnsemble",
     "DataOrderSampler",
     "IndexedDataset",
     "MergeError",
     "MergeRule",
     "ParameterSelection",
     "PositionLossMonitor",
+    "SelectionMergeCallback",
     "WeightedAverage",
     "__version__",
     "merge_checkpoints",

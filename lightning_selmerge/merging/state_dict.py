@@ -104,7 +104,8 @@ def copy_exact(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]
     return tensors[0].clone()
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple:
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """Identifies the memory a tensor views: equal keys mean tied tensors."""
     return (
         tensor.device,
         tensor.untyped_storage().data_ptr(),
@@ -159,7 +160,7 @@ def merge_state_dicts(
     # Tied tensors: one merge per storage, keyed (for the random draws) by the smallest name.
     groups: dict[tuple, list[str]] = {}
     for name, tensor in replicas[0].items():
-        groups.setdefault(_storage_key(tensor), []).append(name)
+        groups.setdefault(storage_key(tensor), []).append(name)
 
     merged: dict[str, torch.Tensor] = {}
     for names in groups.values():

@@ -1,0 +1,283 @@
+"""DataOrderEnsemble + SelectionMergeCallback on a tiny regression model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_selmerge.data.sampler import DataOrderSampler
+from lightning_selmerge.ensemble import (
+    DataOrderEnsemble,
+    EnsembleBatchSampler,
+    SelectionMergeCallback,
+)
+from lightning_selmerge.merging import ParameterSelection, merge_state_dicts
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+N, BATCH = 60, 8  # 8 batches per replica, the last one partial (4 samples)
+
+
+def flat(lists: Iterable[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(lists))
+
+
+def make_data(n: int = N) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=gen)
+    return TensorDataset(torch.arange(n), x, y[:, None])
+
+
+class Net(LightningModule):
+    def __init__(self, scheduler: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        self.scheduler = scheduler
+        self.seen: list[tuple[int, int, list[int]]] = []  # (epoch, batch_idx, sample indices)
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        _, x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        self.seen.append((self.current_epoch, batch_idx, batch[0].tolist()))
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch))
+
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
+        opt = torch.optim.Adam(self.parameters(), lr=0.05)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit(
+    module: Net,
+    k: int,
+    epochs: int = 1,
+    callbacks: list[Callback] | None = None,
+    val: bool = False,
+    **trainer_kwargs,
+) -> tuple[Trainer, DataOrderEnsemble]:
+    strategy = DataOrderEnsemble(num_replicas=k, seed=3)
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks or [],
+        **trainer_kwargs,
+    )
+    data = make_data()
+    train = DataLoader(data, batch_size=BATCH, shuffle=True)
+    if val:
+        trainer.fit(module, train, DataLoader(data, batch_size=30))
+    else:
+        trainer.fit(module, train)
+    return trainer, strategy
+
+
+def test_batch_sampler_partial_batches_stay_with_their_replica() -> None:
+    orders = DataOrderSampler(num_samples=10, seed=1)
+    sampler = EnsembleBatchSampler(orders, num_replicas=3, batch_size=4)
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [4, 4, 2] * 3
+    for r in range(3):
+        assert flat(batches[3 * r : 3 * r + 3]) == orders.order(0, r).tolist()
+    dropped = EnsembleBatchSampler(orders, num_replicas=3, batch_size=4, drop_last=True)
+    assert len(dropped) == 6 and [len(b) for b in dropped] == [4] * 6
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_each_replica_sees_its_own_order(k: int) -> None:
+    module = Net()
+    trainer, strategy = fit(module, k, epochs=2)
+    assert strategy.batches_per_replica == 8 and trainer.num_training_batches == 8 * k
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for epoch in range(2):
+        seen = [(b, idx) for e, b, idx in module.seen if e == epoch]
+        assert len(seen) == 8 * k
+        for r in range(k):
+            got = flat(idx for b, idx in seen if b // 8 == r)
+            assert got == orders.order(epoch, r).tolist()
+    states = strategy.replica_states()
+    assert len(states) == k
+    for a in range(k):
+        for b in range(a + 1, k):
+            assert not torch.equal(states[a]["net.0.weight"], states[b]["net.0.weight"])
+
+
+def test_limit_train_batches_is_per_replica() -> None:
+    module = Net()
+    trainer, strategy = fit(module, 3, limit_train_batches=2)
+    assert strategy.batches_per_replica == 2 and trainer.num_training_batches == 6
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for r in range(3):
+        got = flat(idx for _, b, idx in module.seen if b // 2 == r)
+        assert got == orders.order(0, r).tolist()[: 2 * BATCH]
+    assert trainer.limit_train_batches == 2  # restored after fit
+
+
+@pytest.mark.parametrize("resample", [0, 2])
+def test_fit_end_holds_the_exact_merge(resample: int) -> None:
+    module = Net()
+    base = {n: t.clone() for n, t in module.state_dict().items()}
+    merge = SelectionMergeCallback(resample=resample, seed=11)
+    _, strategy = fit(module, 3, epochs=2, callbacks=[merge])
+    expected = merge_state_dicts(
+        strategy.replica_states(),
+        base=base,
+        method=ParameterSelection(resample=resample),
+        seed=11,
+    )
+    got = module.state_dict()
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    # a real selection: elements from more than one replica, and not any single replica
+    states = strategy.replica_states()
+    w = got["net.0.weight"]
+    sources = {r for r in range(3) if (w == states[r]["net.0.weight"]).any()}
+    assert len(sources) > 1
+
+
+class RecordValidation(Callback):
+    """Runs after SelectionMergeCallback's swap-in: records what validation used."""
+
+    def __init__(self, merge: SelectionMergeCallback) -> None:
+        self.merge = merge
+        self.records: list[tuple[dict, dict]] = []
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        weights = {n: t.clone() for n, t in pl_module.state_dict().items()}
+        merged = {n: t.clone() for n, t in self.merge.merged_state.items()}
+        self.records.append((weights, merged))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the swap-out the live module is the last replica, not the merge
+        last = trainer.strategy.replica_states()[-1]
+        assert torch.equal(pl_module.state_dict()["net.0.weight"], last["net.0.weight"])
+        self.records[-1] += (float(trainer.callback_metrics["val_loss"]),)
+
+
+def test_validation_runs_on_the_merged_weights_each_epoch() -> None:
+    module = Net()
+    merge = SelectionMergeCallback(seed=5)
+    record = RecordValidation(merge)
+    fit(module, 2, epochs=2, callbacks=[merge, record], val=True)
+    assert len(record.records) == 2
+    data = make_data()
+    for weights, merged, val_loss in record.records:
+        for name in merged:
+            assert torch.equal(weights[name], merged[name])
+        probe = Net()
+        probe.load_state_dict(merged)
+        with torch.no_grad():  # two val batches of 30, mean of the batch means
+            _, x, y = data.tensors
+            expected = (
+                sum(
+                    torch.nn.functional.mse_loss(probe.net(x[s]), y[s])
+                    for s in (slice(0, 30), slice(30, 60))
+                )
+                / 2
+            )
+        assert val_loss == pytest.approx(float(expected), rel=1e-6)
+    first, second = (merged["net.0.weight"] for _, merged, _ in record.records)
+    assert not torch.equal(first, second)
+
+
+def test_replica_loss_is_logged_per_replica() -> None:
+    module = Net()
+    trainer, _ = fit(module, 2, callbacks=[SelectionMergeCallback()])
+    assert {"replica_0/train_loss", "replica_1/train_loss"} <= set(trainer.callback_metrics)
+    assert "replica_2/train_loss" not in trainer.callback_metrics
+    a = trainer.callback_metrics["replica_0/train_loss"]
+    b = trainer.callback_metrics["replica_1/train_loss"]
+    assert not torch.equal(a, b)
+
+
+def test_optimizer_and_scheduler_state_follow_their_replica() -> None:
+    module = Net(scheduler=True)
+    init = {n: t.clone() for n, t in module.state_dict().items()}
+    _, strategy = fit(module, 3)
+    replica1 = strategy.replica_state(1)
+
+    # the same model trained alone on replica 1's order, from the same initial weights
+    alone = Net(scheduler=True)
+    alone.load_state_dict(init)
+    conf = alone.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    data = make_data()
+    order = DataOrderSampler(num_samples=N, seed=3).order(0, 1)
+    for start in range(0, N, BATCH):
+        opt.zero_grad()
+        alone.loss(data[order[start : start + BATCH]]).backward()
+        opt.step()
+        sched.step()
+
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(replica1.module[name], tensor), name
+    want = opt.state_dict()
+    got = replica1.optimizers[0]
+    assert got["param_groups"][0]["lr"] == want["param_groups"][0]["lr"] == 0.05 * 0.5**2
+    for key, state in want["state"].items():
+        assert torch.equal(got["state"][key]["exp_avg"], state["exp_avg"])
+        assert torch.equal(got["state"][key]["exp_avg_sq"], state["exp_avg_sq"])
+        assert float(got["state"][key]["step"]) == 8
+    assert replica1.lr_schedulers[0]["last_epoch"] == sched.state_dict()["last_epoch"] == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_check_interval": 0.5}, "val_check_interval"),
+        ({"limit_train_batches": 0.5}, "limit_train_batches"),
+        ({"accumulate_grad_batches": 3}, "accumulate_grad_batches=3"),
+        ({"overfit_batches": 2}, "overfit_batches"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        fit(Net(), 2, **kwargs)
+
+
+def test_bad_construction_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_replicas=1"):
+        DataOrderEnsemble(num_replicas=1)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[SelectionMergeCallback()],
+        max_epochs=1,
+    )
+    with pytest.raises(MisconfigurationException, match="DataOrderEnsemble"):
+        trainer.fit(Net(), DataLoader(make_data(), batch_size=BATCH))
+
+
+def test_accumulation_dividing_the_replica_is_accepted() -> None:
+    module = Net()
+    trainer, _ = fit(module, 2, accumulate_grad_batches=4)
+    assert trainer.global_step == 4  # 2 replicas x 8 batches / 4
