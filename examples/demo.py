@@ -1,115 +1,153 @@
-"""Demo: fine-tune K replicas of a tiny GPT-2 on different data orders, merge them, compare.
+"""Demo: fine-tune K replicas of a small GPT-2 on different data orders in one Lightning fit.
 
-Runs offline on CPU in well under a minute::
+Runs offline on CPU in about a minute::
 
-    python examples/demo.py --replicas 4 --out demo_output
+    python examples/demo.py --replicas 4 --epochs 3 --out demo_output
 
-Each replica starts from the same "pre-trained" weights and is fine-tuned on the same lines of
-text in its own order; the replicas are saved as Hugging Face directories and merged with the
-``lightning-selmerge merge`` command (weighted average, parameter selection, selection + resample).
-Each merged model is loaded back with ``from_pretrained`` and scored on the training lines.
+A byte-level GPT-2 built from a config learns the short utterances shipped in
+``examples/data/chatterbot_topics.tsv``. ``DataOrderEnsemble`` trains the K replicas one after
+another inside each epoch, each on its own order; ``SelectionMergeCallback`` merges them by
+parameter selection + resample at the end of every epoch, and that epoch's validation runs on the
+merged model. Afterwards the replicas and the merged model are saved as Hugging Face directories,
+the replicas are merged again from disk with ``lightning-selmerge merge`` (weighted average, the
+baseline), and every model is scored on the held-out utterances. TensorBoard logs go to
+``OUT/tensorboard``.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
+import copy
+import csv
 import shutil
-import this
 from pathlib import Path
 
 import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from lightning_selmerge import DataOrderEnsemble, SelectionMergeCallback
 from lightning_selmerge.cli import main as selmerge
 
-TEXT_LINES = [line for line in codecs.decode(this.s, "rot13").splitlines() if line.strip()]
+DATA = Path(__file__).resolve().parent / "data" / "chatterbot_topics.tsv"
+LENGTH = 48
 
 
-def encode(lines: list[str], length: int = 64) -> torch.Tensor:
-    rows = [list(line.encode()[:length]) + [0] * max(0, length - len(line)) for line in lines]
-    return torch.tensor(rows)
+def load_tokens() -> torch.Tensor:
+    """Utterances as UTF-8 bytes, padded with 0 (ignored by the loss)."""
+    with open(DATA, encoding="utf-8", newline="") as handle:
+        texts = [row["text"] for row in csv.DictReader(handle, delimiter="\t")]
+    tokens = torch.zeros(len(texts), LENGTH, dtype=torch.long)
+    for row, text in enumerate(texts):
+        data = list(text.encode()[:LENGTH])
+        tokens[row, : len(data)] = torch.tensor(data)
+    return tokens
 
 
-def lm_loss(model: GPT2LMHeadModel, tokens: torch.Tensor) -> float:
-    labels = tokens.masked_fill(tokens == 0, -100)
-    with torch.no_grad():
-        return model(input_ids=tokens, labels=labels).loss.item()
+class ByteLM(LightningModule):
+    def __init__(self, lr: float = 2e-3) -> None:
+        super().__init__()
+        config = GPT2Config(vocab_size=256, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4)
+        self.model = GPT2LMHeadModel(config)
+        self.lr = lr
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, labels=tokens.masked_fill(tokens == 0, -100)).loss
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch[0])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch[0]), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def fine_tune(
-    model: GPT2LMHeadModel, tokens: torch.Tensor, order: torch.Tensor, lr: float, epochs: int
-) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for start in range(0, len(order), 4):
-            batch = tokens[order[start : start + 4]]
-            loss = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100)).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+@torch.no_grad()
+def held_out_loss(model: GPT2LMHeadModel, tokens: torch.Tensor) -> float:
     model.eval()
+    return float(model(input_ids=tokens, labels=tokens.masked_fill(tokens == 0, -100)).loss)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--resample", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-
-    torch.manual_seed(args.seed)
-    tokens = encode(TEXT_LINES)
-    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    base = GPT2LMHeadModel(config).eval()
+    seed_everything(args.seed, verbose=False)
     shutil.rmtree(args.out, ignore_errors=True)
-    base.save_pretrained(args.out / "base")
 
-    replica_dirs, replica_losses = [], []
-    for k in range(args.replicas):
-        model = GPT2LMHeadModel.from_pretrained(args.out / "base")
-        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(1000 + k))
-        fine_tune(model, tokens, order, lr=3e-3, epochs=args.epochs)
-        replica_dirs.append(str(args.out / f"replica_{k}"))
-        model.save_pretrained(replica_dirs[-1])
-        replica_losses.append(lm_loss(model, tokens))
-        print(f"replica {k}: loss {replica_losses[-1]:.4f}")
+    tokens = load_tokens()
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
+    train, held_out = tokens[order[200:]], tokens[order[:200]]
+    module = ByteLM()
+    module.model.save_pretrained(args.out / "base")
+
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        strategy=DataOrderEnsemble(num_replicas=args.replicas, seed=args.seed),
+        callbacks=[
+            SelectionMergeCallback(method="selection", resample=args.resample, seed=args.seed)
+        ],
+        logger=TensorBoardLogger(args.out, name="tensorboard"),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        module,
+        DataLoader(TensorDataset(train), batch_size=32),
+        DataLoader(TensorDataset(held_out), batch_size=200),
+    )
 
     results = {
-        "base (pre-trained)": lm_loss(base, tokens),
-        "mean single replica": sum(replica_losses) / len(replica_losses),
-    }
-    for label, flags in [
-        ("weighted average", ["--method", "average"]),
-        ("selection", ["--method", "selection"]),
-        ("selection + resample 1", ["--method", "selection", "--resample", "1"]),
-    ]:
-        out = args.out / label.replace(" ", "_").replace("+", "plus")
-        code = selmerge(
-            [
-                "merge",
-                *replica_dirs,
-                "--base",
-                str(args.out / "base"),
-                *flags,
-                "--seed",
-                str(args.seed),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
+        "base (before fine-tuning)": held_out_loss(
+            GPT2LMHeadModel.from_pretrained(args.out / "base"), held_out
         )
-        if code != 0:
-            raise SystemExit(code)
-        results[label] = lm_loss(GPT2LMHeadModel.from_pretrained(out), tokens)
+    }
+    replica_dirs = []
+    for k, state in enumerate(trainer.strategy.replica_states()):
+        replica = copy.deepcopy(module)
+        replica.load_state_dict(state)
+        replica_dirs.append(str(args.out / f"replica_{k}"))
+        replica.model.save_pretrained(replica_dirs[-1])
+        results[f"replica {k}"] = held_out_loss(replica.model, held_out)
+    module.model.save_pretrained(args.out / "merged_selection")
+    results["merged: selection + resample"] = held_out_loss(module.model, held_out)
+    code = selmerge(
+        [
+            "merge",
+            *replica_dirs,
+            "--method",
+            "average",
+            "--out",
+            str(args.out / "merged_average"),
+            "--quiet",
+        ]
+    )
+    if code != 0:
+        raise SystemExit(code)
+    results["merged: weighted average"] = held_out_loss(
+        GPT2LMHeadModel.from_pretrained(args.out / "merged_average"), held_out
+    )
 
-    print(f"\n{'model':<26} train loss")
+    mean_replica = sum(v for k, v in results.items() if k.startswith("replica")) / args.replicas
+    print(f"\nheld-out loss (nats/byte) after {args.epochs} epochs, K={args.replicas}")
     for label, loss in results.items():
-        print(f"{label:<26} {loss:.4f}")
+        print(f"  {label:<30} {loss:.4f}")
+    print(f"  {'mean single replica':<30} {mean_replica:.4f}")
+    print(f"\nTensorBoard: tensorboard --logdir {args.out / 'tensorboard'}")
 
 
 if __name__ == "__main__":

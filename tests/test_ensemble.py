@@ -281,3 +281,28 @@ def test_accumulation_dividing_the_replica_is_accepted() -> None:
     module = Net()
     trainer, _ = fit(module, 2, accumulate_grad_batches=4)
     assert trainer.global_step == 4  # 2 replicas x 8 batches / 4
+
+
+def test_every_replica_over_several_epochs_equals_training_it_alone() -> None:
+    """Across epochs and merged-validation swaps, each replica continues its own run exactly."""
+    module = Net()
+    init = {n: t.clone() for n, t in module.state_dict().items()}
+    epochs, k = 3, 3
+    _, strategy = fit(module, k, epochs=epochs, callbacks=[SelectionMergeCallback()], val=True)
+    data = make_data()
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for replica in range(k):
+        alone = Net()
+        alone.load_state_dict(init)
+        opt = alone.configure_optimizers()
+        for epoch in range(epochs):
+            order = orders.order(epoch, replica)
+            for start in range(0, N, BATCH):
+                opt.zero_grad()
+                alone.loss(data[order[start : start + BATCH]]).backward()
+                opt.step()
+        stored = strategy.replica_states()[replica]
+        for name, tensor in alone.state_dict().items():
+            assert torch.equal(stored[name], tensor), (replica, name)
+    # and the module holds the merge, not a replica
+    assert not torch.equal(module.state_dict()["net.0.weight"], stored["net.0.weight"])
