@@ -48,7 +48,7 @@ def load_tokens() -> torch.Tensor:
 
 
 class ByteLM(LightningModule):
-    def __init__(self, lr: float = 2e-3) -> None:
+    def __init__(self, lr: float = 1e-3) -> None:
         super().__init__()
         config = GPT2Config(vocab_size=256, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4)
         self.model = GPT2LMHeadModel(config)
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--resample", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
@@ -90,7 +91,7 @@ def main() -> None:
     tokens = load_tokens()
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
     train, held_out = tokens[order[200:]], tokens[order[:200]]
-    module = ByteLM()
+    module = ByteLM(lr=args.lr)
     module.model.save_pretrained(args.out / "base")
 
     trainer = Trainer(
