@@ -280,8 +280,8 @@ class ParameterSelection(MergeMethod):
         num_replicas = len(replicas)
         bits = [bit_view(r) for r in replicas]
         numel, device = bits[0].numel(), bits[0].device
-        if self.resample == 0 and self.probabilities is None and _is_power_of_two(num_replicas):
-            # Fast path: the chosen index is the top bits of the uniform; build masks from them.
+        if self.resample == 0 and self.candidates_share_one_draw(num_replicas):
+            # Fast path: the chosen index is the top bits of the draw; build masks from them.
             lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device).to(bits[0].dtype)
             masks = _masks_from_uniform_bits(lanes, num_replicas)
         else:
