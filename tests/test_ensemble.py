@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from collections.abc import Iterable
 
 import pytest
 import torch
+from ensemble_support import BATCH, N, Net, fit, flat, make_data
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import (
@@ -21,81 +20,6 @@ from lightning_selmerge.ensemble import (
 from lightning_selmerge.merging import ParameterSelection, merge_state_dicts
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-
-N, BATCH = 60, 8  # 8 batches per replica, the last one partial (4 samples)
-
-
-def flat(lists: Iterable[list[int]]) -> list[int]:
-    return list(itertools.chain.from_iterable(lists))
-
-
-def make_data(n: int = N) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=gen)
-    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=gen)
-    return TensorDataset(torch.arange(n), x, y[:, None])
-
-
-class Net(LightningModule):
-    def __init__(self, scheduler: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
-        )
-        self.scheduler = scheduler
-        self.seen: list[tuple[int, int, list[int]]] = []  # (epoch, batch_idx, sample indices)
-
-    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        _, x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        self.seen.append((self.current_epoch, batch_idx, batch[0].tolist()))
-        loss = self.loss(batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self.log("val_loss", self.loss(batch))
-
-    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
-        opt = torch.optim.Adam(self.parameters(), lr=0.05)
-        if not self.scheduler:
-            return opt
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def fit(
-    module: Net,
-    k: int,
-    epochs: int = 1,
-    callbacks: list[Callback] | None = None,
-    val: bool = False,
-    **trainer_kwargs,
-) -> tuple[Trainer, DataOrderEnsemble]:
-    strategy = DataOrderEnsemble(num_replicas=k, seed=3)
-    trainer = Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks or [],
-        **trainer_kwargs,
-    )
-    data = make_data()
-    train = DataLoader(data, batch_size=BATCH, shuffle=True)
-    if val:
-        trainer.fit(module, train, DataLoader(data, batch_size=30))
-    else:
-        trainer.fit(module, train)
-    return trainer, strategy
 
 
 def test_batch_sampler_partial_batches_stay_with_their_replica() -> None:
@@ -169,7 +93,11 @@ class RecordValidation(Callback):
         self.merge = merge
         self.records: list[tuple[dict, dict]] = []
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int, *args
+    ) -> None:
+        if batch_idx:
+            return
         weights = {n: t.clone() for n, t in pl_module.state_dict().items()}
         merged = {n: t.clone() for n, t in self.merge.merged_state.items()}
         self.records.append((weights, merged))

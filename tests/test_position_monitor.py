@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selmerge.data import DataOrderSampler, IndexedDataset
-from lightning_selmerge.imbalance import PositionLossMonitor
+from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
+from lightning_selmerge.imbalance import (
+    PositionLossMonitor,
+    ProbeTarget,
+    position_loss_spearman,
+    segment_means,
+)
 
 N, D = 48, 4
 
@@ -23,6 +30,20 @@ def make_dataset() -> IndexedDataset:
     x = torch.randn(N, D, generator=g)
     y = (x[:, 0] > 0).long()
     return IndexedDataset(TensorDataset(x, y), field_names=("x", "y"))
+
+
+class Unindexed(torch.utils.data.Dataset):
+    """The same samples as :func:`make_dataset`, without the ``sample_index`` key."""
+
+    def __init__(self) -> None:
+        self.base = make_dataset()
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        return {"x": item["x"], "y": item["y"]}
 
 
 class TinyClassifier(LightningModule):
@@ -116,18 +137,8 @@ def test_positions_agree_with_data_order_sampler(tmp_path: Path, num_workers: in
 
 
 def test_sample_indices_from_sampler_when_batch_has_none(tmp_path: Path) -> None:
-    base = make_dataset()
-
-    class Plain(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return N
-
-        def __getitem__(self, i: int) -> dict:
-            item = base[i]
-            return {"x": item["x"], "y": item["y"]}
-
     sampler = DataOrderSampler(num_samples=N, seed=1)
-    loader = DataLoader(Plain(), batch_size=8, sampler=sampler)
+    loader = DataLoader(Unindexed(), batch_size=8, sampler=sampler)
     model = TinyClassifier(return_sample_loss=False)
     monitor = PositionLossMonitor(probe_size=8)
     make_trainer(tmp_path, monitor, max_epochs=1).fit(model, loader)
@@ -253,3 +264,161 @@ def test_state_dict_restores_first_epoch_positions(tmp_path: Path) -> None:
     assert torch.equal(resumed.first_positions, monitor.first_positions)
     assert set(resumed.records.table()["epoch"].tolist()) == {0, 1}
     assert resumed.probe is not None
+
+
+# -- ensemble mode: K replicas one after another in each epoch --------------------------------
+def ensemble_setup(
+    dataset: torch.utils.data.Dataset, batch_size: int = 5, **monitor_kw
+) -> tuple[DataLoader, DataOrderSampler, PositionLossMonitor]:
+    """A loader running 2 replicas' orders back to back, and a monitor told the replica split."""
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    batches = EnsembleBatchSampler(orders, num_replicas=2, batch_size=batch_size)
+    monitor = PositionLossMonitor(**monitor_kw)
+    monitor.replica_of = lambda batch_idx: batch_idx // batches.batches_per_replica
+    return DataLoader(dataset, batch_sampler=batches), orders, monitor
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["sample_index", "sampler_fallback"])
+def test_ensemble_positions_count_per_replica(tmp_path: Path, indexed: bool) -> None:
+    dataset = make_dataset() if indexed else Unindexed()
+    loader, orders, monitor = ensemble_setup(dataset, probe_size=8)  # 48 = 9*5 + 3 per replica
+    trainer = make_trainer(tmp_path, monitor, max_epochs=2)
+    trainer.fit(TinyClassifier(), loader)
+
+    for epoch in (0, 1):
+        for k in (0, 1):
+            rows = monitor.records.table(epoch=epoch, replica=k)
+            assert torch.equal(rows["sample"], orders.order(epoch=epoch, replica=k))
+            assert rows["position"].tolist() == list(range(N))  # restarts for every replica
+    for k in (0, 1):
+        assert torch.equal(monitor.first_positions_of(k), orders.positions(epoch=0, replica=k))
+    assert torch.equal(monitor.first_positions, orders.positions(epoch=0, replica=0))
+    assert not torch.equal(monitor.first_positions_of(0), monitor.first_positions_of(1))
+    with pytest.raises(KeyError, match="replica 2"):
+        monitor.first_positions_of(2)
+
+    # train spearman: each row binned by its own replica's first-epoch positions
+    rows = monitor.records.table(epoch=1)
+    own = torch.stack([orders.positions(0, 0), orders.positions(0, 1)])[
+        rows["replica"], rows["sample"]
+    ]
+    primary_only = orders.positions(0, 0)[rows["sample"]]
+    expected = position_loss_spearman(own, rows["loss"])
+    assert float(trainer.callback_metrics["imbalance/train/spearman"]) == pytest.approx(
+        expected, abs=1e-6
+    )
+    assert expected != pytest.approx(position_loss_spearman(primary_only, rows["loss"]), abs=1e-6)
+
+
+def test_probe_targets_load_bin_by_replica_and_restore_live_weights(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model_a, model_b = TinyClassifier(), TinyClassifier()
+    state_a = {k: v.clone() for k, v in model_a.state_dict().items()}
+    state_b = {k: v.clone() for k, v in model_b.state_dict().items()}
+    loader, orders, monitor = ensemble_setup(make_dataset(), probe_size=32, num_segments=4)
+    live_before: dict[str, torch.Tensor] = {}
+
+    def targets(trainer: Trainer, module: LightningModule) -> list[ProbeTarget]:
+        live_before.update({k: v.clone() for k, v in module.state_dict().items()})
+        return [
+            ProbeTarget("merged", state_a),
+            ProbeTarget("live", None),  # after other weights were loaded: still the live ones
+            ProbeTarget("replica_1", state_b, replica=1),
+        ]
+
+    monitor.probe_targets = targets
+    model = TinyClassifier()
+    trainer = make_trainer(tmp_path, monitor, max_epochs=1)
+    trainer.fit(model, loader)
+
+    # the live weights are back, bit for bit, and differ from both targets
+    assert live_before and all(
+        torch.equal(v, live_before[k]) for k, v in model.state_dict().items()
+    )
+    assert not torch.equal(live_before["layer.weight"], state_a["layer.weight"])
+    assert not torch.equal(live_before["layer.weight"], state_b["layer.weight"])
+
+    trainer.logger.experiment.flush()
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {f"imbalance/{n}/spearman" for n in ("merged", "replica_1", "live")} <= scalars
+    assert "imbalance/spearman" not in scalars  # the live module is not probed under ""
+    assert acc.Tags()["images"] == ["imbalance/loss_by_position"]
+
+    # each target's losses come from its own weights, binned by its replica's positions
+    probe = monitor.probe
+    assert probe is not None
+    metrics = trainer.callback_metrics
+    for name, weights, replica in (("merged", model_a, 0), ("replica_1", model_b, 1)):
+        losses = probe.evaluate(weights)
+        positions = orders.positions(epoch=0, replica=replica)[probe.indices]
+        means, _ = segment_means(positions, losses, num_segments=4, num_positions=N)
+        spearman = position_loss_spearman(positions, losses)
+        assert float(metrics[f"imbalance/{name}/spearman"]) == pytest.approx(spearman, abs=1e-6)
+        for s in range(4):
+            logged = float(metrics[f"imbalance/{name}/segment_{s:02d}_loss"])
+            assert logged == pytest.approx(float(means[s]), abs=1e-6, nan_ok=True)
+    other = orders.positions(epoch=0, replica=0)[probe.indices]
+    assert float(metrics["imbalance/replica_1/spearman"]) != pytest.approx(
+        position_loss_spearman(other, probe.evaluate(model_b)), abs=1e-6
+    )
+    live_loss = float(probe.evaluate(model).mean())
+    assert float(metrics["imbalance/live/mean_loss"]) == pytest.approx(live_loss, abs=1e-6)
+
+    direct = monitor.evaluate_probe(model_b, name="b", replica=1)
+    assert torch.equal(direct.positions, orders.positions(epoch=0, replica=1)[probe.indices])
+    assert torch.equal(
+        monitor.evaluate_probe(model_b).positions, monitor.first_positions[probe.indices]
+    )
+
+
+def test_probe_targets_restore_live_weights_on_error(tmp_path: Path) -> None:
+    loader, _, monitor = ensemble_setup(make_dataset(), probe_size=8)
+    live_before: dict[str, torch.Tensor] = {}
+
+    def targets(trainer: Trainer, module: LightningModule) -> list[ProbeTarget]:
+        live_before.update({k: v.clone() for k, v in module.state_dict().items()})
+        zeros = {k: torch.zeros_like(v) for k, v in live_before.items()}
+        return [ProbeTarget("zeros", zeros), ProbeTarget("broken", {"layer.weight": zeros})]
+
+    monitor.probe_targets = targets
+    model = TinyClassifier()
+    with pytest.raises(RuntimeError, match="state_dict"):
+        make_trainer(tmp_path, monitor, max_epochs=1).fit(model, loader)
+    assert live_before and all(
+        torch.equal(v, live_before[k]) for k, v in model.state_dict().items()
+    )
+    assert bool(live_before["layer.weight"].any())  # the zero weights did not stay loaded
+
+
+def test_state_dict_round_trip_keeps_per_replica_positions(tmp_path: Path) -> None:
+    loader, orders, monitor = ensemble_setup(make_dataset(), probe_size=8)
+    make_trainer(tmp_path, monitor, max_epochs=1, logger=False).fit(TinyClassifier(), loader)
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    restored = PositionLossMonitor()
+    restored.load_state_dict(state)
+    for k in (0, 1):
+        assert torch.equal(restored.first_positions_of(k), orders.positions(epoch=0, replica=k))
+    assert torch.equal(restored.first_positions, orders.positions(epoch=0, replica=0))
+    assert restored.num_positions == N
+
+    # a state dict saved before per-replica positions: its one replica is the recorded one
+    single = PositionLossMonitor()
+    rows = monitor.records.table(epoch=0, replica=1)
+    single.records.add(rows["sample"], rows["position"], epoch=0, replica=1)
+    old = {
+        "records": single.records.state_dict(),
+        "first_positions": state["replica_positions"][1],
+        "num_positions": N,
+    }
+    legacy = PositionLossMonitor()
+    legacy.load_state_dict(old)
+    assert torch.equal(legacy.first_positions_of(1), orders.positions(epoch=0, replica=1))
+    assert torch.equal(legacy.first_positions, orders.positions(epoch=0, replica=1))
+    with pytest.raises(KeyError):
+        legacy.first_positions_of(0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +14,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_selmerge.ensemble.strategy import DataOrderEnsemble, cpu_state_copy
+from lightning_selmerge.ensemble.replica_store import cpu_state_copy
+from lightning_selmerge.ensemble.replica_validation import validate_current_weights
+from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
+from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
 from lightning_selmerge.merging import MergeRule, make_method, merge_state_dicts
 
 __all__ = ["SelectionMergeCallback"]
@@ -19,23 +26,43 @@ __all__ = ["SelectionMergeCallback"]
 class SelectionMergeCallback(Callback):
     """Merge the :class:`DataOrderEnsemble` replicas at the end of each epoch's training.
 
-    At fit start it captures the base (pre-trained) weights. At the last training batch of every
-    ``every_n_epochs``-th epoch (after the last replica's step) it merges the K replicas'
-    floating-point tensors with the merge core (non-float tensors are copied from the last
-    replica) into :attr:`merged_state`. Like Lightning's ``WeightAveraging``, the merged weights
-    are swapped into the module for validation and swapped out afterwards, so **the validation
-    metrics logged during fit are the merged model's**, under the module's own names. At the end
-    of fit the module holds the merged weights. It also logs ``replica_{k}/train_loss`` (epoch
-    mean of the ``loss`` returned by ``training_step`` on replica k's batches).
+    At the last training batch of every ``every_n_epochs``-th epoch (after the last replica's
+    step; at the end of fit as a fallback for ``max_steps`` and early stopping) it merges the K
+    replicas with the merge core into :attr:`merged_state`, using the weights at fit start as the
+    base for ``resample``. Floating-point tensors are merged; integer and bool buffers are copied
+    from replica 0 (they must agree). Like Lightning's ``WeightAveraging``:
+
+    * the merged weights are swapped into the module for validation and swapped out afterwards,
+      so **the validation metrics logged under the module's own names are the merged model's**;
+    * at the end of fit the module holds the merged weights;
+    * in checkpoints ``state_dict`` is the merged model (``LightningModule.load_from_checkpoint``
+      gives the merge), while the replicas' states sit under the strategy's key.
+
+    With ``validate_replicas`` every replica is also validated before the merged model, and
+    what ``validation_step`` logs is logged again as ``replica_{k}/<name>`` and
+    ``replica_mean/<name>``: the merged-vs-single-replica gap as a curve (the paper's Fig. 4).
+    During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) is
+    logged, and the progress bar shows the active ``replica``. With a
+    :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
+    evaluates every replica (binned by that replica's first-epoch positions) and the merged
+    model (binned by replica 0's), so ``imbalance/merged/spearman`` sits beside
+    ``imbalance/replica_{k}/spearman`` (the paper's Fig. 3).
 
     Args:
         method: ``"selection"`` (parameter selection) or ``"average"`` (weighted average).
-        resample: selection's resample count (needs the base weights, captured for you).
+        resample: selection's resample count (uses the weights at fit start as the base).
         weights: per-replica weights for ``"average"``.
         probabilities: per-replica probabilities for ``"selection"``.
         seed: the merge's random seed.
-        every_n_epochs: merge every this many epochs (and always at the end of fit).
+        every_n_epochs: merge every this many epochs (and always at the end of fit). Between
+            merges, validation uses the latest merge.
         rules: per-tensor method overrides, first match wins.
+        sync_replicas: after each merge, reset every replica's weights to the merge (optimizer
+            states are kept). Beyond the paper; off by default.
+        validate_replicas: also validate each replica (K extra validation passes).
+        save_dir: after each merge, save the merged model under ``save_dir/epoch_{e:03d}`` with
+            ``save_pretrained`` (the module must hold a Hugging Face ``PreTrainedModel``; a
+            ``tokenizer`` attribute is saved too).
         log_replica_loss: log ``replica_{k}/train_loss``.
 
     Example:
@@ -55,6 +82,9 @@ class SelectionMergeCallback(Callback):
         seed: int = 0,
         every_n_epochs: int = 1,
         rules: Sequence[MergeRule] = (),
+        sync_replicas: bool = False,
+        validate_replicas: bool = True,
+        save_dir: str | None = None,
         log_replica_loss: bool = True,
     ) -> None:
         if every_n_epochs < 1:
@@ -67,40 +97,53 @@ class SelectionMergeCallback(Callback):
         self.seed = int(seed)
         self.every_n_epochs = int(every_n_epochs)
         self.rules = tuple(rules)
+        self.sync_replicas = sync_replicas
+        self.validate_replicas = validate_replicas
+        self.save_dir = None if save_dir is None else Path(save_dir)
         self.log_replica_loss = log_replica_loss
-        self.base_state: dict[str, torch.Tensor] | None = None
         self.merged_state: dict[str, torch.Tensor] | None = None
         self._merged_step = -1
+        self._restored = False
         self._live_state: dict[str, torch.Tensor] | None = None
+        self._replica_metrics: list[dict[str, float]] = []
 
     # -- merging --------------------------------------------------------------------------
     def merge(self, strategy: DataOrderEnsemble) -> dict[str, torch.Tensor]:
         """Merge the strategy's current replica states with this callback's method."""
-        replicas = strategy.replica_states()
-        floats = [n for n, t in replicas[0].items() if t.is_floating_point()]
-        merged = merge_state_dicts(
-            [{n: r[n] for n in floats} for r in replicas],
-            base=None if self.base_state is None else {n: self.base_state[n] for n in floats},
+        return merge_state_dicts(
+            strategy.replica_states(),
+            base=strategy.initial_state.module,
             method=self.method,
             rules=self.rules,
             seed=self.seed,
         )
-        last = replicas[-1]
-        return {n: merged[n] if n in merged else last[n].clone() for n in last}
 
-    def _merge_now(self, trainer: Trainer) -> None:
-        self.merged_state = self.merge(_ensemble(trainer))
+    def _merge_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = _ensemble(trainer)
+        self.merged_state = self.merge(strategy)
         self._merged_step = trainer.global_step
+        if self.sync_replicas:
+            strategy.reset_replicas(self.merged_state)
+        if self.save_dir is not None and trainer.is_global_zero:
+            self._export(pl_module, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
 
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            _ensemble(trainer)
+        if stage != "fit":
+            return
+        strategy = _ensemble(trainer)
+        if self.save_dir is not None:
+            _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
+        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(monitor, PositionLossMonitor):
+                monitor.replica_of = strategy.replica_of
+                monitor.probe_targets = self._probe_targets
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.base_state = cpu_state_copy(pl_module.state_dict())
-        self.merged_state = None
-        self._merged_step = -1
+        if not self._restored:
+            self.merged_state = None
+            self._merged_step = -1
+        self._restored = False
 
     def on_train_batch_end(
         self,
@@ -111,23 +154,36 @@ class SelectionMergeCallback(Callback):
         batch_idx: int,
     ) -> None:
         strategy = _ensemble(trainer)
+        replica = strategy.replica_of(batch_idx)
+        pl_module.log("replica", float(replica), prog_bar=True, logger=False, on_epoch=False)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.log_replica_loss and isinstance(loss, torch.Tensor):
-            replica = strategy.replica_of(batch_idx)
             pl_module.log(
                 f"replica_{replica}/train_loss", loss.detach(), on_step=False, on_epoch=True
             )
         last_batch = batch_idx == trainer.num_training_batches - 1
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._merge_now(trainer)
+            self._merge_now(trainer, pl_module)
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:
             return
         self._live_state = cpu_state_copy(pl_module.state_dict())
+        self._replica_metrics = []
+        if self.validate_replicas and not trainer.sanity_checking:
+            for state in _ensemble(trainer).replica_states():
+                pl_module.load_state_dict(state)
+                self._replica_metrics.append(validate_current_weights(trainer, pl_module))
         pl_module.load_state_dict(self.merged_state)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._replica_metrics:
+            for name in self._replica_metrics[0]:
+                values = [metrics[name] for metrics in self._replica_metrics]
+                for replica, value in enumerate(values):
+                    pl_module.log(f"replica_{replica}/{name}", value, on_epoch=True)
+                pl_module.log(f"replica_mean/{name}", sum(values) / len(values), on_epoch=True)
+            self._replica_metrics = []
         if self._live_state is not None:
             pl_module.load_state_dict(self._live_state)
             self._live_state = None
@@ -135,10 +191,76 @@ class SelectionMergeCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = _ensemble(trainer)
         if self.merged_state is None or self._merged_step != trainer.global_step:
-            self._merge_now(trainer)  # fallback: max_steps, early stopping, every_n_epochs
+            self._merge_now(trainer, pl_module)  # fallback: max_steps, early stop, every_n_epochs
         strategy.release_live()
         assert self.merged_state is not None
         pl_module.load_state_dict(self.merged_state)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"merged_step": self._merged_step, "has_merged": self.merged_state is not None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._merged_step = int(state_dict["merged_step"])
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.merged_state is not None:
+            checkpoint["state_dict"] = self.merged_state
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        own = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if trainer.state.fn == TrainerFn.FITTING and own.get("has_merged"):
+            self.merged_state = checkpoint["state_dict"]
+            self._restored = True
+
+    # -- helpers --------------------------------------------------------------------------
+    def _probe_targets(self, trainer: Trainer, pl_module: LightningModule) -> list[ProbeTarget]:
+        # a list, not a generator: the live replica must be captured before any target loads
+        states = _ensemble(trainer).replica_states()
+        targets = [ProbeTarget(f"replica_{k}", state, replica=k) for k, state in enumerate(states)]
+        if self.merged_state is not None:
+            targets.append(ProbeTarget("merged", self.merged_state, replica=0))
+        return targets
+
+    def _export(self, pl_module: LightningModule, target: Path) -> None:
+        """Write the merged model as a Hugging Face directory (temporary name, then rename)."""
+        assert self.merged_state is not None
+        prefix, model = _pretrained_submodule(pl_module)
+        state = {
+            name[len(prefix) :]: tensor
+            for name, tensor in self.merged_state.items()
+            if name.startswith(prefix)
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _pretrained_submodule(pl_module: LightningModule) -> tuple[str, Any]:
+    """(state-dict prefix, module) of the outermost Hugging Face model inside ``pl_module``."""
+    for name, module in pl_module.named_modules():
+        if callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config"):
+            return (f"{name}." if name else ""), module
+    raise MisconfigurationException(
+        f"SelectionMergeCallback(save_dir=...) exports the merge with save_pretrained, but "
+        f"{type(pl_module).__name__} holds no Hugging Face PreTrainedModel; keep the model as "
+        "an attribute (e.g. self.model = AutoModelForCausalLM.from_config(...)) or drop "
+        "save_dir and use the checkpoint's state_dict (the merged model)."
+    )
 
 
 def _ensemble(trainer: Trainer) -> DataOrderEnsemble:

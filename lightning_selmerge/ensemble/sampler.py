@@ -52,6 +52,12 @@ class EnsembleBatchSampler(Sampler[list[int]]):
         n = len(sampler)
         full = n // self.batch_size if drop_last else -(-n // self.batch_size)
         self.batches_per_replica = full if limit_batches is None else min(full, int(limit_batches))
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` skip its first ``batches_done`` batches."""
+        self.sampler.set_epoch(epoch)
+        self._resume = (epoch, batches_done)
 
     def replica_of(self, batch_idx: int) -> int:
         """The replica that batch ``batch_idx`` of the epoch belongs to."""
@@ -65,8 +71,14 @@ class EnsembleBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.sampler.epoch  # read lazily: Lightning sets the epoch after iter()
+        skip = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
         for replica in range(self.num_replicas):
-            yield from self.replica_batches(epoch, replica)
+            start = max(0, skip - replica * self.batches_per_replica)
+            if start < self.batches_per_replica:
+                yield from self.replica_batches(epoch, replica)[start:]
 
     def __len__(self) -> int:
         return self.num_replicas * self.batches_per_replica

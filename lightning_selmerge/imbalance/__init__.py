@@ -9,7 +9,7 @@ from lightning_selmerge.imbalance.losses import (
     causal_lm_per_sample_loss,
     sequence_classification_per_sample_loss,
 )
-from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeResult
+from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeResult, ProbeTarget
 from lightning_selmerge.imbalance.probe import PositionProbe
 from lightning_selmerge.imbalance.records import PositionRecords
 from lightning_selmerge.imbalance.stats import position_loss_spearman, segment_means
@@ -19,6 +19,7 @@ __all__ = [
     "PositionProbe",
     "PositionRecords",
     "ProbeResult",
+    "ProbeTarget",
     "causal_lm_per_sample_loss",
     "plot_loss_by_position",
     "position_loss_spearman",

@@ -9,7 +9,7 @@ trained on early in the first epoch keep a higher loss at the end of training.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from lightning_selmerge.imbalance.probe import PositionProbe
 from lightning_selmerge.imbalance.records import PositionRecords
 from lightning_selmerge.imbalance.stats import position_loss_spearman, segment_means
 
-__all__ = ["PositionLossMonitor", "ProbeResult"]
+__all__ = ["PositionLossMonitor", "ProbeResult", "ProbeTarget"]
 
 _FIX = (
     "define `per_sample_loss(self, batch) -> Tensor[B]` on your LightningModule (see "
@@ -48,6 +48,19 @@ class ProbeResult:
     segment_counts: torch.Tensor
     spearman: float
     mean_loss: float = field(default=math.nan)
+
+
+@dataclass
+class ProbeTarget:
+    """One model to probe at a probe epoch (see :attr:`PositionLossMonitor.probe_targets`).
+
+    ``state_dict`` is loaded into the LightningModule for the evaluation (``None``: the live
+    weights as they are); the losses are binned by the first-epoch positions of ``replica``.
+    """
+
+    name: str
+    state_dict: Mapping[str, torch.Tensor] | None
+    replica: int = 0
 
 
 def _find_order_sampler(loader: Any) -> DataOrderSampler | None:
@@ -78,10 +91,11 @@ class PositionLossMonitor(Callback):
       reaches ``training_step``. Sample indices come from ``batch["sample_index"]`` (wrap your
       dataset in :class:`~lightning_selmerge.data.IndexedDataset`) or, when the batch has no such
       key, from the train loader's :class:`~lightning_selmerge.data.DataOrderSampler` (in-order
-      loading assumed). The position is the arrival order of the sample in the epoch, counted
-      across the shards of a strided sampler (``local_step_offset * num_shards + shard_rank``), so
-      with a ``DataOrderSampler`` it equals :meth:`DataOrderSampler.positions`. The loss is
-      ``training_step``'s ``"sample_loss"`` output when it returns one (else NaN).
+      loading assumed). The position is the arrival order of the sample in its replica's pass
+      over the epoch, counted across the shards of a strided sampler (``local_step_offset *
+      num_shards + shard_rank``), so with a ``DataOrderSampler`` it equals
+      :meth:`DataOrderSampler.positions`. The loss is ``training_step``'s ``"sample_loss"``
+      output when it returns one (else NaN).
     * at the end of every ``probe_every_n_epochs``-th epoch, evaluates a fixed probe of at most
       ``probe_size`` training samples (seen in epoch 0) with ``module.per_sample_loss(batch)`` in
       eval mode under ``torch.no_grad()``; bins the losses by first-epoch position into
@@ -103,6 +117,21 @@ class PositionLossMonitor(Callback):
     callback) log under ``imbalance/<name>/...`` via :meth:`evaluate_probe` and
     :meth:`log_results`, which also draws several curves in one figure. Scalars are also put in
     ``trainer.callback_metrics`` so ``ModelCheckpoint(monitor="imbalance/spearman")`` works.
+
+    Several replicas in one epoch (an ensemble training K replicas one after another) are driven
+    by another callback through two attributes:
+
+    * :attr:`replica_of` (``batch_idx -> replica``): the replica of each training batch. The
+      arrival counter restarts at 0 whenever the replica changes, so each replica's positions
+      count from the start of its own pass; first-epoch positions are kept per replica
+      (:meth:`first_positions_of`) and ``imbalance/train/spearman`` bins each row by its own
+      replica's positions. :attr:`first_positions` is the primary replica's (0 when several
+      replicas are recorded).
+    * :attr:`probe_targets` (``(trainer, module) -> [ProbeTarget, ...]``): at a probe epoch,
+      probe these models instead of the live module under ``""``: each target's weights are
+      loaded into the module in turn, its losses binned by its ``replica``'s positions, and the
+      live weights restored afterwards. All results are logged together under
+      ``imbalance/<name>/...``.
 
     The module must define ``per_sample_loss(batch) -> Tensor[B]`` (unless ``probe_size=0``, in
     which case the epoch's training losses are binned instead); otherwise ``fit`` stops at start
@@ -167,7 +196,20 @@ class PositionLossMonitor(Callback):
         #: number of positions in the first epoch (segment boundaries are fractions of it).
         self.num_positions: int = 0
         self.probe: PositionProbe | None = None
+        #: ``batch_idx -> replica`` of the training batches, set by an ensemble callback;
+        #: ``None``: the replica is the train sampler's (else 0).
+        self.replica_of: Callable[[int], int] | None = None
+        #: ``(trainer, module) -> targets`` to probe instead of the live module, set by a
+        #: callback (e.g. a merged model and the replicas); ``None``: probe the live module.
+        self.probe_targets: Callable[[Trainer, LightningModule], Iterable[ProbeTarget]] | None = (
+            None
+        )
+        self._positions_by_replica: dict[int, torch.Tensor] = {}
+        self._primary_replica = 0
         self._arrived = 0
+        self._last_replica: int | None = None
+        self._resumed_epoch: int | None = None
+        self._epoch: int | None = None  # the epoch in progress
         self._epoch_has_loss = False
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -179,7 +221,12 @@ class PositionLossMonitor(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == trainer.current_epoch:  # resumed mid-epoch: keep the restored counter
+            return
+        self._epoch = trainer.current_epoch
         self._arrived = 0
+        self._last_replica = None
         self._epoch_has_loss = False
 
     def on_train_batch_end(
@@ -192,7 +239,11 @@ class PositionLossMonitor(Callback):
     ) -> None:
         loader = trainer.train_dataloader
         sample_loss = outputs.get(SAMPLE_LOSS_KEY) if isinstance(outputs, Mapping) else None
-        indices = self._batch_indices(batch, loader, sample_loss)
+        replica = self.current_replica(trainer, pl_module, batch_idx)
+        if replica != self._last_replica:
+            self._arrived = 0  # positions count from the start of each replica's pass
+            self._last_replica = replica
+        indices = self._batch_indices(batch, loader, sample_loss, trainer.current_epoch, replica)
         num_shards, shard_rank = _shard_layout(loader)
         local = self._arrived + torch.arange(indices.numel())
         self._arrived += indices.numel()
@@ -207,7 +258,7 @@ class PositionLossMonitor(Callback):
             indices,
             local * num_shards + shard_rank,
             epoch=trainer.current_epoch,
-            replica=self.current_replica(trainer, pl_module),
+            replica=replica,
             loss=sample_loss,
         )
 
@@ -220,28 +271,54 @@ class PositionLossMonitor(Callback):
         if self.probe is None:
             self._build_probe(trainer)  # e.g. after resuming from a checkpoint
         metrics: dict[str, float] = {}
+        rows = self.records.table(epoch=epoch)
+        row_positions = self._row_positions(rows["sample"], rows["replica"])
         if self._epoch_has_loss:
-            rows = self.records.table(epoch=epoch)
-            pos = self.first_positions[rows["sample"].clamp(max=self.first_positions.numel() - 1)]
-            metrics[self._tag("train", "spearman")] = position_loss_spearman(pos, rows["loss"])
+            spearman = position_loss_spearman(row_positions, rows["loss"])
+            metrics[self._tag("train", "spearman")] = spearman
         if self.probe_size > 0:
-            result = self.evaluate_probe(pl_module)
+            results = self._probe_targets(trainer, pl_module)
         else:
-            rows = self.records.table(epoch=epoch)
-            result = self._result("", rows["sample"], rows["loss"])
-        self.log_results(trainer, {"": result}, extra_metrics=metrics)
+            result = self._result("", rows["sample"], rows["loss"], positions=row_positions)
+            results = {"": result}
+        self.log_results(trainer, results, extra_metrics=metrics)
 
     # -- public API for other callbacks --------------------------------------------------------
-    def current_replica(self, trainer: Trainer, pl_module: LightningModule) -> int:
-        """The replica whose data the current batch belongs to (the sampler's, else 0)."""
+    def current_replica(
+        self, trainer: Trainer, pl_module: LightningModule, batch_idx: int | None = None
+    ) -> int:
+        """The replica of training batch ``batch_idx``.
+
+        :attr:`replica_of` decides when it is set and ``batch_idx`` is given; otherwise the
+        train loader's ``DataOrderSampler.replica`` (0 without one).
+        """
+        if self.replica_of is not None and batch_idx is not None:
+            return int(self.replica_of(batch_idx))
         sampler = _find_order_sampler(trainer.train_dataloader)
         return sampler.replica if sampler is not None else 0
 
-    def evaluate_probe(self, module: torch.nn.Module, name: str = "") -> ProbeResult:
+    def first_positions_of(self, replica: int) -> torch.Tensor:
+        """Sample index -> first-epoch position (-1: not seen) in ``replica``'s pass."""
+        if self.first_positions is None:
+            raise RuntimeError(
+                "PositionLossMonitor.first_positions_of: the first-epoch positions are set at the "
+                "end of the first training epoch."
+            )
+        if replica not in self._positions_by_replica:
+            raise KeyError(
+                f"PositionLossMonitor: no first-epoch positions of replica {replica}; known "
+                f"replicas: {sorted(self._positions_by_replica)}."
+            )
+        return self._positions_by_replica[replica]
+
+    def evaluate_probe(
+        self, module: torch.nn.Module, name: str = "", replica: int | None = None
+    ) -> ProbeResult:
         """Evaluate ``module`` on the probe and bin its losses by first-epoch position.
 
         ``name`` labels the result ("" for the trained model; e.g. "merged", "replica_0"); log
-        one or several results with :meth:`log_results`.
+        one or several results with :meth:`log_results`. ``replica`` picks whose first-epoch
+        positions bin the losses (``None``: the primary replica's, :attr:`first_positions`).
         """
         if self.probe is None:
             raise RuntimeError(
@@ -249,7 +326,7 @@ class PositionLossMonitor(Callback):
                 "first training epoch (the first-epoch positions are needed)."
             )
         losses = self.probe.evaluate(module)
-        return self._result(name, self.probe.indices, losses)
+        return self._result(name, self.probe.indices, losses, replica=replica)
 
     def metrics_for(self, result: ProbeResult) -> dict[str, float]:
         """The scalar tags and values of one result (see the class docstring for the names)."""
@@ -299,19 +376,46 @@ class PositionLossMonitor(Callback):
             "records": self.records.state_dict(),
             "first_positions": self.first_positions,
             "num_positions": self.num_positions,
+            "replica_positions": dict(self._positions_by_replica),
+            "primary_replica": self._primary_replica,
+            # where the epoch in progress stands, for a resume in the middle of it
+            "in_epoch": {
+                "epoch": self._epoch,
+                "replica": self._last_replica,
+                "arrived": self._arrived,
+                "has_loss": self._epoch_has_loss,
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records.load_state_dict(state_dict["records"])
         self.first_positions = state_dict["first_positions"]
         self.num_positions = int(state_dict["num_positions"])
+        if "replica_positions" in state_dict:
+            by_replica = state_dict["replica_positions"]
+            self._positions_by_replica = {int(k): v for k, v in by_replica.items()}
+            self._primary_replica = int(state_dict["primary_replica"])
+        else:  # saved before per-replica positions: one replica, the one recorded in epoch 0
+            recorded = self.records.table(epoch=0)["replica"].unique().tolist()
+            self._primary_replica = int(recorded[0]) if len(recorded) == 1 else 0
+            self._positions_by_replica = {}
+            if self.first_positions is not None:
+                self._positions_by_replica[self._primary_replica] = self.first_positions
         self.probe = None  # rebuilt lazily from the restored positions
+        in_epoch = state_dict.get("in_epoch")
+        if in_epoch is not None and in_epoch["epoch"] is not None:
+            self._resumed_epoch = self._epoch = int(in_epoch["epoch"])
+            self._last_replica = in_epoch["replica"]
+            self._arrived = int(in_epoch["arrived"])
+            self._epoch_has_loss = bool(in_epoch["has_loss"])
 
     # -- internals ----------------------------------------------------------------------------
     def _tag(self, name: str, leaf: str) -> str:
         return f"{self.tag_prefix}/{name}/{leaf}" if name else f"{self.tag_prefix}/{leaf}"
 
-    def _batch_indices(self, batch: Any, loader: Any, sample_loss: Any) -> torch.Tensor:
+    def _batch_indices(
+        self, batch: Any, loader: Any, sample_loss: Any, epoch: int, replica: int
+    ) -> torch.Tensor:
         if isinstance(batch, Mapping) and self.index_key in batch:
             indices = torch.as_tensor(batch[self.index_key]).reshape(-1).long().cpu()
         else:
@@ -323,7 +427,7 @@ class PositionLossMonitor(Callback):
                     "Wrap the dataset in lightning_selmerge.data.IndexedDataset (dict batches "
                     f"with {self.index_key!r}) or sample with DataOrderSampler."
                 )
-            order = sampler.indices()
+            order = sampler.indices(epoch, replica)
             size = getattr(loader, "batch_size", None) or _batch_len(batch)
             indices = order[self._arrived : self._arrived + size]
         if sample_loss is not None and torch.as_tensor(sample_loss).numel() != indices.numel():
@@ -335,7 +439,6 @@ class PositionLossMonitor(Callback):
         return indices
 
     def _finalize_first_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        replica = self.current_replica(trainer, pl_module)
         table = self.records.table(epoch=0)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if trainer.world_size > 1 and distributed:
@@ -346,28 +449,36 @@ class PositionLossMonitor(Callback):
             self.records.merge([*gathered, rest])
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-        if len(self.records.table(epoch=0, replica=replica)["sample"]):
-            positions = self.records.first_positions(num_samples, replica=replica, epoch=0)
+        recorded = [int(r) for r in self.records.table(epoch=0)["replica"].unique().tolist()]
+        if len(recorded) > 1:
+            primary = 0 if 0 in recorded else recorded[0]
         else:
-            sampler = _find_order_sampler(trainer.train_dataloader)
+            primary = self.current_replica(trainer, pl_module)
+        by_replica = {
+            r: self.records.first_positions(num_samples, replica=r, epoch=0) for r in recorded
+        }
+        sampler = _find_order_sampler(trainer.train_dataloader)
+        if primary not in by_replica:
             if sampler is None:
                 rank_zero_warn(
                     "PositionLossMonitor: no first-epoch records and no DataOrderSampler; "
                     "loss-by-position is not available for this run."
                 )
                 return
-            positions = sampler.positions(epoch=0, replica=replica)
-        self.first_positions = positions
-        self.num_positions = int(positions.max()) + 1 if positions.numel() else 0
-        sampler = _find_order_sampler(trainer.train_dataloader)
-        if sampler is not None and len(self.records.table(epoch=0, replica=replica)["sample"]):
-            expected = sampler.positions(epoch=0, replica=replica)
-            seen = positions >= 0
-            if not torch.equal(expected[seen], positions[seen]):
-                rank_zero_warn(
-                    "PositionLossMonitor: the positions observed in training_step differ from "
-                    "the DataOrderSampler's order for epoch 0; using the observed ones."
-                )
+            by_replica[primary] = sampler.positions(epoch=0, replica=primary)
+        self._positions_by_replica = by_replica
+        self._primary_replica = primary
+        self.first_positions = by_replica[primary]
+        self.num_positions = max(
+            (int(p.max()) + 1 for p in by_replica.values() if p.numel()), default=0
+        )
+        if sampler is not None and not all(
+            _agrees(by_replica[r], sampler.positions(epoch=0, replica=r)) for r in recorded
+        ):
+            rank_zero_warn(
+                "PositionLossMonitor: the positions observed in training_step differ from "
+                "the DataOrderSampler's order for epoch 0; using the observed ones."
+            )
         self._build_probe(trainer)
 
     def _build_probe(self, trainer: Trainer) -> None:
@@ -384,12 +495,62 @@ class PositionLossMonitor(Callback):
             collate_fn=getattr(loader, "collate_fn", None),
         )
 
-    def _result(self, name: str, indices: torch.Tensor, losses: torch.Tensor) -> ProbeResult:
+    def _row_positions(self, samples: torch.Tensor, replicas: torch.Tensor) -> torch.Tensor:
+        """First-epoch position of every row in its own replica's pass (-1: unknown)."""
+        out = torch.full_like(samples, -1)
+        for replica in replicas.unique().tolist():
+            first = self._positions_by_replica.get(int(replica))
+            if first is not None:
+                rows = replicas == replica
+                out[rows] = _lookup(first, samples[rows])
+        return out
+
+    def _probe_targets(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> dict[str, ProbeResult]:
+        """Probe the live module, or each of :attr:`probe_targets` with its own weights."""
+        if self.probe_targets is None:
+            return {"": self.evaluate_probe(pl_module)}
+        results: dict[str, ProbeResult] = {}
+        live: dict[str, torch.Tensor] | None = None  # copy of the live weights, once replaced
+        try:
+            for target in self.probe_targets(trainer, pl_module):
+                if target.name in results:
+                    raise ValueError(
+                        f"PositionLossMonitor.probe_targets: two targets named {target.name!r}."
+                    )
+                state = target.state_dict
+                if state is None and live is not None:
+                    state = live  # the live weights, not the previous target's
+                if state is not None:
+                    if live is None:
+                        live = {
+                            k: v.detach().to("cpu", copy=True)
+                            for k, v in pl_module.state_dict().items()
+                        }
+                    pl_module.load_state_dict(state)
+                results[target.name] = self.evaluate_probe(
+                    pl_module, name=target.name, replica=target.replica
+                )
+        finally:
+            if live is not None:
+                pl_module.load_state_dict(live)
+        return results
+
+    def _result(
+        self,
+        name: str,
+        indices: torch.Tensor,
+        losses: torch.Tensor,
+        replica: int | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> ProbeResult:
+        """Bin ``losses`` by ``positions``, else by ``replica``'s (None: primary) positions."""
         assert self.first_positions is not None
         indices = indices.long()
-        in_range = indices < self.first_positions.numel()
-        positions = torch.full_like(indices, -1)
-        positions[in_range] = self.first_positions[indices[in_range]]
+        if positions is None:
+            first = self.first_positions if replica is None else self.first_positions_of(replica)
+            positions = _lookup(first, indices)
         means, counts = segment_means(
             positions, losses, self.num_segments, num_positions=max(self.num_positions, 1)
         )
@@ -405,6 +566,21 @@ class PositionLossMonitor(Callback):
             spearman=position_loss_spearman(positions, losses),
             mean_loss=mean_loss,
         )
+
+
+def _agrees(observed: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether every observed position (>= 0) equals the expected one."""
+    n = min(observed.numel(), expected.numel())
+    seen = observed[:n] >= 0
+    return torch.equal(observed[:n][seen], expected[:n][seen]) and bool((observed[n:] < 0).all())
+
+
+def _lookup(first: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``first[indices]``, with -1 for indices beyond ``first``."""
+    out = torch.full_like(indices, -1)
+    in_range = indices < first.numel()
+    out[in_range] = first[indices[in_range]]
+    return out
 
 
 def _batch_len(batch: Any) -> int:

@@ -1,0 +1,186 @@
+"""Where the inactive replicas' training states live: CPU memory (optionally pinned) or disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from lightning_selmerge.merging.safetensors_io import SafetensorsFile
+from lightning_selmerge.merging.state_dict import storage_key
+
+__all__ = ["Offload", "ReplicaState", "ReplicaStore", "cpu_state_copy"]
+
+Offload = Literal["cpu", "disk"]
+
+
+def _cpu_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    tensor = tensor.detach()
+    if pin_memory:
+        return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
+    return tensor.to("cpu", copy=True)
+
+
+def cpu_state_copy(
+    state: dict[str, torch.Tensor], pin_memory: bool = False
+) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of a state dict; tensors sharing storage (tied weights) stay tied."""
+    memo: dict[tuple, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = storage_key(tensor)
+        if key not in memo:
+            memo[key] = _cpu_copy(tensor, pin_memory)
+        out[name] = memo[key]
+    return out
+
+
+def _to_cpu(obj: Any, pin_memory: bool = False) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return _cpu_copy(obj, pin_memory)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v, pin_memory) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v, pin_memory) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class ReplicaState:
+    """One replica's training state: module tensors, optimizer and step-scheduler states."""
+
+    module: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]] = field(default_factory=list)
+    lr_schedulers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "optimizers": self.optimizers,
+            "lr_schedulers": self.lr_schedulers,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> ReplicaState:
+        return cls(state["module"], list(state["optimizers"]), list(state["lr_schedulers"]))
+
+    @classmethod
+    def capture(
+        cls,
+        module: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        lr_schedulers: list[Any],
+        pin_memory: bool = False,
+    ) -> ReplicaState:
+        """CPU copies of a live module's, optimizers' and schedulers' states."""
+        return cls(
+            module=cpu_state_copy(module.state_dict(), pin_memory),
+            optimizers=[_to_cpu(opt.state_dict(), pin_memory) for opt in optimizers],
+            lr_schedulers=[_to_cpu(s.state_dict()) for s in lr_schedulers],
+        )
+
+
+class ReplicaStore:
+    """K slots holding the replicas that are not in the live module.
+
+    ``offload="cpu"`` keeps them in CPU memory (page-locked with ``pin_memory=True``, which
+    speeds up copies to and from a GPU); ``offload="disk"`` writes each one to
+    ``directory/replica_{k}.safetensors`` (module tensors, memory-mapped when read back) plus
+    ``replica_{k}.pt`` (optimizer and scheduler states), each written to a temporary name and
+    renamed. Without a ``directory`` a temporary one is made and removed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        num_replicas: int,
+        offload: Offload = "cpu",
+        pin_memory: bool = False,
+        directory: str | Path | None = None,
+    ) -> None:
+        if offload not in ("cpu", "disk"):
+            raise ValueError(f"offload must be 'cpu' or 'disk', got {offload!r}.")
+        self.num_replicas = num_replicas
+        self.offload = offload
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._directory = Path(directory) if directory is not None else None
+        self._own_directory = False
+        self._slots: list[ReplicaState | None] = [None] * num_replicas
+        self._on_disk = [False] * num_replicas
+
+    @property
+    def directory(self) -> Path:
+        """The offload directory (created on first use)."""
+        if self._directory is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="selmerge-replicas-"))
+            self._own_directory = True
+        self._directory.mkdir(parents=True, exist_ok=True)
+        return self._directory
+
+    def __getitem__(self, replica: int) -> ReplicaState | None:
+        if self._on_disk[replica]:
+            return self._read(replica)
+        return self._slots[replica]
+
+    def __setitem__(self, replica: int, state: ReplicaState | None) -> None:
+        if state is None or self.offload == "cpu":
+            self._slots[replica] = state
+            self._on_disk[replica] = False
+            return
+        self._write(replica, state)
+        self._slots[replica] = None
+        self._on_disk[replica] = True
+
+    def clear(self) -> None:
+        for replica in range(self.num_replicas):
+            self[replica] = None
+
+    def close(self) -> None:
+        """Forget every slot and remove a temporary offload directory."""
+        self._slots = [None] * self.num_replicas
+        self._on_disk = [False] * self.num_replicas
+        if self._own_directory and self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory, self._own_directory = None, False
+
+    # -- disk format ------------------------------------------------------------------------
+    def _paths(self, replica: int) -> tuple[Path, Path]:
+        stem = self.directory / f"replica_{replica}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".pt")
+
+    def _write(self, replica: int, state: ReplicaState) -> None:
+        tensors_path, rest_path = self._paths(replica)
+        unique: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}
+        first_name: dict[tuple, str] = {}
+        for name, tensor in state.module.items():
+            key = storage_key(tensor)
+            if key in first_name:
+                aliases[name] = first_name[key]
+            else:
+                first_name[key] = name
+                unique[name] = tensor.detach().cpu().contiguous()
+        tmp = tensors_path.with_suffix(".safetensors.tmp")
+        metadata = {"aliases": json.dumps(aliases), "order": json.dumps(list(state.module))}
+        save_file(unique, str(tmp), metadata=metadata)
+        os.replace(tmp, tensors_path)
+        tmp = rest_path.with_suffix(".pt.tmp")
+        torch.save({"optimizers": state.optimizers, "lr_schedulers": state.lr_schedulers}, tmp)
+        os.replace(tmp, rest_path)
+
+    def _read(self, replica: int) -> ReplicaState:
+        tensors_path, rest_path = self._paths(replica)
+        mapped = SafetensorsFile(tensors_path)
+        unique = {name: mapped.tensor(name) for name in mapped.names()}
+        aliases = json.loads(mapped.metadata["aliases"])
+        order = json.loads(mapped.metadata["order"])
+        module = {name: unique[aliases.get(name, name)] for name in order}
+        rest = torch.load(rest_path, map_location="cpu", weights_only=False)
+        return ReplicaState(module, rest["optimizers"], rest["lr_schedulers"])

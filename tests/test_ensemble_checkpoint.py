@@ -1,0 +1,160 @@
+"""Checkpoints, exact resume, offload, sync and replica validation of the sequential ensemble."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ensemble_support import Net, fit, make_data
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_selmerge.ensemble import CHECKPOINT_KEY, DataOrderEnsemble, SelectionMergeCallback
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+K, EPOCHS = 3, 3  # 8 batches per replica: 24 steps per epoch
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def run(tmp: Path | None = None, ckpt_path: str | None = None, **strategy_kwargs):
+    """K=3, 3 epochs, dropout (so the RNG matters), step scheduler, resample merge, validation."""
+    module = Net(scheduler=True, dropout=0.2)
+    callbacks: list[Callback] = [SelectionMergeCallback(resample=1, seed=7)]
+    kwargs = {}
+    if tmp is not None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=5, save_top_k=-1))
+        kwargs["enable_checkpointing"] = True
+    strategy = DataOrderEnsemble(num_replicas=K, seed=3, **strategy_kwargs)
+    trainer, strategy = fit(
+        module, K, EPOCHS, callbacks, val=True, strategy=strategy, ckpt_path=ckpt_path, **kwargs
+    )
+    return module, trainer, strategy
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("ckpts")
+    module, _, strategy = run(tmp)
+    return tmp, module.state_dict(), strategy.replica_states()
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        5,  # epoch 0, inside replica 0
+        20,  # epoch 0, inside replica 2 (replicas 0 and 1 done)
+        40,  # epoch 1, replica 1 just done: the next batch switches (after a merge + val)
+        45,  # epoch 1, inside replica 2
+        60,  # epoch 2, inside replica 1
+    ],
+)
+def test_resume_mid_epoch_is_bit_identical(uninterrupted, step: int) -> None:
+    tmp, final, replicas = uninterrupted
+    (ckpt,) = tmp.glob(f"*-step={step}.ckpt")
+    module, trainer, strategy = run(ckpt_path=str(ckpt))
+    assert trainer.global_step == EPOCHS * 24
+    assert_same(module.state_dict(), final)  # the final merge, bit for bit
+    for got, want in zip(strategy.replica_states(), replicas):
+        assert_same(got, want)
+
+
+def test_checkpoint_state_dict_is_the_merged_model(uninterrupted) -> None:
+    tmp, _, _ = uninterrupted
+    ckpt = torch.load(tmp / "epoch=1-step=45.ckpt", weights_only=False)  # inside replica 2
+    saved = ckpt[CHECKPOINT_KEY]
+    assert saved["num_replicas"] == K and saved["active"] == 2
+    assert len(saved["replicas"]) == K and saved["live"] is not None
+    # state_dict holds the epoch-0 merge (the latest one), not the live replica
+    merged = ckpt["state_dict"]
+    assert not torch.equal(merged["net.0.weight"], saved["live"]["net.0.weight"])
+    loaded = Net.load_from_checkpoint(tmp / "epoch=1-step=45.ckpt", dropout=0.2)
+    assert_same(loaded.state_dict(), merged)
+    # before the first merge there is nothing to swap: state_dict is the live module
+    early = torch.load(tmp / "epoch=0-step=5.ckpt", weights_only=False)
+    assert_same(early["state_dict"], early[CHECKPOINT_KEY]["live"])
+
+
+def test_resume_with_another_ensemble_is_refused(uninterrupted) -> None:
+    tmp, _, _ = uninterrupted
+    ckpt = next(tmp.glob("*-step=20.ckpt"))
+    strategy = DataOrderEnsemble(num_replicas=2, seed=3)
+    with pytest.raises(MisconfigurationException, match="num_replicas=3"):
+        fit(Net(scheduler=True, dropout=0.2), 2, EPOCHS, strategy=strategy, ckpt_path=str(ckpt))
+
+
+def test_disk_offload_gives_the_same_run(uninterrupted, tmp_path: Path) -> None:
+    _, final, replicas = uninterrupted
+    module, _, strategy = run(offload="disk", offload_dir=str(tmp_path), pin_memory=True)
+    assert_same(module.state_dict(), final)
+    for got, want in zip(strategy.replica_states(), replicas):
+        assert_same(got, want)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [f"replica_{k}.{ext}" for k in range(K) for ext in ("pt", "safetensors")]
+
+
+def test_sync_replicas_resets_every_replica_to_the_merge() -> None:
+    merge = SelectionMergeCallback(sync_replicas=True, seed=1)
+    module = Net()
+    _, strategy = fit(module, K, 1, [merge])
+    for state in strategy.replica_states():
+        assert_same(state, merge.merged_state)
+    assert_same(module.state_dict(), merge.merged_state)
+
+
+def test_replicas_are_validated_beside_the_merge() -> None:
+    module = Net()
+    trainer, strategy = fit(module, 2, 1, [SelectionMergeCallback(seed=2)], val=True)
+    metrics = trainer.callback_metrics
+    _, x, y = make_data().tensors
+    expected = []
+    for state in strategy.replica_states():
+        probe = Net()
+        probe.load_state_dict(state)
+        with torch.no_grad():  # two val batches of 30, mean of the batch means
+            losses = [
+                torch.nn.functional.mse_loss(probe.net(x[s]), y[s])
+                for s in (slice(0, 30), slice(30, 60))
+            ]
+        expected.append(float(sum(losses) / 2))
+    for replica, value in enumerate(expected):
+        assert float(metrics[f"replica_{replica}/val_loss"]) == pytest.approx(value, rel=1e-6)
+    assert float(metrics["replica_mean/val_loss"]) == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert float(metrics["val_loss"]) not in expected  # the merged model's, not a replica's
+    assert trainer.progress_bar_metrics["replica"] == 1.0
+
+
+class PlainModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[1]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_export_needs_a_hugging_face_model(tmp_path: Path) -> None:
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=2),
+        callbacks=[SelectionMergeCallback(save_dir=str(tmp_path))],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    with pytest.raises(MisconfigurationException, match="PreTrainedModel"):
+        trainer.fit(PlainModule(), loader)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,98 @@
+"""PositionLossMonitor inside the ensemble: per-replica positions, merged rho beside replicas'."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_selmerge.data import DataOrderSampler, IndexedDataset
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+from lightning_selmerge.imbalance import PositionLossMonitor, position_loss_spearman
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+N, D, BATCH, K = 40, 6, 8, 2
+
+
+def dataset() -> IndexedDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen)
+    y = torch.randint(0, 3, (N,), generator=gen)  # random labels: memorisation
+    return IndexedDataset(TensorDataset(x, y), field_names=("x", "y"))
+
+
+class Classifier(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(D, 3)
+
+    def per_sample_loss(self, batch: dict) -> torch.Tensor:
+        logits = self.layer(batch["x"])
+        return torch.nn.functional.cross_entropy(logits, batch["y"], reduction="none")
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        losses = self.per_sample_loss(batch)
+        return {"loss": losses.mean(), "sample_loss": losses.detach()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None):
+    monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
+    merge = SelectionMergeCallback(seed=1)
+    callbacks = [monitor, merge]
+    if tmp is not None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=3, save_top_k=-1))
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=K, seed=3),
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=tmp is not None,
+    )
+    module = Classifier()
+    trainer.fit(module, DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
+    return trainer, monitor, merge
+
+
+def test_probe_scores_each_replica_and_the_merge() -> None:
+    trainer, monitor, merge = run(epochs=1)
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for replica in range(K):
+        assert torch.equal(monitor.first_positions_of(replica), orders.positions(0, replica))
+    metrics = trainer.callback_metrics
+    strategy = trainer.strategy
+    data = dataset()
+    indices = monitor.probe.indices
+    batch = {key: torch.stack([data[int(i)][key] for i in indices]) for key in ("x", "y")}
+    probe = Classifier()
+    cases = [(f"replica_{k}", strategy.replica_state(k).module, k) for k in range(K)]
+    cases.append(("merged", merge.merged_state, 0))
+    for name, state, replica in cases:
+        probe.load_state_dict(state)
+        with torch.no_grad():
+            losses = probe.per_sample_loss(batch)
+        positions = orders.positions(0, replica)[indices]
+        expected = position_loss_spearman(positions, losses)
+        assert float(metrics[f"imbalance/{name}/spearman"]) == pytest.approx(expected, abs=1e-5)
+    assert "imbalance/spearman" not in metrics  # the live module is not probed on its own
+
+
+def test_positions_survive_a_resume_inside_the_first_epoch(tmp_path: Path) -> None:
+    _, full, _ = run(epochs=1, tmp=tmp_path)
+    (ckpt,) = tmp_path.glob("*-step=6.ckpt")  # replica 0 done, replica 1 on its second batch
+    _, resumed, _ = run(epochs=1, ckpt_path=str(ckpt))
+    for replica in range(K):
+        assert torch.equal(resumed.first_positions_of(replica), full.first_positions_of(replica))
