@@ -1,7 +1,7 @@
-"""The ``lightning-selmerge`` command.
+"""``lightning-selmerge merge``: merge saved checkpoints out of core.
 
-``lightning-selmerge merge REPLICA... --out DIR`` merges saved checkpoints (safetensors files or
-Hugging Face model directories) out of core::
+``lightning-selmerge merge REPLICA... --out DIR`` merges safetensors files or Hugging Face model
+directories::
 
     lightning-selmerge merge runs/r0 runs/r1 runs/r2 runs/r3 --base base_model \\
         --method selection --resample 1 --seed 0 --out merged
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser
 
-from .merging import MergeError, load_rules, make_method, merge_checkpoints
+from lightning_selmerge.merging import MergeError, load_rules, make_method, merge_checkpoints
 
-__all__ = ["main", "merge_parser"]
+__all__ = ["merge_parser", "run_merge"]
 
 
 def merge_parser() -> ArgumentParser:
@@ -93,22 +93,3 @@ def run_merge(argv: Sequence[str]) -> int:
         return 2
     print(f"merged {len(args.replicas)} replicas into {out}")
     return 0
-
-
-_COMMANDS = {"merge": run_merge}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in _COMMANDS:
-        print(
-            "usage: lightning-selmerge {" + ",".join(_COMMANDS) + "} ...\n"
-            "  merge   merge saved replica checkpoints (see: lightning-selmerge merge --help)",
-            file=sys.stderr,
-        )
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return _COMMANDS[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

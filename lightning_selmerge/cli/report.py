@@ -1,0 +1,39 @@
+"""``lightning-selmerge report LOGDIR``: figures and a markdown summary from TensorBoard logs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import ArgumentParser
+
+from lightning_selmerge.report import ReportError, write_report
+
+__all__ = ["report_parser", "run_report"]
+
+
+def report_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="lightning-selmerge report",
+        description="Write loss-by-position and merged-vs-replica validation figures (PNG) and "
+        "summary.md from the newest TensorBoard run under LOGDIR.",
+    )
+    parser.add_argument("logdir", help="a TensorBoard log directory (searched recursively)")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN/report)")
+    parser.add_argument("--metric", default="val_loss", help="validation metric to compare")
+    return parser
+
+
+def run_report(argv: Sequence[str]) -> int:
+    args = report_parser().parse_args(list(argv))
+    try:
+        written = write_report(args.logdir, args.out, metric=args.metric)
+    except ReportError as err:
+        print(f"lightning-selmerge report: error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    summary = next(p for p in written if p.name == "summary.md")
+    print()
+    print(summary.read_text(encoding="utf-8"))
+    return 0

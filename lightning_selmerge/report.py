@@ -1,0 +1,226 @@
+"""Figures and a markdown summary from a run's TensorBoard logs.
+
+Reads the scalars that :class:`~lightning_selmerge.ensemble.SelectionMergeCallback` and
+:class:`~lightning_selmerge.imbalance.PositionLossMonitor` log and writes:
+
+* ``loss_by_position.png``: mean probe loss per first-epoch position segment at the last probe,
+  one curve per replica and one for the merged model (or the single run's curve): the paper's
+  Fig. 1 / Fig. 3;
+* ``validation.png``: the merged model's validation metric per epoch next to each replica's and
+  their mean: the paper's Fig. 4;
+* ``spearman.png``: Spearman rho(first-epoch position, loss) per probe, per model;
+* ``summary.md``: the last values of all of these in two tables.
+
+Example::
+
+    from lightning_selmerge.report import write_report
+
+    for path in write_report("runs/demo/lightning_logs/version_0"):
+        print(path)   # .../report/loss_by_position.png, validation.png, spearman.png, summary.md
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from lightning_selmerge.imbalance.figure import plot_loss_by_position
+
+__all__ = ["ReportError", "RunScalars", "load_scalars", "write_report"]
+
+_SEGMENT = re.compile(r"^(?P<prefix>.+?)/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$")
+_REPLICA_METRIC = re.compile(r"^replica_(?P<k>\d+)/(?P<metric>.+)$")
+
+
+class ReportError(ValueError):
+    """The log directory holds nothing to report (the message says what is missing)."""
+
+
+@dataclass
+class RunScalars:
+    """Scalar series of one run: tag -> [(step, value)] sorted by step."""
+
+    directory: Path
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def last(self, tag: str) -> float:
+        values = self.series.get(tag)
+        return values[-1][1] if values else math.nan
+
+
+def _event_dirs(logdir: Path) -> list[Path]:
+    return sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
+
+
+def load_scalars(logdir: str | Path) -> RunScalars:
+    """All scalars of the newest run under ``logdir`` (the directory whose events are newest)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = Path(logdir)
+    dirs = _event_dirs(logdir)
+    if not dirs:
+        raise ReportError(
+            f"no TensorBoard event files under {logdir}: give the logger's directory (e.g. "
+            "runs/lightning_logs/version_0) of a fit run with a TensorBoardLogger."
+        )
+    newest = max(dirs, key=lambda d: max(p.stat().st_mtime for p in d.glob("events.out.*")))
+    accumulator = EventAccumulator(str(newest), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    run = RunScalars(newest)
+    for tag in accumulator.Tags()["scalars"]:
+        points = {e.step: float(e.value) for e in accumulator.Scalars(tag)}  # last write wins
+        run.series[tag] = sorted(points.items())
+    return run
+
+
+def _position_curves(run: RunScalars) -> dict[str, torch.Tensor]:
+    """model name ("" = single run) -> last segment losses."""
+    segments: dict[str, dict[int, float]] = {}
+    for tag in run.series:
+        match = _SEGMENT.match(tag)
+        if match and match["prefix"].split("/")[0] == "imbalance":
+            segments.setdefault(match["model"] or "", {})[int(match["seg"])] = run.last(tag)
+    return {
+        model: torch.tensor([values[s] for s in sorted(values)])
+        for model, values in sorted(segments.items(), key=lambda kv: _model_order(kv[0]))
+    }
+
+
+def _model_order(name: str) -> tuple[int, int]:
+    match = re.fullmatch(r"replica_(\d+)", name)
+    return (0, int(match[1])) if match else (1, 0)
+
+
+def _replica_metrics(run: RunScalars, metric: str) -> dict[str, list[tuple[int, float]]]:
+    found = {}
+    for tag, values in run.series.items():
+        match = _REPLICA_METRIC.match(tag)
+        if match and match["metric"] == metric:
+            found[f"replica_{match['k']}"] = values
+    return dict(sorted(found.items(), key=lambda kv: _model_order(kv[0])))
+
+
+def _line_figure(
+    lines: Mapping[str, list[tuple[int, float]]], title: str, ylabel: str, emphasis: str
+) -> Figure:
+    fig = Figure(figsize=(6.0, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in lines.items():
+        steps, values = zip(*points) if points else ((), ())
+        style = {"linewidth": 2.4, "color": "black"} if label == emphasis else {"alpha": 0.6}
+        if label == "replica_mean":
+            style = {"linestyle": "--", "color": "tab:gray"}
+        ax.plot(steps, values, marker="o", markersize=3, label=label, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip("."))
+    os.replace(tmp, path)
+
+
+def _write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    logdir: str | Path, out: str | Path | None = None, metric: str = "val_loss"
+) -> list[Path]:
+    """Write the figures and ``summary.md`` for the newest run under ``logdir``.
+
+    ``out`` defaults to ``<run directory>/report``; ``metric`` is the validation metric to
+    compare (logged by the module, and as ``replica_k/<metric>`` by the merge callback).
+    Returns the written paths. Each file is written to a temporary name and renamed.
+    """
+    run = load_scalars(logdir)
+    out = Path(out) if out is not None else run.directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    lines = ["# lightning_selmerge report", "", f"Run: `{run.directory}`", ""]
+
+    curves = _position_curves(run)
+    if curves:
+        fig = plot_loss_by_position(
+            {name or "model": values for name, values in curves.items()},
+            title="Probe loss by first-epoch position (last probe)",
+        )
+        _save(fig, out / "loss_by_position.png")
+        written.append(out / "loss_by_position.png")
+        spearman = {
+            name or "model": run.series[tag]
+            for name in curves
+            if (tag := f"imbalance/{name}/spearman" if name else "imbalance/spearman") in run.series
+        }
+        if spearman:
+            fig = _line_figure(
+                spearman, "Spearman rho(first-epoch position, loss)", "rho", emphasis="merged"
+            )
+            _save(fig, out / "spearman.png")
+            written.append(out / "spearman.png")
+        lines += [
+            "## Loss by first-epoch position (last probe)",
+            "",
+            "Negative rho: samples trained on early keep a higher loss (the imbalance).",
+            "",
+            "| model | Spearman rho | mean probe loss | first segment | last segment |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, values in curves.items():
+            base = f"imbalance/{name}" if name else "imbalance"
+            lines.append(
+                f"| {name or 'model'} | {run.last(f'{base}/spearman'):+.4f} "
+                f"| {run.last(f'{base}/mean_loss'):.4f} | {float(values[0]):.4f} "
+                f"| {float(values[-1]):.4f} |"
+            )
+        lines.append("")
+
+    replicas = _replica_metrics(run, metric)
+    if replicas and metric in run.series:
+        series = {"merged": run.series[metric], **replicas}
+        if f"replica_mean/{metric}" in run.series:
+            series["replica_mean"] = run.series[f"replica_mean/{metric}"]
+        fig = _line_figure(series, f"Validation {metric}: merged vs replicas", metric, "merged")
+        _save(fig, out / "validation.png")
+        written.append(out / "validation.png")
+        merged = run.last(metric)
+        replica_last = {name: values[-1][1] for name, values in replicas.items()}
+        mean = sum(replica_last.values()) / len(replica_last)
+        lines += [
+            f"## Validation `{metric}` (last epoch)",
+            "",
+            "| model | value |",
+            "| --- | ---: |",
+            f"| merged | {merged:.4f} |",
+            *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
+            f"| mean of replicas | {mean:.4f} |",
+            "",
+            f"Merged minus mean of replicas: {merged - mean:+.4f}; merged minus best replica: "
+            f"{merged - min(replica_last.values()):+.4f} (negative = the merge is better for a "
+            "loss).",
+            "",
+        ]
+    if not written:
+        raise ReportError(
+            f"{run.directory} has no imbalance/* or replica_k/{metric} scalars: train with "
+            "SelectionMergeCallback (replica validation) and/or PositionLossMonitor and a "
+            "TensorBoardLogger, or pass --metric with the validation metric's name."
+        )
+    _write_text("\n".join(lines), out / "summary.md")
+    written.append(out / "summary.md")
+    return written

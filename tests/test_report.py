@@ -1,0 +1,76 @@
+"""``lightning-selmerge report`` on the TensorBoard logs of a real (tiny) ensemble run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from test_ensemble_monitor import BATCH, Classifier, dataset
+from torch.utils.data import DataLoader
+
+from lightning_selmerge.cli import main
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+from lightning_selmerge.imbalance import PositionLossMonitor
+from lightning_selmerge.report import load_scalars
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+class ValClassifier(Classifier):
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.per_sample_loss(batch).mean())
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=2, seed=0),
+        callbacks=[PositionLossMonitor(num_segments=4, probe_size=32), SelectionMergeCallback()],
+        logger=TensorBoardLogger(root, name="tiny"),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    loader = DataLoader(dataset(), batch_size=BATCH)
+    trainer.fit(ValClassifier(), loader, DataLoader(dataset(), batch_size=20))
+    return root
+
+
+def test_report_writes_figures_and_summary(logdir: Path, capsys: pytest.CaptureFixture) -> None:
+    out = logdir / "report"
+    assert main(["report", str(logdir), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["loss_by_position.png", "spearman.png", "summary.md", "validation.png"]
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    run = load_scalars(logdir)
+    merged_rho = run.last("imbalance/merged/spearman")
+    assert f"| merged | {merged_rho:+.4f} |" in summary
+    assert f"| merged | {run.last('val_loss'):.4f} |" in summary
+    for k in range(2):
+        assert f"| replica_{k} | {run.last(f'replica_{k}/val_loss'):.4f} |" in summary
+    assert "Merged minus mean of replicas" in capsys.readouterr().out
+
+
+def test_report_without_logs_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_names_a_missing_metric(logdir: Path, tmp_path: Path) -> None:
+    # the imbalance figures still come out; the validation figure needs the named metric
+    assert main(["report", str(logdir), "--out", str(tmp_path), "--metric", "val_acc"]) == 0
+    assert not (tmp_path / "validation.png").exists()
+    assert (tmp_path / "loss_by_position.png").exists()
