@@ -237,6 +237,9 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self._check_trainer(trainer)
+        if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each replica
+            steps_per_replica = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
+            trainer.fit_loop.epoch_loop.max_steps = steps_per_replica * self.num_replicas
         limit = trainer.limit_train_batches
         if isinstance(limit, int) and limit > 0:
             self._saved_limit, self._per_replica_limit = limit, limit

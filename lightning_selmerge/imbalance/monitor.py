@@ -515,6 +515,13 @@ class PositionLossMonitor(Callback):
         live: dict[str, torch.Tensor] | None = None  # copy of the live weights, once replaced
         try:
             for target in self.probe_targets(trainer, pl_module):
+                if target.replica not in self._positions_by_replica:
+                    rank_zero_warn(
+                        f"PositionLossMonitor: {target.name!r} is binned by replica "
+                        f"{target.replica}'s first-epoch positions, which were never recorded "
+                        "(that replica trained on no batch, e.g. under max_steps); skipped."
+                    )
+                    continue
                 if target.name in results:
                     raise ValueError(
                         f"PositionLossMonitor.probe_targets: two targets named {target.name!r}."

@@ -1,0 +1,165 @@
+"""Build a Hugging Face model and its tokenizer from a local checkpoint or from a config dict.
+
+Nothing here downloads: checkpoints load with ``local_files_only=True``, and a model built from a
+config without a tokenizer path gets :func:`byte_tokenizer`, which needs no files at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+__all__ = [
+    "build_model",
+    "byte_tokenizer",
+    "check_model_source",
+    "ensure_pad_token",
+    "load_tokenizer",
+    "parse_dtype",
+]
+
+_DOWNLOAD_HINT = (
+    "nothing is downloaded at run time: pass a local directory (e.g. one written by "
+    "save_pretrained, or `hf download NAME --local-dir DIR`)"
+)
+
+
+def check_model_source(
+    owner: str, model_name_or_path: str | None, config: Mapping[str, Any] | None
+) -> None:
+    """Raise unless exactly one of ``model_name_or_path`` and ``config`` is given."""
+    if (model_name_or_path is None) == (config is None):
+        given = "both" if config is not None else "neither"
+        raise ValueError(
+            f"{owner}: got {given} of model_name_or_path and config; pass exactly one: "
+            "model_name_or_path='path/to/checkpoint' (a local directory) to fine-tune a saved "
+            "model, or config={'model_type': 'gpt2', 'n_layer': 2, ...} to train one from scratch."
+        )
+    if config is not None and "model_type" not in config:
+        raise ValueError(
+            f"{owner}: config needs a 'model_type' key naming the architecture, e.g. "
+            f"{{'model_type': 'gpt2', 'n_layer': 2, 'n_embd': 64, 'n_head': 4}}; got keys "
+            f"{sorted(config)}."
+        )
+
+
+def parse_dtype(owner: str, torch_dtype: str | None) -> torch.dtype | str | None:
+    """``None``, ``"auto"`` or a torch floating dtype from its name (``"bfloat16"``)."""
+    if torch_dtype is None or torch_dtype == "auto":
+        return torch_dtype
+    dtype = getattr(torch, torch_dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{owner}: torch_dtype={torch_dtype!r} is not a torch floating dtype; use one of "
+            "'float32', 'bfloat16', 'float16', or 'auto' (the checkpoint's own dtype)."
+        )
+    return dtype
+
+
+def byte_tokenizer() -> ByT5Tokenizer:
+    """A byte-level tokenizer needing no files: 256 bytes, ``<pad>`` (0), ``</s>`` (1), ``<unk>``.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> len(tok), tok.pad_token_id, tok.eos_token_id
+        (259, 0, 1)
+        >>> tok.decode(tok("hé")["input_ids"])
+        'hé</s>'
+    """
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def _load_error(owner: str, what: str, source: str, err: Exception) -> ValueError:
+    reason = str(err) if Path(source).is_dir() else "no such local directory nor cached model"
+    return ValueError(
+        f"{owner}: cannot load a {what} from {source!r} ({reason}); {_DOWNLOAD_HINT}."
+    )
+
+
+def load_tokenizer(owner: str, name_or_path: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)`` with a clear error."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _load_error(owner, "tokenizer", name_or_path, err) from err
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token (GPT-2, Llama) its EOS token as pad token."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has neither a pad nor an EOS token; set "
+            "tokenizer.pad_token before training (and resize the model's embeddings)."
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def build_model(
+    owner: str,
+    auto_class: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name_or_path: str | None,
+    config: Mapping[str, Any] | None,
+    torch_dtype: str | None,
+    **model_kwargs: Any,
+) -> PreTrainedModel:
+    """Load ``auto_class`` from a local checkpoint or build it from ``config``, for ``tokenizer``.
+
+    The model's special-token ids follow the tokenizer (``pad_token_id`` is what sequence
+    classification pools on), and its vocabulary covers the tokenizer: a config gets
+    ``vocab_size=len(tokenizer)`` unless it names a larger one, a checkpoint whose embeddings are
+    too small is resized. ``model_kwargs`` (e.g. ``num_labels``) go to the config.
+    """
+    dtype = parse_dtype(owner, torch_dtype)
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None
+        else tokenizer.eos_token_id,
+    }
+    if config is not None:
+        kwargs = {k: v for k, v in config.items() if k != "model_type"}
+        vocab = int(kwargs.pop("vocab_size", len(tokenizer)))
+        if vocab < len(tokenizer):
+            raise ValueError(
+                f"{owner}: config vocab_size={vocab} is smaller than the tokenizer's "
+                f"{len(tokenizer)} tokens; drop vocab_size from the config (it defaults to "
+                "len(tokenizer)) or give a larger one."
+            )
+        for key, value in model_kwargs.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(
+                    f"{owner}: config sets {key}={kwargs[key]!r} but the module argument "
+                    f"{key}={value!r}; give it once, as the module argument."
+                )
+        hf_config = AutoConfig.for_model(
+            config["model_type"], **{**kwargs, **special, **model_kwargs}, vocab_size=vocab
+        )
+        model = auto_class.from_config(hf_config, dtype=None if dtype == "auto" else dtype)
+    else:
+        assert model_name_or_path is not None
+        try:
+            model = auto_class.from_pretrained(
+                model_name_or_path, local_files_only=True, dtype=dtype, **model_kwargs
+            )
+        except (OSError, ValueError) as err:
+            raise _load_error(owner, "model", model_name_or_path, err) from err
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        for key, value in special.items():
+            if getattr(model.config, key, None) is None and value is not None:
+                setattr(model.config, key, value)
+    return model

@@ -1,0 +1,365 @@
+"""Hugging Face LightningModules and DataModules (tiny GPT-2s from configs, offline)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download: every source is local
+
+import csv
+import doctest
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.utils import logging as hf_logging
+
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+from lightning_selmerge.hf import (
+    CausalLMModule,
+    ClassificationDataModule,
+    SequenceClassificationModule,
+    SFTDataModule,
+)
+from lightning_selmerge.hf.loading import byte_tokenizer
+
+datasets.disable_progress_bars()
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+PAIRS = Path(__file__).resolve().parents[1] / "examples" / "data" / "chatterbot_pairs.jsonl"
+TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 128}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def write_tsv(path: Path, rows: list[dict[str, Any]]) -> str:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def ready(dm: SFTDataModule | ClassificationDataModule) -> Any:
+    dm.tokenizer = byte_tokenizer()
+    dm.setup("fit")
+    return dm
+
+
+def byte_ids(text: str) -> list[int]:
+    return [b + 3 for b in text.encode()]  # ByT5: ids 0-2 are <pad>, </s>, <unk>
+
+
+def trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def test_docstring_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_selmerge.hf as hf
+
+    monkeypatch.chdir(PAIRS.parents[2])  # the examples use repository-relative paths
+    for name in ("data", "files", "loading", "modules", "optim", "preprocess"):
+        module = importlib.import_module(f"lightning_selmerge.hf.{name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, (name, result)
+    assert sorted(hf.__all__) == sorted(
+        [
+            "CausalLMModule",
+            "ClassificationDataModule",
+            "SFTDataModule",
+            "SequenceClassificationModule",
+        ]
+    )
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def test_sft_labels_mask_prompt_and_padding_exactly(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Hi", "response": "Yo", "topic": "greet"},
+        {"prompt": "Why?", "response": "Because.", "topic": "ask"},
+        {"prompt": "A long prompt that fills everything", "response": "x", "topic": "cut"},
+    ]
+    dm = SFTDataModule(
+        data_files=write_jsonl(tmp_path / "pairs.jsonl", rows),
+        prompt_template="[{topic}] {prompt}:",
+        max_length=16,
+        val_fraction=0.0,
+    )
+    with pytest.warns(UserWarning, match="dropped 1 of 3 rows"):
+        ready(dm)
+    assert len(dm.train_set) == 2  # the third row's prompt alone exceeds max_length
+    batch = dm.collate_fn([{**dm.train_set[i], "sample_index": i} for i in range(2)])
+
+    first_prompt, first = byte_ids("[greet] Hi:"), [*byte_ids("Yo"), 1]  # 1 = </s>
+    second_prompt = byte_ids("[ask] Why?:")
+    second = [*byte_ids("Because."), 1][: 16 - len(second_prompt)]  # truncated response
+    pad = 16 - len(first_prompt) - len(first)
+    assert pad == 2 and len(second) == 5
+    assert batch["input_ids"].tolist() == [
+        first_prompt + first + [0] * pad,
+        second_prompt + second,
+    ]
+    assert batch["labels"].tolist() == [
+        [-100] * len(first_prompt) + first + [-100] * pad,
+        [-100] * len(second_prompt) + second,
+    ]
+    assert batch["attention_mask"].tolist() == [[1] * 14 + [0] * pad, [1] * 16]
+    assert batch["sample_index"].tolist() == [0, 1]
+
+
+def test_validation_split_is_deterministic_and_disjoint() -> None:
+    def split(seed: int) -> tuple[list[list[int]], list[list[int]]]:
+        dm = ready(SFTDataModule(data_files=str(PAIRS), limit_samples=30, split_seed=seed))
+        return dm.train_set["input_ids"], dm.val_set["input_ids"]
+
+    train, val = split(0)
+    assert (len(train), len(val)) == (27, 3)
+    assert not {tuple(ids) for ids in train} & {tuple(ids) for ids in val}
+    assert split(0) == (train, val)
+    assert split(1)[1] != val
+
+
+def test_string_labels_map_to_sorted_ids_or_label_names(tmp_path: Path) -> None:
+    rows = [{"text": t, "label": y} for t, y in [("good", "pos"), ("bad", "neg"), ("meh", "neu")]]
+    files = write_tsv(tmp_path / "train.tsv", rows)
+
+    dm = ready(ClassificationDataModule(data_files=files, val_fraction=0.0))
+    assert dm.label_names == ["neg", "neu", "pos"]
+    assert dm.train_set["labels"] == [2, 0, 1]
+    assert dm.num_labels == 3
+
+    dm = ready(
+        ClassificationDataModule(
+            data_files=files, val_fraction=0.0, label_names=["pos", "neg", "neu"]
+        )
+    )
+    assert dm.train_set["labels"] == [0, 1, 2]
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels", "sample_index"]
+    order = batch["sample_index"].tolist()
+    assert batch["labels"].tolist() == order  # row i has label id i
+
+    with pytest.raises(ValueError, match=r"labels \['neu'\] are not in label_names"):
+        ready(ClassificationDataModule(data_files=files, label_names=["pos", "neg"]))
+
+
+def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"extension '\.txt'.*pass data_format"):
+        SFTDataModule(data_files=str(tmp_path / "pairs.txt"))
+    with pytest.raises(ValueError, match="mix formats"):
+        SFTDataModule(data_files=["a.json", "b.csv"])
+    with pytest.raises(
+        ValueError, match=r"prompt_field='question' is not a column.*\['prompt', 'response'"
+    ):
+        ready(SFTDataModule(data_files=str(PAIRS), prompt_field="question", limit_samples=4))
+    files = write_tsv(tmp_path / "t.tsv", [{"text": "a", "category": "x"}])
+    with pytest.raises(ValueError, match=r"label_field='label'.*\['text', 'category'\]"):
+        ready(ClassificationDataModule(data_files=files))
+    with pytest.raises(ValueError, match=r"prompt_template uses \['topic'\]"):
+        ready(SFTDataModule(data_files=str(PAIRS), prompt_template="{topic}", limit_samples=4))
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        SFTDataModule(data_files=str(PAIRS)).setup("fit")
+
+
+# -- modules --------------------------------------------------------------------------------
+
+
+def test_model_source_must_be_exactly_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="got neither of model_name_or_path and config"):
+        CausalLMModule()
+    with pytest.raises(ValueError, match="got both"):
+        SequenceClassificationModule(model_name_or_path=str(tmp_path), config=TINY)
+    with pytest.raises(ValueError, match="needs a 'model_type' key"):
+        CausalLMModule(config={"n_layer": 1})
+    with pytest.raises(
+        ValueError, match=r"cannot load a tokenizer from .*missing.*no such local directory"
+    ):
+        CausalLMModule(model_name_or_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="torch_dtype='float8'"):
+        CausalLMModule(config=TINY, torch_dtype="float8")
+
+
+def test_from_config_model_matches_byte_tokenizer() -> None:
+    module = SequenceClassificationModule(config=TINY, num_labels=3)
+    config = module.model.config
+    assert config.vocab_size == len(module.tokenizer) == 259
+    assert (config.pad_token_id, config.eos_token_id, config.num_labels) == (0, 1, 3)
+    # pooling uses the last non-pad token: padding must not change a text's logits
+    module.eval()
+    short = module.tokenizer(["hey"], return_tensors="pt")
+    padded = module.tokenizer(["hey", "a longer text"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(module(short).logits[0], module(padded).logits[0])
+
+
+def test_from_pretrained_directory_round_trip(tmp_path: Path) -> None:
+    source = CausalLMModule(config=TINY)
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    loaded = CausalLMModule(model_name_or_path=str(tmp_path), torch_dtype="bfloat16")
+    assert loaded.model.dtype == torch.bfloat16
+    assert len(loaded.tokenizer) == len(source.tokenizer)
+    weight = source.model.transformer.wte.weight
+    assert torch.equal(loaded.model.transformer.wte.weight, weight.to(torch.bfloat16))
+
+
+def test_per_sample_loss_equals_model_loss_for_one_unpadded_sequence() -> None:
+    torch.manual_seed(0)
+    lm = CausalLMModule(config=TINY).eval()
+    batch = dict(lm.tokenizer(["What is AI?"], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()
+    batch["sample_index"] = torch.tensor([5])  # must not reach the model
+    with torch.no_grad():
+        expected = lm.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        torch.testing.assert_close(lm.per_sample_loss(batch), expected.reshape(1))
+
+    clf = SequenceClassificationModule(config=TINY, num_labels=3).eval()
+    batch = dict(clf.tokenizer(["Hello there"], return_tensors="pt"), labels=torch.tensor([2]))
+    with torch.no_grad():
+        expected = clf.model(**batch).loss
+        torch.testing.assert_close(clf.per_sample_loss(batch), expected.reshape(1))
+
+
+def test_optimizer_skips_decay_on_vectors_and_warms_up() -> None:
+    module = CausalLMModule(config=TINY, learning_rate=1e-3, weight_decay=0.1, warmup_steps=4)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(
+        p.ndim == 1 for p in no_decay["params"]
+    )
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert isinstance(CausalLMModule(config=TINY).configure_optimizers(), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="lr_schedule='step'"):
+        CausalLMModule(config=TINY, lr_schedule="step")
+
+
+class _Record(Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[int], list[list[int]], tuple[int, ...]]] = []
+
+    def on_train_batch_end(
+        self, trainer: Trainer, module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        ids = [row[row != 0].tolist() for row in batch["input_ids"]]  # 0 = <pad>
+        self.batches.append(
+            (batch["sample_index"].tolist(), ids, tuple(outputs["sample_loss"].shape))
+        )
+
+
+def test_sample_index_and_sample_loss_reach_training_step(tmp_path: Path) -> None:
+    dm = SFTDataModule(data_files=str(PAIRS), limit_samples=8, batch_size=4, val_fraction=0.0)
+    record = _Record()
+    module = CausalLMModule(config=TINY)
+    trainer(tmp_path, max_steps=2, callbacks=[record]).fit(module, dm)
+    assert dm.tokenizer is module.tokenizer  # taken from the module in setup()
+    seen = [i for indices, _, _ in record.batches for i in indices]
+    assert sorted(seen) == list(range(8))
+    for indices, ids, shape in record.batches:
+        assert shape == (len(indices),)
+        assert ids == [dm.train_set[i]["input_ids"] for i in indices]
+
+
+def test_num_labels_mismatch_with_module_is_caught(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": name} for i, name in enumerate("abcab")]
+    dm = ClassificationDataModule(data_files=write_tsv(tmp_path / "t.tsv", rows))
+    module = SequenceClassificationModule(config=TINY, num_labels=2)
+    with pytest.raises(ValueError, match=r"3 classes \['a', 'b', 'c'\].*num_labels=3"):
+        trainer(tmp_path, max_steps=1).fit(module, dm)
+
+
+# -- ensemble fit + export ------------------------------------------------------------------
+
+
+def _fit_and_check_export(
+    tmp_path: Path, module: LightningModule, dm: Any, auto_class: Any
+) -> Trainer:
+    fit = trainer(
+        tmp_path,
+        max_epochs=1,
+        strategy=DataOrderEnsemble(num_replicas=2, seed=0),
+        callbacks=[SelectionMergeCallback(seed=0, save_dir=str(tmp_path / "merged"))],
+    )
+    fit.fit(module, dm)
+    export = tmp_path / "merged" / "epoch_000"
+    loaded = auto_class.from_pretrained(export, local_files_only=True).eval()
+    assert len(AutoTokenizer.from_pretrained(export, local_files_only=True)) == len(
+        module.tokenizer
+    )
+    batch = next(iter(dm.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, module.model(**inputs).logits)
+    replica = fit.strategy.replica_states()[0]
+    assert not torch.equal(
+        replica["model.transformer.h.0.mlp.c_fc.weight"],
+        module.model.transformer.h[0].mlp.c_fc.weight,
+    )  # module holds the merge
+    return fit
+
+
+def test_causal_lm_ensemble_fit_exports_the_merge(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY, learning_rate=1e-3, warmup_steps=1, lr_schedule="linear")
+    dm = SFTDataModule(data_files=str(PAIRS), limit_samples=16, batch_size=4, max_length=48)
+    fit = _fit_and_check_export(tmp_path, module, dm, AutoModelForCausalLM)
+    assert torch.isfinite(fit.callback_metrics["val_loss"])
+    assert "replica_1/val_loss" in fit.callback_metrics
+    # the linear decay spans one replica's steps (not the trainer's total): each ends at lr 0
+    steps = math.ceil(len(dm.train_set) / 4)
+    assert fit.global_step == 2 * steps
+    for k in range(2):
+        (sched,) = fit.strategy.replica_state(k).lr_schedulers
+        assert sched["last_epoch"] == steps and sched["_last_lr"][0] == 0.0
+
+
+def test_sequence_classification_ensemble_fit_exports_the_merge(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rows = [
+        {"text": f"utterance {i}", "category": ["ai", "food", "sports"][i % 3]} for i in range(20)
+    ]
+    dm = ClassificationDataModule(
+        data_files=write_tsv(tmp_path / "topics.tsv", rows),
+        label_field="category",
+        batch_size=4,
+        val_fraction=0.2,
+    )
+    module = SequenceClassificationModule(config=TINY, num_labels=3, learning_rate=1e-3)
+    fit = _fit_and_check_export(tmp_path, module, dm, AutoModelForSequenceClassification)
+    assert 0.0 <= float(fit.callback_metrics["val_acc"]) <= 1.0
+    assert "replica_0/val_acc" in fit.callback_metrics
