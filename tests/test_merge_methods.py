@@ -1,5 +1,6 @@
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lightning_selmerge.merging import (
     WeightedAverage,
     merge_state_dicts,
 )
+from lightning_selmerge.merging import methods as methods_module
 from lightning_selmerge.merging.methods import ChunkContext
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -184,3 +186,80 @@ def test_bad_method_parameters_are_named(method, match):
 def test_fewer_than_two_replicas_is_refused():
     with pytest.raises(MergeError, match="at least 2 replicas"):
         merge_state_dicts([{"w": torch.zeros(3)}])
+
+
+# (K, resample) pairs the dense one-draw path resolves through a lookup table: both index
+# layouts (candidates above the moved mask in 16 bits, and shifted up for wider indices)
+TABLE_CASES = [(2, 1), (2, 4), (2, 13), (2, 15), (4, 1), (4, 4), (4, 5), (4, 7)]
+TABLE_CASES += [(8, 1), (8, 2), (8, 3)]
+
+
+def first_moved_candidate(candidates, moved):
+    """The definition: the first candidate whose replica moved, else the last (the base's value)."""
+    for c in candidates:
+        if moved >> c & 1:
+            return c
+    return candidates[-1]
+
+
+@pytest.mark.parametrize("k,resample", TABLE_CASES)
+def test_resolution_table_entries_follow_the_definition(k, resample):
+    table = methods_module._resolution_table(k, resample)
+    assert table is not None
+    bits = k.bit_length() - 1
+    gen = torch.Generator().manual_seed(k * 100 + resample)
+    draws = [0, 0xFFFF, *torch.randint(0, 1 << 16, (12_000 >> k,), generator=gen).tolist()]
+    indices, expected = [], []
+    for u in draws:
+        candidates = [(u >> (16 - (j + 1) * bits)) & (k - 1) for j in range(resample + 1)]
+        for moved in range(1 << k):
+            indices.append(((u & table.keep_mask) << table.shift) | moved)
+            expected.append(first_moved_candidate(candidates, moved))
+    assert table.values[torch.tensor(indices)].tolist() == expected
+
+
+def test_no_table_when_it_would_be_too_big():
+    assert methods_module._resolution_table(8, 4) is None  # 2**23 entries
+    assert methods_module._resolution_table(16, 2) is None
+
+
+@pytest.mark.parametrize("k,resample", TABLE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_table_path_matches_naive_reference(k, resample, dtype, monkeypatch):
+    monkeypatch.setattr(methods_module, "_SCRATCH", threading.local())  # fresh scratch buffers
+    base, replicas = make_replicas(k, (70,), dtype, seed=k + resample, unmoved=0.7)
+    # elements 0..9 unmoved in every replica: whatever the candidates, the output is the base
+    for r in replicas:
+        r[:10] = base[:10]
+    sds = [{"w": r} for r in replicas]
+    method = ParameterSelection(resample=resample)
+    expected = reference_selection("w", replicas, base, 3, resample=resample)
+    assert torch.equal(expected[:10].view(torch.uint8), base[:10].view(torch.uint8))
+    for chunk_numel in (1, 23, 70):  # one-element chunks: a scratch row stride of 1
+        merged = merge_state_dicts(
+            sds, base={"w": base}, method=method, seed=3, chunk_numel=chunk_numel
+        )["w"]
+        assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("k,resample", TABLE_CASES)
+def test_table_path_matches_direct_resolution(k, resample, monkeypatch):
+    """Bit for bit the same as the direct dense resolution, at scale and across chunk splits."""
+    base, replicas = make_replicas(k, (50_000,), torch.bfloat16, seed=resample, unmoved=0.5)
+    replicas[0][:300] = base[:300]
+    for r in replicas:
+        r[1000:1100] = base[1000:1100]
+    sds = [{"w": r} for r in replicas]
+    method = ParameterSelection(resample=resample)
+    with_table = merge_state_dicts(sds, base={"w": base}, method=method, seed=8, chunk_numel=7001)
+    rng = KeyedRandom(8)
+    moved = methods_module.moved_bits(
+        [r.view(torch.int16) for r in replicas], base.view(torch.int16)
+    )
+    choice_table = method.choose(ChunkContext(rng, "w", 0), base.numel(), k, moved)
+    monkeypatch.setattr(methods_module, "_TABLES", {})
+    monkeypatch.setattr(methods_module, "_MAX_TABLE_ENTRIES", 0)
+    direct = merge_state_dicts(sds, base={"w": base}, method=method, seed=8, chunk_numel=4096)
+    choice_direct = method.choose(ChunkContext(rng, "w", 0), base.numel(), k, moved)
+    assert torch.equal(with_table["w"].view(torch.int16), direct["w"].view(torch.int16))
+    assert torch.equal(choice_table.long(), choice_direct.long())

@@ -107,3 +107,27 @@ def test_merge_is_invariant_to_chunk_size_and_rank_splits(data, resample, cuts, 
         if b > a
     ]
     assert torch.equal(torch.cat(parts).view(torch.uint8), whole.view(torch.uint8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 2**40),
+    st.integers(0, 400_000),
+    st.integers(0, 0xFFFF),
+    st.lists(st.integers(0, 400_000), max_size=3),
+)
+def test_blocked_hash_matches_the_per_element_definition(start, numel, keep, cuts):
+    """bits16 hashes in cache-sized blocks; any range and any split give the per-offset draws."""
+    rng = KeyedRandom(7)
+    whole = rng.bits16("layer.w", 0, start, numel)
+    assert whole.shape == (numel,)
+    picks = torch.unique(torch.randint(0, max(numel, 1), (64,))) if numel else torch.tensor([])
+    picks = torch.cat([picks.long(), torch.tensor([0, numel - 1]).clamp(min=0)])[: numel + 64]
+    if numel:
+        expected = rng.uniform16_at("layer.w", 0, picks + start)
+        assert torch.equal(whole[picks].to(torch.int32) & 0xFFFF, expected)
+    bounds = sorted({0, numel, *(c % (numel + 1) for c in cuts)})
+    parts = [rng.bits16("layer.w", 0, start + a, b - a) for a, b in itertools.pairwise(bounds)]
+    assert torch.equal(torch.cat([whole[:0], *parts]), whole)
+    masked = rng.masked_bits16("layer.w", 0, start, numel, keep)
+    assert torch.equal(masked, whole & (keep - (1 << 16) if keep >= 1 << 15 else keep))

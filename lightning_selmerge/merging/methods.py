@@ -255,6 +255,10 @@ class ParameterSelection(MergeMethod):
         device: torch.device | str | None,
     ) -> torch.Tensor:
         """Dense resolution, last candidate first: keep candidate j where it moved."""
+        table = _resolution_table(num_replicas, self.resample)
+        if table is not None:
+            index = _table_index(ctx, numel, moved.to(torch.uint8), table, device)
+            return table.on(index.device).index_select(0, index)
         lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device)
         bits, dtype = num_replicas.bit_length() - 1, _index_dtype(num_replicas)
         moved = moved.to(dtype)
@@ -270,6 +274,45 @@ class ParameterSelection(MergeMethod):
             keep = ((moved >> option) & 1).neg_()
             choice ^= (choice ^ option) & keep
         return choice
+
+    def _merge_with_table(
+        self,
+        ctx: ChunkContext,
+        bits: Sequence[torch.Tensor],
+        base_bits: torch.Tensor,
+        table: _ResolutionTable,
+    ) -> torch.Tensor | None:
+        """The dense one-draw resample through :func:`_resolution_table`, in a few flat passes.
+
+        Same choice as :meth:`_choose_from_one_draw`. Each replica is read once, into row ``k``
+        of a stack of XOR deltas against the base; the rows give the moved mask (a delta is
+        non-zero where the replica moved), and the delta at ``choice * stride + i``, XORed back
+        onto the base, is the output. Intermediates live in per-thread scratch buffers. ``None``
+        (use the general path) for an empty chunk or a stack too big for int32 offsets.
+        """
+        numel, device, dtype = base_bits.numel(), base_bits.device, base_bits.dtype
+        num_replicas = len(bits)
+        stack = _scratch_rows("deltas", num_replicas, numel, dtype, device)
+        stride = stack.stride(0)
+        if numel == 0 or (num_replicas - 1) * stride + numel >= 1 << 31:
+            return None
+        shape, base_bits = base_bits.shape, base_bits.reshape(-1)
+        bits = [replica.reshape(-1) for replica in bits]
+        for k, replica in enumerate(bits):
+            torch.bitwise_xor(replica, base_bits, out=stack[k])
+        flags = _scratch_rows("flags", num_replicas, numel, torch.bool, device)
+        flags.copy_(stack)  # int -> bool is != 0
+        flags = flags.view(torch.uint8)
+        moved = _scratch("moved", numel, torch.uint8, device)
+        torch.add(flags[0], flags[1], alpha=2, out=moved)
+        for k in range(2, num_replicas):
+            moved.add_(flags[k], alpha=1 << k)
+        index = _table_index(ctx, numel, moved, table)
+        # flat offsets into the stack: choice * stride (looked up) + i
+        offsets = table.scaled(stride, device).index_select(0, index)
+        offsets += _arange32(numel, device)
+        flat = stack.as_strided(((num_replicas - 1) * stride + numel,), (1,))
+        return flat.index_select(0, offsets).bitwise_xor_(base_bits).view(shape)
 
     def merge_chunk(
         self,
@@ -290,6 +333,13 @@ class ParameterSelection(MergeMethod):
                     f"{ctx.name}: selection with resample={self.resample} needs the base "
                     "(pre-trained) weights: pass base=..."
                 )
+            if self.resample > 0 and self.candidates_share_one_draw(num_replicas):
+                table = _resolution_table(num_replicas, self.resample)
+                merged = None
+                if table is not None:
+                    merged = self._merge_with_table(ctx, bits, bit_view(base), table)
+                if merged is not None:
+                    return merged.view(replicas[0].dtype)
             moved = moved_bits(bits, bit_view(base)) if self.resample > 0 else None
             choice = self.choose(ctx, numel, num_replicas, moved, device)
             masks = _masks_from_choice(choice, num_replicas, bits[0].dtype)
@@ -306,6 +356,132 @@ def _accumulator(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     if buffer is None or buffer.numel() < numel or buffer.numel() > 4 * max(numel, 1 << 16):
         buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
+
+
+def _scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread scratch buffer for the selection's intermediates (one per ``tag``)."""
+    return _scratch_rows(tag, 1, numel, dtype, device)[0]
+
+
+def _scratch_rows(
+    tag: str, rows: int, numel: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A ``[rows, numel]`` view of a per-thread scratch buffer of ``[rows, capacity]``.
+
+    The buffer grows to the largest chunk seen and never shrinks, so its row stride (the
+    capacity) stays put from chunk to chunk and a tensor's short last chunk costs no new buffer.
+    """
+    buffers = _SCRATCH.__dict__.setdefault("scratch", {})
+    key = (tag, rows, dtype, torch.device(device) if device is not None else None)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape[1] < numel:
+        buffer = buffers[key] = torch.empty(rows, numel, dtype=dtype, device=device)
+    return buffer[:, :numel]
+
+
+def _arange32(numel: int, device: torch.device) -> torch.Tensor:
+    """``arange(numel)`` as int32, cached per thread and device."""
+    buffers = _SCRATCH.__dict__.setdefault("scratch", {})
+    key = ("arange32", torch.device(device) if device is not None else None)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.arange(numel, dtype=torch.int32, device=device)
+    return buffer[:numel]
+
+
+#: Largest resolution table built, in entries (bytes); beyond it the dense path resolves directly.
+_MAX_TABLE_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _ResolutionTable:
+    """``values[index]`` is the kept candidate for ``index = (u & keep_mask) << shift | moved``.
+
+    ``u`` is the element's 16-bit draw, ``keep_mask`` keeps its top ``(resample + 1) * b`` bits
+    (the candidates) and ``moved`` is the K-bit mask of :func:`moved_bits`. When the candidate
+    bits leave room for ``moved`` below them, ``shift`` is 0 and the index is built in int16.
+    """
+
+    values: torch.Tensor
+    keep_mask: int
+    shift: int
+    _copies: dict[tuple[int | None, torch.device], torch.Tensor] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def on(self, device: torch.device | str) -> torch.Tensor:
+        """``values`` (uint8) on ``device``."""
+        return self._copy(None, torch.device(device))
+
+    def scaled(self, stride: int, device: torch.device | str) -> torch.Tensor:
+        """``values * stride`` (int32) on ``device``."""
+        return self._copy(stride, torch.device(device))
+
+    def _copy(self, stride: int | None, device: torch.device) -> torch.Tensor:
+        key = (stride, device)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self.values if stride is None else self.values.to(torch.int32) * stride
+            copy = copy.to(device)
+            if len(self._copies) >= 8:  # strides change only when a scratch buffer grows
+                self._copies.clear()
+            self._copies[key] = copy
+        return copy
+
+
+_TABLES: dict[tuple[int, int], _ResolutionTable | None] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _resolution_table(num_replicas: int, resample: int) -> _ResolutionTable | None:
+    """The dense one-draw resolution as a lookup table, or ``None`` when it would be too big.
+
+    Entry ``index`` holds the first candidate ``j = 0 .. resample`` whose replica moved, or the
+    last candidate when none moved (its value is then the base's), exactly as the direct
+    resolution in :meth:`ParameterSelection._choose_from_one_draw` picks it. Cached per
+    ``(K, resample)``; at most 2**20 one-byte entries, so only K <= 8 replicas get one.
+    """
+    key = (num_replicas, resample)
+    if key in _TABLES:
+        return _TABLES[key]
+    with _TABLES_LOCK:
+        if key in _TABLES:
+            return _TABLES[key]
+        bits = num_replicas.bit_length() - 1
+        used = (resample + 1) * bits
+        shift = max(0, used + num_replicas - 16)
+        table = None
+        if num_replicas <= 8 and 1 << (16 + shift) <= _MAX_TABLE_ENTRIES:
+            index = torch.arange(1 << (16 + shift), dtype=torch.int64)
+            moved = index & ((1 << num_replicas) - 1)
+            draw = index >> shift  # the draw's bits; those below the candidates are ignored
+            choice = (draw >> (16 - used)) & (num_replicas - 1)  # the last candidate
+            for j in range(resample - 1, -1, -1):
+                option = (draw >> (16 - (j + 1) * bits)) & (num_replicas - 1)
+                choice = torch.where((moved >> option) & 1 == 1, option, choice)
+            keep_mask = ((1 << used) - 1) << (16 - used)
+            table = _ResolutionTable(choice.to(torch.uint8), keep_mask, shift)
+        _TABLES[key] = table
+        return table
+
+
+def _table_index(
+    ctx: ChunkContext,
+    numel: int,
+    moved: torch.Tensor,
+    table: _ResolutionTable,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """int32 indices into ``table.values`` from the chunk's draws and its uint8 moved masks."""
+    device = moved.device if device is None else device
+    lanes = ctx.rng.masked_bits16(ctx.name, 0, ctx.start, numel, table.keep_mask, device)
+    if table.shift == 0:
+        lanes |= moved  # the low bits the mask cleared take the moved mask
+        return lanes.view(torch.uint16).to(torch.int32)
+    index = lanes.view(torch.uint16).to(torch.int32)
+    index <<= table.shift
+    index |= moved.to(torch.int32)
+    return index
 
 
 def bit_view(tensor: torch.Tensor) -> torch.Tensor:
