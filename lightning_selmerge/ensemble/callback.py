@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from lightning_selmerge.ensemble.replica_validation import validate_current_weig
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
 from lightning_selmerge.merging import MergeRule, make_method, merge_state_dicts
+from lightning_selmerge.merging.checkpoints import publish_directory
 
 __all__ = ["SelectionMergeCallback"]
 
@@ -242,9 +242,7 @@ class SelectionMergeCallback(Callback):
             tokenizer = getattr(pl_module, "tokenizer", None)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            publish_directory(tmp, target, overwrite=True)  # the old export stays until then
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

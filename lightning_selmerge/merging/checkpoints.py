@@ -17,7 +17,7 @@ from .rules import MergeRule, method_for
 from .safetensors_io import INDEX_NAME, CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
-__all__ = ["merge_checkpoints"]
+__all__ = ["merge_checkpoints", "publish_directory"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 PROVENANCE_NAME = "selmerge.json"
@@ -49,7 +49,7 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(item, target / item.name)
 
 
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``)."""
     if out.exists():
         if not overwrite:
@@ -177,7 +177,7 @@ def merge_checkpoints(
                 "base": None if base is None else str(base),
             }
             (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-            _publish(staging, out, overwrite)
+            publish_directory(staging, out, overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
