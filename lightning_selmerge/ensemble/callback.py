@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_selmerge.ensemble.replica_store import cpu_state_copy
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
-from lightning_selmerge.merging import MergeRule, make_method, merge_state_dicts
+from lightning_selmerge.merging import MergeRule, make_method
 from lightning_selmerge.merging.checkpoints import publish_directory
 
 __all__ = ["SelectionMergeCallback"]
@@ -105,27 +105,29 @@ class SelectionMergeCallback(Callback):
         self._merged_step = -1
         self._restored = False
         self._live_state: dict[str, torch.Tensor] | None = None
-        self._replica_metrics: list[dict[str, float]] = []
+        self._full_merged: dict[str, torch.Tensor] | None = None
+        self._replica_metrics: dict[int, dict[str, float]] = {}
+        self._loss_sums = torch.zeros(0, 2, dtype=torch.float64)  # per replica: sum, count
 
     # -- merging --------------------------------------------------------------------------
     def merge(self, strategy: DataOrderEnsemble) -> dict[str, torch.Tensor]:
-        """Merge the strategy's current replica states with this callback's method."""
-        return merge_state_dicts(
-            strategy.replica_states(),
-            base=strategy.initial_state.module,
-            method=self.method,
-            rules=self.rules,
-            seed=self.seed,
-        )
+        """Merge the strategy's current replica states with this callback's method.
+
+        On several ranks this is a collective and returns this rank's slice of the merge.
+        """
+        return strategy.merge_replicas(self.method, self.rules, self.seed)
 
     def _merge_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = _ensemble(trainer)
         self.merged_state = self.merge(strategy)
         self._merged_step = trainer.global_step
+        self._full_merged = None
         if self.sync_replicas:
             strategy.reset_replicas(self.merged_state)
-        if self.save_dir is not None and trainer.is_global_zero:
-            self._export(pl_module, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
+        if self.save_dir is not None:
+            full = self._full_merged_state(strategy)  # a collective when sharded
+            if trainer.is_global_zero:
+                self._export(pl_module, full, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
 
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -136,6 +138,12 @@ class SelectionMergeCallback(Callback):
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(monitor, PositionLossMonitor):
+                if strategy.is_distributed:
+                    raise MisconfigurationException(
+                        "PositionLossMonitor with DataOrderEnsemble on several devices is not "
+                        "supported yet: run the imbalance monitor with devices=1 (sequential "
+                        "ensemble), or drop it from the callbacks."
+                    )
                 monitor.replica_of = strategy.replica_of
                 monitor.probe_targets = self._probe_targets
 
@@ -143,7 +151,11 @@ class SelectionMergeCallback(Callback):
         if not self._restored:
             self.merged_state = None
             self._merged_step = -1
+        elif self.merged_state is not None:  # the checkpoint holds the whole merge
+            self.merged_state = _ensemble(trainer).local_slices(self.merged_state)
         self._restored = False
+        self._full_merged = None
+        self._loss_sums = torch.zeros(_ensemble(trainer).num_replicas, 2, dtype=torch.float64)
 
     def on_train_batch_end(
         self,
@@ -158,34 +170,53 @@ class SelectionMergeCallback(Callback):
         pl_module.log("replica", float(replica), prog_bar=True, logger=False, on_epoch=False)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.log_replica_loss and isinstance(loss, torch.Tensor):
-            pl_module.log(
-                f"replica_{replica}/train_loss", loss.detach(), on_step=False, on_epoch=True
-            )
+            size = extract_batch_size(batch)
+            self._loss_sums[replica, 0] += float(loss.detach()) * size
+            self._loss_sums[replica, 1] += size
         last_batch = batch_idx == trainer.num_training_batches - 1
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._merge_now(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.log_replica_loss:
+            return
+        strategy = _ensemble(trainer)
+        sums = strategy.sum_over_ranks(self._loss_sums)  # the replicas sit on many ranks
+        for replica, (total, count) in enumerate(sums.tolist()):
+            if count:  # the same value on every rank: syncing only silences Lightning's warning
+                value = total / count
+                pl_module.log(
+                    f"replica_{replica}/train_loss", value, sync_dist=strategy.is_distributed
+                )
+        self._loss_sums.zero_()
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        self._live_state = cpu_state_copy(pl_module.state_dict())
-        self._replica_metrics = []
+        strategy = _ensemble(trainer)
+        self._live_state = strategy.module_state()
+        self._replica_metrics = {}
         if self.validate_replicas and not trainer.sanity_checking:
-            for state in _ensemble(trainer).replica_states():
-                pl_module.load_state_dict(state)
-                self._replica_metrics.append(validate_current_weights(trainer, pl_module))
-        pl_module.load_state_dict(self.merged_state)
+            local = {}
+            for replica, state in strategy.local_replica_states().items():
+                strategy.load_module_state(state)
+                local[replica] = validate_current_weights(trainer, pl_module)
+            self._replica_metrics = strategy.gather_replica_metrics(local)
+        strategy.load_module_state(self.merged_state)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._replica_metrics:
-            for name in self._replica_metrics[0]:
-                values = [metrics[name] for metrics in self._replica_metrics]
-                for replica, value in enumerate(values):
-                    pl_module.log(f"replica_{replica}/{name}", value, on_epoch=True)
-                pl_module.log(f"replica_mean/{name}", sum(values) / len(values), on_epoch=True)
-            self._replica_metrics = []
+            sync = _ensemble(trainer).is_distributed  # equal on every rank already
+            replicas = sorted(self._replica_metrics)
+            for name in self._replica_metrics[replicas[0]]:
+                values = [self._replica_metrics[k][name] for k in replicas]
+                for replica, value in zip(replicas, values):
+                    pl_module.log(f"replica_{replica}/{name}", value, sync_dist=sync)
+                mean = sum(values) / len(values)
+                pl_module.log(f"replica_mean/{name}", mean, sync_dist=sync)
+            self._replica_metrics = {}
         if self._live_state is not None:
-            pl_module.load_state_dict(self._live_state)
+            _ensemble(trainer).load_module_state(self._live_state)
             self._live_state = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -194,7 +225,7 @@ class SelectionMergeCallback(Callback):
             self._merge_now(trainer, pl_module)  # fallback: max_steps, early stop, every_n_epochs
         strategy.release_live()
         assert self.merged_state is not None
-        pl_module.load_state_dict(self.merged_state)
+        strategy.load_module_state(self.merged_state)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -207,7 +238,7 @@ class SelectionMergeCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.merged_state is not None:
-            checkpoint["state_dict"] = self.merged_state
+            checkpoint["state_dict"] = self._full_merged_state(_ensemble(trainer))
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -218,6 +249,13 @@ class SelectionMergeCallback(Callback):
             self._restored = True
 
     # -- helpers --------------------------------------------------------------------------
+    def _full_merged_state(self, strategy: DataOrderEnsemble) -> dict[str, torch.Tensor]:
+        """The whole merge (gathered from the shard ranks once per merge when sharded)."""
+        assert self.merged_state is not None
+        if self._full_merged is None:
+            self._full_merged = strategy.full_state(self.merged_state)
+        return self._full_merged
+
     def _probe_targets(self, trainer: Trainer, pl_module: LightningModule) -> list[ProbeTarget]:
         # a list, not a generator: the live replica must be captured before any target loads
         states = _ensemble(trainer).replica_states()
@@ -226,13 +264,14 @@ class SelectionMergeCallback(Callback):
             targets.append(ProbeTarget("merged", self.merged_state, replica=0))
         return targets
 
-    def _export(self, pl_module: LightningModule, target: Path) -> None:
+    def _export(
+        self, pl_module: LightningModule, merged: dict[str, torch.Tensor], target: Path
+    ) -> None:
         """Write the merged model as a Hugging Face directory (temporary name, then rename)."""
-        assert self.merged_state is not None
         prefix, model = _pretrained_submodule(pl_module)
         state = {
             name[len(prefix) :]: tensor
-            for name, tensor in self.merged_state.items()
+            for name, tensor in merged.items()
             if name.startswith(prefix)
         }
         target.parent.mkdir(parents=True, exist_ok=True)

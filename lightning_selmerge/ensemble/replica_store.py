@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from lightning_selmerge.merging.safetensors_io import SafetensorsFile
 from lightning_selmerge.merging.state_dict import storage_key
@@ -22,8 +23,13 @@ __all__ = ["Offload", "ReplicaState", "ReplicaStore", "cpu_state_copy"]
 Offload = Literal["cpu", "disk"]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 / DTensor) tensor's local slice; other tensors as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _cpu_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
-    tensor = tensor.detach()
+    tensor = _local(tensor).detach()
     if pin_memory:
         return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
     return tensor.to("cpu", copy=True)
@@ -32,11 +38,14 @@ def _cpu_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
 def cpu_state_copy(
     state: dict[str, torch.Tensor], pin_memory: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of a state dict; tensors sharing storage (tied weights) stay tied."""
+    """Detached CPU copies of a state dict; tensors sharing storage (tied weights) stay tied.
+
+    Sharded tensors (``DTensor``) are copied as their local slice.
+    """
     memo: dict[tuple, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        key = storage_key(tensor)
+        key = storage_key(_local(tensor))
         if key not in memo:
             memo[key] = _cpu_copy(tensor, pin_memory)
         out[name] = memo[key]

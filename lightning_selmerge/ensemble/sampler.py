@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
@@ -18,12 +19,21 @@ class EnsembleBatchSampler(Sampler[list[int]]):
     that replica (or is dropped with ``drop_last``). Lightning calls ``set_epoch`` on
     :attr:`sampler` (the :class:`DataOrderSampler`) before each epoch.
 
+    With ``num_shards = G > 1`` (a replica sharded over G ranks), the replica's batches are dealt
+    out round-robin: optimizer step ``t`` trains on batches ``t*G .. t*G + G - 1`` of the
+    replica's order, shard rank ``s`` getting batch ``t*G + s``. When the batches do not divide
+    by G, the last step is padded with the replica's first batches (as ``DistributedSampler``
+    pads), or dropped with ``drop_last``.
+
     Args:
         sampler: the source of the per-(epoch, replica) orders.
         num_replicas: K, the number of replicas run one after another.
-        batch_size: samples per batch.
-        drop_last: drop each replica's last incomplete batch.
+        batch_size: samples per batch (per shard rank).
+        drop_last: drop each replica's last incomplete batch (and an incomplete last step).
         limit_batches: keep only the first ``limit_batches`` batches of every replica.
+        replicas: the replicas this sampler runs, in order (default: all K).
+        num_shards: G, the ranks one replica is sharded over.
+        shard_rank: this rank's index among them.
 
     Example:
         >>> orders = DataOrderSampler(num_samples=5, seed=0)
@@ -42,16 +52,28 @@ class EnsembleBatchSampler(Sampler[list[int]]):
         batch_size: int,
         drop_last: bool = False,
         limit_batches: int | None = None,
+        replicas: Sequence[int] | None = None,
+        num_shards: int = 1,
+        shard_rank: int = 0,
     ) -> None:
-        if num_replicas < 1 or batch_size < 1:
-            raise ValueError("EnsembleBatchSampler: num_replicas and batch_size must be >= 1.")
+        if num_replicas < 1 or batch_size < 1 or num_shards < 1:
+            raise ValueError(
+                "EnsembleBatchSampler: num_replicas, batch_size and num_shards must be >= 1."
+            )
         self.sampler = sampler
         self.num_replicas = int(num_replicas)
+        self.replicas = list(range(self.num_replicas) if replicas is None else replicas)
         self.batch_size = int(batch_size)
         self.drop_last = drop_last
+        self.num_shards, self.shard_rank = int(num_shards), int(shard_rank)
         n = len(sampler)
-        full = n // self.batch_size if drop_last else -(-n // self.batch_size)
-        self.batches_per_replica = full if limit_batches is None else min(full, int(limit_batches))
+        self._batches_in_order = n // self.batch_size if drop_last else -(-n // self.batch_size)
+        steps = self._batches_in_order // self.num_shards
+        if not drop_last:
+            steps = -(-self._batches_in_order // self.num_shards)
+        self.batches_per_replica = (
+            steps if limit_batches is None else min(steps, int(limit_batches))
+        )
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, batches_done: int) -> None:
@@ -61,13 +83,19 @@ class EnsembleBatchSampler(Sampler[list[int]]):
 
     def replica_of(self, batch_idx: int) -> int:
         """The replica that batch ``batch_idx`` of the epoch belongs to."""
-        return batch_idx // self.batches_per_replica
+        return self.replicas[batch_idx // self.batches_per_replica]
 
     def replica_batches(self, epoch: int, replica: int) -> list[list[int]]:
-        """The batches of ``replica`` in ``epoch``, in order."""
+        """This shard rank's batches of ``replica`` in ``epoch``, in order."""
         order = self.sampler.indices(epoch, replica).tolist()
         size = self.batch_size
-        return [order[i * size : (i + 1) * size] for i in range(self.batches_per_replica)]
+        batches = [order[i * size : (i + 1) * size] for i in range(self._batches_in_order)]
+        if self.num_shards > 1 and batches:
+            shards = self.num_shards
+            steps = len(batches) // shards if self.drop_last else -(-len(batches) // shards)
+            padded = list(itertools.islice(itertools.cycle(batches), steps * shards))
+            batches = padded[self.shard_rank :: shards]
+        return batches[: self.batches_per_replica]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.sampler.epoch  # read lazily: Lightning sets the epoch after iter()
@@ -75,10 +103,10 @@ class EnsembleBatchSampler(Sampler[list[int]]):
         if self._resume is not None and self._resume[0] == epoch:
             skip = self._resume[1]
         self._resume = None
-        for replica in range(self.num_replicas):
-            start = max(0, skip - replica * self.batches_per_replica)
+        for position, replica in enumerate(self.replicas):
+            start = max(0, skip - position * self.batches_per_replica)
             if start < self.batches_per_replica:
                 yield from self.replica_batches(epoch, replica)[start:]
 
     def __len__(self) -> int:
-        return self.num_replicas * self.batches_per_replica
+        return len(self.replicas) * self.batches_per_replica

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.types import _DEVICE, _PATH
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import (
+    _MultiProcessingLauncher,
+    _SubprocessScriptLauncher,
+)
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selmerge.data.sampler import DataOrderSampler
+from lightning_selmerge.ensemble import device_groups
+from lightning_selmerge.ensemble.device_groups import ReplicaLayout
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
     ReplicaState,
@@ -26,6 +45,9 @@ from lightning_selmerge.ensemble.replica_store import (
     cpu_state_copy,
 )
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
+from lightning_selmerge.merging import MergeMethod, MergeRule, merge_state_dicts
+from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.collective import merge_state_dicts_collective
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
 
@@ -61,7 +83,7 @@ class _ResumableLoader(DataLoader):
         self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))
 
 
-class DataOrderEnsemble(SingleDeviceStrategy):
+class DataOrderEnsemble(ParallelStrategy):
     """Train ``num_replicas`` copies of the module, each on its own data order, in one fit.
 
     In every epoch the train loader yields replica 0's order (``DataOrderSampler.order(epoch,
@@ -75,19 +97,51 @@ class DataOrderEnsemble(SingleDeviceStrategy):
     applies per replica. Pair it with
     :class:`~lightning_selmerge.ensemble.SelectionMergeCallback` to merge.
 
+    **Device groups.** On ``devices x num_nodes = R x G`` ranks the ranks form a
+    ``("replica", "shard")`` device mesh: each of the R replica groups trains ``K / R`` of the
+    replicas (one after another, as above), each sharded with FSDP2 ``fully_shard`` over the
+    group's ``G = shard_size`` ranks, with no gradient sync across groups. Rank 0's initial
+    weights are broadcast so that every replica starts identical. A replica's batches are dealt
+    round-robin to its shard ranks (see :class:`EnsembleBatchSampler`); validation data is split
+    over the shard ranks only, so every group validates on all of it. The merge is a collective
+    over the replica dimension, bit-identical to the single-process merge. Lightning's launchers
+    are used as for DDP (``start_method``: ``"popen"`` re-runs the script, ``"spawn"``/``"fork"``;
+    torchrun and SLURM start the processes themselves).
+
     Checkpoints carry every replica's state, the initial weights, the active replica, the RNG
     states and the position in the epoch (under ``checkpoint["data_order_ensemble"]`` and the
     fit loop's loader state), so ``trainer.fit(..., ckpt_path=...)`` continues exactly, also
     from a checkpoint saved in the middle of an epoch. ``checkpoint["state_dict"]`` is left to
     the merge callback (the merged model); the live replica's weights are stored under this
-    strategy's key.
+    strategy's key. On several ranks a checkpoint is a directory: ``checkpoint.pt`` (rank 0's
+    Lightning checkpoint, whose ``state_dict`` is the full merged model) and one
+    ``rank_{r}.pt`` per rank with that rank's slices of its replicas (per-replica files, not
+    distributed checkpoint, which would de-duplicate the replicas). It is written under a
+    temporary name and renamed when every rank is done; resuming needs the same layout.
 
     Refused: ``num_replicas < 2``, ``val_check_interval != 1.0``, a float
-    ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, and an
-    ``accumulate_grad_batches`` that does not divide the batches per replica. Epoch-interval LR
-    schedulers are shared (every replica sees the same epoch schedule, and a
-    ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
-    per replica.
+    ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, an
+    ``accumulate_grad_batches`` that does not divide the batches per replica, a number of ranks
+    that ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica
+    groups. Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule,
+    and a ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones
+    are per replica.
+
+    Args:
+        num_replicas: K >= 2.
+        seed: seed of the replicas' data orders.
+        fixed_batches: every replica sees the same batches, in its own order (paper Table 4).
+        offload: where inactive replicas live: ``"cpu"`` memory or ``"disk"``.
+        pin_memory: page-locked CPU copies (with a GPU).
+        offload_dir: directory of ``offload="disk"`` (default: a temporary one).
+        shard_size: G, the ranks each replica is sharded over (FSDP2); 1 = no sharding.
+        shard_modules: class names of the submodules that get their own FSDP2 unit (default:
+            the ``_no_split_modules`` of the Hugging Face models inside, e.g. the transformer
+            blocks); every direct child with parameters is sharded too.
+        start_method: how Lightning starts the ranks: ``"popen"``, ``"spawn"``, ``"fork"``,
+            ``"forkserver"``.
+        process_group_backend: ``"gloo"``/``"nccl"`` (default: by device).
+        timeout: collective timeout.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -105,8 +159,14 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         offload: Offload = "cpu",
         pin_memory: bool = False,
         offload_dir: str | None = None,
-        device: _DEVICE = "cpu",
+        shard_size: int = 1,
+        shard_modules: list[str] | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
         accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -120,9 +180,15 @@ class DataOrderEnsemble(SingleDeviceStrategy):
                 f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
                 "memory) or 'disk' (in safetensors files under offload_dir)."
             )
+        if int(shard_size) < 1:
+            raise ValueError(
+                f"DataOrderEnsemble: shard_size={shard_size}; use 1 (each replica on one device) "
+                "or the number of devices each replica is sharded over."
+            )
         super().__init__(
-            device=device,
             accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
@@ -130,14 +196,153 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         self.seed = int(seed)
         self.fixed_batches = fixed_batches
         self.offload = offload
+        self.shard_size = int(shard_size)
+        self.shard_modules = None if shard_modules is None else list(shard_modules)
+        self._start_method = start_method
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._num_nodes = 1
         self.batch_sampler: EnsembleBatchSampler | None = None
         self._store = ReplicaStore(self.num_replicas, offload, pin_memory, offload_dir)
+        self._layout = ReplicaLayout(self.num_replicas, 1, 1, 0)
+        self._mesh: Any = None
+        self._sharded = False
+        self._offsets: dict[str, int] = {}
         self._active = 0
         self._live_is_replica = True
         self._initial: ReplicaState | None = None
         self._to_restore: dict[str, Any] | None = None
         self._per_replica_limit: int | None = None
         self._saved_limit: int | float | None = None
+
+    # -- processes and devices (as Lightning's DDPStrategy, without the DDP wrapper) --------
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether the ensemble runs on more than one rank."""
+        return self.num_nodes * self.num_processes > 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # evaluation data is split over a replica's shard ranks: every replica group sees it all
+        return {"num_replicas": self.shard_size, "rank": self._layout.shard_rank}
+
+    @property
+    def layout(self) -> ReplicaLayout:
+        """This rank's replica group, shard and replicas (all K and shard 0 on one device)."""
+        return self._layout
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``("replica", "shard")`` device mesh (``None`` on one device)."""
+        return self._mesh
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.is_distributed or self.cluster_environment.creates_processes_externally:
+            self._launcher = None
+        elif self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(
+                self.node_rank * self.num_processes + self.local_rank
+            )
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        world = self.num_nodes * self.num_processes
+        self._layout = ReplicaLayout.for_world(
+            self.num_replicas, world, self.shard_size, self.global_rank
+        )
+        if not self.is_distributed:
+            return
+        reset_seed()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        self._process_group_backend = backend
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._mesh = init_device_mesh(
+            self.root_device.type,
+            (self._layout.replica_groups, self.shard_size),
+            mesh_dim_names=("replica", "shard"),
+        )
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.is_distributed:
+            return model
+        with torch.no_grad():  # every replica starts from rank 0's weights
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        trainer = self.lightning_module.trainer
+        if self.shard_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+            device_groups.shard_module(model, self._mesh["shard"], self.shard_modules)
+            self._sharded = True
+            self._offsets = device_groups.local_offsets(model.state_dict())
+        return model
+
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src)
+        return holder[0]
+
+    def reduce(
+        self,
+        tensor: torch.Tensor | Any,
+        group: Any | None = None,
+        reduce_op: ReduceOp | str | None = "mean",
+    ) -> torch.Tensor | Any:
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
 
     # -- public view ----------------------------------------------------------------------
     @property
@@ -154,24 +359,109 @@ class DataOrderEnsemble(SingleDeviceStrategy):
 
     @property
     def initial_state(self) -> ReplicaState:
-        """The state every replica started from (the module at fit start): the merge's base."""
+        """The state every replica started from (the module at fit start): the merge's base.
+
+        With sharding, tensors are this rank's slices (as in every state the strategy holds).
+        """
         if self._initial is None:
             raise RuntimeError("DataOrderEnsemble: no initial state before training starts.")
         return self._initial
 
     def replica_of(self, batch_idx: int) -> int:
         """The replica that training batch ``batch_idx`` of an epoch belongs to."""
-        return batch_idx // self.batches_per_replica
+        if self.batch_sampler is None:
+            raise RuntimeError("DataOrderEnsemble: the train dataloader is not set up yet.")
+        return self.batch_sampler.replica_of(batch_idx)
 
     def replica_state(self, replica: int) -> ReplicaState:
         """Replica ``replica``'s full state (module, optimizers, schedulers), as CPU copies."""
+        if replica not in self._layout.local_replicas:
+            raise ValueError(
+                f"DataOrderEnsemble: replica {replica} is trained by replica group "
+                f"{replica // len(self._layout.local_replicas)}, not by this rank's group "
+                f"({self._layout.local_replicas})."
+            )
         if self._live_is_replica and replica == self._active:
             return self._capture()
         return self._store[replica] or self.initial_state
 
+    def local_replica_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """``{replica: module state}`` of the replicas this rank holds (all K on one device)."""
+        return {k: self.replica_state(k).module for k in self._layout.local_replicas}
+
     def replica_states(self) -> list[dict[str, torch.Tensor]]:
         """The K replicas' module state dicts (the active one copied from the live module)."""
+        if self.is_distributed:
+            raise RuntimeError(
+                "DataOrderEnsemble: on several ranks each rank holds only its group's replicas; "
+                "use local_replica_states() (and merge_replicas() for the merge)."
+            )
         return [self.replica_state(k).module for k in range(self.num_replicas)]
+
+    def merge_replicas(
+        self, method: MergeMethod, rules: Sequence[MergeRule] = (), seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Merge the K replicas; on several ranks a collective over the replica dimension.
+
+        Returns this rank's slice of the merge (the whole merge without sharding), on the CPU.
+        """
+        base = self.initial_state.module
+        if not self.is_distributed:
+            return merge_state_dicts(
+                self.replica_states(), base=base, method=method, rules=rules, seed=seed
+            )
+        work = self.root_device if self.process_group_backend == "nccl" else None
+        return merge_state_dicts_collective(
+            self.local_replica_states(),
+            num_replicas=self.num_replicas,
+            group=self._mesh["replica"].get_group(),
+            offsets=self._offsets,
+            method=method,
+            base=base,
+            rules=rules,
+            seed=seed,
+            device=work,
+        )
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the live module's state (this rank's slices when sharded)."""
+        return cpu_state_copy(self.lightning_module.state_dict())
+
+    def load_module_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a state from :meth:`module_state` / :meth:`merge_replicas` into the module."""
+        if self._sharded:
+            device_groups.load_local_state(self.lightning_module, state)
+        else:
+            self.lightning_module.load_state_dict(state)
+
+    def full_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors from this rank's slices (a collective when sharded: call on all ranks)."""
+        if not self._sharded:
+            return dict(state)
+        return device_groups.full_state(self.lightning_module.state_dict(), state)
+
+    def local_slices(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of whole tensors (the inverse of :meth:`full_state`)."""
+        if not self._sharded:
+            return dict(state)
+        return device_groups.local_slices(self.lightning_module.state_dict(), state)
+
+    def gather_replica_metrics(
+        self, metrics: Mapping[int, Mapping[str, float]]
+    ) -> dict[int, dict[str, float]]:
+        """Every replica's metrics on every rank, from each rank's metrics of its replicas."""
+        if not self.is_distributed:
+            return {k: dict(v) for k, v in metrics.items()}
+        names = sorted({name for values in metrics.values() for name in values})
+        return device_groups.reduce_replica_values(metrics, self._layout, self.root_device, names)
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``all_reduce(SUM)`` over every rank (identity on one device)."""
+        if not self.is_distributed:
+            return tensor
+        reduced = tensor.to(self.root_device)
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
 
     def release_live(self) -> None:
         """Store the live replica so the module may hold other weights (e.g. the merged ones)."""
@@ -181,9 +471,9 @@ class DataOrderEnsemble(SingleDeviceStrategy):
 
     def reset_replicas(self, module_state: Mapping[str, torch.Tensor]) -> None:
         """Set every replica's weights to ``module_state``; optimizer states are kept."""
-        for replica in range(self.num_replicas):
+        for replica in self._layout.local_replicas:
             if self._live_is_replica and replica == self._active:
-                self.lightning_module.load_state_dict(module_state)
+                self.load_module_state(module_state)
                 continue
             old = self._store[replica] or self.initial_state
             self._store[replica] = ReplicaState(
@@ -193,14 +483,16 @@ class DataOrderEnsemble(SingleDeviceStrategy):
     # -- checkpoints ----------------------------------------------------------------------
     def ensemble_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ensemble exactly (saved in checkpoints)."""
+        live: Any = None
+        if self._live_is_replica:
+            live = self._capture().to_dict() if self.is_distributed else self.module_state()
         return {
             "num_replicas": self.num_replicas,
             "seed": self.seed,
             "fixed_batches": self.fixed_batches,
+            "layout": self._layout.to_dict(),
             "active": self._active,
-            "live": cpu_state_copy(self.lightning_module.state_dict())
-            if self._live_is_replica
-            else None,
+            "live": live,
             "replicas": [
                 None if (state := self._store[k]) is None else state.to_dict()
                 for k in range(self.num_replicas)
@@ -209,27 +501,82 @@ class DataOrderEnsemble(SingleDeviceStrategy):
             "rng": _rng_states(),
         }
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._sharded:  # whole tensors (the merge callback replaces them with the merge)
+            return self.full_state(self.module_state())
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        if self.is_distributed:  # every rank's optimizer states are in its rank file
+            return {}
+        return super().optimizer_state(optimizer)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self.is_distributed and self._fitting():
+            return  # restored from the rank file with the live replica
+        super().load_optimizer_state_dict(checkpoint)
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        if "optimizer_states" in checkpoint and self._initial is not None:  # not weights-only
-            checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        full = "optimizer_states" in checkpoint and self._initial is not None  # not weights-only
+        if not self.is_distributed:
+            if full:
+                checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(f".{path.name}.tmp-{self.broadcast(uuid.uuid4().hex[:12])}")
+        staging.mkdir(parents=True, exist_ok=True)
+        if full:
+            _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
+            checkpoint[CHECKPOINT_KEY] = {
+                "num_replicas": self.num_replicas,
+                "seed": self.seed,
+                "fixed_batches": self.fixed_batches,
+                "layout": self._layout.to_dict(),
+                "world_size": self.world_size,
+                "per_rank_files": True,
+            }
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(checkpoint, staging / "checkpoint.pt")
+        self.barrier()
+        if self.is_global_zero:  # the previous checkpoint stays until this one is complete
+            publish_directory(staging, path, overwrite=True)
+        self.barrier()
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        path = Path(str(checkpoint_path))
+        if path.is_dir():
+            checkpoint = self.checkpoint_io.load_checkpoint(
+                path / "checkpoint.pt", weights_only=False
+            )
+        else:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is not None and self._fitting():
-            self._check_compatible(saved, checkpoint_path)
+        if saved is None or not self._fitting():
+            return checkpoint
+        self._check_compatible(saved, checkpoint_path)
+        if saved.get("per_rank_files"):
+            rank_file = path / f"rank_{self.global_rank:05d}.pt"
+            self._to_restore = torch.load(rank_file, map_location="cpu", weights_only=False)
+        else:
             self._to_restore = saved
         return checkpoint
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is not None and saved["live"] is not None and self._fitting():
-            # resuming: the module continues as the live replica, not as the merged model
-            checkpoint = {**checkpoint, "state_dict": saved["live"]}
+        if saved is not None and self._fitting():
+            if saved.get("per_rank_files"):
+                return  # each rank loads its live replica from its rank file at train start
+            if saved["live"] is not None:
+                # resuming: the module continues as the live replica, not as the merged model
+                checkpoint = {**checkpoint, "state_dict": saved["live"]}
         super().load_model_state_dict(checkpoint, strict=strict)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)  # files and directories alike
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -280,7 +627,14 @@ class DataOrderEnsemble(SingleDeviceStrategy):
             batch_size=batch_size if self.fixed_batches else None,
         )
         sampler = EnsembleBatchSampler(
-            orders, self.num_replicas, batch_size, drop_last, self._per_replica_limit
+            orders,
+            self.num_replicas,
+            batch_size,
+            drop_last,
+            self._per_replica_limit,
+            replicas=self._layout.local_replicas,
+            num_shards=self.shard_size,
+            shard_rank=self._layout.shard_rank,
         )
         if sampler.batches_per_replica == 0:
             raise MisconfigurationException(
@@ -317,7 +671,7 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         saved, self._to_restore = self._to_restore, None
         if saved is None:
             self._store.clear()
-            self._active = 0
+            self._active = self._layout.local_replicas[0]
             self._live_is_replica = True
             self._initial = self._capture()
             return
@@ -326,6 +680,8 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         self._initial = ReplicaState.from_dict(saved["initial"])
         self._active = int(saved["active"])
         self._live_is_replica = saved["live"] is not None
+        if self.is_distributed and self._live_is_replica:
+            self._load(ReplicaState.from_dict(saved["live"]))
         _set_rng_states(saved["rng"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -344,6 +700,18 @@ class DataOrderEnsemble(SingleDeviceStrategy):
         )
 
     def _check_compatible(self, saved: Mapping[str, Any], path: _PATH) -> None:
+        layout = saved.get("layout", {"replica_groups": 1, "shard_size": 1})
+        if (layout["replica_groups"], layout["shard_size"]) != (
+            self._layout.replica_groups,
+            self.shard_size,
+        ):
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: the checkpoint {Path(str(path)).name} was saved by "
+                f"{layout['replica_groups']} replica group(s) x shard_size={layout['shard_size']}"
+                f" but this run has {self._layout.replica_groups} x shard_size={self.shard_size};"
+                " resume with the same devices x num_nodes and shard_size (merge the saved "
+                "replicas instead to change the layout)."
+            )
         for name in ("num_replicas", "seed", "fixed_batches"):
             if saved[name] != getattr(self, name):
                 raise MisconfigurationException(
@@ -404,16 +772,26 @@ class DataOrderEnsemble(SingleDeviceStrategy):
 
     def _load(self, state: ReplicaState) -> None:
         trainer = self.lightning_module.trainer
-        self.lightning_module.load_state_dict(state.module)
+        self.load_module_state(state.module)
         epoch_sched = [c for c in trainer.lr_scheduler_configs if c.interval != "step"]
         shared_lrs = {
             id(c.scheduler.optimizer): [g["lr"] for g in c.scheduler.optimizer.param_groups]
             for c in epoch_sched
         }
         for opt, opt_state in zip(self.optimizers, state.optimizers):
-            opt.load_state_dict(opt_state)
+            if self._sharded:
+                device_groups.load_optimizer_state(opt, opt_state)
+            else:
+                opt.load_state_dict(opt_state)
             # epoch-interval schedules are shared: keep the live learning rates
             for group, lr in zip(opt.param_groups, shared_lrs.get(id(opt), [])):
                 group["lr"] = lr
         for sched, sched_state in zip(self._step_schedulers(), state.lr_schedulers):
             sched.load_state_dict(sched_state)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

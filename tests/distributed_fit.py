@@ -1,0 +1,85 @@
+"""A DataOrderEnsemble fit on several gloo ranks; run by tests/test_device_groups.py.
+
+``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]``: Lightning's
+subprocess launcher re-runs this script once per extra rank. Every rank writes
+``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets); rank 0 writes ``OUT/merged.pt``
+(the whole merge, from the checkpoint's ``state_dict``). With ``--resume=STEP`` the fit
+saves checkpoints every 3 steps, and a second fit resumes from the one at STEP and writes
+``OUT/resumed.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from ensemble_support import Net, make_data
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_selmerge import DataOrderEnsemble, SelectionMergeCallback
+
+
+def trainer(devices: int, k: int, shard: int, callbacks: list) -> Trainer:
+    return Trainer(
+        strategy=DataOrderEnsemble(num_replicas=k, seed=3, shard_size=shard),
+        accelerator="cpu",
+        devices=devices,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )
+
+
+def main() -> None:
+    out, devices, k, shard, batch = sys.argv[1], *map(int, sys.argv[2:6])
+    resume_step = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--resume=")), 0)
+    resume = resume_step > 0
+    out_dir = Path(out)
+    torch.use_deterministic_algorithms(True)
+    data = make_data(64)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch)
+    val = torch.utils.data.DataLoader(data, batch_size=16)
+    callbacks: list = [SelectionMergeCallback(resample=2, seed=5)]
+    if resume:
+        callbacks.append(
+            ModelCheckpoint(
+                out_dir / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+            )
+        )
+    module = Net()
+    fit = trainer(devices, k, shard, callbacks)
+    fit.fit(module, loader, val)
+    strategy = fit.strategy
+    assert isinstance(strategy, DataOrderEnsemble)
+    rank = fit.global_rank
+    torch.save(
+        {
+            "layout": strategy.layout.to_dict(),
+            "shard_rank": strategy.layout.shard_rank,
+            "replicas": strategy.local_replica_states(),
+            "offsets": dict(strategy._offsets),
+            "metrics": {n: float(v) for n, v in fit.callback_metrics.items()},
+        },
+        out_dir / f"rank_{rank}.pt",
+    )
+    merged = strategy.full_state(callbacks[0].merged_state)
+    if rank == 0:
+        torch.save(merged, out_dir / "merged.pt")
+    if resume:
+        again = SelectionMergeCallback(resample=2, seed=5)
+        second = trainer(devices, k, shard, [again])
+        second.fit(Net(), loader, val, ckpt_path=str(out_dir / "ckpt" / f"step={resume_step}.ckpt"))
+        resumed = second.strategy.full_state(again.merged_state)
+        if rank == 0:
+            torch.save(resumed, out_dir / "resumed.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""DataOrderEnsemble across device groups (replica x shard mesh) on gloo, against one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ensemble_support import Net, make_data
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_selmerge import DataOrderEnsemble, SelectionMergeCallback
+from lightning_selmerge.data.sampler import DataOrderSampler
+from lightning_selmerge.ensemble.device_groups import ReplicaLayout
+from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
+from lightning_selmerge.merging import ParameterSelection, merge_state_dicts
+
+TESTS = Path(__file__).parent
+
+
+def run_distributed(out: Path, devices: int, k: int, shard: int, batch: int, *flags: str) -> dict:
+    """Run tests/distributed_fit.py on ``devices`` gloo ranks; load what the ranks wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    args = [str(out), str(devices), str(k), str(shard), str(batch), *flags]
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "distributed_fit.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(out / f"rank_{r}.pt", weights_only=False) for r in range(devices)]
+    result = {"ranks": ranks, "merged": torch.load(out / "merged.pt")}
+    if (out / "resumed.pt").exists():
+        result["resumed"] = torch.load(out / "resumed.pt")
+    return result
+
+
+def full_replicas(ranks: list[dict]) -> dict[int, dict[str, torch.Tensor]]:
+    """Each replica's whole tensors, concatenated from its shard ranks' dim-0 slices."""
+    parts: dict[int, list[tuple[int, dict]]] = {}
+    for rank in ranks:
+        for replica, state in rank["replicas"].items():
+            parts.setdefault(replica, []).append((rank["shard_rank"], state))
+    out = {}
+    for replica, shards in parts.items():
+        shards.sort(key=lambda item: item[0])
+        names = shards[0][1]
+        out[replica] = {n: torch.cat([s[n] for _, s in shards]) for n in names}
+    return out
+
+
+def sequential(k: int, batch: int) -> tuple[list[dict[str, torch.Tensor]], dict, dict]:
+    """The same fit on one process: replica states, merged weights, logged metrics."""
+    torch.use_deterministic_algorithms(True)
+    data = make_data(64)
+    callback = SelectionMergeCallback(resample=2, seed=5)
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=k, seed=3),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        callbacks=[callback],
+    )
+    trainer.fit(
+        Net(),
+        torch.utils.data.DataLoader(data, batch_size=batch),
+        torch.utils.data.DataLoader(data, batch_size=16),
+    )
+    strategy = trainer.strategy
+    assert isinstance(strategy, DataOrderEnsemble) and callback.merged_state is not None
+    metrics = {n: float(v) for n, v in trainer.callback_metrics.items()}
+    return strategy.replica_states(), dict(callback.merged_state), metrics
+
+
+def assert_bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_replica_groups_of_two_replicas_match_the_sequential_run(tmp_path: Path) -> None:
+    """K=4 on 2 ranks (R=2, G=1): each rank trains 2 replicas one after another."""
+    result = run_distributed(tmp_path, 2, 4, 1, 8, "--resume=3")
+    ranks = result["ranks"]
+    assert [sorted(r["replicas"]) for r in ranks] == [[0, 1], [2, 3]]
+    replicas = full_replicas(ranks)
+    assert not torch.equal(replicas[0]["net.0.weight"], replicas[2]["net.0.weight"])
+    base = Net().state_dict()
+    method = ParameterSelection(resample=2)
+    single = merge_state_dicts([replicas[k] for k in range(4)], base=base, method=method, seed=5)
+    assert_bits_equal(result["merged"], single)
+
+    seq_replicas, seq_merged, seq_metrics = sequential(4, 8)
+    for k in range(4):  # the same replicas, bit for bit, whichever rank trained them
+        assert_bits_equal(replicas[k], seq_replicas[k])
+    assert_bits_equal(result["merged"], seq_merged)
+    for rank in ranks:  # every rank logs every replica's metrics, not an average over replicas
+        for k in range(4):
+            name = f"replica_{k}/val_loss"
+            assert rank["metrics"][name] == pytest.approx(seq_metrics[name], rel=1e-6)
+            name = f"replica_{k}/train_loss"
+            assert rank["metrics"][name] == pytest.approx(seq_metrics[name], rel=1e-6)
+        assert rank["metrics"]["val_loss"] == pytest.approx(seq_metrics["val_loss"], rel=1e-6)
+
+    # resumed from the checkpoint at step 3 (inside replica 0 of each group): the same merge
+    assert_bits_equal(result["resumed"], result["merged"])
+    ckpt = tmp_path / "ckpt" / "step=3.ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "checkpoint.pt",
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
+
+
+def test_one_replica_per_device_equals_the_sequential_mode(tmp_path: Path) -> None:
+    """K=2 on 2 ranks (R=2, G=1) gives the sequential mode's merged weights bit for bit."""
+    result = run_distributed(tmp_path, 2, 2, 1, 8)
+    _, seq_merged, _ = sequential(2, 8)
+    assert_bits_equal(result["merged"], seq_merged)
+
+
+def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
+    """K=2, G=2 on 4 ranks: each replica is FSDP2-sharded over 2 ranks that see half its batches."""
+    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6")
+    ranks = result["ranks"]
+    assert [(sorted(r["replicas"]), r["shard_rank"]) for r in ranks] == [
+        ([0], 0),
+        ([0], 1),
+        ([1], 0),
+        ([1], 1),
+    ]
+    # net.0.weight is (8, 4): shard 1 starts at row 4 = flat offset 16
+    assert ranks[1]["offsets"]["net.0.weight"] == 16
+    assert ranks[1]["replicas"][0]["net.0.weight"].shape == (4, 4)
+    replicas = full_replicas(ranks)
+    assert not torch.equal(replicas[0]["net.0.weight"], replicas[1]["net.0.weight"])
+    base = Net().state_dict()
+    method = ParameterSelection(resample=2)
+    single = merge_state_dicts([replicas[0], replicas[1]], base=base, method=method, seed=5)
+    assert_bits_equal(result["merged"], single)
+    # the two shard ranks of a replica train one model on batches t*2, t*2+1 of its order:
+    # the same steps as one process with batches twice as big (up to float rounding)
+    seq_replicas, _, _ = sequential(2, 16)
+    for k in range(2):
+        for name, tensor in seq_replicas[k].items():
+            torch.testing.assert_close(replicas[k][name], tensor, rtol=1e-5, atol=1e-5)
+    # resumed from step 6: after epoch 0's merge, inside epoch 1 (sharded optimizer states)
+    assert_bits_equal(result["resumed"], result["merged"])
+
+
+def test_layout_errors_name_the_fix() -> None:
+    with pytest.raises(MisconfigurationException, match="not divisible by shard_size=2"):
+        ReplicaLayout.for_world(num_replicas=4, world_size=3, shard_size=2, rank=0)
+    with pytest.raises(MisconfigurationException, match="multiple of 3"):
+        ReplicaLayout.for_world(num_replicas=4, world_size=3, shard_size=1, rank=0)
+    layout = ReplicaLayout.for_world(num_replicas=8, world_size=4, shard_size=1, rank=3)
+    assert layout.local_replicas == [6, 7] and layout.replica_groups == 4
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sharded_sampler_deals_batches_round_robin(drop_last: bool) -> None:
+    orders = DataOrderSampler(num_samples=10, seed=1)
+    per_shard = [
+        EnsembleBatchSampler(orders, 2, 2, drop_last, replicas=[1], num_shards=3, shard_rank=s)
+        for s in range(3)
+    ]
+    whole = EnsembleBatchSampler(orders, 2, 2, drop_last)
+    batches = whole.replica_batches(0, 1)  # 5 batches of replica 1
+    steps = 1 if drop_last else 2  # 5 batches over 3 shards: 1 full step (+ 1 padded)
+    assert [s.batches_per_replica for s in per_shard] == [steps] * 3
+    padded = (batches + batches)[: steps * 3]
+    for shard, sampler in enumerate(per_shard):
+        assert sampler.replica_batches(0, 1) == padded[shard::3]
+        assert sampler.replica_of(0) == 1
+
+
+def test_shard_size_must_divide_the_devices() -> None:
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=2, shard_size=2),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    data = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    with pytest.raises(MisconfigurationException, match="not divisible by shard_size=2"):
+        trainer.fit(Net(), data)
