@@ -198,3 +198,34 @@ def test_shard_size_must_divide_the_devices() -> None:
     data = torch.utils.data.DataLoader(make_data(), batch_size=8)
     with pytest.raises(MisconfigurationException, match="not divisible by shard_size=2"):
         trainer.fit(Net(), data)
+
+
+def test_fsdp_groups_config_runs_through_the_cli(tmp_path: Path) -> None:
+    """configs/fsdp_groups.yaml layered on the SFT config, on 2 gloo ranks (1 group x 2 shards)."""
+    root = TESTS.parent
+    data = root / "examples" / "data" / "chatterbot_pairs.jsonl"
+    args = [
+        "fit",
+        "--config",
+        str(root / "configs" / "sft_causal_lm.yaml"),
+        "--config",
+        str(root / "configs" / "fsdp_groups.yaml"),
+        f"--data.init_args.data_files={data}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_selmerge.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    exported = tmp_path / "runs" / "sft" / "merged" / "epoch_000"
+    assert (exported / "config.json").exists()

@@ -586,7 +586,8 @@ class DataOrderEnsemble(ParallelStrategy):
         self._check_trainer(trainer)
         if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each replica
             steps_per_replica = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
-            trainer.fit_loop.epoch_loop.max_steps = steps_per_replica * self.num_replicas
+            local = len(self._layout.local_replicas)  # the replicas this rank trains
+            trainer.fit_loop.epoch_loop.max_steps = steps_per_replica * local
         limit = trainer.limit_train_batches
         if isinstance(limit, int) and limit > 0:
             self._saved_limit, self._per_replica_limit = limit, limit
