@@ -1,11 +1,10 @@
 """A DataOrderEnsemble fit on several gloo ranks; run by tests/test_device_groups.py.
 
-``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]``: Lightning's
-subprocess launcher re-runs this script once per extra rank. Every rank writes
-``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets); rank 0 writes ``OUT/merged.pt``
-(the whole merge, from the checkpoint's ``state_dict``). With ``--resume=STEP`` the fit
-saves checkpoints every 3 steps, and a second fit resumes from the one at STEP and writes
-``OUT/resumed.pt``.
+``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]
+[--offload-disk]``: Lightning's subprocess launcher re-runs this script once per extra rank.
+Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets); rank 0 writes
+``OUT/merged.pt`` (the whole merge). With ``--resume=STEP`` the fit saves checkpoints every 3
+steps, and a second fit resumes from the one at STEP and writes ``OUT/resumed.pt``.
 """
 
 from __future__ import annotations
@@ -21,9 +20,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_selmerge import DataOrderEnsemble, SelectionMergeCallback
 
 
-def trainer(devices: int, k: int, shard: int, callbacks: list) -> Trainer:
+def trainer(devices: int, k: int, shard: int, callbacks: list, offload_dir: str | None) -> Trainer:
+    strategy = DataOrderEnsemble(
+        num_replicas=k,
+        seed=3,
+        shard_size=shard,
+        offload="disk" if offload_dir else "cpu",
+        offload_dir=offload_dir,
+    )
     return Trainer(
-        strategy=DataOrderEnsemble(num_replicas=k, seed=3, shard_size=shard),
+        strategy=strategy,
         accelerator="cpu",
         devices=devices,
         max_epochs=2,
@@ -41,6 +47,7 @@ def main() -> None:
     out, devices, k, shard, batch = sys.argv[1], *map(int, sys.argv[2:6])
     resume_step = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--resume=")), 0)
     resume = resume_step > 0
+    offload_dir = str(Path(out) / "offload") if "--offload-disk" in sys.argv else None
     out_dir = Path(out)
     torch.use_deterministic_algorithms(True)
     data = make_data(64)
@@ -54,7 +61,7 @@ def main() -> None:
             )
         )
     module = Net()
-    fit = trainer(devices, k, shard, callbacks)
+    fit = trainer(devices, k, shard, callbacks, offload_dir)
     fit.fit(module, loader, val)
     strategy = fit.strategy
     assert isinstance(strategy, DataOrderEnsemble)
@@ -74,7 +81,7 @@ def main() -> None:
         torch.save(merged, out_dir / "merged.pt")
     if resume:
         again = SelectionMergeCallback(resample=2, seed=5)
-        second = trainer(devices, k, shard, [again])
+        second = trainer(devices, k, shard, [again], offload_dir)
         second.fit(Net(), loader, val, ckpt_path=str(out_dir / "ckpt" / f"step={resume_step}.ckpt"))
         resumed = second.strategy.full_state(again.merged_state)
         if rank == 0:

@@ -133,8 +133,11 @@ def test_one_replica_per_device_equals_the_sequential_mode(tmp_path: Path) -> No
 
 
 def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
-    """K=2, G=2 on 4 ranks: each replica is FSDP2-sharded over 2 ranks that see half its batches."""
-    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6")
+    """K=2, G=2 on 4 ranks: each replica is FSDP2-sharded over 2 ranks that see half its batches.
+
+    The inactive replicas are offloaded to disk, one directory per rank.
+    """
+    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6", "--offload-disk")
     ranks = result["ranks"]
     assert [(sorted(r["replicas"]), r["shard_rank"]) for r in ranks] == [
         ([0], 0),
@@ -159,6 +162,8 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
             torch.testing.assert_close(replicas[k][name], tensor, rtol=1e-5, atol=1e-5)
     # resumed from step 6: after epoch 0's merge, inside epoch 1 (sharded optimizer states)
     assert_bits_equal(result["resumed"], result["merged"])
+    offloaded = sorted(p.name for p in (tmp_path / "offload").iterdir())
+    assert offloaded == [f"rank_{r:05d}" for r in range(4)]
 
 
 def test_layout_errors_name_the_fix() -> None:

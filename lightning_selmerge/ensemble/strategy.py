@@ -203,6 +203,7 @@ class DataOrderEnsemble(ParallelStrategy):
         self._timeout = timeout
         self._num_nodes = 1
         self.batch_sampler: EnsembleBatchSampler | None = None
+        self._pin_memory, self._offload_dir = pin_memory, offload_dir
         self._store = ReplicaStore(self.num_replicas, offload, pin_memory, offload_dir)
         self._layout = ReplicaLayout(self.num_replicas, 1, 1, 0)
         self._mesh: Any = None
@@ -281,6 +282,9 @@ class DataOrderEnsemble(ParallelStrategy):
         )
         if not self.is_distributed:
             return
+        if self._offload_dir is not None:  # ranks of a group hold slices of the same replicas
+            own = Path(self._offload_dir) / f"rank_{self.global_rank:05d}"
+            self._store = ReplicaStore(self.num_replicas, self.offload, self._pin_memory, own)
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
