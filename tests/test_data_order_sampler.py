@@ -56,8 +56,14 @@ def test_fixed_batches_keep_membership_and_permute_batch_order(
     for replica in range(2):
         for epoch in range(3):
             s = DataOrderSampler(
-                num_samples=n, seed=3, replica=replica, epoch=epoch, fixed_batches=True,
-                batch_size=batch_size, num_shards=shards, drop_last=True,
+                num_samples=n,
+                seed=3,
+                replica=replica,
+                epoch=epoch,
+                fixed_batches=True,
+                batch_size=batch_size,
+                num_shards=shards,
+                drop_last=True,
             )
             perm = s.permutation()
             assert sorted(perm.tolist()) == list(range(n))
@@ -89,11 +95,21 @@ def test_fixed_batches_per_rank_batches_are_slices_of_global_batches() -> None:
 @pytest.mark.parametrize("n,shards", [(20, 4), (23, 4), (5, 3), (2, 5)])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_shards_cover_replica_order(n: int, shards: int, drop_last: bool) -> None:
-    full = DataOrderSampler(num_samples=n, seed=2, replica=1, epoch=3, num_shards=shards,
-                            drop_last=drop_last)
+    full = DataOrderSampler(
+        num_samples=n, seed=2, replica=1, epoch=3, num_shards=shards, drop_last=drop_last
+    )
     parts = [
-        list(DataOrderSampler(num_samples=n, seed=2, replica=1, epoch=3, num_shards=shards,
-                              shard_rank=r, drop_last=drop_last))
+        list(
+            DataOrderSampler(
+                num_samples=n,
+                seed=2,
+                replica=1,
+                epoch=3,
+                num_shards=shards,
+                shard_rank=r,
+                drop_last=drop_last,
+            )
+        )
         for r in range(shards)
     ]
     lengths = {len(p) for p in parts}
@@ -120,8 +136,10 @@ def test_shards_cover_replica_order(n: int, shards: int, drop_last: bool) -> Non
 
 def test_strided_shards_make_global_batches_contiguous() -> None:
     n, b, shards = 40, 5, 2
-    samplers = [DataOrderSampler(num_samples=n, seed=0, num_shards=shards, shard_rank=r)
-                for r in range(shards)]
+    samplers = [
+        DataOrderSampler(num_samples=n, seed=0, num_shards=shards, shard_rank=r)
+        for r in range(shards)
+    ]
     order = samplers[0].order()
     for j in range(n // (b * shards)):
         global_batch = torch.cat([s.indices()[j * b : (j + 1) * b] for s in samplers])

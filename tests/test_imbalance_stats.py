@@ -63,8 +63,9 @@ def test_segment_means_bins_by_fraction_of_epoch() -> None:
     assert means.tolist() == [float(i) for i in range(10)]
     assert counts.tolist() == [10] * 10
     # a subset binned against the whole epoch length; an empty segment is NaN
-    means, counts = segment_means(torch.tensor([0, 1, 150]), torch.tensor([1.0, 3.0, 5.0]),
-                                  num_segments=4, num_positions=200)
+    means, counts = segment_means(
+        torch.tensor([0, 1, 150]), torch.tensor([1.0, 3.0, 5.0]), num_segments=4, num_positions=200
+    )
     assert means[0] == 2.0 and math.isnan(means[1]) and means[3] == 5.0
     assert counts.tolist() == [2, 0, 0, 1]
 
