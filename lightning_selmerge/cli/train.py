@@ -11,6 +11,7 @@ imported here, and ``--print_config`` shows every option with its documentation:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -33,12 +34,14 @@ class SelmergeCLI(LightningCLI):
 
 
 def run_lightning(argv: Sequence[str]) -> int:
+    args = list(argv)
     SelmergeCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=list(argv),
+        # None when they are the command line's: LightningCLI warns when given both
+        args=None if args == sys.argv[1:] else args,
     )
     return 0
