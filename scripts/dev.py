@@ -50,9 +50,13 @@ def ensure_env() -> None:
         print(f"creating virtualenv {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = (PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q")
-    # The CPU build: a plain `pip install torch` would pull several GB of CUDA packages.
-    if not has_torch() and run(*pip, TORCH_CPU, check=False) != 0:
-        run(*pip, "torch", "--index-url", "https://download.pytorch.org/whl/cpu")
+    # The CPU build: on Linux a plain `pip install torch` pulls several GB of CUDA packages, so
+    # PyTorch's CPU index comes first (wheels found locally through pip's config count too); a
+    # machine that cannot reach it falls back to the configured indexes.
+    if not has_torch():
+        cpu_index = ("--index-url", "https://download.pytorch.org/whl/cpu", "--timeout", "10")
+        if run(*pip, TORCH_CPU, *cpu_index, "--retries", "0", check=False) != 0:
+            run(*pip, TORCH_CPU)
     stamp = VENV / ".selmerge-installed"
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if not stamp.exists() or stamp.read_text() != digest:
