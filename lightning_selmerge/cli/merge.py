@@ -100,6 +100,9 @@ def run_merge(argv: Sequence[str]) -> int:
     except MergeError as err:
         print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
+        return 1
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
     for entry in provenance.get("dropped_nonfinite", []):
         print(

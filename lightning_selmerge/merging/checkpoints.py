@@ -53,13 +53,21 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``)."""
+    """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``).
+
+    An existing ``out`` is first renamed to a backup beside it and removed once the new one is in
+    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost.
+    """
     if out.exists():
         if not overwrite:
             raise MergeError(f"output {out} appeared during the merge; nothing was replaced")
         backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, backup)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(backup, out)
+            raise
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(staging, out)
@@ -101,8 +109,9 @@ def merge_checkpoints(
     safetensors (plus the index when there are several shards), the config, tokenizer and other
     small files of ``base`` (else of the first replica), and ``selmerge.json`` describing the
     merge. It is written under a temporary name beside ``out`` and renamed when complete, so a
-    crash or an error leaves no partial output. The result equals :func:`merge_state_dicts` on the
-    loaded tensors with the same arguments.
+    crash or an error (a full disk included) leaves no partial output and an existing ``out``
+    unchanged. The result equals :func:`merge_state_dicts` on the loaded tensors with the same
+    arguments.
 
     Args:
         progress: called with the number of tensors done after each tensor (e.g. a tqdm update).
@@ -110,6 +119,11 @@ def merge_checkpoints(
             :class:`NonFiniteError` naming the replica's path and the tensor (``"error"``), or
             is left out (``"drop"``; the merge then starts over without it, and ``selmerge.json``
             lists it under ``"dropped_nonfinite"``).
+
+    Raises:
+        MergeError: bad inputs (nothing is written).
+        OSError: reading or writing failed (e.g. no space left); the message names ``out`` and
+            says that nothing was left behind.
 
     Example:
         >>> import tempfile, torch
@@ -228,8 +242,16 @@ class _MergeJob:
         try:
             self._write(staging, readers, labels, indices, method, rules)
             publish_directory(staging, out, self.overwrite)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+                raise OSError(
+                    err.errno,
+                    f"merging into {out} failed: {err.strerror or err}"
+                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
+                    f"removed and {state}",
+                ) from err
             raise
 
     def _write(
