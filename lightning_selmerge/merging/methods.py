@@ -136,7 +136,8 @@ class WeightedAverage(MergeMethod):
             for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
                 acc.addcmul_(tensor, weight)
         acc.div_(weights.sum().to(first.device))
-        return acc.to(first.dtype)
+        # a copy even when the dtypes match: the accumulator is reused by the next chunk
+        return acc.to(first.dtype, copy=True)
 
 
 @dataclass(frozen=True)
