@@ -68,7 +68,7 @@ def iter_merged_chunks(
             check_finite(name, parts, labels, offset + begin, indices)
             raise MergeError(
                 f"tensor {name!r}: {method} of finite replicas overflowed {merged.dtype} near "
-                f"flat index {offset + begin}: merge in a wider dtype (e.g. float32)"
+                f"flat index {offset + begin}: cast the replicas to float64 before merging"
             )
         yield merged
 
