@@ -83,11 +83,19 @@ def test_checkpoint_state_dict_is_the_merged_model(uninterrupted) -> None:
     assert_same(early["state_dict"], early[CHECKPOINT_KEY]["live"])
 
 
-def test_resume_with_another_ensemble_is_refused(uninterrupted) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_replicas": 2, "seed": 3}, r"num_replicas=3 but this strategy has num_replicas=2"),
+        ({"num_replicas": 3, "seed": 4}, r"seed=3 but this strategy has seed=4"),
+        ({"num_replicas": 3, "seed": 3, "fixed_batches": True}, r"fixed_batches=False"),
+    ],
+)
+def test_resume_with_another_ensemble_is_refused(uninterrupted, kwargs, match) -> None:
     tmp, _, _ = uninterrupted
     ckpt = next(tmp.glob("*-step=20.ckpt"))
-    strategy = DataOrderEnsemble(num_replicas=2, seed=3)
-    with pytest.raises(MisconfigurationException, match="num_replicas=3"):
+    strategy = DataOrderEnsemble(**kwargs)
+    with pytest.raises(MisconfigurationException, match=match):
         fit(Net(scheduler=True, dropout=0.2), 2, EPOCHS, strategy=strategy, ckpt_path=str(ckpt))
 
 

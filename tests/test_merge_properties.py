@@ -9,11 +9,12 @@ from reference_merge import candidate_matrix
 
 from lightning_selmerge.merging import (
     KeyedRandom,
+    MergeMethod,
     ParameterSelection,
     WeightedAverage,
+    iter_merged_chunks,
     merge_state_dicts,
 )
-from lightning_selmerge.merging.methods import ChunkContext
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
 
@@ -38,15 +39,31 @@ def replica_sets(draw):
     return base, replicas
 
 
+def shares(k: int) -> st.SearchStrategy[list[float]]:
+    """K non-negative numbers summing to 1 (some may be 0)."""
+    return (
+        st.lists(st.integers(0, 100), min_size=k, max_size=k)
+        .filter(lambda w: sum(w) > 0)
+        .map(lambda w: [x / sum(w) for x in w])
+    )
+
+
+def selections(k: int) -> st.SearchStrategy[ParameterSelection]:
+    return st.builds(ParameterSelection, st.none() | shares(k), st.integers(0, 3))
+
+
+def methods(k: int) -> st.SearchStrategy[MergeMethod]:
+    weights = st.lists(st.floats(0.1, 10.0), min_size=k, max_size=k)
+    return selections(k) | st.builds(WeightedAverage, st.none() | weights)
+
+
 @settings(max_examples=60, deadline=None)
-@given(replica_sets(), st.integers(0, 3), st.integers(0, 1000))
-def test_selection_elements_each_equal_one_replicas_element(data, resample, seed):
+@given(replica_sets(), st.data(), st.integers(0, 1000))
+def test_selection_elements_each_equal_one_replicas_element(data, draw, seed):
     base, replicas = data
+    method = draw.draw(selections(len(replicas)))
     merged = merge_state_dicts(
-        [{"w": r} for r in replicas],
-        base={"w": base},
-        method=ParameterSelection(resample=resample),
-        seed=seed,
+        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=seed
     )["w"]
     bits = torch.stack([r.view(torch.uint8).view(r.numel(), -1) for r in replicas])
     out = merged.view(torch.uint8).view(merged.numel(), -1)
@@ -86,25 +103,38 @@ def test_resample_never_returns_unmoved_when_a_candidate_moved(data, resample, s
 
 @settings(max_examples=40, deadline=None)
 @given(
-    replica_sets(), st.integers(0, 2), st.lists(st.integers(0, 300), max_size=4), st.integers(1, 64)
+    replica_sets(),
+    st.data(),
+    st.lists(st.integers(0, 300), max_size=4),
+    st.integers(1, 64),
+    st.integers(1, 64),
 )
-def test_merge_is_invariant_to_chunk_size_and_rank_splits(data, resample, cuts, chunk):
+def test_merge_is_invariant_to_chunk_size_and_rank_splits(data, draw, cuts, chunk, rank_chunk):
+    """Any chunk size, and any split of the flat tensor into ranks' slices merged on their own
+    with ``iter_merged_chunks(offset=...)`` and concatenated, give the whole merge's bits."""
     base, replicas = data
+    method = draw.draw(methods(len(replicas)))
     n = base.numel()
-    method = ParameterSelection(resample=resample)
-    whole = merge_state_dicts(
-        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=1
-    )["w"]
-    chunked = merge_state_dicts(
-        [{"w": r} for r in replicas], base={"w": base}, method=method, seed=1, chunk_numel=chunk
-    )["w"]
+    inputs = [{"w": r} for r in replicas]
+    whole = merge_state_dicts(inputs, base={"w": base}, method=method, seed=1)["w"]
+    chunked = merge_state_dicts(inputs, base={"w": base}, method=method, seed=1, chunk_numel=chunk)[
+        "w"
+    ]
     assert torch.equal(whole.view(torch.uint8), chunked.view(torch.uint8))
     bounds = sorted({0, n, *(c % (n + 1) for c in cuts)})
     rng = KeyedRandom(1)
     parts = [
-        method.merge_chunk(ChunkContext(rng, "w", a), [r[a:b] for r in replicas], base[a:b])
+        chunk_out
         for a, b in itertools.pairwise(bounds)
-        if b > a
+        for chunk_out in iter_merged_chunks(
+            "w",
+            [r[a:b] for r in replicas],
+            base[a:b],
+            method,
+            rng,
+            chunk_numel=rank_chunk,
+            offset=a,
+        )
     ]
     assert torch.equal(torch.cat(parts).view(torch.uint8), whole.view(torch.uint8))
 

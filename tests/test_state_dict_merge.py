@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from lightning_selmerge.merging import (
+    KeyedRandom,
     MergeError,
     MergeRule,
     ParameterSelection,
     WeightedAverage,
+    iter_merged_chunks,
     merge_state_dicts,
+    merge_tensor,
 )
 
 
@@ -132,3 +135,15 @@ def test_resample_without_base_is_refused(states):
     _, replicas = states
     with pytest.raises(MergeError, match="needs the base"):
         merge_state_dicts(replicas, method=ParameterSelection(resample=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "method", [WeightedAverage(), WeightedAverage(weights=[1.0, 2.0]), ParameterSelection()]
+)
+def test_merged_chunks_stay_valid_after_the_next_chunk(dtype, method):
+    """Chunks a caller keeps (e.g. one rank's slices, concatenated) are not reused buffers."""
+    replicas = [torch.randn(10).to(dtype), torch.randn(10).to(dtype)]
+    whole = merge_tensor("w", replicas, None, method, KeyedRandom(0))
+    chunks = list(iter_merged_chunks("w", replicas, None, method, KeyedRandom(0), chunk_numel=3))
+    assert torch.equal(torch.cat(chunks), whole)

@@ -9,12 +9,15 @@ directories::
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
 from lightning_selmerge.merging import MergeError, load_rules, make_method, merge_checkpoints
+from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
 
 __all__ = ["merge_parser", "run_merge"]
 
@@ -55,6 +58,11 @@ def merge_parser() -> ArgumentParser:
     parser.add_argument("--shard_size", type=int, default=5 * 2**30, help="max bytes per shard")
     parser.add_argument("--chunk_numel", type=int, default=1 << 20, help="elements merged at once")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--drop-nonfinite",
+        action="store_true",
+        help="leave out replicas holding NaN/Inf (default: refuse to merge, naming them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -87,9 +95,20 @@ def run_merge(argv: Sequence[str]) -> int:
                 max_shard_bytes=args.shard_size,
                 overwrite=args.overwrite,
                 progress=progress,
+                nonfinite="drop" if args.drop_nonfinite else "error",
             )
     except MergeError as err:
         print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
         return 2
-    print(f"merged {len(args.replicas)} replicas into {out}")
+    except OSError as err:
+        print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
+        return 1
+    provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
+    for entry in provenance.get("dropped_nonfinite", []):
+        print(
+            f"dropped replica {entry['replica']} ({entry['path']}): NaN/Inf in tensor "
+            f"{entry['tensor']!r}",
+            file=sys.stderr,
+        )
+    print(f"merged {len(provenance['replicas'])} replicas into {out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class ReplicaStore:
         return stem.with_suffix(".safetensors"), stem.with_suffix(".pt")
 
     def _write(self, replica: int, state: ReplicaState) -> None:
+        """Both files go to temporary names first and are renamed only once both are complete,
+        so a failure (a full disk) leaves the replica's previous files as they were."""
         tensors_path, rest_path = self._paths(replica)
         unique: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
@@ -176,13 +179,30 @@ class ReplicaStore:
             else:
                 first_name[key] = name
                 unique[name] = tensor.detach().cpu().contiguous()
-        tmp = tensors_path.with_suffix(".safetensors.tmp")
+        temps = [path.with_name(path.name + ".tmp") for path in (tensors_path, rest_path)]
         metadata = {"aliases": json.dumps(aliases), "order": json.dumps(list(state.module))}
-        save_file(unique, str(tmp), metadata=metadata)
-        os.replace(tmp, tensors_path)
-        tmp = rest_path.with_suffix(".pt.tmp")
-        torch.save({"optimizers": state.optimizers, "lr_schedulers": state.lr_schedulers}, tmp)
-        os.replace(tmp, rest_path)
+        try:
+            save_file(unique, str(temps[0]), metadata=metadata)
+            rest = {"optimizers": state.optimizers, "lr_schedulers": state.lr_schedulers}
+            with open(temps[1], "wb") as handle:  # a Python file: a full disk is an OSError
+                torch.save(rest, handle)
+        except BaseException as err:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+            code = _os_errno(err)
+            if code is None:
+                raise
+            size = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+            raise OSError(
+                code,
+                f"DataOrderEnsemble(offload='disk'): writing replica {replica}'s state under "
+                f"{self.directory} failed: {os.strerror(code)}; its previous files there are "
+                f"unchanged. Free space there, point offload_dir at a disk with room (each "
+                f"replica needs about {size:.1f} MiB plus its optimizer state) or use "
+                "offload='cpu'.",
+            ) from err
+        for tmp, path in zip(temps, (tensors_path, rest_path)):
+            os.replace(tmp, path)
 
     def _read(self, replica: int) -> ReplicaState:
         tensors_path, rest_path = self._paths(replica)
@@ -193,3 +213,19 @@ class ReplicaStore:
         module = {name: unique[aliases.get(name, name)] for name in order}
         rest = torch.load(rest_path, map_location="cpu", weights_only=False)
         return ReplicaState(module, rest["optimizers"], rest["lr_schedulers"])
+
+
+def _os_errno(err: BaseException) -> int | None:
+    """The OS error number behind ``err``: its own, that of the exception it came from, or the
+    ``(os error N)`` that safetensors' Rust errors carry in their message; ``None`` if none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        match = re.search(r"os error (\d+)", str(current))
+        if match:
+            return int(match.group(1))
+        current = current.__cause__ or current.__context__
+    return None

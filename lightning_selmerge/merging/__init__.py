@@ -3,11 +3,13 @@
 Methods over K aligned tensors (:class:`WeightedAverage`, :class:`ParameterSelection` with
 optional resample), a random source keyed by (seed, tensor name, element offset), whole
 state-dict merge (:func:`merge_state_dicts`) and out-of-core merge of safetensors checkpoints
-(:func:`merge_checkpoints`).
+(:func:`merge_checkpoints`), all refusing replicas that hold NaN/Inf unless told to drop them
+(:func:`find_nonfinite`, ``nonfinite="drop"``).
 """
 
 from .checkpoints import merge_checkpoints
-from .errors import MergeError
+from .errors import MergeError, NonFiniteError
+from .finite import NonFinite, all_finite, find_nonfinite
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, WeightedAverage
 from .rules import MergeRule, load_rules, make_method, method_for
@@ -19,8 +21,12 @@ __all__ = [
     "MergeError",
     "MergeMethod",
     "MergeRule",
+    "NonFinite",
+    "NonFiniteError",
     "ParameterSelection",
     "WeightedAverage",
+    "all_finite",
+    "find_nonfinite",
     "iter_merged_chunks",
     "load_rules",
     "make_method",

@@ -8,9 +8,12 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import MergeError
+from .errors import MergeError, NonFiniteError
+from .finite import NonFinite, all_finite, check_nonfinite_mode, surviving_replicas
 from .keyed_random import KeyedRandom
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
@@ -50,16 +53,39 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``)."""
+    """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``).
+
+    An existing ``out`` is first renamed to a backup beside it and removed once the new one is in
+    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost.
+    """
     if out.exists():
         if not overwrite:
             raise MergeError(f"output {out} appeared during the merge; nothing was replaced")
         backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, backup)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(backup, out)
+            raise
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(staging, out)
+
+
+def _find_nonfinite_files(
+    readers: Sequence[CheckpointReader], plan: Sequence[tuple[str, TensorInfo]]
+) -> dict[int, str]:
+    """Replica index -> its first floating-point tensor holding NaN/Inf (one read pass)."""
+    found: dict[int, str] = {}
+    for index, reader in enumerate(readers):
+        for name, info in plan:
+            if info.dtype.is_floating_point and not all_finite(reader.tensor(name)):
+                found[index] = name
+            reader.release(name)
+            if index in found:
+                break
+    return found
 
 
 def merge_checkpoints(
@@ -74,6 +100,7 @@ def merge_checkpoints(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     progress: Callable[[int], object] | None = None,
+    nonfinite: NonFinite = "error",
 ) -> Path:
     """Merge K saved checkpoints into one Hugging Face style directory, one tensor at a time.
 
@@ -82,11 +109,21 @@ def merge_checkpoints(
     safetensors (plus the index when there are several shards), the config, tokenizer and other
     small files of ``base`` (else of the first replica), and ``selmerge.json`` describing the
     merge. It is written under a temporary name beside ``out`` and renamed when complete, so a
-    crash or an error leaves no partial output. The result equals :func:`merge_state_dicts` on the
-    loaded tensors with the same arguments.
+    crash or an error (a full disk included) leaves no partial output and an existing ``out``
+    unchanged. The result equals :func:`merge_state_dicts` on the loaded tensors with the same
+    arguments.
 
     Args:
         progress: called with the number of tensors done after each tensor (e.g. a tqdm update).
+        nonfinite: as in :func:`merge_state_dicts`: a replica holding NaN/Inf raises
+            :class:`NonFiniteError` naming the replica's path and the tensor (``"error"``), or
+            is left out (``"drop"``; the merge then starts over without it, and ``selmerge.json``
+            lists it under ``"dropped_nonfinite"``).
+
+    Raises:
+        MergeError: bad inputs (nothing is written).
+        OSError: reading or writing failed (e.g. no space left); the message names ``out`` and
+            says that nothing was left behind.
 
     Example:
         >>> import tempfile, torch
@@ -103,10 +140,14 @@ def merge_checkpoints(
     """
     out = Path(out)
     method = method if method is not None else ParameterSelection()
+    check_nonfinite_mode(nonfinite)
     for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
         candidate.validate(len(replicas))
     if out.exists() and not overwrite:
-        raise MergeError(f"output {out} already exists: choose another path or pass overwrite=True")
+        raise MergeError(
+            f"output {out} already exists: choose another path or pass overwrite=True "
+            "(CLI: --overwrite)"
+        )
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 
     with ExitStack() as stack:
@@ -130,19 +171,108 @@ def merge_checkpoints(
                         f"tensor {name!r} is missing from the base checkpoint {base} or has "
                         "another shape or dtype there"
                     )
-
+        job = _MergeJob(
+            out=out,
+            plan=plan,
+            base_reader=base_reader,
+            side_files=Path(base if base is not None else replicas[0]),
+            seed=seed,
+            chunk_numel=chunk_numel,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            progress=progress,
+            provenance={
+                "method": repr(method),
+                "rules": [{"pattern": r.pattern, "method": repr(r.method)} for r in rules],
+                "seed": seed,
+                "replicas": [str(p) for p in replicas],
+                "base": None if base is None else str(base),
+            },
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            job.run(readers, labels, list(range(len(readers))), method, rules)
+            return out
+        except NonFiniteError:
+            if nonfinite == "error":
+                raise
+        bad = _find_nonfinite_files(readers, plan)
+        keep = surviving_replicas(bad, labels)
+        job.provenance["replicas"] = [str(replicas[k]) for k in keep]
+        job.provenance["method"] = repr(method.subset(keep))
+        job.provenance["dropped_nonfinite"] = [
+            {"replica": k, "path": str(replicas[k]), "tensor": name} for k, name in bad.items()
+        ]
+        job.run(
+            [readers[k] for k in keep],
+            [labels[k] for k in keep],
+            keep,
+            method.subset(keep),
+            [rule.subset(keep) for rule in rules],
+        )
+    return out
+
+
+@dataclass
+class _MergeJob:
+    """One attempt at writing the merge: into a staging directory, renamed to ``out`` at the end."""
+
+    out: Path
+    plan: Sequence[tuple[str, TensorInfo]]
+    base_reader: CheckpointReader | None
+    side_files: Path
+    seed: int
+    chunk_numel: int
+    max_shard_bytes: int
+    overwrite: bool
+    progress: Callable[[int], object] | None
+    provenance: dict[str, Any]
+
+    def run(
+        self,
+        readers: Sequence[CheckpointReader],
+        labels: Sequence[str],
+        indices: Sequence[int],
+        method: MergeMethod,
+        rules: Sequence[MergeRule],
+    ) -> None:
+        out = self.out
         staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
         staging.mkdir()
         try:
-            writer = ShardedSafetensorsWriter(
-                staging,
-                plan,
-                max_shard_bytes=max_shard_bytes,
-                metadata={"merged_by": "lightning_selmerge"},
-            )
-            rng = KeyedRandom(seed)
-            for done, (name, info) in enumerate(plan, start=1):
+            self._write(staging, readers, labels, indices, method, rules)
+            publish_directory(staging, out, self.overwrite)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+                raise OSError(
+                    err.errno,
+                    f"merging into {out} failed: {err.strerror or err}"
+                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
+                    f"removed and {state}",
+                ) from err
+            raise
+
+    def _write(
+        self,
+        staging: Path,
+        readers: Sequence[CheckpointReader],
+        labels: Sequence[str],
+        indices: Sequence[int],
+        method: MergeMethod,
+        rules: Sequence[MergeRule],
+    ) -> None:
+        writer = ShardedSafetensorsWriter(
+            staging,
+            self.plan,
+            max_shard_bytes=self.max_shard_bytes,
+            metadata={"merged_by": "lightning_selmerge"},
+        )
+        try:
+            rng = KeyedRandom(self.seed)
+            base_reader = self.base_reader
+            for done, (name, info) in enumerate(self.plan, start=1):
                 tensors = [reader.tensor(name) for reader in readers]
                 if info.numel == 0:
                     writer.write(name, tensors[0])
@@ -152,9 +282,17 @@ def merge_checkpoints(
                     chosen = method_for(name, rules, method)
                     base_tensor = base_reader.tensor(name) if chosen.needs_base else None
                     start = 0
-                    for chunk in iter_merged_chunks(
-                        name, tensors, base_tensor, chosen, rng, chunk_numel=chunk_numel
-                    ):
+                    chunks = iter_merged_chunks(
+                        name,
+                        tensors,
+                        base_tensor,
+                        chosen,
+                        rng,
+                        chunk_numel=self.chunk_numel,
+                        check_finite_as=labels,
+                        indices=indices,
+                    )
+                    for chunk in chunks:
                         writer.write(name, chunk)
                         # Merged input pages leave the resident set chunk by chunk, so peak
                         # memory is bounded by the chunk size, not by the largest tensor.
@@ -165,20 +303,11 @@ def merge_checkpoints(
                 del tensors
                 for reader in readers:
                     reader.release(name)
-                if progress is not None:
-                    progress(done)
+                if self.progress is not None:
+                    self.progress(done)
             writer.close()
-            _copy_side_files(Path(base if base is not None else replicas[0]), staging)
-            provenance = {
-                "method": repr(method),
-                "rules": [{"pattern": r.pattern, "method": repr(r.method)} for r in rules],
-                "seed": seed,
-                "replicas": [str(p) for p in replicas],
-                "base": None if base is None else str(base),
-            }
-            (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-            publish_directory(staging, out, overwrite)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return out
+        finally:
+            writer.abort()
+        _copy_side_files(self.side_files, staging)
+        text = json.dumps(self.provenance, indent=2) + "\n"
+        (staging / PROVENANCE_NAME).write_text(text)

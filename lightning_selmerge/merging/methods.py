@@ -12,7 +12,7 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,6 +38,9 @@ class MergeMethod(ABC):
 
     #: Whether :meth:`merge_chunk` needs the base (pre-trained) tensor.
     needs_base: bool = False
+    #: Whether a NaN or Inf in any replica always makes the merged chunk non-finite, so that a
+    #: finite output proves finite inputs (the NaN/Inf check then reads the output only).
+    propagates_nonfinite: bool = False
 
     @abstractmethod
     def validate(self, num_replicas: int) -> None:
@@ -51,6 +54,12 @@ class MergeMethod(ABC):
         base: torch.Tensor | None,
     ) -> torch.Tensor:
         """Merge flat, equally long chunks; return the merged chunk in the replicas' dtype."""
+
+    def subset(self, keep: Sequence[int]) -> MergeMethod:
+        """This method for the replicas ``keep`` only (indices into the original K), used when
+        replicas are dropped. Per-replica parameters follow their replicas; the default has none.
+        """
+        return self
 
 
 def _check_num_replicas(num_replicas: int) -> None:
@@ -88,6 +97,13 @@ class WeightedAverage(MergeMethod):
     """
 
     weights: Sequence[float] | None = None
+    propagates_nonfinite = True  # every replica is added in: NaN/Inf reaches the output
+
+    def subset(self, keep: Sequence[int]) -> WeightedAverage:
+        """The kept replicas' weights (the average divides by their sum)."""
+        if self.weights is None:
+            return self
+        return replace(self, weights=[self.weights[k] for k in keep])
 
     def validate(self, num_replicas: int) -> None:
         _check_num_replicas(num_replicas)
@@ -120,7 +136,8 @@ class WeightedAverage(MergeMethod):
             for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
                 acc.addcmul_(tensor, weight)
         acc.div_(weights.sum().to(first.device))
-        return acc.to(first.dtype)
+        # a copy even when the dtypes match: the accumulator is reused by the next chunk
+        return acc.to(first.dtype, copy=True)
 
 
 @dataclass(frozen=True)
@@ -153,6 +170,19 @@ class ParameterSelection(MergeMethod):
     @property
     def needs_base(self) -> bool:  # type: ignore[override]
         return self.resample > 0
+
+    def subset(self, keep: Sequence[int]) -> ParameterSelection:
+        """The kept replicas' probabilities, renormalised to sum to 1."""
+        if self.probabilities is None:
+            return self
+        kept = [float(self.probabilities[k]) for k in keep]
+        total = sum(kept)
+        if not total > 0:
+            raise MergeError(
+                f"the replicas left {list(keep)} all have selection probability 0 "
+                f"(probabilities {list(self.probabilities)}): nothing to select from"
+            )
+        return ParameterSelection(probabilities=[p / total for p in kept], resample=self.resample)
 
     def validate(self, num_replicas: int) -> None:
         _check_num_replicas(num_replicas)

@@ -69,6 +69,10 @@ class MergeRule:
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
 
+    def subset(self, keep: Sequence[int]) -> MergeRule:
+        """This rule for the replicas ``keep`` only (see :meth:`MergeMethod.subset`)."""
+        return MergeRule(self.pattern, self.method.subset(keep))
+
     @classmethod
     def from_mapping(cls, entry: Mapping[str, Any]) -> MergeRule:
         """``{"pattern": ..., "method": "average"|"selection", weights/probabilities/resample}``."""

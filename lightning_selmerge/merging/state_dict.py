@@ -6,7 +6,15 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, NonFiniteError
+from .finite import (
+    NonFinite,
+    all_finite,
+    check_finite,
+    check_nonfinite_mode,
+    find_nonfinite,
+    surviving_replicas,
+)
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
@@ -26,24 +34,43 @@ def iter_merged_chunks(
     *,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     offset: int = 0,
+    check_finite_as: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Merged flat chunks of one floating-point tensor, in order.
 
     ``offset`` is the flat position of the first element within the whole tensor (non-zero when
     the tensors are one rank's shard of it), so the random draws stay those of the whole tensor.
+
+    With ``check_finite_as`` (one label per replica, e.g. ``"replica 2"``) every chunk is checked
+    for NaN/Inf in the same pass and :class:`NonFiniteError` names the replica, the tensor and the
+    element; ``indices`` are the replicas' indices it reports (default ``0..K-1``). A method that
+    :attr:`~MergeMethod.propagates_nonfinite` has only its output chunk checked (the inputs
+    only when that is not finite).
     """
     if chunk_numel < 1:
         raise MergeError(f"chunk_numel must be >= 1, got {chunk_numel}")
     flat = [r.reshape(-1) for r in replicas]
     flat_base = base.reshape(-1) if base is not None else None
     numel = flat[0].numel()
+    labels = check_finite_as
     for begin in range(0, numel, chunk_numel):
         end = min(begin + chunk_numel, numel)
-        yield method.merge_chunk(
+        parts = [f[begin:end] for f in flat]
+        if labels is not None and not method.propagates_nonfinite:
+            check_finite(name, parts, labels, offset + begin, indices)
+        merged = method.merge_chunk(
             ChunkContext(rng, name, offset + begin),
-            [f[begin:end] for f in flat],
+            parts,
             flat_base[begin:end] if flat_base is not None else None,
         )
+        if labels is not None and method.propagates_nonfinite and not all_finite(merged):
+            check_finite(name, parts, labels, offset + begin, indices)
+            raise MergeError(
+                f"tensor {name!r}: {method} of finite replicas overflowed {merged.dtype} near "
+                f"flat index {offset + begin}: cast the replicas to float64 before merging"
+            )
+        yield merged
 
 
 def merge_tensor(
@@ -54,12 +81,27 @@ def merge_tensor(
     rng: KeyedRandom,
     *,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    check_finite_as: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Merge one floating-point tensor; the result is a new contiguous tensor."""
+    """Merge one floating-point tensor; the result is a new contiguous tensor.
+
+    ``check_finite_as`` and ``indices``: as in :func:`iter_merged_chunks`.
+    """
     out = torch.empty(replicas[0].shape, dtype=replicas[0].dtype, device=replicas[0].device)
     flat_out = out.view(-1)
     begin = 0
-    for chunk in iter_merged_chunks(name, replicas, base, method, rng, chunk_numel=chunk_numel):
+    chunks = iter_merged_chunks(
+        name,
+        replicas,
+        base,
+        method,
+        rng,
+        chunk_numel=chunk_numel,
+        check_finite_as=check_finite_as,
+        indices=indices,
+    )
+    for chunk in chunks:
         flat_out[begin : begin + chunk.numel()].copy_(chunk)
         begin += chunk.numel()
     return out
@@ -124,6 +166,7 @@ def merge_state_dicts(
     rules: Sequence[MergeRule] = (),
     seed: int = 0,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    nonfinite: NonFinite = "error",
 ) -> dict[str, torch.Tensor]:
     """Merge K aligned state dicts into one.
 
@@ -141,6 +184,12 @@ def merge_state_dicts(
         rules: per-tensor overrides, first match wins.
         seed: the random seed of selection.
         chunk_numel: elements merged at once (bounds the extra memory).
+        nonfinite: a replica with NaN/Inf in a floating-point tensor raises
+            :class:`NonFiniteError` naming the replica and the tensor (``"error"``), or is left
+            out with a warning (``"drop"``): the others are merged as if they were the only
+            inputs, the method and rules keep the remaining replicas' weights or probabilities
+            (renormalised, see :meth:`MergeMethod.subset`), and fewer than 2 remaining replicas
+            is a :class:`MergeError`. The check is done in the merge's own pass.
 
     Example:
         >>> import torch
@@ -151,7 +200,38 @@ def merge_state_dicts(
         tensor(1.)
     """
     method = method if method is not None else ParameterSelection()
+    check_nonfinite_mode(nonfinite)
     labels = [f"replica {k}" for k in range(len(replicas))]
+    try:
+        return _merge_state_dicts(
+            replicas, labels, list(range(len(replicas))), method, base, rules, seed, chunk_numel
+        )
+    except NonFiniteError:
+        if nonfinite == "error":
+            raise
+    keep = surviving_replicas(find_nonfinite(replicas), labels)
+    return _merge_state_dicts(
+        [replicas[k] for k in keep],
+        [labels[k] for k in keep],
+        keep,
+        method.subset(keep),
+        base,
+        [rule.subset(keep) for rule in rules],
+        seed,
+        chunk_numel,
+    )
+
+
+def _merge_state_dicts(
+    replicas: Sequence[Mapping[str, torch.Tensor]],
+    labels: Sequence[str],
+    indices: Sequence[int],
+    method: MergeMethod,
+    base: Mapping[str, torch.Tensor] | None,
+    rules: Sequence[MergeRule],
+    seed: int,
+    chunk_numel: int,
+) -> dict[str, torch.Tensor]:
     for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
         candidate.validate(len(replicas))
     check_same_names([set(r) for r in replicas], labels)
@@ -179,9 +259,16 @@ def merge_state_dicts(
                         "but no base tensor was given: pass base=<pre-trained state dict>"
                     )
                 base_tensor = base[key_name]
-                check_aligned(key_name, [tensors[0], base_tensor], ["replica 0", "base"])
+                check_aligned(key_name, [tensors[0], base_tensor], [labels[0], "base"])
             result = merge_tensor(
-                key_name, tensors, base_tensor, chosen, rng, chunk_numel=chunk_numel
+                key_name,
+                tensors,
+                base_tensor,
+                chosen,
+                rng,
+                chunk_numel=chunk_numel,
+                check_finite_as=labels,
+                indices=indices,
             )
         for name in names:
             merged[name] = result

@@ -1,0 +1,81 @@
+"""Bad inputs not covered elsewhere (the full table is in docs/reliability.md)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ensemble_support import Net, make_data
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Subset
+
+from lightning_selmerge.cli import main as cli
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def fit_on(loader: DataLoader, k: int = 2, **trainer_kwargs) -> tuple[Net, Trainer]:
+    module = Net()
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=k, seed=3),
+        callbacks=[SelectionMergeCallback(seed=1)],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, loader)
+    return module, trainer
+
+
+def test_dataset_smaller_than_a_batch_trains_one_partial_batch_per_replica() -> None:
+    start = {n: t.clone() for n, t in Net().state_dict().items()}
+    _, trainer = fit_on(DataLoader(Subset(make_data(), range(5)), batch_size=8))
+    strategy = trainer.strategy
+    assert strategy.batches_per_replica == 1 and trainer.global_step == 2
+    replicas = strategy.replica_states()
+    assert not torch.equal(replicas[0]["net.0.weight"], start["net.0.weight"])
+    assert not torch.equal(replicas[0]["net.0.weight"], replicas[1]["net.0.weight"])
+
+
+def test_dataset_smaller_than_a_batch_with_drop_last_is_refused() -> None:
+    loader = DataLoader(Subset(make_data(), range(5)), batch_size=8, drop_last=True)
+    with pytest.raises(MisconfigurationException, match="each replica gets 0 training batches"):
+        fit_on(loader)
+
+
+def test_limit_train_batches_beyond_a_replica_keeps_whole_replicas() -> None:
+    """An int limit applies per replica; more than a replica has gives each its full pass."""
+    _, trainer = fit_on(DataLoader(make_data(), batch_size=8), k=3, limit_train_batches=100)
+    assert trainer.strategy.batches_per_replica == 8 and trainer.global_step == 24
+    assert trainer.limit_train_batches == 100
+
+
+def test_cli_refuses_one_replica_and_replaces_only_with_overwrite(tmp_path: Path, capsys) -> None:
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"r{k}.safetensors")
+        save_file({"w": torch.full((4,), float(k))}, paths[-1])
+    out = tmp_path / "out"
+    assert cli(["merge", str(paths[0]), "--out", str(out), "--quiet"]) == 2
+    assert "at least 2 replicas" in capsys.readouterr().err and not out.exists()
+
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    average = ["merge", *map(str, paths), "--method", "average", "--out", str(out), "--quiet"]
+    assert cli(average) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert cli([*average, "--overwrite"]) == 0
+    assert not (out / "mine.txt").exists()
+    assert torch.equal(load_file(out / "model.safetensors")["w"], torch.full((4,), 0.5))
