@@ -17,7 +17,7 @@ from lightning_selmerge.ensemble import (
     EnsembleBatchSampler,
     SelectionMergeCallback,
 )
-from lightning_selmerge.merging import ParameterSelection, merge_state_dicts
+from lightning_selmerge.merging import NonFiniteError, ParameterSelection, merge_state_dicts
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -234,3 +234,34 @@ def test_every_replica_over_several_epochs_equals_training_it_alone() -> None:
             assert torch.equal(stored[name], tensor), (replica, name)
     # and the module holds the merge, not a replica
     assert not torch.equal(module.state_dict()["net.0.weight"], stored["net.0.weight"])
+
+
+class _PoisonReplica(Callback):
+    """Puts a NaN into replica 1's weights at its last batch (a diverged replica)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        strategy = trainer.strategy
+        if (
+            strategy.replica_of(batch_idx) == 1
+            and (batch_idx + 1) % strategy.batches_per_replica == 0
+        ):
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = float("nan")
+
+
+def test_a_diverged_replica_stops_the_merge_naming_it() -> None:
+    with pytest.raises(NonFiniteError, match="replica 1") as err:
+        fit(Net(), 3, callbacks=[_PoisonReplica(), SelectionMergeCallback()])
+    assert err.value.tensor == "net.0.weight" and err.value.replicas == (1,)
+
+
+def test_a_diverged_replica_can_be_dropped() -> None:
+    merge = SelectionMergeCallback(nonfinite="drop")
+    with pytest.warns(UserWarning, match="replica 1"):
+        _, strategy = fit(Net(), 3, callbacks=[_PoisonReplica(), merge])
+    assert merge.merged_state is not None
+    assert all(torch.isfinite(t).all() for t in merge.merged_state.values())
+    states = strategy.replica_states()
+    weight = merge.merged_state["net.0.weight"]
+    from_0_or_2 = (weight == states[0]["net.0.weight"]) | (weight == states[2]["net.0.weight"])
+    assert from_0_or_2.all()

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
-from lightning_selmerge.merging import MergeRule, make_method
+from lightning_selmerge.merging import MergeRule, NonFinite, make_method
 from lightning_selmerge.merging.checkpoints import publish_directory
 
 __all__ = ["SelectionMergeCallback"]
@@ -64,6 +64,10 @@ class SelectionMergeCallback(Callback):
             ``save_pretrained`` (the module must hold a Hugging Face ``PreTrainedModel``; a
             ``tokenizer`` attribute is saved too).
         log_replica_loss: log ``replica_{k}/train_loss``.
+        nonfinite: a replica holding NaN or Inf (it diverged) stops the fit with a
+            :class:`~lightning_selmerge.merging.NonFiniteError` naming the replica and the tensor
+            (``"error"``), or is left out of the merge with a warning (``"drop"``; weights or
+            probabilities of the others are kept / renormalised; one device only).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -86,6 +90,7 @@ class SelectionMergeCallback(Callback):
         validate_replicas: bool = True,
         save_dir: str | None = None,
         log_replica_loss: bool = True,
+        nonfinite: NonFinite = "error",
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(
@@ -101,6 +106,12 @@ class SelectionMergeCallback(Callback):
         self.validate_replicas = validate_replicas
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.log_replica_loss = log_replica_loss
+        if nonfinite not in ("error", "drop"):
+            raise ValueError(
+                f"SelectionMergeCallback: nonfinite={nonfinite!r}; use 'error' (stop at a "
+                "replica holding NaN/Inf) or 'drop' (merge the others)."
+            )
+        self.nonfinite: NonFinite = nonfinite
         self.merged_state: dict[str, torch.Tensor] | None = None
         self._merged_step = -1
         self._restored = False
@@ -115,7 +126,7 @@ class SelectionMergeCallback(Callback):
 
         On several ranks this is a collective and returns this rank's slice of the merge.
         """
-        return strategy.merge_replicas(self.method, self.rules, self.seed)
+        return strategy.merge_replicas(self.method, self.rules, self.seed, self.nonfinite)
 
     def _merge_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = _ensemble(trainer)

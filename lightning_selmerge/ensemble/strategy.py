@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +13,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional for torch
+    np = None  # type: ignore[assignment]
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
@@ -45,7 +51,14 @@ from lightning_selmerge.ensemble.replica_store import (
     cpu_state_copy,
 )
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
-from lightning_selmerge.merging import MergeMethod, MergeRule, merge_state_dicts
+from lightning_selmerge.merging import (
+    MergeMethod,
+    MergeRule,
+    NonFinite,
+    NonFiniteError,
+    find_nonfinite,
+    merge_state_dicts,
+)
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
 
@@ -59,12 +72,33 @@ def _rng_states() -> dict[str, Any]:
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if np is not None:  # as torch and python values, which weights-only loading accepts
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        states["numpy"] = [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached]
     return states
+
+
+def _seed_replica_pass(base: int, seed: int, epoch: int, replica: int) -> None:
+    """Seed torch, python and numpy for one replica's pass over one epoch.
+
+    Each pass's random stream (dropout, augmentation) then depends only on (base, seed, epoch,
+    replica): not on what ran before it (validation, other replicas), on which rank trains the
+    replica, or on whether the fit was resumed in between.
+    """
+    key = f"selmerge-replica-pass:{base}:{seed}:{epoch}:{replica}".encode()
+    value = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+    torch.manual_seed(value)  # also every CUDA device
+    random.seed(value)
+    if np is not None:
+        np.random.seed(value % 2**32)
 
 
 def _set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
+    if "numpy" in states and np is not None:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), float(cached)))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -125,7 +159,10 @@ class DataOrderEnsemble(ParallelStrategy):
     that ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica
     groups. Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule,
     and a ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones
-    are per replica.
+    are per replica. Each replica's pass over an epoch starts from torch, python and numpy RNG
+    states derived from (the seed at fit start, ``seed``, epoch, replica), so its dropout and
+    other randomness do not depend on what ran before it, on which rank trains it, or on a
+    resume in between.
 
     Args:
         num_replicas: K >= 2.
@@ -213,6 +250,7 @@ class DataOrderEnsemble(ParallelStrategy):
         self._live_is_replica = True
         self._initial: ReplicaState | None = None
         self._to_restore: dict[str, Any] | None = None
+        self._rng_base = 0
         self._per_replica_limit: int | None = None
         self._saved_limit: int | float | None = None
 
@@ -403,20 +441,33 @@ class DataOrderEnsemble(ParallelStrategy):
         return [self.replica_state(k).module for k in range(self.num_replicas)]
 
     def merge_replicas(
-        self, method: MergeMethod, rules: Sequence[MergeRule] = (), seed: int = 0
+        self,
+        method: MergeMethod,
+        rules: Sequence[MergeRule] = (),
+        seed: int = 0,
+        nonfinite: NonFinite = "error",
     ) -> dict[str, torch.Tensor]:
         """Merge the K replicas; on several ranks a collective over the replica dimension.
 
         Returns this rank's slice of the merge (the whole merge without sharding), on the CPU.
+        ``nonfinite``: a replica holding NaN/Inf raises :class:`NonFiniteError` (``"error"``) or
+        is left out of the merge (``"drop"``, one device only).
         """
         base = self.initial_state.module
         if not self.is_distributed:
             return merge_state_dicts(
-                self.replica_states(), base=base, method=method, rules=rules, seed=seed
+                self.replica_states(),
+                base=base,
+                method=method,
+                rules=rules,
+                seed=seed,
+                nonfinite=nonfinite,
             )
+        local = self.local_replica_states()
+        self._refuse_nonfinite(local, nonfinite)
         work = self.root_device if self.process_group_backend == "nccl" else None
         return merge_state_dicts_collective(
-            self.local_replica_states(),
+            local,
             num_replicas=self.num_replicas,
             group=self._mesh["replica"].get_group(),
             offsets=self._offsets,
@@ -425,6 +476,33 @@ class DataOrderEnsemble(ParallelStrategy):
             rules=rules,
             seed=seed,
             device=work,
+        )
+
+    def _refuse_nonfinite(
+        self, local: Mapping[int, Mapping[str, torch.Tensor]], nonfinite: NonFinite
+    ) -> None:
+        """On several ranks: every rank learns which replicas hold NaN/Inf, and all refuse."""
+        indices = sorted(local)
+        found = {
+            indices[i]: name for i, name in find_nonfinite([local[k] for k in indices]).items()
+        }
+        everyone: list[dict[int, str] | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, found)
+        bad = {k: name for part in everyone for k, name in (part or {}).items()}
+        if not bad:
+            return
+        first = min(bad)
+        advice = (
+            "dropping replicas (nonfinite='drop') works on one device only; lower the learning "
+            "rate or clip gradients, and resume from a checkpoint before the divergence"
+            if nonfinite == "drop"
+            else "lower the learning rate or clip gradients, and resume from a checkpoint"
+        )
+        raise NonFiniteError(
+            f"replica(s) {sorted(bad)} hold NaN or Inf (replica {first} in tensor "
+            f"{bad[first]!r}), so they cannot be merged: {advice}",
+            bad[first],
+            sorted(bad),
         )
 
     def module_state(self) -> dict[str, torch.Tensor]:
@@ -503,6 +581,7 @@ class DataOrderEnsemble(ParallelStrategy):
             ],
             "initial": self.initial_state.to_dict(),
             "rng": _rng_states(),
+            "rng_base": self._rng_base,
         }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -675,6 +754,8 @@ class DataOrderEnsemble(ParallelStrategy):
         super().on_train_start()
         saved, self._to_restore = self._to_restore, None
         if saved is None:
+            # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
+            self._rng_base = int(self.broadcast(torch.initial_seed()))
             self._store.clear()
             self._active = self._layout.local_replicas[0]
             self._live_is_replica = True
@@ -688,9 +769,13 @@ class DataOrderEnsemble(ParallelStrategy):
         if self.is_distributed and self._live_is_replica:
             self._load(ReplicaState.from_dict(saved["live"]))
         _set_rng_states(saved["rng"])
+        self._rng_base = int(saved.get("rng_base", 0))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        if batch_idx % self.batches_per_replica == 0:  # a replica's pass begins
+            epoch = self.lightning_module.trainer.current_epoch
+            _seed_replica_pass(self._rng_base, self.seed, epoch, self.replica_of(batch_idx))
         target = self.replica_of(batch_idx)
         if target != self._active or not self._live_is_replica:
             self._switch_to(target)
