@@ -19,6 +19,7 @@ merge with resample and validation each epoch, a checkpoint after every training
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -29,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import fsspec.implementations.local
 import torch
 from ensemble_support import Net, fit
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -97,27 +97,31 @@ def inject(scenario: str, out: Path, ckpt_dir: Path) -> list[Callback]:
         state_dict_module.merge_tensor = merge_tensor
         return []
     if scenario == "checkpoint_write":  # half of last.ckpt written at step 30
-        opener = fsspec.implementations.local.LocalFileOpener
-        real_write = opener.write
+        real_save = torch.save
 
-        def write(self: Any, data: Any, *args: Any, **kwargs: Any) -> int:
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            # DataOrderEnsemble writes a checkpoint to a temporary file beside it, then renames
+            name = Path(getattr(f, "name", str(f))).name
             step = json.loads((out / "progress.json").read_text())["global_step"]
-            if Path(self.path).name == "last.ckpt" and step == 30:
+            if name.startswith(".last.ckpt.tmp-") and step == 30:
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *args, **kwargs)
+                data = buffer.getvalue()
                 last = ckpt_dir / "last.ckpt"
                 details = {
                     "previous_sha256": sha256(last),
                     "previous_step": torch.load(last, weights_only=False)["global_step"],
                     "written": len(data) // 2,
                     "size": len(data),
-                    "temp": getattr(self, "temp", None),
+                    "temp": str(Path(f.name)),
                 }
-                self.f.write(data[: len(data) // 2])
-                self.f.flush()
-                os.fsync(self.f.fileno())
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
                 die(out, "checkpoint_write", **details)
-            return real_write(self, data, *args, **kwargs)
+            real_save(obj, f, *args, **kwargs)
 
-        opener.write = write
+        torch.save = save
         return [Progress(out)]
     raise ValueError(f"unknown scenario {scenario!r}")
 
@@ -167,9 +171,12 @@ def run_fit(out: Path, scenario: str, kill: bool, ckpt_path: str | None) -> None
 
 
 def snapshot(ckpt_dir: Path, target: Path) -> None:
-    """What the kill left in the checkpoint directory."""
+    """What the kill left in the checkpoint directory (the strategy's ``.NAME.tmp-*`` files
+    are unfinished writes, never read as checkpoints: left out here)."""
     files: dict[str, Any] = {}
     for path in sorted(ckpt_dir.iterdir()):
+        if path.name.startswith("."):
+            continue
         try:
             step = torch.load(path, weights_only=False, map_location="cpu")["global_step"]
             files[path.name] = {"sha256": sha256(path), "global_step": step}

@@ -234,3 +234,15 @@ def test_fsdp_groups_config_runs_through_the_cli(tmp_path: Path) -> None:
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
     exported = tmp_path / "runs" / "sft" / "merged" / "epoch_000"
     assert (exported / "config.json").exists()
+
+
+def test_resuming_with_another_layout_is_refused() -> None:
+    saved = {
+        "num_replicas": 4,
+        "seed": 0,
+        "fixed_batches": False,
+        "layout": {"num_replicas": 4, "replica_groups": 2, "shard_size": 2},
+    }
+    strategy = DataOrderEnsemble(num_replicas=4)  # one device: 1 group x shard_size 1
+    with pytest.raises(MisconfigurationException, match="2 replica group\\(s\\) x shard_size=2"):
+        strategy._check_compatible(saved, "step=3.ckpt")

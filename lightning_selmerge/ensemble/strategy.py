@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import (
@@ -606,6 +607,10 @@ class DataOrderEnsemble(ParallelStrategy):
         if not self.is_distributed:
             if full:
                 checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()
+            if type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
+                if self.is_global_zero and "://" not in str(filepath):  # local file
+                    _save_atomic(checkpoint, Path(filepath))
+                return
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
         path = Path(self.broadcast(str(filepath)))
@@ -622,7 +627,7 @@ class DataOrderEnsemble(ParallelStrategy):
                 "per_rank_files": True,
             }
         if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(checkpoint, staging / "checkpoint.pt")
+            _save_atomic(checkpoint, staging / "checkpoint.pt")
         self.barrier()
         if self.is_global_zero:  # the previous checkpoint stays until this one is complete
             publish_directory(staging, path, overwrite=True)
@@ -881,7 +886,19 @@ class DataOrderEnsemble(ParallelStrategy):
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename onto ``path``.
+
+    A process killed at any point leaves the previous file intact (Lightning's own atomic save
+    stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
