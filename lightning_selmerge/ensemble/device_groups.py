@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.distributed.tensor import DTensor, Shard
 
+from lightning_selmerge.ensemble.replica_store import local_tensor
 from lightning_selmerge.merging.collective import shard_offset
 from lightning_selmerge.merging.state_dict import storage_key
 
@@ -93,8 +95,16 @@ class ReplicaLayout:
         }
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+def _sharded_like(value: torch.Tensor, spec: DTensor) -> DTensor:
+    """``value`` (a local slice) as a DTensor sharded like ``spec``."""
+    return DTensor.from_local(
+        value.to(spec.device),
+        spec.device_mesh,
+        spec.placements,
+        shape=spec.shape,
+        stride=spec.stride(),
+        run_check=False,
+    )
 
 
 def shard_module(
@@ -149,7 +159,7 @@ def local_offsets(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def load_local_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy local slices (as :func:`cpu_state_copy` captured them) into a sharded module."""
     for name, target in module.state_dict(keep_vars=True).items():
-        _local(target).copy_(state[name])
+        local_tensor(target).copy_(state[name])
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
@@ -161,14 +171,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
         if isinstance(param, DTensor):
             local_shape = param.to_local().shape
             entry = {
-                key: DTensor.from_local(
-                    value.to(param.device),
-                    param.device_mesh,
-                    param.placements,
-                    shape=param.shape,
-                    stride=param.stride(),
-                    run_check=False,
-                )
+                key: _sharded_like(value, param)
                 if isinstance(value, torch.Tensor) and value.dim() and value.shape == local_shape
                 else value
                 for key, value in entry.items()
@@ -185,18 +188,11 @@ def full_state(
     memo: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, spec in template.items():
-        key = storage_key(_local(spec))
+        key = storage_key(local_tensor(spec))
         if key not in memo:
             value = local[name]
             if isinstance(spec, DTensor):
-                value = DTensor.from_local(
-                    value.to(spec.device),
-                    spec.device_mesh,
-                    spec.placements,
-                    shape=spec.shape,
-                    stride=spec.stride(),
-                    run_check=False,
-                ).full_tensor()
+                value = _sharded_like(value, spec).full_tensor()
             memo[key] = value.detach().to("cpu", copy=True)
         out[name] = memo[key]
     return out
@@ -209,7 +205,7 @@ def local_slices(
     memo: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, spec in template.items():
-        key = storage_key(_local(spec))
+        key = storage_key(local_tensor(spec))
         if key not in memo:
             value = full[name]
             if isinstance(spec, DTensor):
@@ -230,8 +226,6 @@ def reduce_replica_values(
 ) -> dict[int, dict[str, float]]:
     """Every replica's metrics on every rank: each group's shard ranks hold means over their
     slice of the data (equal sizes), so the replica's value is their mean."""
-    import torch.distributed as dist
-
     table = torch.zeros(layout.num_replicas, len(names), dtype=torch.float64, device=device)
     for replica, metrics in values.items():
         for j, name in enumerate(names):

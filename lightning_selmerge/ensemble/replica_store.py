@@ -19,18 +19,18 @@ from torch.distributed.tensor import DTensor
 from lightning_selmerge.merging.safetensors_io import SafetensorsFile
 from lightning_selmerge.merging.state_dict import storage_key
 
-__all__ = ["Offload", "ReplicaState", "ReplicaStore", "cpu_state_copy"]
+__all__ = ["Offload", "ReplicaState", "ReplicaStore", "cpu_state_copy", "local_tensor"]
 
 Offload = Literal["cpu", "disk"]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (FSDP2 / DTensor) tensor's local slice; other tensors as they are."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _cpu_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
-    tensor = _local(tensor).detach()
+    tensor = local_tensor(tensor).detach()
     if pin_memory:
         return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
     return tensor.to("cpu", copy=True)
@@ -46,7 +46,7 @@ def cpu_state_copy(
     memo: dict[tuple, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        key = storage_key(_local(tensor))
+        key = storage_key(local_tensor(tensor))
         if key not in memo:
             memo[key] = _cpu_copy(tensor, pin_memory)
         out[name] = memo[key]

@@ -570,10 +570,7 @@ class DataOrderEnsemble(ParallelStrategy):
         if self._live_is_replica:
             live = self._capture().to_dict() if self.is_distributed else self.module_state()
         return {
-            "num_replicas": self.num_replicas,
-            "seed": self.seed,
-            "fixed_batches": self.fixed_batches,
-            "layout": self._layout.to_dict(),
+            **self._identity(),
             "active": self._active,
             "live": live,
             "replicas": [
@@ -619,10 +616,7 @@ class DataOrderEnsemble(ParallelStrategy):
         if full:
             _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
             checkpoint[CHECKPOINT_KEY] = {
-                "num_replicas": self.num_replicas,
-                "seed": self.seed,
-                "fixed_batches": self.fixed_batches,
-                "layout": self._layout.to_dict(),
+                **self._identity(),
                 "world_size": self.world_size,
                 "per_rank_files": True,
             }
@@ -793,6 +787,15 @@ class DataOrderEnsemble(ParallelStrategy):
             and module._trainer is not None
             and module.trainer.state.fn == TrainerFn.FITTING
         )
+
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed (checked by :meth:`_check_compatible`)."""
+        return {
+            "num_replicas": self.num_replicas,
+            "seed": self.seed,
+            "fixed_batches": self.fixed_batches,
+            "layout": self._layout.to_dict(),
+        }
 
     def _check_compatible(self, saved: Mapping[str, Any], path: _PATH) -> None:
         layout = saved.get("layout", {"replica_groups": 1, "shard_size": 1})

@@ -20,6 +20,7 @@ choice for an element whatever the number of ranks, shards or chunks.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,13 @@ from .errors import MergeError
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view
 from .rules import MergeRule, method_for
-from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, storage_key
+from .state_dict import (
+    DEFAULT_CHUNK_NUMEL,
+    check_aligned,
+    check_same_names,
+    copy_exact,
+    storage_key,
+)
 
 __all__ = ["merge_state_dicts_collective", "shard_offset"]
 
@@ -144,24 +151,25 @@ def _check_layout(
     """The replicas each rank holds, after checking they cover 0..K-1 once, as many per rank,
     and that every rank holds the same slices of the same tensors."""
     signature = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sorted(states[0].items()))
-    gathered: list[tuple[list[int], tuple] | None] = [None] * dist.get_world_size(group)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (indices, signature), group=group)
-    held = [k for entry in gathered for k in entry[0]]  # type: ignore[index]
-    if sorted(held) != list(range(num_replicas)) or len({len(e[0]) for e in gathered}) != 1:  # type: ignore[index]
+    held = [list(ks) for ks, _ in gathered]
+    everything = sorted(k for ks in held for k in ks)
+    if everything != list(range(num_replicas)) or len({len(ks) for ks in held}) != 1:
         raise MergeError(
-            f"the ranks hold replicas {[e[0] for e in gathered]}: each of the K={num_replicas} "  # type: ignore[index]
-            "replicas must be on exactly one rank of the group, the same number on every rank"
+            f"the ranks hold replicas {held}: each of the K={num_replicas} replicas must be on "
+            "exactly one rank of the group, the same number on every rank"
         )
-    for rank, entry in enumerate(gathered):
-        if entry[1] != signature:  # type: ignore[index]
-            theirs = dict((n, (s, d)) for n, s, d in entry[1])  # type: ignore[index]
-            ours = dict((n, (s, d)) for n, s, d in signature)
+    ours = {n: (s, d) for n, s, d in signature}
+    for rank, (_, theirs_signature) in enumerate(gathered):
+        if theirs_signature != signature:
+            theirs = {n: (s, d) for n, s, d in theirs_signature}
             diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
             raise MergeError(
                 f"rank {rank} of the merge group holds other tensors than this rank (first "
                 f"differences: {diff[:5]}): every rank must hold the same slice of every tensor"
             )
-    return [list(entry[0]) for entry in gathered]  # type: ignore[index]
+    return held
 
 
 def _merge_tensor(
@@ -197,7 +205,7 @@ def _merge_tensor(
             if first.is_floating_point():
                 result = method.merge_chunk(ctx, everyone, base_chunk)
             else:
-                result = _copy_exact(name, everyone)
+                result = copy_exact(name, everyone, [f"replica {k}" for k in range(len(everyone))])
         flat_out[begin:end].copy_(result)
     return out
 
@@ -249,17 +257,6 @@ def _gather_chunks(
 
 #: ``all_gather_into_tensor`` was renamed in torch 2.10
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _copy_exact(name: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
-    for k, value in enumerate(values[1:], start=1):
-        if not torch.equal(value, values[0]):
-            raise MergeError(
-                f"non-float tensor {name!r} ({values[0].dtype}) differs between replica 0 and "
-                f"replica {k}: integer and bool buffers are copied, never merged, so they must "
-                "be equal"
-            )
-    return values[0]
 
 
 def _mask_dtype(num_replicas: int) -> torch.dtype:
