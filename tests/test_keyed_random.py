@@ -52,3 +52,28 @@ def test_streams_names_and_seeds_are_independent_and_roughly_uniform():
         assert abs(a.double().mean().item() - 32767.5) < 6 * 134
         for b in draws[i + 1 :]:
             assert (a == b).double().mean() < 0.01
+
+
+@pytest.mark.parametrize("start,numel", [(0, 1), (3, 1), (3, 2), (5, 300_001)])
+def test_hashing_into_a_buffer_gives_the_same_bits_as_a_view_of_it(start, numel):
+    rng = KeyedRandom(seed=11)
+    buffer = torch.empty(KeyedRandom.words_needed(numel), dtype=torch.int64)
+    got = rng.masked_bits16("w", 0, start, numel, 0xFFC0, buffer=buffer)
+    assert got.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert torch.equal(got, rng.masked_bits16("w", 0, start, numel, 0xFFC0))
+    with pytest.raises(ValueError, match="buffer must be an int64 tensor of at least"):
+        rng.bits16("w", 0, start, numel + 8, buffer=buffer)
+
+
+def test_draws_do_not_depend_on_the_thread_count():
+    """Blocks are sized by torch's thread count; the bits must not be."""
+    rng = KeyedRandom(seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rng.bits16("w", 1, 12_345, 700_000)
+        torch.set_num_threads(4)
+        four = rng.bits16("w", 1, 12_345, 700_000)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, four)

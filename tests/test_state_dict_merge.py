@@ -11,6 +11,7 @@ from lightning_selmerge.merging import (
     merge_state_dicts,
     merge_tensor,
 )
+from lightning_selmerge.merging.methods import ChunkContext
 
 
 def tiny_state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
@@ -147,3 +148,51 @@ def test_merged_chunks_stay_valid_after_the_next_chunk(dtype, method):
     whole = merge_tensor("w", replicas, None, method, KeyedRandom(0))
     chunks = list(iter_merged_chunks("w", replicas, None, method, KeyedRandom(0), chunk_numel=3))
     assert torch.equal(torch.cat(chunks), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "method",
+    [WeightedAverage(), ParameterSelection(), ParameterSelection(resample=3)],
+    ids=["average", "selection", "resample"],
+)
+def test_chunks_written_into_out_or_one_reused_buffer_equal_new_chunks(dtype, method):
+    """``out=`` lands every chunk at its offset; ``reuse_buffer=True`` yields views of one buffer
+    that hold the right values when they are yielded."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(1000, generator=gen).to(dtype)
+    replicas = [torch.where(torch.rand(1000, generator=gen) < 0.4, base, base + 1) for _ in "abcd"]
+
+    def chunks(**kwargs):
+        return iter_merged_chunks(
+            "w", replicas, base, method, KeyedRandom(5), chunk_numel=300, **kwargs
+        )
+
+    fresh = [c.clone() for c in chunks()]
+    out = torch.full((1000,), float("nan"), dtype=dtype)
+    into_out = list(chunks(out=out))
+    assert all(c.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for c in into_out)
+    assert torch.equal(out.view(torch.uint8), torch.cat(fresh).view(torch.uint8))
+    pointers = set()
+    for got, expected in zip(chunks(reuse_buffer=True), fresh, strict=True):
+        assert torch.equal(got, expected)
+        pointers.add(got.untyped_storage().data_ptr())
+    assert len(pointers) == 1
+
+
+def test_out_of_the_wrong_size_or_dtype_is_refused():
+    replicas = [torch.zeros(10), torch.ones(10)]
+    for bad in (torch.empty(9), torch.empty(10, dtype=torch.float64)):
+        with pytest.raises(
+            MergeError, match="out must be a contiguous torch.float32 tensor of 10 elements"
+        ):
+            list(
+                iter_merged_chunks("w", replicas, None, WeightedAverage(), KeyedRandom(0), out=bad)
+            )
+    with pytest.raises(MergeError, match="out holds 3 torch.float64"):
+        WeightedAverage().merge_chunk(
+            ChunkContext(KeyedRandom(0), "w", 0),
+            replicas,
+            None,
+            torch.empty(3, dtype=torch.float64),
+        )

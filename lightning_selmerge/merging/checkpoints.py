@@ -291,6 +291,7 @@ class _MergeJob:
                         chunk_numel=self.chunk_numel,
                         check_finite_as=labels,
                         indices=indices,
+                        reuse_buffer=True,  # each chunk is written out before the next
                     )
                     for chunk in chunks:
                         writer.write(name, chunk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 
 import torch
 
@@ -52,9 +53,19 @@ def splitmix64_(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.T
     return x
 
 
-#: Words hashed per pass: a block and its scratch (512 KiB together) stay in a core's L2 cache
-#: through the hash's dozen passes, where a whole 1M-element chunk's words would not.
-_BLOCK_WORDS = 1 << 15
+#: Words hashed per pass and per thread: a block and its scratch (512 KiB together) stay in a
+#: core's L2 cache through the hash's dozen passes, where a whole 1M-element chunk's words would
+#: not. A pass is split across torch's intra-op threads (32K words each, ATen's grain size), so a
+#: pass hashes this many words per thread: fewer would leave all but one thread idle.
+_BLOCK_WORDS_PER_THREAD = 1 << 15
+
+
+def _block_words(device: torch.device) -> int:
+    """Words hashed per pass on ``device``; blocks only pay where caches are small (CPUs)."""
+    if device.type != "cpu":
+        return 1 << 62  # one pass: elsewhere (GPUs) blocks would only add launches
+    return _BLOCK_WORDS_PER_THREAD * min(8, max(1, torch.get_num_threads()))
+
 
 _PROGRESSIONS: dict[torch.device, torch.Tensor] = {}
 
@@ -66,6 +77,18 @@ def _golden_progression(count: int, device: torch.device) -> torch.Tensor:
         cached = torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN)
         _PROGRESSIONS[device] = cached
     return cached[:count]
+
+
+_HASH_SCRATCH = threading.local()
+
+
+def _hash_scratch(words: int, device: torch.device) -> torch.Tensor:
+    """A per-thread int64 scratch block for :func:`splitmix64_` (reused, never shrunk)."""
+    buffers = _HASH_SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < words:
+        buffer = buffers[device] = torch.empty(words, dtype=torch.int64, device=device)
+    return buffer[:words]
 
 
 class KeyedRandom:
@@ -107,19 +130,27 @@ class KeyedRandom:
         count: int,
         device: torch.device | str | None,
         keep: int = 0xFFFF,
+        buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The hashes of words ``first_word .. first_word + count``, block by block.
 
         Word ``w`` hashes ``w * GOLDEN + key``: a cached ``i * GOLDEN`` plus one scalar per block,
         the same wrapping int64 sum as :meth:`_hash_words`. Each 16-bit lane is ANDed with
-        ``keep`` while its block is still in cache.
+        ``keep`` while its block is still in cache. The words go into ``buffer`` when given.
         """
         device = torch.get_default_device() if device is None else torch.device(device)
-        hashed = torch.empty(count, dtype=torch.int64, device=device)
-        # blocks only pay where caches are small; elsewhere (GPUs) they would add launches
-        block = max(1, count if device.type != "cpu" else min(count, _BLOCK_WORDS))
+        if buffer is None:
+            hashed = torch.empty(count, dtype=torch.int64, device=device)
+        else:
+            if buffer.dtype != torch.int64 or buffer.numel() < count or buffer.device != device:
+                raise ValueError(
+                    f"buffer must be an int64 tensor of at least {count} words on {device}, got "
+                    f"{buffer.dtype} of {buffer.numel()} on {buffer.device}"
+                )
+            hashed = buffer.view(-1)[:count]
+        block = max(1, min(count, _block_words(device)))
         progression = _golden_progression(block, device)
-        scratch = torch.empty(block, dtype=torch.int64, device=device)
+        scratch = _hash_scratch(block, device)
         key = self.key(name, stream)
         lane_mask = _as_int64((keep & 0xFFFF) * 0x0001_0001_0001_0001)
         for begin in range(0, count, block):
@@ -138,12 +169,15 @@ class KeyedRandom:
         start: int,
         numel: int,
         device: torch.device | str | None = None,
+        *,
+        buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """16 random bits (an int16 bit pattern) for each element ``start .. start+numel``.
 
         Read as unsigned, element ``i`` of word ``i // 4`` holds bits ``16 * (i % 4)`` and up.
+        ``buffer``: as in :meth:`masked_bits16`.
         """
-        return self.masked_bits16(name, stream, start, numel, 0xFFFF, device)
+        return self.masked_bits16(name, stream, start, numel, 0xFFFF, device, buffer=buffer)
 
     def masked_bits16(
         self,
@@ -153,8 +187,14 @@ class KeyedRandom:
         numel: int,
         keep: int,
         device: torch.device | str | None = None,
+        *,
+        buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`bits16` ANDed with the 16-bit mask ``keep``, at a fraction of a separate pass.
+
+        ``buffer``: an int64 tensor of at least :meth:`words_needed` words to hash into (the
+        result is then a view of it), so that a caller merging chunk after chunk reuses one
+        allocation instead of paying a fresh one's page faults per chunk.
 
         Example:
             >>> rng = KeyedRandom(seed=0)
@@ -163,7 +203,9 @@ class KeyedRandom:
             True
         """
         first_word, last_word = start >> 2, (start + numel + 3) >> 2
-        hashed = self._hash_range(name, stream, first_word, last_word - first_word, device, keep)
+        hashed = self._hash_range(
+            name, stream, first_word, last_word - first_word, device, keep, buffer
+        )
         if _LITTLE_ENDIAN:
             lanes = hashed.view(torch.int16)
         else:  # pragma: no cover - no big-endian host runs torch today
@@ -171,6 +213,11 @@ class KeyedRandom:
             lanes = ((hashed.unsqueeze(1) >> shifts) & 0xFFFF).to(torch.int16).reshape(-1)
         begin = start - (first_word << 2)
         return lanes[begin : begin + numel]
+
+    @staticmethod
+    def words_needed(numel: int) -> int:
+        """The most hash words any ``numel`` consecutive elements span (a ``buffer``'s size)."""
+        return (numel + 6) >> 2
 
     def uniform16(
         self,

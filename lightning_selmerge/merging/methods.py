@@ -52,8 +52,10 @@ class MergeMethod(ABC):
         ctx: ChunkContext,
         replicas: Sequence[torch.Tensor],
         base: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Merge flat, equally long chunks; return the merged chunk in the replicas' dtype."""
+        """Merge flat, equally long chunks into ``out`` (a new tensor when ``None``) and return
+        it, in the replicas' dtype. ``out`` must not overlap the inputs."""
 
     def subset(self, keep: Sequence[int]) -> MergeMethod:
         """This method for the replicas ``keep`` only (indices into the original K), used when
@@ -121,6 +123,7 @@ class WeightedAverage(MergeMethod):
         ctx: ChunkContext,
         replicas: Sequence[torch.Tensor],
         base: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         first = replicas[0]
         compute = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -136,8 +139,8 @@ class WeightedAverage(MergeMethod):
             for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
                 acc.addcmul_(tensor, weight)
         acc.div_(weights.sum().to(first.device))
-        # a copy even when the dtypes match: the accumulator is reused by the next chunk
-        return acc.to(first.dtype, copy=True)
+        out = _output_for(first, out)
+        return out.copy_(acc)
 
 
 @dataclass(frozen=True)
@@ -305,75 +308,77 @@ class ParameterSelection(MergeMethod):
             choice ^= (choice ^ option) & keep
         return choice
 
-    def _merge_with_table(
+    def _choice_by_table(
         self,
         ctx: ChunkContext,
         bits: Sequence[torch.Tensor],
         base_bits: torch.Tensor,
         table: _ResolutionTable,
-    ) -> torch.Tensor | None:
-        """The dense one-draw resample through :func:`_resolution_table`, in a few flat passes.
+    ) -> torch.Tensor:
+        """The dense one-draw resample's choice through :func:`_resolution_table`.
 
-        Same choice as :meth:`_choose_from_one_draw`. Each replica is read once, into row ``k``
-        of a stack of XOR deltas against the base; the rows give the moved mask (a delta is
-        non-zero where the replica moved), and the delta at ``choice * stride + i``, XORed back
-        onto the base, is the output. Intermediates live in per-thread scratch buffers. ``None``
-        (use the general path) for an empty chunk or a stack too big for int32 offsets.
+        Same choice as :meth:`_choose_from_one_draw`, in a few flat passes over per-thread
+        scratch buffers: each replica's XOR against the base, made boolean, is its moved flag
+        (non-zero where the replica moved); the flags weighted ``2**k`` are the moved mask, and
+        one table lookup on ``draw | moved`` resolves every element's candidates at once.
         """
-        numel, device, dtype = base_bits.numel(), base_bits.device, base_bits.dtype
-        num_replicas = len(bits)
-        stack = _scratch_rows("deltas", num_replicas, numel, dtype, device)
-        stride = stack.stride(0)
-        if numel == 0 or (num_replicas - 1) * stride + numel >= 1 << 31:
-            return None
-        shape, base_bits = base_bits.shape, base_bits.reshape(-1)
-        bits = [replica.reshape(-1) for replica in bits]
+        numel, device = base_bits.numel(), base_bits.device
+        delta = _scratch("delta", numel, base_bits.dtype, device)
+        flags = _scratch_rows("flags", len(bits), numel, torch.bool, device)
         for k, replica in enumerate(bits):
-            torch.bitwise_xor(replica, base_bits, out=stack[k])
-        flags = _scratch_rows("flags", num_replicas, numel, torch.bool, device)
-        flags.copy_(stack)  # int -> bool is != 0
+            torch.bitwise_xor(replica, base_bits, out=delta)
+            flags[k].copy_(delta)  # int -> bool is != 0
         flags = flags.view(torch.uint8)
         moved = _scratch("moved", numel, torch.uint8, device)
         torch.add(flags[0], flags[1], alpha=2, out=moved)
-        for k in range(2, num_replicas):
+        for k in range(2, len(bits)):
             moved.add_(flags[k], alpha=1 << k)
-        index = _table_index(ctx, numel, moved, table)
-        # flat offsets into the stack: choice * stride (looked up) + i
-        offsets = table.scaled(stride, device).index_select(0, index)
-        offsets += _arange32(numel, device)
-        flat = stack.as_strided(((num_replicas - 1) * stride + numel,), (1,))
-        return flat.index_select(0, offsets).bitwise_xor_(base_bits).view(shape)
+        index = _table_index(
+            ctx, numel, moved, table, out=_scratch("index", numel, torch.int32, device)
+        )
+        choice = _scratch("choice", numel, torch.uint8, device)
+        return torch.index_select(table.on(device), 0, index, out=choice)
 
     def merge_chunk(
         self,
         ctx: ChunkContext,
         replicas: Sequence[torch.Tensor],
         base: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_replicas = len(replicas)
         bits = [bit_view(r) for r in replicas]
-        numel, device = bits[0].numel(), bits[0].device
-        if self.resample == 0 and self.candidates_share_one_draw(num_replicas):
-            # Fast path: the chosen index is the top bits of the draw; build masks from them.
-            lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device).to(bits[0].dtype)
-            masks = _masks_from_uniform_bits(lanes, num_replicas)
+        numel, device, dtype = bits[0].numel(), bits[0].device, bits[0].dtype
+        if self.resample > 0 and base is None:
+            raise MergeError(
+                f"{ctx.name}: selection with resample={self.resample} needs the base "
+                "(pre-trained) weights: pass base=..."
+            )
+        one_draw = self.candidates_share_one_draw(num_replicas)
+        table = _resolution_table(num_replicas, self.resample) if one_draw else None
+        if one_draw and self.resample == 0:
+            # The chosen index is the draw's top b bits: the masks are those bits, spread.
+            b = num_replicas.bit_length() - 1
+            lanes = ctx.rng.masked_bits16(
+                ctx.name,
+                0,
+                ctx.start,
+                numel,
+                (0xFFFF << (16 - b)) & 0xFFFF,
+                device,
+                buffer=_scratch("words", ctx.rng.words_needed(numel), torch.int64, device),
+            )
+            masks = _masks_from_draw(lanes, num_replicas, dtype)
+        elif table is not None:
+            choice = self._choice_by_table(ctx, bits, bit_view(base), table)
+            masks = _masks_from_choice(choice, num_replicas, dtype)
         else:
-            if base is None and self.resample > 0:
-                raise MergeError(
-                    f"{ctx.name}: selection with resample={self.resample} needs the base "
-                    "(pre-trained) weights: pass base=..."
-                )
-            if self.resample > 0 and self.candidates_share_one_draw(num_replicas):
-                table = _resolution_table(num_replicas, self.resample)
-                merged = None
-                if table is not None:
-                    merged = self._merge_with_table(ctx, bits, bit_view(base), table)
-                if merged is not None:
-                    return merged.view(replicas[0].dtype)
             moved = moved_bits(bits, bit_view(base)) if self.resample > 0 else None
             choice = self.choose(ctx, numel, num_replicas, moved, device)
-            masks = _masks_from_choice(choice, num_replicas, bits[0].dtype)
-        return _select_by_masks(bits, masks).view(replicas[0].dtype)
+            masks = _masks_from_choice(choice, num_replicas, dtype)
+        out = _output_for(replicas[0], out)
+        _select_by_masks(bits, masks, bit_view(out))
+        return out
 
 
 _SCRATCH = threading.local()
@@ -386,6 +391,17 @@ def _accumulator(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     if buffer is None or buffer.numel() < numel or buffer.numel() > 4 * max(numel, 1 << 16):
         buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
+
+
+def _output_for(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked against ``like`` (same numel and dtype), or a new tensor like it."""
+    if out is None:
+        return torch.empty_like(like)
+    if out.numel() != like.numel() or out.dtype != like.dtype:
+        raise MergeError(
+            f"out holds {out.numel()} {out.dtype} elements, the chunk {like.numel()} {like.dtype}"
+        )
+    return out.view(like.shape)
 
 
 def _scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -407,16 +423,6 @@ def _scratch_rows(
     if buffer is None or buffer.shape[1] < numel:
         buffer = buffers[key] = torch.empty(rows, numel, dtype=dtype, device=device)
     return buffer[:, :numel]
-
-
-def _arange32(numel: int, device: torch.device) -> torch.Tensor:
-    """``arange(numel)`` as int32, cached per thread and device."""
-    buffers = _SCRATCH.__dict__.setdefault("scratch", {})
-    key = ("arange32", torch.device(device) if device is not None else None)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.arange(numel, dtype=torch.int32, device=device)
-    return buffer[:numel]
 
 
 #: Largest resolution table built, in entries (bytes); beyond it the dense path resolves directly.
@@ -501,16 +507,23 @@ def _table_index(
     moved: torch.Tensor,
     table: _ResolutionTable,
     device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int32 indices into ``table.values`` from the chunk's draws and its uint8 moved masks."""
-    device = moved.device if device is None else device
-    lanes = ctx.rng.masked_bits16(ctx.name, 0, ctx.start, numel, table.keep_mask, device)
+    device = moved.device if device is None else torch.device(device)
+    words = _scratch("words", ctx.rng.words_needed(numel), torch.int64, device)
+    lanes = ctx.rng.masked_bits16(
+        ctx.name, 0, ctx.start, numel, table.keep_mask, device, buffer=words
+    )
+    index = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
+    # Same-dtype ORs: a uint8 operand would send int16/int32 ops down a type-promoting slow path.
     if table.shift == 0:
-        lanes |= moved  # the low bits the mask cleared take the moved mask
-        return lanes.view(torch.uint16).to(torch.int32)
-    index = lanes.view(torch.uint16).to(torch.int32)
+        moved16 = _scratch("moved16", numel, torch.int16, device).copy_(moved)
+        lanes |= moved16  # the low bits the mask cleared take the moved mask
+        return index.copy_(lanes.view(torch.uint16))
+    index.copy_(lanes.view(torch.uint16))
     index <<= table.shift
-    index |= moved.to(torch.int32)
+    index |= _scratch("moved32", numel, torch.int32, device).copy_(moved)
     return index
 
 
@@ -540,29 +553,61 @@ def _is_power_of_two(value: int) -> bool:
     return value & (value - 1) == 0
 
 
-def _masks_from_uniform_bits(lanes: torch.Tensor, num_replicas: int) -> list[torch.Tensor]:
-    """Masks (0 or -1) for bit j (LSB first) of ``u >> (16 - b)`` with ``K = 2**b``."""
-    width = lanes.element_size() * 8
+def _masks_from_draw(
+    lanes: torch.Tensor, num_replicas: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of ``u >> (16 - b)``, ``K = 2**b``.
+
+    Bit j of the choice is bit ``16 - b + j`` of the 16-bit draw ``u``: shifted up to the sign
+    bit and arithmetically back down, it fills the lane. Per-thread scratch buffers.
+    """
     b = num_replicas.bit_length() - 1
+    numel, device = lanes.numel(), lanes.device
     masks = []
     for j in range(b):
-        position = 16 - b + j  # bit of the 16-bit uniform that is bit j of the choice
-        masks.append((lanes << (width - 1 - position)) >> (width - 1))
+        position = 16 - b + j  # bit of the 16-bit draw that is bit j of the choice
+        mask = _scratch(f"draw_mask{j}", numel, torch.int16, device)
+        if position == 15:
+            torch.bitwise_right_shift(lanes, 15, out=mask)
+        else:
+            torch.bitwise_left_shift(lanes, 15 - position, out=mask)
+            mask >>= 15
+        if dtype != torch.int16:
+            mask = _scratch(f"mask{j}", numel, dtype, device).copy_(mask)
+        masks.append(mask)
     return masks
 
 
 def _masks_from_choice(
     choice: torch.Tensor, num_replicas: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
+    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of the chosen replica index."""
     levels = max(1, (num_replicas - 1).bit_length())
-    return [((choice >> j) & 1).to(dtype).neg_() for j in range(levels)]
+    numel, device = choice.numel(), choice.device
+    bit = _scratch("choice_bit", numel, choice.dtype, device)
+    masks = []
+    for j in range(levels):
+        if j == 0:
+            torch.bitwise_and(choice, 1, out=bit)
+        else:
+            torch.bitwise_right_shift(choice, j, out=bit)
+            if j < levels - 1:  # the top bit needs no mask: choice < 2**levels
+                bit &= 1
+        mask = _scratch(f"mask{j}", numel, dtype, device).copy_(bit)
+        masks.append(mask.neg_())
+    return masks
 
 
-def _select_by_masks(bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Binary-tree select: at level j, pair (a, b) becomes ``b`` where mask j is -1, else ``a``."""
-    level = list(bits)
-    owned = [False] * len(level)
-    for mask in masks:
+def _select_by_masks(
+    bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], out: torch.Tensor
+) -> torch.Tensor:
+    """Binary-tree select into ``out``: at level j, pair (a, b) becomes ``b`` where mask j is -1,
+    else ``a``, as ``a ^ ((a ^ b) & mask)``. Levels below the last go to scratch rows."""
+    numel, dtype, device = out.numel(), out.dtype, out.device
+    scratch = _scratch_rows("tree", max(1, len(bits) // 2), numel, dtype, device)
+    level, owned = list(bits), [False] * len(bits)
+    for depth, mask in enumerate(masks):
+        last = depth == len(masks) - 1
         merged, merged_owned = [], []
         for i in range(0, len(level), 2):
             if i + 1 == len(level):
@@ -570,11 +615,14 @@ def _select_by_masks(bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
                 merged_owned.append(owned[i])
                 continue
             a, b = level[i], level[i + 1]
-            out = b if owned[i + 1] else torch.empty_like(a)
-            torch.bitwise_xor(a, b, out=out)
-            out &= mask
-            out ^= a
-            merged.append(out)
+            # b's scratch row (if any) is free once read: a ^ b may overwrite it, never a's
+            target = out if last else (b if owned[i + 1] else scratch[i // 2])
+            torch.bitwise_xor(a, b, out=target)
+            target &= mask
+            target ^= a
+            merged.append(target)
             merged_owned.append(True)
         level, owned = merged, merged_owned
-    return level[0] if owned[0] else level[0].clone()
+    if level[0] is not out:  # no masks: a single input
+        out.copy_(level[0])
+    return out

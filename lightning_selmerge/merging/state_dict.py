@@ -36,11 +36,19 @@ def iter_merged_chunks(
     offset: int = 0,
     check_finite_as: Sequence[str] | None = None,
     indices: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+    reuse_buffer: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Merged flat chunks of one floating-point tensor, in order.
 
     ``offset`` is the flat position of the first element within the whole tensor (non-zero when
     the tensors are one rank's shard of it), so the random draws stay those of the whole tensor.
+
+    Where the chunks go: into ``out`` (a tensor of the replicas' numel and dtype) at their own
+    offsets, the yielded chunks being views of it; or, with ``reuse_buffer=True``, into one
+    buffer reused for every chunk, so that a yielded chunk is valid only until the next one is
+    requested (no allocation per chunk; for consumers that write each chunk out at once). By
+    default each chunk is a new tensor.
 
     With ``check_finite_as`` (one label per replica, e.g. ``"replica 2"``) every chunk is checked
     for NaN/Inf in the same pass and :class:`NonFiniteError` names the replica, the tensor and the
@@ -53,16 +61,25 @@ def iter_merged_chunks(
     flat = [r.reshape(-1) for r in replicas]
     flat_base = base.reshape(-1) if base is not None else None
     numel = flat[0].numel()
+    flat_out = _flat_output(name, out, flat[0]) if out is not None else None
+    buffer = None
+    if reuse_buffer and flat_out is None:
+        buffer = torch.empty(min(chunk_numel, numel), dtype=flat[0].dtype, device=flat[0].device)
     labels = check_finite_as
     for begin in range(0, numel, chunk_numel):
         end = min(begin + chunk_numel, numel)
         parts = [f[begin:end] for f in flat]
         if labels is not None and not method.propagates_nonfinite:
             check_finite(name, parts, labels, offset + begin, indices)
+        if flat_out is not None:
+            target = flat_out[begin:end]
+        else:
+            target = buffer[: end - begin] if buffer is not None else None
         merged = method.merge_chunk(
             ChunkContext(rng, name, offset + begin),
             parts,
             flat_base[begin:end] if flat_base is not None else None,
+            target,
         )
         if labels is not None and method.propagates_nonfinite and not all_finite(merged):
             check_finite(name, parts, labels, offset + begin, indices)
@@ -71,6 +88,15 @@ def iter_merged_chunks(
                 f"flat index {offset + begin}: cast the replicas to float64 before merging"
             )
         yield merged
+
+
+def _flat_output(name: str, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if out.numel() != like.numel() or out.dtype != like.dtype or not out.is_contiguous():
+        raise MergeError(
+            f"tensor {name!r}: out must be a contiguous {like.dtype} tensor of {like.numel()} "
+            f"elements, got {out.dtype} of {out.numel()}"
+        )
+    return out.view(-1)
 
 
 def merge_tensor(
@@ -89,8 +115,6 @@ def merge_tensor(
     ``check_finite_as`` and ``indices``: as in :func:`iter_merged_chunks`.
     """
     out = torch.empty(replicas[0].shape, dtype=replicas[0].dtype, device=replicas[0].device)
-    flat_out = out.view(-1)
-    begin = 0
     chunks = iter_merged_chunks(
         name,
         replicas,
@@ -100,10 +124,10 @@ def merge_tensor(
         chunk_numel=chunk_numel,
         check_finite_as=check_finite_as,
         indices=indices,
+        out=out,
     )
-    for chunk in chunks:
-        flat_out[begin : begin + chunk.numel()].copy_(chunk)
-        begin += chunk.numel()
+    for _ in chunks:  # each chunk is merged straight into its place in ``out``
+        pass
     return out
 
 
