@@ -422,3 +422,70 @@ def test_state_dict_round_trip_keeps_per_replica_positions(tmp_path: Path) -> No
     assert torch.equal(legacy.first_positions, orders.positions(epoch=0, replica=1))
     with pytest.raises(KeyError):
         legacy.first_positions_of(0)
+
+
+def test_probe_batches_go_through_the_modules_transfer_hooks(tmp_path: Path) -> None:
+    """Probe batches reach the device as training batches do (a GPU run once crashed on a
+    ``BatchEncoding`` that a hand-written move skipped): via the strategy and the module's
+    ``transfer_batch_to_device``."""
+    probed: list[bool] = []
+
+    class Hooked(TinyClassifier):
+        in_step = False
+
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):
+            return {**super().transfer_batch_to_device(batch, device, dataloader_idx), "moved": 1}
+
+        def training_step(self, batch, batch_idx):
+            self.in_step = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                self.in_step = False
+
+        def per_sample_loss(self, batch):
+            if not self.in_step:
+                probed.append(batch.get("moved") == 1)
+            return super().per_sample_loss(batch)
+
+    make_trainer(tmp_path, PositionLossMonitor(probe_size=8), max_epochs=1).fit(
+        Hooked(), DataLoader(make_dataset(), batch_size=8)
+    )
+    assert probed and all(probed)
+
+
+def test_probe_moves_batches_with_a_to_method_outside_a_trainer(monkeypatch) -> None:
+    """Unattached modules get Lightning's ``move_data_to_device``: objects with ``.to`` (such as
+    transformers' ``BatchEncoding``) are moved, not passed through."""
+    from transformers import BatchEncoding
+
+    from lightning_selmerge.imbalance import PositionProbe
+
+    seen: list[type] = []
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(D, 2)
+
+        def per_sample_loss(self, batch):
+            seen.append(type(batch))
+            return torch.nn.functional.cross_entropy(
+                self.layer(batch["x"]), batch["y"], reduction="none"
+            )
+
+    def collate(items):
+        return BatchEncoding(torch.utils.data.default_collate(items))
+
+    calls: list[torch.device] = []
+    original = BatchEncoding.to
+
+    def spy(self, device, *args, **kwargs):
+        calls.append(torch.device(device))
+        return original(self, device, *args, **kwargs)
+
+    monkeypatch.setattr(BatchEncoding, "to", spy)
+    probe = PositionProbe(make_dataset(), indices=range(10), batch_size=4, collate_fn=collate)
+    losses = probe.evaluate(Plain())
+    assert losses.shape == (10,)
+    assert seen == [BatchEncoding] * 3 and calls == [torch.device("cpu")] * 3

@@ -6,19 +6,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, Subset
 
 __all__ = ["PositionProbe"]
 
 
-def _move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return type(batch)((k, _move_to(v, device)) for k, v in batch.items())
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_move_to(v, device) for v in batch)
-    return batch
+def _to_device(module: torch.nn.Module, batch: Any, device: torch.device) -> Any:
+    """Move a probe batch as training moves it: through the attached trainer's strategy (the
+    module's ``transfer_batch_to_device`` and batch-transfer hooks included), else with
+    Lightning's ``move_data_to_device`` (any object with ``.to``, e.g. a ``BatchEncoding``)."""
+    if isinstance(module, LightningModule):
+        try:
+            trainer = module.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        if trainer is not None and trainer.lightning_module is module:
+            return trainer.strategy.batch_to_device(batch, device)
+    return move_data_to_device(batch, device)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -94,7 +100,7 @@ class PositionProbe:
         out: list[torch.Tensor] = []
         try:
             for batch in loader:
-                losses = fn(_move_to(batch, device))
+                losses = fn(_to_device(module, batch, device))
                 losses = torch.as_tensor(losses).detach().float().reshape(-1).cpu()
                 out.append(losses)
         finally:
