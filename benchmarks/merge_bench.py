@@ -650,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of each replica's elements left equal to the base (default 0.3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per method; best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method; best is kept")
     parser.add_argument(
         "--workdir", type=Path, help="keep inputs (reused when the spec matches) and outputs here"
     )

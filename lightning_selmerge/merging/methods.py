@@ -441,27 +441,16 @@ class _ResolutionTable:
     values: torch.Tensor
     keep_mask: int
     shift: int
-    _copies: dict[tuple[int | None, torch.device], torch.Tensor] = field(
+    _copies: dict[torch.device, torch.Tensor] = field(
         default_factory=dict, compare=False, repr=False
     )
 
     def on(self, device: torch.device | str) -> torch.Tensor:
-        """``values`` (uint8) on ``device``."""
-        return self._copy(None, torch.device(device))
-
-    def scaled(self, stride: int, device: torch.device | str) -> torch.Tensor:
-        """``values * stride`` (int32) on ``device``."""
-        return self._copy(stride, torch.device(device))
-
-    def _copy(self, stride: int | None, device: torch.device) -> torch.Tensor:
-        key = (stride, device)
-        copy = self._copies.get(key)
+        """``values`` (uint8) on ``device``, copied there once."""
+        device = torch.device(device)
+        copy = self._copies.get(device)
         if copy is None:
-            copy = self.values if stride is None else self.values.to(torch.int32) * stride
-            copy = copy.to(device)
-            if len(self._copies) >= 8:  # strides change only when a scratch buffer grows
-                self._copies.clear()
-            self._copies[key] = copy
+            copy = self._copies[device] = self.values.to(device)
         return copy
 
 
