@@ -70,6 +70,23 @@ class TinyClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class ProbeAware(TinyClassifier):
+    """Tells a probe's ``per_sample_loss`` calls (``probing``) from the training step's."""
+
+    in_step = False
+
+    @property
+    def probing(self) -> bool:
+        return not self.in_step
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.in_step = True
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self.in_step = False
+
+
 class NoPerSampleLoss(LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -188,18 +205,9 @@ def test_named_curves_for_other_models(tmp_path: Path) -> None:
 def test_probe_evaluates_in_eval_mode_without_grad(tmp_path: Path) -> None:
     modes: list[tuple[bool, bool]] = []
 
-    class Spy(TinyClassifier):
-        in_step = False
-
-        def training_step(self, batch, batch_idx):
-            self.in_step = True
-            try:
-                return super().training_step(batch, batch_idx)
-            finally:
-                self.in_step = False
-
+    class Spy(ProbeAware):
         def per_sample_loss(self, batch):
-            if not self.in_step:
+            if self.probing:
                 modes.append((self.training, torch.is_grad_enabled()))
             return super().per_sample_loss(batch)
 
@@ -430,21 +438,12 @@ def test_probe_batches_go_through_the_modules_transfer_hooks(tmp_path: Path) -> 
     ``transfer_batch_to_device``."""
     probed: list[bool] = []
 
-    class Hooked(TinyClassifier):
-        in_step = False
-
+    class Hooked(ProbeAware):
         def transfer_batch_to_device(self, batch, device, dataloader_idx):
             return {**super().transfer_batch_to_device(batch, device, dataloader_idx), "moved": 1}
 
-        def training_step(self, batch, batch_idx):
-            self.in_step = True
-            try:
-                return super().training_step(batch, batch_idx)
-            finally:
-                self.in_step = False
-
         def per_sample_loss(self, batch):
-            if not self.in_step:
+            if self.probing:
                 probed.append(batch.get("moved") == 1)
             return super().per_sample_loss(batch)
 
