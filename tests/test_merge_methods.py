@@ -263,3 +263,12 @@ def test_table_path_matches_direct_resolution(k, resample, monkeypatch):
     choice_direct = method.choose(ChunkContext(rng, "w", 0), base.numel(), k, moved)
     assert torch.equal(with_table["w"].view(torch.int16), direct["w"].view(torch.int16))
     assert torch.equal(choice_table.long(), choice_direct.long())
+
+
+def test_moved_bits_of_some_replicas_in_a_wider_dtype():
+    """A rank's own replicas (a mapping) set their own bits, here beyond a uint8's width."""
+    base, replicas = make_replicas(10, (500,), torch.bfloat16, seed=4, unmoved=0.5)
+    bits = {k: replicas[k].view(torch.int16) for k in (1, 8, 9)}
+    moved = methods_module.moved_bits(bits, base.view(torch.int16), dtype=torch.int32)
+    expected = sum((bits[k] != base.view(torch.int16)).int() << k for k in bits)
+    assert moved.dtype == torch.int32 and torch.equal(moved, expected)

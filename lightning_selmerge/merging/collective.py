@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .errors import MergeError
 from .keyed_random import KeyedRandom
-from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view
+from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
 from .rules import MergeRule, method_for
 from .state_dict import (
     DEFAULT_CHUNK_NUMEL,
@@ -225,10 +225,8 @@ def _select_chunk(
     if method.resample > 0:
         if base is None:
             raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
-        base_bits = bit_view(base)
-        moved = torch.zeros(numel, dtype=_mask_dtype(num_replicas), device=device)
-        for k, chunk in chunks.items():
-            moved |= torch.ne(bit_view(chunk), base_bits).to(moved.dtype) << k
+        local_bits = {k: bit_view(chunk) for k, chunk in chunks.items()}
+        moved = moved_bits(local_bits, bit_view(base), dtype=_mask_dtype(num_replicas))
         dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)  # disjoint bits: SUM is OR
     choice = method.choose(ctx, numel, num_replicas, moved, device)
     contribution = torch.zeros_like(bit_view(first))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -318,21 +318,11 @@ class ParameterSelection(MergeMethod):
         """The dense one-draw resample's choice through :func:`_resolution_table`.
 
         Same choice as :meth:`_choose_from_one_draw`, in a few flat passes over per-thread
-        scratch buffers: each replica's XOR against the base, made boolean, is its moved flag
-        (non-zero where the replica moved); the flags weighted ``2**k`` are the moved mask, and
-        one table lookup on ``draw | moved`` resolves every element's candidates at once.
+        scratch buffers: :func:`moved_bits` into a scratch moved mask, then one table lookup on
+        ``draw | moved`` resolves every element's candidates at once.
         """
         numel, device = base_bits.numel(), base_bits.device
-        delta = _scratch("delta", numel, base_bits.dtype, device)
-        flags = _scratch_rows("flags", len(bits), numel, torch.bool, device)
-        for k, replica in enumerate(bits):
-            torch.bitwise_xor(replica, base_bits, out=delta)
-            flags[k].copy_(delta)  # int -> bool is != 0
-        flags = flags.view(torch.uint8)
-        moved = _scratch("moved", numel, torch.uint8, device)
-        torch.add(flags[0], flags[1], alpha=2, out=moved)
-        for k in range(2, len(bits)):
-            moved.add_(flags[k], alpha=1 << k)
+        moved = moved_bits(bits, base_bits, out=_scratch("moved", numel, torch.uint8, device))
         index = _table_index(
             ctx, numel, moved, table, out=_scratch("index", numel, torch.int32, device)
         )
@@ -521,13 +511,34 @@ def bit_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_BITS_DTYPE[tensor.element_size()])
 
 
-def moved_bits(replica_bits: Sequence[torch.Tensor], base_bits: torch.Tensor) -> torch.Tensor:
-    """Per element, bit ``k`` set where replica ``k``'s bits differ from the base's."""
-    dtype = _index_dtype(len(replica_bits))
-    moved = torch.zeros(base_bits.shape, dtype=dtype, device=base_bits.device)
-    for k, replica in enumerate(replica_bits):
-        moved.add_(torch.ne(replica, base_bits).to(dtype), alpha=1 << k)
-    return moved
+def moved_bits(
+    replica_bits: Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
+    base_bits: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per element, bit ``k`` set where replica ``k``'s bits differ from the base's.
+
+    ``replica_bits``: the replicas' bit views in order, or ``{k: bit view}`` for some of them (a
+    rank's own replicas; the others' bits stay 0). The result is ``out`` when given, else a new
+    tensor of ``dtype`` (default: the narrowest that holds a bit per replica). Each replica is
+    XORed with the base into scratch and made boolean (non-zero where it moved): two cheap
+    same-dtype passes, where ``torch.ne`` is slower than both together on CPUs.
+    """
+    items = replica_bits.items() if isinstance(replica_bits, Mapping) else enumerate(replica_bits)
+    numel, device = base_bits.numel(), base_bits.device
+    if out is None:
+        dtype = dtype if dtype is not None else _index_dtype(len(replica_bits))
+        out = torch.empty(base_bits.shape, dtype=dtype, device=device)
+    out.zero_()
+    delta = _scratch("delta", numel, base_bits.dtype, device).view(base_bits.shape)
+    flag = _scratch("flag", numel, torch.bool, device).view(base_bits.shape)
+    for k, replica in items:
+        torch.bitwise_xor(replica, base_bits, out=delta)
+        flag.copy_(delta)  # int -> bool is != 0
+        out.add_(flag.view(torch.uint8), alpha=1 << k)
+    return out
 
 
 def _index_dtype(num_replicas: int) -> torch.dtype:
