@@ -14,6 +14,7 @@ from lightning_selmerge.merging import (
     merge_state_dicts,
 )
 from lightning_selmerge.merging import methods as methods_module
+from lightning_selmerge.merging import scratch as scratch_module
 from lightning_selmerge.merging.methods import ChunkContext
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -226,7 +227,7 @@ def test_no_table_when_it_would_be_too_big():
 @pytest.mark.parametrize("k,resample", TABLE_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_table_path_matches_naive_reference(k, resample, dtype, monkeypatch):
-    monkeypatch.setattr(methods_module, "_SCRATCH", threading.local())  # fresh scratch buffers
+    monkeypatch.setattr(scratch_module, "_BUFFERS", threading.local())  # fresh scratch buffers
     base, replicas = make_replicas(k, (70,), dtype, seed=k + resample, unmoved=0.7)
     # elements 0..9 unmoved in every replica: whatever the candidates, the output is the base
     for r in replicas:

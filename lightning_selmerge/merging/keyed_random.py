@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import threading
 
 import torch
+
+from .scratch import per_thread_buffer
 
 __all__ = ["UNIFORM_LEVELS", "KeyedRandom"]
 
@@ -79,18 +80,6 @@ def _golden_progression(count: int, device: torch.device) -> torch.Tensor:
     return cached[:count]
 
 
-_HASH_SCRATCH = threading.local()
-
-
-def _hash_scratch(words: int, device: torch.device) -> torch.Tensor:
-    """A per-thread int64 scratch block for :func:`splitmix64_` (reused, never shrunk)."""
-    buffers = _HASH_SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(device)
-    if buffer is None or buffer.numel() < words:
-        buffer = buffers[device] = torch.empty(words, dtype=torch.int64, device=device)
-    return buffer[:words]
-
-
 class KeyedRandom:
     """Uniform 16-bit integers for element ``offset`` of tensor ``name`` in stream ``stream``.
 
@@ -150,7 +139,7 @@ class KeyedRandom:
             hashed = buffer.view(-1)[:count]
         block = max(1, min(count, _block_words(device)))
         progression = _golden_progression(block, device)
-        scratch = _hash_scratch(block, device)
+        scratch = per_thread_buffer("hash", block, torch.int64, device)
         key = self.key(name, stream)
         lane_mask = _as_int64((keep & 0xFFFF) * 0x0001_0001_0001_0001)
         for begin in range(0, count, block):

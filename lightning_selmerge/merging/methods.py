@@ -18,6 +18,7 @@ import torch
 
 from .errors import MergeError
 from .keyed_random import UNIFORM_LEVELS, KeyedRandom
+from .scratch import per_thread_buffer
 
 __all__ = ["ChunkContext", "MergeMethod", "ParameterSelection", "WeightedAverage"]
 
@@ -130,7 +131,11 @@ class WeightedAverage(MergeMethod):
         weights = torch.tensor(
             self.weights if self.weights is not None else [1.0] * len(replicas), dtype=compute
         )
-        acc = _accumulator(first.numel(), compute, first.device).view(first.shape).zero_()
+        acc = (
+            per_thread_buffer("accumulator", first.numel(), compute, first.device)
+            .view(first.shape)
+            .zero_()
+        )
         if self.weights is None:
             # x * 1.0 is exact, so add_ gives addcmul_'s bits at a fraction of its cost.
             for tensor in replicas:
@@ -322,11 +327,13 @@ class ParameterSelection(MergeMethod):
         ``draw | moved`` resolves every element's candidates at once.
         """
         numel, device = base_bits.numel(), base_bits.device
-        moved = moved_bits(bits, base_bits, out=_scratch("moved", numel, torch.uint8, device))
-        index = _table_index(
-            ctx, numel, moved, table, out=_scratch("index", numel, torch.int32, device)
+        moved = moved_bits(
+            bits, base_bits, out=per_thread_buffer("moved", numel, torch.uint8, device)
         )
-        choice = _scratch("choice", numel, torch.uint8, device)
+        index = _table_index(
+            ctx, numel, moved, table, out=per_thread_buffer("index", numel, torch.int32, device)
+        )
+        choice = per_thread_buffer("choice", numel, torch.uint8, device)
         return torch.index_select(table.on(device), 0, index, out=choice)
 
     def merge_chunk(
@@ -356,7 +363,7 @@ class ParameterSelection(MergeMethod):
                 numel,
                 (0xFFFF << (16 - b)) & 0xFFFF,
                 device,
-                buffer=_scratch("words", ctx.rng.words_needed(numel), torch.int64, device),
+                buffer=per_thread_buffer("words", ctx.rng.words_needed(numel), torch.int64, device),
             )
             masks = _masks_from_draw(lanes, num_replicas, dtype)
         elif table is not None:
@@ -371,18 +378,6 @@ class ParameterSelection(MergeMethod):
         return out
 
 
-_SCRATCH = threading.local()
-
-
-def _accumulator(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread reused scratch buffer: a fresh allocation per chunk costs page faults."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((dtype, device))
-    if buffer is None or buffer.numel() < numel or buffer.numel() > 4 * max(numel, 1 << 16):
-        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
 def _output_for(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``out`` checked against ``like`` (same numel and dtype), or a new tensor like it."""
     if out is None:
@@ -392,27 +387,6 @@ def _output_for(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
             f"out holds {out.numel()} {out.dtype} elements, the chunk {like.numel()} {like.dtype}"
         )
     return out.view(like.shape)
-
-
-def _scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread scratch buffer for the selection's intermediates (one per ``tag``)."""
-    return _scratch_rows(tag, 1, numel, dtype, device)[0]
-
-
-def _scratch_rows(
-    tag: str, rows: int, numel: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A ``[rows, numel]`` view of a per-thread scratch buffer of ``[rows, capacity]``.
-
-    The buffer grows to the largest chunk seen and never shrinks, so its row stride (the
-    capacity) stays put from chunk to chunk and a tensor's short last chunk costs no new buffer.
-    """
-    buffers = _SCRATCH.__dict__.setdefault("scratch", {})
-    key = (tag, rows, dtype, torch.device(device) if device is not None else None)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.shape[1] < numel:
-        buffer = buffers[key] = torch.empty(rows, numel, dtype=dtype, device=device)
-    return buffer[:, :numel]
 
 
 #: Largest resolution table built, in entries (bytes); beyond it the dense path resolves directly.
@@ -490,19 +464,19 @@ def _table_index(
 ) -> torch.Tensor:
     """int32 indices into ``table.values`` from the chunk's draws and its uint8 moved masks."""
     device = moved.device if device is None else torch.device(device)
-    words = _scratch("words", ctx.rng.words_needed(numel), torch.int64, device)
+    words = per_thread_buffer("words", ctx.rng.words_needed(numel), torch.int64, device)
     lanes = ctx.rng.masked_bits16(
         ctx.name, 0, ctx.start, numel, table.keep_mask, device, buffer=words
     )
     index = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
     # Same-dtype ORs: a uint8 operand would send int16/int32 ops down a type-promoting slow path.
     if table.shift == 0:
-        moved16 = _scratch("moved16", numel, torch.int16, device).copy_(moved)
+        moved16 = per_thread_buffer("moved16", numel, torch.int16, device).copy_(moved)
         lanes |= moved16  # the low bits the mask cleared take the moved mask
         return index.copy_(lanes.view(torch.uint16))
     index.copy_(lanes.view(torch.uint16))
     index <<= table.shift
-    index |= _scratch("moved32", numel, torch.int32, device).copy_(moved)
+    index |= per_thread_buffer("moved32", numel, torch.int32, device).copy_(moved)
     return index
 
 
@@ -532,8 +506,8 @@ def moved_bits(
         dtype = dtype if dtype is not None else _index_dtype(len(replica_bits))
         out = torch.empty(base_bits.shape, dtype=dtype, device=device)
     out.zero_()
-    delta = _scratch("delta", numel, base_bits.dtype, device).view(base_bits.shape)
-    flag = _scratch("flag", numel, torch.bool, device).view(base_bits.shape)
+    delta = per_thread_buffer("delta", numel, base_bits.dtype, device).view(base_bits.shape)
+    flag = per_thread_buffer("flag", numel, torch.bool, device).view(base_bits.shape)
     for k, replica in items:
         torch.bitwise_xor(replica, base_bits, out=delta)
         flag.copy_(delta)  # int -> bool is != 0
@@ -566,14 +540,14 @@ def _masks_from_draw(
     masks = []
     for j in range(b):
         position = 16 - b + j  # bit of the 16-bit draw that is bit j of the choice
-        mask = _scratch(f"draw_mask{j}", numel, torch.int16, device)
+        mask = per_thread_buffer(f"draw_mask{j}", numel, torch.int16, device)
         if position == 15:
             torch.bitwise_right_shift(lanes, 15, out=mask)
         else:
             torch.bitwise_left_shift(lanes, 15 - position, out=mask)
             mask >>= 15
         if dtype != torch.int16:
-            mask = _scratch(f"mask{j}", numel, dtype, device).copy_(mask)
+            mask = per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(mask)
         masks.append(mask)
     return masks
 
@@ -584,7 +558,7 @@ def _masks_from_choice(
     """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of the chosen replica index."""
     levels = max(1, (num_replicas - 1).bit_length())
     numel, device = choice.numel(), choice.device
-    bit = _scratch("choice_bit", numel, choice.dtype, device)
+    bit = per_thread_buffer("choice_bit", numel, choice.dtype, device)
     masks = []
     for j in range(levels):
         if j == 0:
@@ -593,7 +567,7 @@ def _masks_from_choice(
             torch.bitwise_right_shift(choice, j, out=bit)
             if j < levels - 1:  # the top bit needs no mask: choice < 2**levels
                 bit &= 1
-        mask = _scratch(f"mask{j}", numel, dtype, device).copy_(bit)
+        mask = per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(bit)
         masks.append(mask.neg_())
     return masks
 
@@ -602,9 +576,8 @@ def _select_by_masks(
     bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], out: torch.Tensor
 ) -> torch.Tensor:
     """Binary-tree select into ``out``: at level j, pair (a, b) becomes ``b`` where mask j is -1,
-    else ``a``, as ``a ^ ((a ^ b) & mask)``. Levels below the last go to scratch rows."""
+    else ``a``, as ``a ^ ((a ^ b) & mask)``. Levels below the last go to per-thread buffers."""
     numel, dtype, device = out.numel(), out.dtype, out.device
-    scratch = _scratch_rows("tree", max(1, len(bits) // 2), numel, dtype, device)
     level, owned = list(bits), [False] * len(bits)
     for depth, mask in enumerate(masks):
         last = depth == len(masks) - 1
@@ -615,8 +588,13 @@ def _select_by_masks(
                 merged_owned.append(owned[i])
                 continue
             a, b = level[i], level[i + 1]
-            # b's scratch row (if any) is free once read: a ^ b may overwrite it, never a's
-            target = out if last else (b if owned[i + 1] else scratch[i // 2])
+            # b's buffer (if ours) is free once read: a ^ b may overwrite it, never a's
+            if last:
+                target = out
+            elif owned[i + 1]:
+                target = b
+            else:
+                target = per_thread_buffer(f"tree{i // 2}", numel, dtype, device)
             torch.bitwise_xor(a, b, out=target)
             target &= mask
             target ^= a
