@@ -1,26 +1,12 @@
-import hashlib
-
 import pytest
 import torch
+from reference_merge import reference_lane
 
 from lightning_selmerge.merging.keyed_random import KeyedRandom
 
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64_reference(state: int) -> int:
-    """SplitMix64's output for counter state ``state`` in plain Python integers."""
-    z = state & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
 
 def reference_uniform16(seed: int, name: str, stream: int, offset: int) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{stream}".encode(), digest_size=8).digest()
-    key = int.from_bytes(digest, "little")
-    word = splitmix64_reference(key + (offset >> 2) * 0x9E3779B97F4A7C15)
-    return (word >> (16 * (offset & 3))) & 0xFFFF
+    return reference_lane(seed, name, stream, offset, 16)
 
 
 def test_uniforms_match_plain_python_splitmix64():
@@ -28,6 +14,18 @@ def test_uniforms_match_plain_python_splitmix64():
     got = rng.uniform16("layers.0.weight", 2, 1000, 50).tolist()
     expected = [reference_uniform16(7, "layers.0.weight", 2, 1000 + i) for i in range(50)]
     assert got == expected
+
+
+@pytest.mark.parametrize("start,numel", [(0, 1), (5, 3), (7, 2), (8, 9), (1021, 333)])
+def test_8bit_lanes_match_plain_python_and_any_range(start, numel):
+    rng = KeyedRandom(seed=5)
+    got = rng.masked_bits8("layers.0.weight", 3, start, numel, 0xFF).view(torch.uint8).tolist()
+    expected = [reference_lane(5, "layers.0.weight", 3, start + i, 8) for i in range(numel)]
+    assert got == expected
+    buffer = torch.empty(KeyedRandom.words_needed(numel, lane_bits=8), dtype=torch.int64)
+    masked = rng.masked_bits8("layers.0.weight", 3, start, numel, 0xC0, buffer=buffer)
+    assert masked.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert masked.view(torch.uint8).tolist() == [e & 0xC0 for e in expected]
 
 
 @pytest.mark.parametrize("start,numel", [(0, 1), (1, 7), (3, 64), (1021, 333)])

@@ -273,3 +273,46 @@ def test_moved_bits_of_some_replicas_in_a_wider_dtype():
     moved = methods_module.moved_bits(bits, base.view(torch.int16), dtype=torch.int32)
     expected = sum((bits[k] != base.view(torch.int16)).int() << k for k in bits)
     assert moved.dtype == torch.int32 and torch.equal(moved, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("resample", [0, 4])
+def test_selection_copies_extreme_bit_patterns_exactly(dtype, resample):
+    """The 8/16-bit select does wrapping arithmetic on bit patterns (``a - (b - a) * mask``):
+    lane minima and maxima, NaN payloads and -0.0 must come out as the chosen replica's bits."""
+    width = torch.int8 if dtype.itemsize == 1 else torch.int16
+    info = torch.iinfo(width)
+    extremes = torch.tensor([info.min, info.max, -1, 0, 1, info.min + 1, info.max - 1])
+    gen = torch.Generator().manual_seed(5)
+    k, n = 4, 4096
+    patterns = [extremes[torch.randint(0, len(extremes), (n,), generator=gen)] for _ in range(k)]
+    replicas = [p.to(width).view(dtype) for p in patterns]
+    base = torch.zeros(n, dtype=width).view(dtype)
+    method = ParameterSelection(resample=resample)
+    base_or_none = base if resample else None
+    out = method.merge_chunk(ChunkContext(KeyedRandom(2), "w", 0), replicas, base_or_none)
+    expected = reference_selection("w", replicas, base_or_none, 2, resample=resample)
+    assert torch.equal(out.view(width), expected.view(width))
+    # every output element is one of the replicas' elements, bit for bit
+    stacked = torch.stack([r.view(width) for r in replicas])
+    assert (stacked == out.view(width)).any(0).all()
+
+
+@pytest.mark.parametrize(
+    "k,resample,probabilities,lane_bits",
+    [
+        (4, 0, None, 8),
+        (4, 3, None, 8),
+        (4, 4, None, 16),
+        (2, 7, None, 8),
+        (2, 8, None, 16),
+        (8, 5, None, None),
+        (3, 0, None, None),
+        (4, 0, [0.25] * 4, 8),  # resolves to exactly 1/K: the same draws as None
+        (4, 0, [0.5, 0.25, 0.125, 0.125], None),
+    ],
+)
+def test_draw_lane_width(k, resample, probabilities, lane_bits):
+    method = ParameterSelection(probabilities=probabilities, resample=resample)
+    assert method.draw_lane_bits(k) == lane_bits
+    assert method.candidates_share_one_draw(k) == (lane_bits is not None)

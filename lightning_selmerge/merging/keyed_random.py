@@ -5,8 +5,9 @@ and the tensor's name and from the element's flat offset, never from a stateful 
 merge gives the same bits whatever the chunk size, the order in which tensors are visited, the
 device, or how a tensor is split across ranks and shards.
 
-The mixer is SplitMix64 (Steele et al., 2014) evaluated with int64 tensor ops; one 64-bit hash
-yields four 16-bit uniforms, so the cost is about one hash per four elements.
+The mixer is SplitMix64 (Steele et al., 2014) evaluated with int64 tensor ops. One 64-bit hash
+yields four 16-bit lanes or eight 8-bit lanes, one lane per element, so a draw that needs at most
+8 bits (uniform selection among K <= 256 replicas) costs half the hashing of a 16-bit one.
 """
 
 from __future__ import annotations
@@ -118,14 +119,14 @@ class KeyedRandom:
         first_word: int,
         count: int,
         device: torch.device | str | None,
-        keep: int = 0xFFFF,
+        keep: int = -1,
         buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The hashes of words ``first_word .. first_word + count``, block by block.
 
         Word ``w`` hashes ``w * GOLDEN + key``: a cached ``i * GOLDEN`` plus one scalar per block,
-        the same wrapping int64 sum as :meth:`_hash_words`. Each 16-bit lane is ANDed with
-        ``keep`` while its block is still in cache. The words go into ``buffer`` when given.
+        the same wrapping int64 sum as :meth:`_hash_words`. Each word is ANDed with the 64-bit
+        mask ``keep`` while its block is still in cache. The words go into ``buffer`` when given.
         """
         device = torch.get_default_device() if device is None else torch.device(device)
         if buffer is None:
@@ -141,14 +142,14 @@ class KeyedRandom:
         progression = _golden_progression(block, device)
         scratch = per_thread_buffer("hash", block, torch.int64, device)
         key = self.key(name, stream)
-        lane_mask = _as_int64((keep & 0xFFFF) * 0x0001_0001_0001_0001)
+        word_mask = _as_int64(keep)
         for begin in range(0, count, block):
             end = min(begin + block, count)
             offset = _as_int64(key + (first_word + begin) * _GOLDEN)
             words = torch.add(progression[: end - begin], offset, out=hashed[begin:end])
             splitmix64_(words, scratch[: end - begin])
-            if keep != 0xFFFF:
-                words &= lane_mask
+            if word_mask != -1:
+                words &= word_mask
         return hashed
 
     def bits16(
@@ -191,22 +192,68 @@ class KeyedRandom:
             >>> bool((masked == rng.bits16("w", stream=0, start=5, numel=8) & -256).all())
             True
         """
-        first_word, last_word = start >> 2, (start + numel + 3) >> 2
+        return self._lanes(16, name, stream, start, numel, keep, device, buffer)
+
+    def masked_bits8(
+        self,
+        name: str,
+        stream: int,
+        start: int,
+        numel: int,
+        keep: int,
+        device: torch.device | str | None = None,
+        *,
+        buffer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """8 random bits (an int8 bit pattern) per element, ANDed with the 8-bit mask ``keep``.
+
+        Read as unsigned, element ``i`` of word ``i // 8`` holds bits ``8 * (i % 8)`` and up:
+        a stream's 8-bit lanes are not its 16-bit ones. ``buffer``: at least
+        ``words_needed(numel, lane_bits=8)`` words, as in :meth:`masked_bits16`.
+
+        Example:
+            >>> rng = KeyedRandom(seed=0)
+            >>> whole = rng.masked_bits8("w", stream=0, start=0, numel=20, keep=0xFF)
+            >>> part = rng.masked_bits8("w", stream=0, start=5, numel=8, keep=0xF0)
+            >>> bool((part == whole[5:13] & -16).all())
+            True
+        """
+        return self._lanes(8, name, stream, start, numel, keep, device, buffer)
+
+    def _lanes(
+        self,
+        lane_bits: int,
+        name: str,
+        stream: int,
+        start: int,
+        numel: int,
+        keep: int,
+        device: torch.device | str | None,
+        buffer: torch.Tensor | None,
+    ) -> torch.Tensor:
+        per_word = 64 // lane_bits
+        first_word = start // per_word
+        last_word = (start + numel + per_word - 1) // per_word
+        lane_mask = keep & ((1 << lane_bits) - 1)
+        word_mask = sum(lane_mask << (lane_bits * i) for i in range(per_word))
         hashed = self._hash_range(
-            name, stream, first_word, last_word - first_word, device, keep, buffer
+            name, stream, first_word, last_word - first_word, device, word_mask, buffer
         )
+        dtype = torch.int8 if lane_bits == 8 else torch.int16
         if _LITTLE_ENDIAN:
-            lanes = hashed.view(torch.int16)
+            lanes = hashed.view(dtype)
         else:  # pragma: no cover - no big-endian host runs torch today
-            shifts = torch.arange(0, 64, 16, device=hashed.device)
-            lanes = ((hashed.unsqueeze(1) >> shifts) & 0xFFFF).to(torch.int16).reshape(-1)
-        begin = start - (first_word << 2)
+            shifts = torch.arange(0, 64, lane_bits, device=hashed.device)
+            lanes = (hashed.unsqueeze(1) >> shifts) & ((1 << lane_bits) - 1)
+            lanes = lanes.to(dtype).reshape(-1)
+        begin = start - first_word * per_word
         return lanes[begin : begin + numel]
 
     @staticmethod
-    def words_needed(numel: int) -> int:
+    def words_needed(numel: int, lane_bits: int = 16) -> int:
         """The most hash words any ``numel`` consecutive elements span (a ``buffer``'s size)."""
-        return (numel + 6) >> 2
+        per_word = 64 // lane_bits
+        return (numel + 2 * per_word - 2) // per_word
 
     def uniform16(
         self,

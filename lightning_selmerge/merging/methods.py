@@ -250,7 +250,7 @@ class ParameterSelection(MergeMethod):
         """
         if self.resample > 0 and moved is None:
             raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
-        if self.resample > 0 and self.candidates_share_one_draw(num_replicas):
+        if self.candidates_share_one_draw(num_replicas):
             return self._choose_from_one_draw(ctx, numel, num_replicas, moved, device)
         uniforms = ctx.rng.uniform16(ctx.name, 0, ctx.start, numel, device)
         choice = self.draw(uniforms, num_replicas)
@@ -270,19 +270,29 @@ class ParameterSelection(MergeMethod):
         return choice
 
     def candidates_share_one_draw(self, num_replicas: int) -> bool:
-        """Whether all ``resample + 1`` candidates come from the element's one 16-bit draw.
+        """Whether all ``resample + 1`` candidates come from the element's one draw.
 
         With uniform probabilities and ``K = 2**b`` replicas, candidate ``j`` is the ``j``-th
-        ``b``-bit group of the draw, from the top (candidate 0 is the plain selection's choice),
-        as long as ``(resample + 1) * b <= 16``. Otherwise candidate ``j`` is drawn from
-        stream ``j``. Both give each candidate uniformly and independently.
+        ``b``-bit group, from the top, of the element's lane of stream 0: its 8-bit lane when
+        ``(resample + 1) * b <= 8`` (so plain selection hashes one word per 8 elements), else
+        its 16-bit lane when ``(resample + 1) * b <= 16``. Otherwise candidate ``j`` is drawn
+        from stream ``j``'s 16-bit uniforms. All give each candidate uniformly and
+        independently; where the lane widths agree, candidate 0 is the plain selection's choice.
         """
-        bits = num_replicas.bit_length() - 1
-        return (
-            self.probabilities is None
-            and _is_power_of_two(num_replicas)
-            and (self.resample + 1) * bits <= 16
-        )
+        return self.draw_lane_bits(num_replicas) is not None
+
+    def draw_lane_bits(self, num_replicas: int) -> int | None:
+        """Width (8 or 16) of the lane all candidates share, or ``None`` when they do not.
+
+        Probabilities that resolve to exactly ``1/K`` count as uniform: they draw the same bits.
+        """
+        if not _is_power_of_two(num_replicas):
+            return None
+        uniform = [k * (UNIFORM_LEVELS // num_replicas) for k in range(1, num_replicas)]
+        if self.probabilities is not None and self.thresholds(num_replicas) != uniform:
+            return None
+        used = (self.resample + 1) * (num_replicas.bit_length() - 1)
+        return 8 if used <= 8 else 16 if used <= 16 else None
 
     def _choose_from_one_draw(
         self,
@@ -293,13 +303,13 @@ class ParameterSelection(MergeMethod):
         device: torch.device | str | None,
     ) -> torch.Tensor:
         """Dense resolution, last candidate first: keep candidate j where it moved."""
-        table = _resolution_table(num_replicas, self.resample)
+        lane_bits = self.draw_lane_bits(num_replicas)
+        table = _resolution_table(num_replicas, self.resample) if self.resample > 0 else None
         if table is not None:
-            index = _table_index(ctx, numel, moved.to(torch.uint8), table, device)
+            index = _table_index(ctx, numel, moved.to(torch.uint8), table, lane_bits, device)
             return table.on(index.device).index_select(0, index)
-        lanes = ctx.rng.bits16(ctx.name, 0, ctx.start, numel, device)
+        lanes = _draw16(ctx, numel, 0xFFFF, lane_bits, device)
         bits, dtype = num_replicas.bit_length() - 1, _index_dtype(num_replicas)
-        moved = moved.to(dtype)
 
         def candidate(j: int) -> torch.Tensor:
             # bits [16 - (j+1)b, 16 - jb) of the draw; the arithmetic shift's sign copies are
@@ -307,6 +317,9 @@ class ParameterSelection(MergeMethod):
             return ((lanes >> (16 - (j + 1) * bits)) & (num_replicas - 1)).to(dtype)
 
         choice = candidate(self.resample)
+        if self.resample == 0:
+            return choice
+        moved = moved.to(dtype)
         for j in range(self.resample - 1, -1, -1):
             option = candidate(j)
             keep = ((moved >> option) & 1).neg_()
@@ -319,6 +332,7 @@ class ParameterSelection(MergeMethod):
         bits: Sequence[torch.Tensor],
         base_bits: torch.Tensor,
         table: _ResolutionTable,
+        lane_bits: int,
     ) -> torch.Tensor:
         """The dense one-draw resample's choice through :func:`_resolution_table`.
 
@@ -331,7 +345,12 @@ class ParameterSelection(MergeMethod):
             bits, base_bits, out=per_thread_buffer("moved", numel, torch.uint8, device)
         )
         index = _table_index(
-            ctx, numel, moved, table, out=per_thread_buffer("index", numel, torch.int32, device)
+            ctx,
+            numel,
+            moved,
+            table,
+            lane_bits,
+            out=per_thread_buffer("index", numel, torch.int32, device),
         )
         choice = per_thread_buffer("choice", numel, torch.uint8, device)
         return torch.index_select(table.on(device), 0, index, out=choice)
@@ -351,23 +370,15 @@ class ParameterSelection(MergeMethod):
                 f"{ctx.name}: selection with resample={self.resample} needs the base "
                 "(pre-trained) weights: pass base=..."
             )
-        one_draw = self.candidates_share_one_draw(num_replicas)
+        lane_bits = self.draw_lane_bits(num_replicas)
+        one_draw = lane_bits is not None
         table = _resolution_table(num_replicas, self.resample) if one_draw else None
         if one_draw and self.resample == 0:
             # The chosen index is the draw's top b bits: the masks are those bits, spread.
-            b = num_replicas.bit_length() - 1
-            lanes = ctx.rng.masked_bits16(
-                ctx.name,
-                0,
-                ctx.start,
-                numel,
-                (0xFFFF << (16 - b)) & 0xFFFF,
-                device,
-                buffer=per_thread_buffer("words", ctx.rng.words_needed(numel), torch.int64, device),
-            )
+            lanes = _draw(ctx, numel, 0xFFFF, lane_bits, device)
             masks = _masks_from_draw(lanes, num_replicas, dtype)
         elif table is not None:
-            choice = self._choice_by_table(ctx, bits, bit_view(base), table)
+            choice = self._choice_by_table(ctx, bits, bit_view(base), table, lane_bits)
             masks = _masks_from_choice(choice, num_replicas, dtype)
         else:
             moved = moved_bits(bits, bit_view(base)) if self.resample > 0 else None
@@ -454,20 +465,43 @@ def _resolution_table(num_replicas: int, resample: int) -> _ResolutionTable | No
         return table
 
 
+def _draw(
+    ctx: ChunkContext, numel: int, keep: int, lane_bits: int, device: torch.device | str | None
+) -> torch.Tensor:
+    """The chunk's one-draw lanes of stream 0 (int8 or int16, ``lane_bits`` wide), ANDed with
+    the top ``lane_bits`` bits of the 16-bit mask ``keep``; a view of a per-thread buffer."""
+    words = per_thread_buffer(
+        f"words{lane_bits}", ctx.rng.words_needed(numel, lane_bits), torch.int64, device
+    )
+    if lane_bits == 8:
+        return ctx.rng.masked_bits8(ctx.name, 0, ctx.start, numel, keep >> 8, device, buffer=words)
+    return ctx.rng.masked_bits16(ctx.name, 0, ctx.start, numel, keep, device, buffer=words)
+
+
+def _draw16(
+    ctx: ChunkContext, numel: int, keep: int, lane_bits: int, device: torch.device | str | None
+) -> torch.Tensor:
+    """:func:`_draw` as int16 with the lane's bits at the top (an 8-bit lane shifted up by 8),
+    so that candidate ``j`` is bits ``[16 - (j+1)b, 16 - jb)`` whatever the lane width."""
+    lanes = _draw(ctx, numel, keep, lane_bits, device)
+    if lane_bits == 16:
+        return lanes
+    # int8 -> int16 sign-extends; the copies of the sign bit leave through the shift.
+    return per_thread_buffer("draw16", numel, torch.int16, lanes.device).copy_(lanes).__ilshift__(8)
+
+
 def _table_index(
     ctx: ChunkContext,
     numel: int,
     moved: torch.Tensor,
     table: _ResolutionTable,
+    lane_bits: int,
     device: torch.device | str | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int32 indices into ``table.values`` from the chunk's draws and its uint8 moved masks."""
     device = moved.device if device is None else torch.device(device)
-    words = per_thread_buffer("words", ctx.rng.words_needed(numel), torch.int64, device)
-    lanes = ctx.rng.masked_bits16(
-        ctx.name, 0, ctx.start, numel, table.keep_mask, device, buffer=words
-    )
+    lanes = _draw16(ctx, numel, table.keep_mask, lane_bits, device)
     index = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
     # Same-dtype ORs: a uint8 operand would send int16/int32 ops down a type-promoting slow path.
     if table.shift == 0:
@@ -530,23 +564,24 @@ def _is_power_of_two(value: int) -> bool:
 def _masks_from_draw(
     lanes: torch.Tensor, num_replicas: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of ``u >> (16 - b)``, ``K = 2**b``.
+    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of ``u >> (w - b)``, ``K = 2**b``.
 
-    Bit j of the choice is bit ``16 - b + j`` of the 16-bit draw ``u``: shifted up to the sign
-    bit and arithmetically back down, it fills the lane. Per-thread scratch buffers.
+    ``lanes`` holds each element's ``w``-bit draw ``u`` (int8 or int16). Bit j of the choice is
+    bit ``w - b + j`` of ``u``: shifted up to the sign bit and arithmetically back down, it
+    fills the lane (a copy to a wider ``dtype`` sign-extends it). Per-thread scratch buffers.
     """
     b = num_replicas.bit_length() - 1
-    numel, device = lanes.numel(), lanes.device
+    numel, device, top = lanes.numel(), lanes.device, lanes.element_size() * 8 - 1
     masks = []
     for j in range(b):
-        position = 16 - b + j  # bit of the 16-bit draw that is bit j of the choice
-        mask = per_thread_buffer(f"draw_mask{j}", numel, torch.int16, device)
-        if position == 15:
-            torch.bitwise_right_shift(lanes, 15, out=mask)
+        position = top + 1 - b + j  # bit of the draw that is bit j of the choice
+        mask = per_thread_buffer(f"draw_mask{j}", numel, lanes.dtype, device)
+        if position == top:
+            torch.bitwise_right_shift(lanes, top, out=mask)
         else:
-            torch.bitwise_left_shift(lanes, 15 - position, out=mask)
-            mask >>= 15
-        if dtype != torch.int16:
+            torch.bitwise_left_shift(lanes, top - position, out=mask)
+            mask >>= top
+        if dtype != lanes.dtype:
             mask = per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(mask)
         masks.append(mask)
     return masks
@@ -576,8 +611,14 @@ def _select_by_masks(
     bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], out: torch.Tensor
 ) -> torch.Tensor:
     """Binary-tree select into ``out``: at level j, pair (a, b) becomes ``b`` where mask j is -1,
-    else ``a``, as ``a ^ ((a ^ b) & mask)``. Levels below the last go to per-thread buffers."""
+    else ``a``. Levels below the last go to per-thread buffers.
+
+    8- and 16-bit lanes take ``a - (b - a) * mask`` (two passes: ``sub``, then ``addcmul``),
+    exact because the arithmetic is done in C++ ``int`` and wraps back to the lane's width;
+    wider lanes, whose overflow C++ leaves undefined, take ``a ^ ((a ^ b) & mask)``.
+    """
     numel, dtype, device = out.numel(), out.dtype, out.device
+    wrapping = out.element_size() <= 2
     level, owned = list(bits), [False] * len(bits)
     for depth, mask in enumerate(masks):
         last = depth == len(masks) - 1
@@ -595,9 +636,13 @@ def _select_by_masks(
                 target = b
             else:
                 target = per_thread_buffer(f"tree{i // 2}", numel, dtype, device)
-            torch.bitwise_xor(a, b, out=target)
-            target &= mask
-            target ^= a
+            if wrapping:
+                torch.sub(b, a, out=target)
+                torch.addcmul(a, target, mask, value=-1, out=target)
+            else:
+                torch.bitwise_xor(a, b, out=target)
+                target &= mask
+                target ^= a
             merged.append(target)
             merged_owned.append(True)
         level, owned = merged, merged_owned
