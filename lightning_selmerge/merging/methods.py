@@ -372,7 +372,8 @@ class ParameterSelection(MergeMethod):
             )
         lane_bits = self.draw_lane_bits(num_replicas)
         one_draw = lane_bits is not None
-        table = _resolution_table(num_replicas, self.resample) if one_draw else None
+        resolve = one_draw and self.resample > 0
+        table = _resolution_table(num_replicas, self.resample) if resolve else None
         if one_draw and self.resample == 0:
             # The chosen index is the draw's top b bits: the masks are those bits, spread.
             lanes = _draw(ctx, numel, 0xFFFF, lane_bits, device)
@@ -486,8 +487,9 @@ def _draw16(
     lanes = _draw(ctx, numel, keep, lane_bits, device)
     if lane_bits == 16:
         return lanes
-    # int8 -> int16 sign-extends; the copies of the sign bit leave through the shift.
-    return per_thread_buffer("draw16", numel, torch.int16, lanes.device).copy_(lanes).__ilshift__(8)
+    draw = per_thread_buffer("draw16", numel, torch.int16, lanes.device).copy_(lanes)
+    draw <<= 8  # int8 -> int16 sign-extended; the copies of the sign bit leave through the shift
+    return draw
 
 
 def _table_index(
