@@ -225,7 +225,7 @@ def test_no_table_when_it_would_be_too_big():
 
 
 @pytest.mark.parametrize("k,resample", TABLE_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_table_path_matches_naive_reference(k, resample, dtype, monkeypatch):
     monkeypatch.setattr(scratch_module, "_BUFFERS", threading.local())  # fresh scratch buffers
     base, replicas = make_replicas(k, (70,), dtype, seed=k + resample, unmoved=0.7)
@@ -273,6 +273,31 @@ def test_moved_bits_of_some_replicas_in_a_wider_dtype():
     moved = methods_module.moved_bits(bits, base.view(torch.int16), dtype=torch.int32)
     expected = sum((bits[k] != base.view(torch.int16)).int() << k for k in bits)
     assert moved.dtype == torch.int32 and torch.equal(moved, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_moved_bits_added_into_a_same_dtype_index(dtype):
+    """The table path adds the moved bits into its index (the elements' own integer dtype) whose
+    low bits are clear: the bits above them must survive, the result equal ``index | moved``."""
+    base, replicas = make_replicas(4, (3000,), dtype, seed=6, unmoved=0.5)
+    width = methods_module.bit_view(base).dtype
+    bits = [methods_module.bit_view(r) for r in replicas]
+    gen = torch.Generator().manual_seed(1)
+    high = (torch.randint(-(1 << 11), 1 << 11, (3000,), generator=gen) << 4).to(width)
+    moved = methods_module.moved_bits(
+        bits, methods_module.bit_view(base), out=high.clone(), accumulate=True
+    )
+    expected = sum((b != methods_module.bit_view(base)).to(width) << k for k, b in enumerate(bits))
+    assert moved.dtype == width and torch.equal(moved, high | expected)
+
+
+def test_moved_bits_with_a_bit_at_the_sign_of_a_same_dtype_out():
+    """K = 8 into an int8 ``out``: bit 7 is the sign bit, which the shifted add cannot take
+    (alpha 128 overflows int8); the bits still come out right."""
+    base = torch.zeros(256, dtype=torch.int8)
+    bits = [((torch.arange(256) >> k) & 1).to(torch.int8) for k in range(8)]  # row i moved i
+    moved = methods_module.moved_bits(bits, base, out=torch.empty(256, dtype=torch.int8))
+    assert torch.equal(moved.view(torch.uint8), torch.arange(256).to(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])

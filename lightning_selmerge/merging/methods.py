@@ -337,21 +337,21 @@ class ParameterSelection(MergeMethod):
         """The dense one-draw resample's choice through :func:`_resolution_table`.
 
         Same choice as :meth:`_choose_from_one_draw`, in a few flat passes over per-thread
-        scratch buffers: :func:`moved_bits` into a scratch moved mask, then one table lookup on
-        ``draw | moved`` resolves every element's candidates at once.
+        scratch buffers: :func:`moved_bits` added straight into the table index's cleared low
+        bits (in the elements' own integer dtype, where the comparison is cheapest), then one
+        table lookup on ``draw | moved`` resolves every element's candidates at once.
         """
         numel, device = base_bits.numel(), base_bits.device
-        moved = moved_bits(
-            bits, base_bits, out=per_thread_buffer("moved", numel, torch.uint8, device)
-        )
-        index = _table_index(
-            ctx,
-            numel,
-            moved,
-            table,
-            lane_bits,
-            out=per_thread_buffer("index", numel, torch.int32, device),
-        )
+        lanes = _draw16(ctx, numel, table.keep_mask, lane_bits, device)
+        wide = torch.int64 if base_bits.dtype == torch.int64 else torch.int32
+        index = per_thread_buffer("index", numel, wide, device)
+        if table.shift == 0 and lanes.dtype == base_bits.dtype:
+            moved_bits(bits, base_bits, out=lanes, accumulate=True)
+            index.copy_(lanes.view(torch.uint16))
+        else:
+            index.copy_(lanes.view(torch.uint16))
+            index <<= table.shift
+            moved_bits(bits, base_bits, out=index, accumulate=True)
         choice = per_thread_buffer("choice", numel, torch.uint8, device)
         return torch.index_select(table.on(device), 0, index, out=choice)
 
@@ -499,12 +499,11 @@ def _table_index(
     table: _ResolutionTable,
     lane_bits: int,
     device: torch.device | str | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int32 indices into ``table.values`` from the chunk's draws and its uint8 moved masks."""
     device = moved.device if device is None else torch.device(device)
     lanes = _draw16(ctx, numel, table.keep_mask, lane_bits, device)
-    index = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
+    index = torch.empty(numel, dtype=torch.int32, device=device)
     # Same-dtype ORs: a uint8 operand would send int16/int32 ops down a type-promoting slow path.
     if table.shift == 0:
         moved16 = per_thread_buffer("moved16", numel, torch.int16, device).copy_(moved)
@@ -527,23 +526,37 @@ def moved_bits(
     *,
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """Per element, bit ``k`` set where replica ``k``'s bits differ from the base's.
 
     ``replica_bits``: the replicas' bit views in order, or ``{k: bit view}`` for some of them (a
     rank's own replicas; the others' bits stay 0). The result is ``out`` when given, else a new
-    tensor of ``dtype`` (default: the narrowest that holds a bit per replica). Each replica is
-    XORed with the base into scratch and made boolean (non-zero where it moved): two cheap
-    same-dtype passes, where ``torch.ne`` is slower than both together on CPUs.
+    tensor of ``dtype`` (default: the narrowest that holds a bit per replica). With
+    ``accumulate=True`` the bits are added into ``out``, whose bits ``k`` must then be clear.
+
+    When ``out`` has the bits' own dtype, each replica costs two same-dtype passes: ``torch.ne``
+    into a 0/1 scratch of that dtype, then a shifted add. Otherwise each replica is XORed with
+    the base and made boolean (on CPUs ``torch.ne`` into a bool is slower than both together).
     """
-    items = replica_bits.items() if isinstance(replica_bits, Mapping) else enumerate(replica_bits)
-    numel, device = base_bits.numel(), base_bits.device
+    items = list(
+        replica_bits.items() if isinstance(replica_bits, Mapping) else enumerate(replica_bits)
+    )
+    numel, device, shape = base_bits.numel(), base_bits.device, base_bits.shape
     if out is None:
         dtype = dtype if dtype is not None else _index_dtype(len(replica_bits))
-        out = torch.empty(base_bits.shape, dtype=dtype, device=device)
-    out.zero_()
-    delta = per_thread_buffer("delta", numel, base_bits.dtype, device).view(base_bits.shape)
-    flag = per_thread_buffer("flag", numel, torch.bool, device).view(base_bits.shape)
+        out = torch.empty(shape, dtype=dtype, device=device)
+    if not accumulate:
+        out.zero_()
+    top = max((k for k, _ in items), default=0)
+    if out.dtype == base_bits.dtype and top < out.element_size() * 8 - 1:
+        flag = per_thread_buffer("moved_flag", numel, out.dtype, device).view(shape)
+        for k, replica in items:
+            torch.ne(replica, base_bits, out=flag)  # 0 or 1 in the bits' dtype
+            out.add_(flag, alpha=1 << k)
+        return out
+    delta = per_thread_buffer("delta", numel, base_bits.dtype, device).view(shape)
+    flag = per_thread_buffer("flag", numel, torch.bool, device).view(shape)
     for k, replica in items:
         torch.bitwise_xor(replica, base_bits, out=delta)
         flag.copy_(delta)  # int -> bool is != 0
@@ -566,24 +579,28 @@ def _is_power_of_two(value: int) -> bool:
 def _masks_from_draw(
     lanes: torch.Tensor, num_replicas: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of ``u >> (w - b)``, ``K = 2**b``.
+    """Masks (0 or 1, in ``dtype``) for bit j (LSB first) of ``u >> (8 - b)``, ``K = 2**b``.
 
-    ``lanes`` holds each element's ``w``-bit draw ``u`` (int8 or int16). Bit j of the choice is
-    bit ``w - b + j`` of ``u``: shifted up to the sign bit and arithmetically back down, it
-    fills the lane (a copy to a wider ``dtype`` sign-extends it). Per-thread scratch buffers.
+    ``lanes`` holds each element's 8-bit draw ``u`` (int8). Bit j of the choice is bit
+    ``8 - b + j`` of ``u``: shifted up to the top bit and logically (as uint8) back down to bit
+    0. Per-thread scratch buffers.
     """
+    if lanes.dtype != torch.int8:
+        raise ValueError(f"selection masks come from 8-bit draws, got {lanes.dtype} lanes")
     b = num_replicas.bit_length() - 1
-    numel, device, top = lanes.numel(), lanes.device, lanes.element_size() * 8 - 1
+    numel, device = lanes.numel(), lanes.device
     masks = []
     for j in range(b):
-        position = top + 1 - b + j  # bit of the draw that is bit j of the choice
-        mask = per_thread_buffer(f"draw_mask{j}", numel, lanes.dtype, device)
-        if position == top:
-            torch.bitwise_right_shift(lanes, top, out=mask)
+        position = 8 - b + j  # bit of the draw that is bit j of the choice
+        mask = per_thread_buffer(f"draw_mask{j}", numel, torch.uint8, device)
+        if position == 7:
+            torch.bitwise_right_shift(lanes.view(torch.uint8), 7, out=mask)
         else:
-            torch.bitwise_left_shift(lanes, top - position, out=mask)
-            mask >>= top
-        if dtype != lanes.dtype:
+            torch.bitwise_left_shift(lanes.view(torch.uint8), 7 - position, out=mask)
+            mask >>= 7
+        if dtype == torch.int8:
+            mask = mask.view(torch.int8)
+        else:
             mask = per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(mask)
         masks.append(mask)
     return masks
@@ -592,7 +609,7 @@ def _masks_from_draw(
 def _masks_from_choice(
     choice: torch.Tensor, num_replicas: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Masks (0 or -1, in ``dtype``) for bit j (LSB first) of the chosen replica index."""
+    """Masks (0 or 1, in ``dtype``) for bit j (LSB first) of the chosen replica index."""
     levels = max(1, (num_replicas - 1).bit_length())
     numel, device = choice.numel(), choice.device
     bit = per_thread_buffer("choice_bit", numel, choice.dtype, device)
@@ -604,20 +621,19 @@ def _masks_from_choice(
             torch.bitwise_right_shift(choice, j, out=bit)
             if j < levels - 1:  # the top bit needs no mask: choice < 2**levels
                 bit &= 1
-        mask = per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(bit)
-        masks.append(mask.neg_())
+        masks.append(per_thread_buffer(f"mask{j}", numel, dtype, device).copy_(bit))
     return masks
 
 
 def _select_by_masks(
     bits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], out: torch.Tensor
 ) -> torch.Tensor:
-    """Binary-tree select into ``out``: at level j, pair (a, b) becomes ``b`` where mask j is -1,
-    else ``a``. Levels below the last go to per-thread buffers.
+    """Binary-tree select into ``out``: at level j, pair (a, b) becomes ``b`` where mask j is 1,
+    else ``a`` (where it is 0). Levels below the last go to per-thread buffers.
 
-    8- and 16-bit lanes take ``a - (b - a) * mask`` (two passes: ``sub``, then ``addcmul``),
+    8- and 16-bit lanes take ``a + (b - a) * mask`` (two passes: ``sub``, then ``addcmul``),
     exact because the arithmetic is done in C++ ``int`` and wraps back to the lane's width;
-    wider lanes, whose overflow C++ leaves undefined, take ``a ^ ((a ^ b) & mask)``.
+    wider lanes, whose overflow C++ leaves undefined, take ``a ^ ((a ^ b) * mask)``.
     """
     numel, dtype, device = out.numel(), out.dtype, out.device
     wrapping = out.element_size() <= 2
@@ -640,10 +656,10 @@ def _select_by_masks(
                 target = per_thread_buffer(f"tree{i // 2}", numel, dtype, device)
             if wrapping:
                 torch.sub(b, a, out=target)
-                torch.addcmul(a, target, mask, value=-1, out=target)
+                torch.addcmul(a, target, mask, out=target)
             else:
                 torch.bitwise_xor(a, b, out=target)
-                target &= mask
+                target *= mask
                 target ^= a
             merged.append(target)
             merged_owned.append(True)
