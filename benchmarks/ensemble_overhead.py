@@ -96,7 +96,8 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
 
 def run_child(spec: dict[str, Any]) -> tuple[float, int]:
     """(fit seconds, peak RSS kB) of one fit in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         stdout=subprocess.PIPE,

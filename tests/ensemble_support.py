@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -12,6 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_selmerge.ensemble import DataOrderEnsemble
 
 N, BATCH = 60, 8  # 8 batches per replica, the last one partial (4 samples)
+
+
+def child_env(*paths: Path) -> dict[str, str]:
+    """This process's environment for a child Python, with ``paths`` put before its
+    ``PYTHONPATH`` (kept: packages installed there must stay importable in the child)."""
+    kept = [p for p in [os.environ.get("PYTHONPATH")] if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), *kept])}
 
 
 def flat(lists: Iterable[list[int]]) -> list[int]:

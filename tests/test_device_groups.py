@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ensemble_support import Net, make_data
+from ensemble_support import Net, child_env, make_data
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -25,7 +24,7 @@ TESTS = Path(__file__).parent
 def run_distributed(out: Path, devices: int, k: int, shard: int, batch: int, *flags: str) -> dict:
     """Run tests/distributed_fit.py on ``devices`` gloo ranks; load what the ranks wrote."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    env = child_env(TESTS.parent, TESTS)
     args = [str(out), str(devices), str(k), str(shard), str(batch), *flags]
     proc = subprocess.run(
         [sys.executable, str(TESTS / "distributed_fit.py"), *args],
@@ -221,7 +220,7 @@ def test_fsdp_groups_config_runs_through_the_cli(tmp_path: Path) -> None:
         "--trainer.fast_dev_run=1",
         "--trainer.logger=false",
     ]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = child_env(root)
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_selmerge.cli", *args],
         cwd=tmp_path,

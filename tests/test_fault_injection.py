@@ -9,7 +9,6 @@ and replica states, bit for bit, and no kill may leave a checkpoint file that do
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from ensemble_support import child_env
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -35,7 +35,7 @@ SCENARIOS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fault_injection")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env = child_env(ROOT, TESTS)
     worker = TESTS / "fault_injection_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), str(out), "reference", *SCENARIOS],
