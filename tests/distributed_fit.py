@@ -73,6 +73,8 @@ def main() -> None:
             "replicas": strategy.local_replica_states(),
             "offsets": dict(strategy._offsets),
             "metrics": {n: float(v) for n, v in fit.callback_metrics.items()},
+            # a state only rank 0 writes: the other ranks take part in the gathers, keep nothing
+            "full_on_rank_0": sorted(strategy.full_state(callbacks[0].merged_state, rank=0)),
         },
         out_dir / f"rank_{rank}.pt",
     )

@@ -95,6 +95,8 @@ def test_two_replica_groups_of_two_replicas_match_the_sequential_run(tmp_path: P
     result = run_distributed(tmp_path, 2, 4, 1, 8, "--resume=3")
     ranks = result["ranks"]
     assert [sorted(r["replicas"]) for r in ranks] == [[0, 1], [2, 3]]
+    assert ranks[0]["full_on_rank_0"] == sorted(result["merged"])
+    assert ranks[1]["full_on_rank_0"] == []
     replicas = full_replicas(ranks)
     assert not torch.equal(replicas[0]["net.0.weight"], replicas[2]["net.0.weight"])
     base = Net().state_dict()
@@ -147,6 +149,9 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
     # net.0.weight is (8, 4): shard 1 starts at row 4 = flat offset 16
     assert ranks[1]["offsets"]["net.0.weight"] == 16
     assert ranks[1]["replicas"][0]["net.0.weight"].shape == (4, 4)
+    # only the writing rank holds the whole merge (checkpoints, export); the others hold nothing
+    assert ranks[0]["full_on_rank_0"] == sorted(result["merged"])
+    assert [r["full_on_rank_0"] for r in ranks[1:]] == [[], [], []]
     replicas = full_replicas(ranks)
     assert not torch.equal(replicas[0]["net.0.weight"], replicas[1]["net.0.weight"])
     base = Net().state_dict()

@@ -261,10 +261,11 @@ class SelectionMergeCallback(Callback):
 
     # -- helpers --------------------------------------------------------------------------
     def _full_merged_state(self, strategy: DataOrderEnsemble) -> dict[str, torch.Tensor]:
-        """The whole merge (gathered from the shard ranks once per merge when sharded)."""
+        """The whole merge on global rank 0, which exports and checkpoints it (gathered from the
+        shard ranks once per merge when sharded); ``{}`` on the other ranks."""
         assert self.merged_state is not None
         if self._full_merged is None:
-            self._full_merged = strategy.full_state(self.merged_state)
+            self._full_merged = strategy.full_state(self.merged_state, rank=0)
         return self._full_merged
 
     def _probe_targets(self, trainer: Trainer, pl_module: LightningModule) -> list[ProbeTarget]:

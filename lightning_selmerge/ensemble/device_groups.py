@@ -181,11 +181,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
 
 
 def full_state(
-    template: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]
+    template: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor], keep: bool = True
 ) -> dict[str, torch.Tensor]:
     """Full CPU tensors from local slices; ``template`` (the module's state dict) gives the
-    sharding. A collective: every rank of every shard group must call it. Ties are kept."""
-    memo: dict[tuple, torch.Tensor] = {}
+    sharding. A collective: every rank of every shard group must call it. Ties are kept.
+
+    With ``keep=False`` this rank takes part in the gathers (one tensor at a time) but keeps
+    none of them and gets ``{}``: only a rank that writes the state needs all of it in memory.
+    """
+    memo: dict[tuple, torch.Tensor | None] = {}
     out = {}
     for name, spec in template.items():
         key = storage_key(local_tensor(spec))
@@ -193,8 +197,9 @@ def full_state(
             value = local[name]
             if isinstance(spec, DTensor):
                 value = _sharded_like(value, spec).full_tensor()
-            memo[key] = value.detach().to("cpu", copy=True)
-        out[name] = memo[key]
+            memo[key] = value.detach().to("cpu", copy=True) if keep else None
+        if keep:
+            out[name] = memo[key]
     return out
 
 

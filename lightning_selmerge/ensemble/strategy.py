@@ -517,11 +517,18 @@ class DataOrderEnsemble(ParallelStrategy):
         else:
             self.lightning_module.load_state_dict(state)
 
-    def full_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole tensors from this rank's slices (a collective when sharded: call on all ranks)."""
+    def full_state(
+        self, state: Mapping[str, torch.Tensor], rank: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Whole tensors from this rank's slices (a collective when sharded: call on all ranks).
+
+        With ``rank``, only that global rank gets them and the others get ``{}``, so that a
+        state only one rank writes (checkpoint, export) is not held whole by every rank.
+        """
+        keep = rank is None or rank == self.global_rank
         if not self._sharded:
-            return dict(state)
-        return device_groups.full_state(self.lightning_module.state_dict(), state)
+            return dict(state) if keep else {}
+        return device_groups.full_state(self.lightning_module.state_dict(), state, keep)
 
     def local_slices(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of whole tensors (the inverse of :meth:`full_state`)."""
@@ -583,8 +590,8 @@ class DataOrderEnsemble(ParallelStrategy):
         }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self._sharded:  # whole tensors (the merge callback replaces them with the merge)
-            return self.full_state(self.module_state())
+        if self._sharded:  # whole tensors on the rank that writes the checkpoint
+            return self.full_state(self.module_state(), rank=0)
         return super().lightning_module_state_dict()
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
