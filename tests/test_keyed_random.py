@@ -19,11 +19,12 @@ def test_uniforms_match_plain_python_splitmix64():
 @pytest.mark.parametrize("start,numel", [(0, 1), (5, 3), (7, 2), (8, 9), (1021, 333)])
 def test_8bit_lanes_match_plain_python_and_any_range(start, numel):
     rng = KeyedRandom(seed=5)
-    got = rng.masked_bits8("layers.0.weight", 3, start, numel, 0xFF).view(torch.uint8).tolist()
+    lanes = rng.masked_lanes("layers.0.weight", 3, start, numel, 0xFF, lane_bits=8)
+    got = lanes.view(torch.uint8).tolist()
     expected = [reference_lane(5, "layers.0.weight", 3, start + i, 8) for i in range(numel)]
     assert got == expected
     buffer = torch.empty(KeyedRandom.words_needed(numel, lane_bits=8), dtype=torch.int64)
-    masked = rng.masked_bits8("layers.0.weight", 3, start, numel, 0xC0, buffer=buffer)
+    masked = rng.masked_lanes("layers.0.weight", 3, start, numel, 0xC0, lane_bits=8, buffer=buffer)
     assert masked.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
     assert masked.view(torch.uint8).tolist() == [e & 0xC0 for e in expected]
 
@@ -56,9 +57,9 @@ def test_streams_names_and_seeds_are_independent_and_roughly_uniform():
 def test_hashing_into_a_buffer_gives_the_same_bits_as_a_view_of_it(start, numel):
     rng = KeyedRandom(seed=11)
     buffer = torch.empty(KeyedRandom.words_needed(numel), dtype=torch.int64)
-    got = rng.masked_bits16("w", 0, start, numel, 0xFFC0, buffer=buffer)
+    got = rng.masked_lanes("w", 0, start, numel, 0xFFC0, buffer=buffer)
     assert got.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-    assert torch.equal(got, rng.masked_bits16("w", 0, start, numel, 0xFFC0))
+    assert torch.equal(got, rng.masked_lanes("w", 0, start, numel, 0xFFC0))
     with pytest.raises(ValueError, match="buffer must be an int64 tensor of at least"):
         rng.bits16("w", 0, start, numel + 8, buffer=buffer)
 

@@ -159,5 +159,5 @@ def test_blocked_hash_matches_the_per_element_definition(start, numel, keep, cut
     bounds = sorted({0, numel, *(c % (numel + 1) for c in cuts)})
     parts = [rng.bits16("layer.w", 0, start + a, b - a) for a, b in itertools.pairwise(bounds)]
     assert torch.equal(torch.cat([whole[:0], *parts]), whole)
-    masked = rng.masked_bits16("layer.w", 0, start, numel, keep)
+    masked = rng.masked_lanes("layer.w", 0, start, numel, keep)
     assert torch.equal(masked, whole & (keep - (1 << 16) if keep >= 1 << 15 else keep))

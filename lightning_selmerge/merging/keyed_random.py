@@ -165,11 +165,11 @@ class KeyedRandom:
         """16 random bits (an int16 bit pattern) for each element ``start .. start+numel``.
 
         Read as unsigned, element ``i`` of word ``i // 4`` holds bits ``16 * (i % 4)`` and up.
-        ``buffer``: as in :meth:`masked_bits16`.
+        ``buffer``: as in :meth:`masked_lanes`.
         """
-        return self.masked_bits16(name, stream, start, numel, 0xFFFF, device, buffer=buffer)
+        return self.masked_lanes(name, stream, start, numel, 0xFFFF, device, buffer=buffer)
 
-    def masked_bits16(
+    def masked_lanes(
         self,
         name: str,
         stream: int,
@@ -178,59 +178,30 @@ class KeyedRandom:
         keep: int,
         device: torch.device | str | None = None,
         *,
+        lane_bits: int = 16,
         buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`bits16` ANDed with the 16-bit mask ``keep``, at a fraction of a separate pass.
+        """``lane_bits`` (16 or 8) random bits per element ANDed with the ``lane_bits``-bit mask
+        ``keep``, at a fraction of a separate pass: an int16 or int8 bit pattern.
 
-        ``buffer``: an int64 tensor of at least :meth:`words_needed` words to hash into (the
-        result is then a view of it), so that a caller merging chunk after chunk reuses one
-        allocation instead of paying a fresh one's page faults per chunk.
+        Read as unsigned, element ``i`` of word ``i // (64 / lane_bits)`` holds bits
+        ``lane_bits * (i % (64 / lane_bits))`` and up: a stream's 8-bit lanes are not its 16-bit
+        ones. ``buffer``: an int64 tensor of at least ``words_needed(numel, lane_bits)`` words to
+        hash into (the result is then a view of it), so that a caller merging chunk after chunk
+        reuses one allocation instead of paying a fresh one's page faults per chunk.
 
         Example:
             >>> rng = KeyedRandom(seed=0)
-            >>> masked = rng.masked_bits16("w", stream=0, start=5, numel=8, keep=0xFF00)
+            >>> masked = rng.masked_lanes("w", stream=0, start=5, numel=8, keep=0xFF00)
             >>> bool((masked == rng.bits16("w", stream=0, start=5, numel=8) & -256).all())
             True
-        """
-        return self._lanes(16, name, stream, start, numel, keep, device, buffer)
-
-    def masked_bits8(
-        self,
-        name: str,
-        stream: int,
-        start: int,
-        numel: int,
-        keep: int,
-        device: torch.device | str | None = None,
-        *,
-        buffer: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """8 random bits (an int8 bit pattern) per element, ANDed with the 8-bit mask ``keep``.
-
-        Read as unsigned, element ``i`` of word ``i // 8`` holds bits ``8 * (i % 8)`` and up:
-        a stream's 8-bit lanes are not its 16-bit ones. ``buffer``: at least
-        ``words_needed(numel, lane_bits=8)`` words, as in :meth:`masked_bits16`.
-
-        Example:
-            >>> rng = KeyedRandom(seed=0)
-            >>> whole = rng.masked_bits8("w", stream=0, start=0, numel=20, keep=0xFF)
-            >>> part = rng.masked_bits8("w", stream=0, start=5, numel=8, keep=0xF0)
+            >>> whole = rng.masked_lanes("w", 0, start=0, numel=20, keep=0xFF, lane_bits=8)
+            >>> part = rng.masked_lanes("w", 0, start=5, numel=8, keep=0xF0, lane_bits=8)
             >>> bool((part == whole[5:13] & -16).all())
             True
         """
-        return self._lanes(8, name, stream, start, numel, keep, device, buffer)
-
-    def _lanes(
-        self,
-        lane_bits: int,
-        name: str,
-        stream: int,
-        start: int,
-        numel: int,
-        keep: int,
-        device: torch.device | str | None,
-        buffer: torch.Tensor | None,
-    ) -> torch.Tensor:
+        if lane_bits not in (8, 16):
+            raise ValueError(f"lane_bits must be 8 or 16, got {lane_bits}")
         per_word = 64 // lane_bits
         first_word = start // per_word
         last_word = (start + numel + per_word - 1) // per_word

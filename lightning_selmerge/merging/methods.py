@@ -474,9 +474,10 @@ def _draw(
     words = per_thread_buffer(
         f"words{lane_bits}", ctx.rng.words_needed(numel, lane_bits), torch.int64, device
     )
-    if lane_bits == 8:
-        return ctx.rng.masked_bits8(ctx.name, 0, ctx.start, numel, keep >> 8, device, buffer=words)
-    return ctx.rng.masked_bits16(ctx.name, 0, ctx.start, numel, keep, device, buffer=words)
+    lane_keep = keep >> (16 - lane_bits)  # the mask's top lane_bits bits
+    return ctx.rng.masked_lanes(
+        ctx.name, 0, ctx.start, numel, lane_keep, device, lane_bits=lane_bits, buffer=words
+    )
 
 
 def _draw16(
