@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from lightning_selmerge.merging import MergeRule, ParameterSelection, WeightedAverage
 from lightning_selmerge.merging.collective import merge_state_dicts_collective, shard_offset
+from lightning_selmerge.merging.scratch import held_buffer_bytes
 from lightning_selmerge.merging.state_dict import merge_state_dicts
 
 K = 4
@@ -89,6 +90,7 @@ def run(rank: int, world: int, init_file: str, groups: int, num_replicas: int) -
                     seed=7,
                     chunk_numel=chunk,
                 )
+                assert held_buffer_bytes() == 0, "the merge's scratch is freed when it returns"
                 want = slice_of(
                     merge_state_dicts(replicas, method=method, base=base, rules=rules, seed=7),
                     shards,

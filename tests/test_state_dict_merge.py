@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -196,3 +198,37 @@ def test_out_of_the_wrong_size_or_dtype_is_refused():
             None,
             torch.empty(3, dtype=torch.float64),
         )
+
+
+@pytest.mark.parametrize(
+    "method", [WeightedAverage(), ParameterSelection(), ParameterSelection(resample=3)]
+)
+def test_a_merge_frees_its_scratch_buffers_when_it_returns(states, method, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lightning_selmerge.merging import merge_checkpoints
+    from lightning_selmerge.merging import scratch as scratch_module
+    from lightning_selmerge.merging.scratch import held_buffer_bytes, scratch_scope
+
+    # earlier tests' direct merge_chunk calls (outside any scope) keep theirs: start afresh
+    monkeypatch.setattr(scratch_module, "_BUFFERS", threading.local())
+    base, replicas = states
+    merge_state_dicts(replicas, base=base, method=method, chunk_numel=64)
+    assert held_buffer_bytes() == 0
+    rng = KeyedRandom(0)
+    tensors = [r["embed.weight"] for r in replicas]
+    merge_tensor("embed.weight", tensors, base["embed.weight"], method, rng, chunk_numel=64)
+    assert held_buffer_bytes() == 0
+    paths = []
+    for k, state in enumerate([base, *replicas]):
+        paths.append(tmp_path / f"{k}.safetensors")
+        save_file({n: t for n, t in state.items() if n != "mask"}, paths[-1])
+    merge_checkpoints(paths[1:], tmp_path / "out", base=paths[0], method=method)
+    assert held_buffer_bytes() == 0
+    with scratch_scope():  # an enclosing scope keeps them for reuse until it ends
+        merge_state_dicts(replicas, base=base, method=method, chunk_numel=64)
+        held = held_buffer_bytes()
+        assert held > 0
+        merge_state_dicts(replicas, base=base, method=method, chunk_numel=64)
+        assert held_buffer_bytes() == held  # reused, not grown
+    assert held_buffer_bytes() == 0

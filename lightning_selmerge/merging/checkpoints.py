@@ -18,6 +18,7 @@ from .keyed_random import KeyedRandom
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .safetensors_io import INDEX_NAME, CheckpointReader, ShardedSafetensorsWriter, TensorInfo
+from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
 __all__ = ["merge_checkpoints", "publish_directory"]
@@ -151,6 +152,7 @@ def merge_checkpoints(
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 
     with ExitStack() as stack:
+        stack.enter_context(scratch_scope())
         readers = [CheckpointReader(path) for path in replicas]
         for reader in readers:
             stack.callback(reader.close)

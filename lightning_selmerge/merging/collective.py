@@ -29,6 +29,7 @@ from .errors import MergeError
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
 from .rules import MergeRule, method_for
+from .scratch import scratch_scope
 from .state_dict import (
     DEFAULT_CHUNK_NUMEL,
     check_aligned,
@@ -110,35 +111,36 @@ def merge_state_dicts_collective(
         groups.setdefault(storage_key(tensor), []).append(name)
 
     merged: dict[str, torch.Tensor] = {}
-    for names in sorted(groups.values(), key=min):  # the same order on every rank
-        key_name = min(names)
-        tensors = [s[key_name] for s in states]
-        check_aligned(key_name, tensors, labels)
-        chosen = method_for(key_name, rules, method)
-        base_tensor = None
-        if tensors[0].is_floating_point() and chosen.needs_base:
-            if base is None or key_name not in base:
-                raise MergeError(
-                    f"tensor {key_name!r}: {chosen} needs the base (pre-trained) weights, but no "
-                    "base tensor was given: pass base=<this rank's slice of the base>"
-                )
-            base_tensor = base[key_name]
-            check_aligned(key_name, [tensors[0], base_tensor], ["replica", "base"])
-        result = _merge_tensor(
-            key_name,
-            dict(zip(indices, tensors)),
-            base_tensor,
-            chosen,
-            rng,
-            num_replicas=num_replicas,
-            held=held,
-            group=group,
-            offset=int(offsets.get(key_name, 0)),
-            chunk_numel=chunk_numel,
-            device=device,
-        )
-        for name in names:
-            merged[name] = result
+    with scratch_scope():
+        for names in sorted(groups.values(), key=min):  # the same order on every rank
+            key_name = min(names)
+            tensors = [s[key_name] for s in states]
+            check_aligned(key_name, tensors, labels)
+            chosen = method_for(key_name, rules, method)
+            base_tensor = None
+            if tensors[0].is_floating_point() and chosen.needs_base:
+                if base is None or key_name not in base:
+                    raise MergeError(
+                        f"tensor {key_name!r}: {chosen} needs the base (pre-trained) weights, "
+                        "but no base tensor was given: pass base=<this rank's slice of the base>"
+                    )
+                base_tensor = base[key_name]
+                check_aligned(key_name, [tensors[0], base_tensor], ["replica", "base"])
+            result = _merge_tensor(
+                key_name,
+                dict(zip(indices, tensors)),
+                base_tensor,
+                chosen,
+                rng,
+                num_replicas=num_replicas,
+                held=held,
+                group=group,
+                offset=int(offsets.get(key_name, 0)),
+                chunk_numel=chunk_numel,
+                device=device,
+            )
+            for name in names:
+                merged[name] = result
     return {name: merged[name] for name in states[0]}
 
 

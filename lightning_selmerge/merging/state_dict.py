@@ -18,6 +18,7 @@ from .finite import (
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
+from .scratch import scratch_scope
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "iter_merged_chunks", "merge_state_dicts", "merge_tensor"]
 
@@ -126,8 +127,9 @@ def merge_tensor(
         indices=indices,
         out=out,
     )
-    for _ in chunks:  # each chunk is merged straight into its place in ``out``
-        pass
+    with scratch_scope():
+        for _ in chunks:  # each chunk is merged straight into its place in ``out``
+            pass
     return out
 
 
@@ -226,24 +228,25 @@ def merge_state_dicts(
     method = method if method is not None else ParameterSelection()
     check_nonfinite_mode(nonfinite)
     labels = [f"replica {k}" for k in range(len(replicas))]
-    try:
+    with scratch_scope():
+        try:
+            return _merge_state_dicts(
+                replicas, labels, list(range(len(replicas))), method, base, rules, seed, chunk_numel
+            )
+        except NonFiniteError:
+            if nonfinite == "error":
+                raise
+        keep = surviving_replicas(find_nonfinite(replicas), labels)
         return _merge_state_dicts(
-            replicas, labels, list(range(len(replicas))), method, base, rules, seed, chunk_numel
+            [replicas[k] for k in keep],
+            [labels[k] for k in keep],
+            keep,
+            method.subset(keep),
+            base,
+            [rule.subset(keep) for rule in rules],
+            seed,
+            chunk_numel,
         )
-    except NonFiniteError:
-        if nonfinite == "error":
-            raise
-    keep = surviving_replicas(find_nonfinite(replicas), labels)
-    return _merge_state_dicts(
-        [replicas[k] for k in keep],
-        [labels[k] for k in keep],
-        keep,
-        method.subset(keep),
-        base,
-        [rule.subset(keep) for rule in rules],
-        seed,
-        chunk_numel,
-    )
 
 
 def _merge_state_dicts(
