@@ -64,7 +64,7 @@ def test_weighted_average_matches_naive_reference(dtype, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 15])
 @pytest.mark.parametrize("probabilities", [None, "skewed"])
 def test_selection_matches_naive_reference(dtype, k, probabilities):
     probs = None if probabilities is None else [i + 1 for i in range(k)]
@@ -90,7 +90,7 @@ def test_selection_with_resample_matches_naive_reference(k, resample, dtype):
     assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 8, 15, 31])
 def test_selection_frequencies_are_one_over_k(k):
     n = 200_000
     replicas = [{"w": torch.full((n,), float(i))} for i in range(k)]

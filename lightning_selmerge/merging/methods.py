@@ -654,7 +654,9 @@ def _select_by_masks(
             elif owned[i + 1]:
                 target = b
             else:
-                target = per_thread_buffer(f"tree{i // 2}", numel, dtype, device)
+                # one buffer per (level, pair): a buffer of this level may hold a result
+                # that the next level still has to read
+                target = per_thread_buffer(f"tree{depth}_{i // 2}", numel, dtype, device)
             if wrapping:
                 torch.sub(b, a, out=target)
                 torch.addcmul(a, target, mask, out=target)
