@@ -221,3 +221,72 @@ def test_cli_merge(tmp_path, hf_replicas, capsys):
         == 2
     )
     assert "2 weights for 3 replicas" in capsys.readouterr().err
+
+
+def test_empty_tensors_anywhere_in_the_order_and_float8(tmp_path):
+    """Empty tensors first, last and right after non-empty ones, in several shards; float8."""
+    gen = torch.Generator().manual_seed(0)
+    names = ["a_empty", "b", "c_empty", "d_empty", "e", "f8", "g_empty"]
+    paths = []
+    for k in range(3):
+        state = {}
+        for name in names:
+            if name.endswith("empty"):
+                state[name] = torch.zeros(0, 4)
+            elif name == "f8":
+                state[name] = torch.randn(6, generator=gen).to(torch.float8_e4m3fn)
+            else:
+                state[name] = torch.randn(5, 3, generator=gen)
+        paths.append(tmp_path / f"r{k}.safetensors")
+        save_file(state, paths[-1])
+    loaded = [load_file(p) for p in paths]
+    for method in (WeightedAverage(), ParameterSelection()):
+        out = merge_checkpoints(
+            paths, tmp_path / "m", method=method, max_shard_bytes=40, chunk_numel=4, overwrite=True
+        )
+        merged = load_dir(out)
+        expected = merge_state_dicts(loaded, method=method)
+        assert set(merged) == set(names)
+        for name in names:
+            assert merged[name].shape == expected[name].shape
+            assert torch.equal(merged[name].view(torch.uint8), expected[name].view(torch.uint8))
+
+
+def _corrupt_header(path, edit):
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("truncate", "truncated or corrupt"),
+        ("offsets", "needs 60 bytes but its data_offsets span 56"),
+        ("no_dtype", "malformed header entry"),
+        ("shape", "malformed header entry"),
+    ],
+)
+def test_corrupt_safetensors_files_are_named(tmp_path, damage, match):
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"r{k}.safetensors")
+        save_file({"w": torch.full((3, 5), float(k)), "z": torch.ones(2)}, paths[-1])
+    bad = paths[1]
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:-10])
+    elif damage == "offsets":
+        _corrupt_header(bad, lambda h: h["w"].update(data_offsets=[0, 56]))
+    elif damage == "no_dtype":
+        _corrupt_header(bad, lambda h: h["w"].pop("dtype"))
+    else:
+        _corrupt_header(bad, lambda h: h["w"].update(shape=[3, -5]))
+    with pytest.raises(MergeError, match=match) as raised:
+        merge_checkpoints(paths, tmp_path / "out", method=WeightedAverage())
+    assert str(bad) in str(raised.value)
+    if damage != "truncate":
+        assert "tensor 'w'" in str(raised.value)
+    assert not (tmp_path / "out").exists()

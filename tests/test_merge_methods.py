@@ -63,6 +63,21 @@ def test_weighted_average_matches_naive_reference(dtype, k):
     torch.testing.assert_close(merged, expected.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 3.0]])
+def test_weighted_average_of_float8(dtype, weights):
+    """float8 takes no part in type promotion: the average widens it to float32 first."""
+    gen = torch.Generator().manual_seed(0)
+    replicas = [(torch.randn(40, generator=gen) * (k + 1)).to(dtype) for k in range(3)]
+    merged = merge_state_dicts(
+        [{"w": r} for r in replicas], method=WeightedAverage(weights), chunk_numel=7
+    )["w"]
+    w = weights or [1.0, 1.0, 1.0]
+    expected = (sum(wk * r.float() for wk, r in zip(w, replicas)) / sum(w)).to(dtype)
+    assert merged.dtype == dtype
+    assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 15])
 @pytest.mark.parametrize("probabilities", [None, "skewed"])

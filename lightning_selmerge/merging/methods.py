@@ -136,13 +136,15 @@ class WeightedAverage(MergeMethod):
             .view(first.shape)
             .zero_()
         )
+        # float8 takes no part in type promotion: those chunks are widened first (exactly)
+        widen = first.element_size() == 1
         if self.weights is None:
             # x * 1.0 is exact, so add_ gives addcmul_'s bits at a fraction of its cost.
             for tensor in replicas:
-                acc.add_(tensor)
+                acc.add_(tensor.to(compute) if widen else tensor)
         else:
             for tensor, weight in zip(replicas, weights.to(first.device).unbind(0)):
-                acc.addcmul_(tensor, weight)
+                acc.addcmul_(tensor.to(compute) if widen else tensor, weight)
         acc.div_(weights.sum().to(first.device))
         out = _output_for(first, out)
         return out.copy_(acc)

@@ -76,9 +76,12 @@ class SafetensorsFile:
             with open(self.path, "rb") as handle:
                 (header_len,) = struct.unpack("<Q", handle.read(8))
                 header = json.loads(handle.read(header_len))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+                data_bytes = os.fstat(handle.fileno()).st_size - 8 - header_len
                 self._mmap = (
                     mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-                    if os.fstat(handle.fileno()).st_size > 8 + header_len
+                    if data_bytes > 0
                     else None
                 )
         except (OSError, struct.error, ValueError) as err:
@@ -87,16 +90,39 @@ class SafetensorsFile:
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
         for name, entry in header.items():
-            if entry["dtype"] not in DTYPES:
+            info, begin, end = self._parse_entry(name, entry)
+            if not 0 <= begin <= end <= data_bytes:
                 raise MergeError(
-                    f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}"
+                    f"{self.path}: tensor {name!r} lies at bytes {begin}..{end} of a data "
+                    f"section of {max(data_bytes, 0)} bytes: the file is truncated or corrupt; "
+                    "save it again"
                 )
-            begin, end = entry["data_offsets"]
-            self._entries[name] = (
-                TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"])),
-                begin,
-                end,
+            self._entries[name] = (info, begin, end)
+
+    def _parse_entry(self, name: str, entry: object) -> tuple[TensorInfo, int, int]:
+        """A header entry's dtype, shape and data offsets, checked against each other."""
+        try:
+            dtype_name = entry["dtype"]  # type: ignore[index]
+            shape = tuple(entry["shape"])  # type: ignore[index]
+            begin, end = entry["data_offsets"]  # type: ignore[index]
+            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise MergeError(
+                f"{self.path}: tensor {name!r} has a malformed header entry {entry!r} (it needs "
+                '"dtype", "shape" and "data_offsets"): the file is corrupt; save it again'
             )
+        if dtype_name not in DTYPES:
+            raise MergeError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name}")
+        info = TensorInfo(DTYPES[dtype_name], shape)
+        if end - begin != info.nbytes:
+            raise MergeError(
+                f"{self.path}: tensor {name!r} ({dtype_name}, shape {list(shape)}) needs "
+                f"{info.nbytes} bytes but its data_offsets span {end - begin}: the file is "
+                "corrupt; save it again"
+            )
+        return info, begin, end
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -291,7 +317,7 @@ class ShardedSafetensorsWriter:
             raise MergeError(f"tensor {name!r}: more bytes written than its shape holds")
         self._handle.write(memoryview(data.numpy()))
         self._remaining -= data.numel()
-        while self._remaining == 0 and self._position < len(self._order):
+        if self._remaining == 0:  # this tensor is complete (an empty one by this very call)
             self._position += 1
             if self._position < len(self._order):
                 self._remaining = self._order[self._position][1].nbytes
