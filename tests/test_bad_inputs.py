@@ -79,3 +79,34 @@ def test_cli_refuses_one_replica_and_replaces_only_with_overwrite(tmp_path: Path
     assert cli([*average, "--overwrite"]) == 0
     assert not (out / "mine.txt").exists()
     assert torch.equal(load_file(out / "model.safetensors")["w"], torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("- average\n", "rule 1: merge rule 'average' must be a mapping"),
+        ("- {pattern: ln, method: average, weights: 2}\n", "rule 1: .*weights must be a list"),
+        ("- {pattern: ., method: selection, probabilities: [a, b]}\n", "probabilities must be"),
+        (
+            "- {pattern: ln, method: average}\n- {pattern: ., method: selection, resample: -1}\n",
+            "rule 2: .*resample must be an integer >= 0",
+        ),
+    ],
+)
+def test_bad_rules_files_are_named_by_the_merge_cli(
+    tmp_path: Path, text: str, match: str, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning_selmerge.merging import MergeError, load_rules
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(text)
+    with pytest.raises(MergeError, match=match):
+        load_rules(rules)
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"r{k}.safetensors")
+        save_file({"w": torch.full((3,), float(k))}, paths[-1])
+    argv = ["merge", *map(str, paths), "--out", str(tmp_path / "m"), "--rules", str(rules)]
+    assert cli(argv) == 2
+    assert "rule" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -135,6 +135,14 @@ def test_tied_tensors_and_find_nonfinite() -> None:
         merge_state_dicts([good, bad, good])
 
 
+def test_a_view_that_starts_where_another_does_is_still_checked() -> None:
+    """``w[:1]`` and ``w`` share a start address but are not tied: both are checked."""
+    w = torch.ones(4)
+    w[3] = NAN
+    ok = {"a_head": torch.ones(1), "b_full": torch.ones(4)}
+    assert find_nonfinite([ok, {"a_head": w[:1], "b_full": w}, ok]) == {1: "b_full"}
+
+
 def test_average_that_overflows_from_finite_replicas_is_refused() -> None:
     huge = [{"w": torch.full((4,), 3e38)}, {"w": torch.full((4,), 3e38)}]
     with pytest.raises(MergeError, match="overflowed"):

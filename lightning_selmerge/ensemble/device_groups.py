@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lightning_selmerge.ensemble.replica_store import local_tensor
 from lightning_selmerge.merging.collective import shard_offset
-from lightning_selmerge.merging.state_dict import storage_key
+from lightning_selmerge.merging.ties import storage_key
 
 __all__ = [
     "ReplicaLayout",

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from lightning_selmerge.merging.safetensors_io import SafetensorsFile
-from lightning_selmerge.merging.state_dict import storage_key
+from lightning_selmerge.merging.ties import storage_key
 
 __all__ = ["Offload", "ReplicaState", "ReplicaStore", "cpu_state_copy", "local_tensor"]
 

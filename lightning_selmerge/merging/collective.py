@@ -30,13 +30,8 @@ from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
 from .rules import MergeRule, method_for
 from .scratch import scratch_scope
-from .state_dict import (
-    DEFAULT_CHUNK_NUMEL,
-    check_aligned,
-    check_same_names,
-    copy_exact,
-    storage_key,
-)
+from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, copy_exact
+from .ties import storage_key
 
 __all__ = ["merge_state_dicts_collective", "shard_offset"]
 

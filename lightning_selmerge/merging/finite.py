@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from .errors import MergeError, NonFiniteError
+from .ties import storage_key
 
 __all__ = [
     "NonFinite",
@@ -116,9 +117,9 @@ def find_nonfinite(replicas: Sequence[Mapping[str, torch.Tensor]]) -> dict[int, 
     """
     found: dict[int, str] = {}
     for index, replica in enumerate(replicas):
-        seen: set[tuple[int, int]] = set()
+        seen: set[tuple] = set()
         for name, tensor in replica.items():
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            key = storage_key(tensor)
             if key in seen:  # tied weights: checked once
                 continue
             seen.add(key)

@@ -76,6 +76,11 @@ class MergeRule:
     @classmethod
     def from_mapping(cls, entry: Mapping[str, Any]) -> MergeRule:
         """``{"pattern": ..., "method": "average"|"selection", weights/probabilities/resample}``."""
+        if not isinstance(entry, Mapping):
+            raise MergeError(
+                f"merge rule {entry!r} must be a mapping with 'pattern' and 'method' (and "
+                "optionally weights, probabilities, resample)"
+            )
         entry = dict(entry)
         unknown = set(entry) - {"pattern", "method", "weights", "probabilities", "resample"}
         if "pattern" not in entry or "method" not in entry or unknown:
@@ -83,8 +88,23 @@ class MergeRule:
                 f"merge rule {entry} must have 'pattern' and 'method' and only the optional keys "
                 "weights, probabilities, resample"
             )
+        for key in ("weights", "probabilities"):
+            values = entry.get(key)
+            if values is not None and not (
+                isinstance(values, Sequence)
+                and not isinstance(values, str)
+                and all(_is_number(v) for v in values)
+            ):
+                raise MergeError(f"merge rule {entry}: {key} must be a list of numbers")
+        resample = entry.get("resample", 0)
+        if not (isinstance(resample, int) and not isinstance(resample, bool) and resample >= 0):
+            raise MergeError(f"merge rule {entry}: resample must be an integer >= 0")
         pattern, method = entry.pop("pattern"), entry.pop("method")
         return cls(str(pattern), make_method(str(method), **entry))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def method_for(name: str, rules: Sequence[MergeRule], default: MergeMethod) -> MergeMethod:
@@ -115,4 +135,10 @@ def load_rules(path: str | Path) -> list[MergeRule]:
         raise MergeError(
             f"merge rules file {path} must hold a list of {{pattern, method, ...}} mappings"
         )
-    return [MergeRule.from_mapping(entry) for entry in entries]
+    rules = []
+    for position, entry in enumerate(entries, start=1):
+        try:
+            rules.append(MergeRule.from_mapping(entry))
+        except MergeError as err:
+            raise MergeError(f"merge rules file {path}, rule {position}: {err}") from err
+    return rules

@@ -19,6 +19,7 @@ from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .scratch import scratch_scope
+from .ties import storage_key
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "iter_merged_chunks", "merge_state_dicts", "merge_tensor"]
 
@@ -170,18 +171,6 @@ def copy_exact(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]
                 f"{label}: integer and bool buffers are copied, never merged, so they must be equal"
             )
     return tensors[0].clone()
-
-
-def storage_key(tensor: torch.Tensor) -> tuple:
-    """Identifies the memory a tensor views: equal keys mean tied tensors."""
-    return (
-        tensor.device,
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
 
 
 def merge_state_dicts(
