@@ -53,6 +53,8 @@ def test_file_merge_equals_state_dict_merge_and_loads_with_from_pretrained(
 ):
     base, dirs = hf_replicas
     assert (dirs[0] / "model.safetensors.index.json").exists()
+    (base / "tokenizer_config.json").write_text("{}")
+    (base / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # not ours
     out = merge_checkpoints(
         dirs,
         tmp_path / "merged",
@@ -64,7 +66,8 @@ def test_file_merge_equals_state_dict_merge_and_loads_with_from_pretrained(
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert (out / "config.json").exists()
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+    assert not (out / "pytorch_model.bin.index.json").exists()
     expected = merge_state_dicts(
         [load_dir(d) for d in dirs], base=load_dir(base), method=method, seed=5
     )

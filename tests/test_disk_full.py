@@ -55,6 +55,19 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
     monkeypatch.setattr(ShardedSafetensorsWriter, "write", write)
 
 
+def test_an_oserror_without_errno_is_reported_without_errno_none(
+    replicas, tmp_path, monkeypatch
+) -> None:
+    def write(self, name, chunk):
+        raise OSError("the storage went away")
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", write)
+    with pytest.raises(OSError, match="merged failed: the storage went away") as caught:
+        merge_checkpoints(replicas, tmp_path / "merged")
+    assert "Errno" not in str(caught.value) and caught.value.errno is None
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 

@@ -288,6 +288,9 @@ def test_moved_bits_of_some_replicas_in_a_wider_dtype():
     moved = methods_module.moved_bits(bits, base.view(torch.int16), dtype=torch.int32)
     expected = sum((bits[k] != base.view(torch.int16)).int() << k for k in bits)
     assert moved.dtype == torch.int32 and torch.equal(moved, expected)
+    # without a dtype: wide enough for the highest replica index, not for the mapping's length
+    moved = methods_module.moved_bits(bits, base.view(torch.int16))
+    assert moved.dtype == torch.int16 and torch.equal(moved.int(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])

@@ -17,7 +17,7 @@ from .finite import NonFinite, all_finite, check_nonfinite_mode, surviving_repli
 from .keyed_random import KeyedRandom
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
-from .safetensors_io import INDEX_NAME, CheckpointReader, ShardedSafetensorsWriter, TensorInfo
+from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
@@ -49,7 +49,8 @@ def _copy_side_files(source: Path, target: Path) -> None:
     if not source.is_dir():
         return
     for item in sorted(source.iterdir()):
-        if item.is_file() and item.name != INDEX_NAME and not item.name.endswith(_WEIGHT_SUFFIXES):
+        weights = item.name.endswith(_WEIGHT_SUFFIXES) or item.name.endswith(".index.json")
+        if item.is_file() and not weights:  # weight indexes too: they name the inputs' files
             shutil.copy2(item, target / item.name)
 
 
@@ -248,12 +249,14 @@ class _MergeJob:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(err, OSError):
                 state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
-                raise OSError(
-                    err.errno,
+                message = (
                     f"merging into {out} failed: {err.strerror or err}"
                     f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
-                    f"removed and {state}",
-                ) from err
+                    f"removed and {state}"
+                )
+                # OSError(None, message) would print "[Errno None] ..."
+                wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
+                raise wrapped from err
             raise
 
     def _write(

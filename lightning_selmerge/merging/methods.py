@@ -546,12 +546,12 @@ def moved_bits(
         replica_bits.items() if isinstance(replica_bits, Mapping) else enumerate(replica_bits)
     )
     numel, device, shape = base_bits.numel(), base_bits.device, base_bits.shape
+    top = max((k for k, _ in items), default=0)
     if out is None:
-        dtype = dtype if dtype is not None else _index_dtype(len(replica_bits))
+        dtype = dtype if dtype is not None else _index_dtype(top + 1)
         out = torch.empty(shape, dtype=dtype, device=device)
     if not accumulate:
         out.zero_()
-    top = max((k for k, _ in items), default=0)
     if out.dtype == base_bits.dtype and top < out.element_size() * 8 - 1:
         flag = per_thread_buffer("moved_flag", numel, out.dtype, device).view(shape)
         for k, replica in items:
