@@ -29,7 +29,6 @@ __all__ = [
     "SafetensorsFile",
     "ShardedSafetensorsWriter",
     "TensorInfo",
-    "open_checkpoint",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -220,11 +219,6 @@ class CheckpointReader:
     def close(self) -> None:
         for reader in self._files.values():
             reader.close()
-
-
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a replica or base checkpoint (file or Hugging Face directory) for merging."""
-    return CheckpointReader(path)
 
 
 def _shard_plan(
