@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from matplotlib.figure import Figure
@@ -37,6 +38,7 @@ __all__ = ["ReportError", "RunScalars", "load_scalars", "write_report"]
 
 _SEGMENT = re.compile(r"^(?P<prefix>.+?)/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$")
 _REPLICA_METRIC = re.compile(r"^replica_(?P<k>\d+)/(?P<metric>.+)$")
+_HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall", re.IGNORECASE)
 
 
 class ReportError(ValueError):
@@ -140,14 +142,24 @@ def _write_text(text: str, path: Path) -> None:
 
 
 def write_report(
-    logdir: str | Path, out: str | Path | None = None, metric: str = "val_loss"
+    logdir: str | Path,
+    out: str | Path | None = None,
+    metric: str = "val_loss",
+    mode: Literal["min", "max"] | None = None,
 ) -> list[Path]:
     """Write the figures and ``summary.md`` for the newest run under ``logdir``.
 
     ``out`` defaults to ``<run directory>/report``; ``metric`` is the validation metric to
-    compare (logged by the module, and as ``replica_k/<metric>`` by the merge callback).
+    compare (logged by the module, and as ``replica_k/<metric>`` by the merge callback);
+    ``mode`` says whether lower (``"min"``, a loss) or higher (``"max"``, an accuracy) is
+    better, as in ``ModelCheckpoint``; by default ``"max"`` for names with acc, f1, auc,
+    precision or recall in them, else ``"min"``.
     Returns the written paths. Each file is written to a temporary name and renamed.
     """
+    if mode is None:
+        mode = "max" if _HIGHER_IS_BETTER.search(metric) else "min"
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     run = load_scalars(logdir)
     out = Path(out) if out is not None else run.directory / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +213,7 @@ def write_report(
         merged = run.last(metric)
         replica_last = {name: values[-1][1] for name, values in replicas.items()}
         mean = sum(replica_last.values()) / len(replica_last)
+        best, sign = (max, "positive") if mode == "max" else (min, "negative")
         lines += [
             f"## Validation `{metric}` (last epoch)",
             "",
@@ -211,8 +224,8 @@ def write_report(
             f"| mean of replicas | {mean:.4f} |",
             "",
             f"Merged minus mean of replicas: {merged - mean:+.4f}; merged minus best replica: "
-            f"{merged - min(replica_last.values()):+.4f} (negative = the merge is better for a "
-            "loss).",
+            f"{merged - best(replica_last.values()):+.4f} ({sign} = the merge is better: "
+            f"{'higher' if mode == 'max' else 'lower'} is better).",
             "",
         ]
     if not written:

@@ -74,3 +74,20 @@ def test_report_names_a_missing_metric(logdir: Path, tmp_path: Path) -> None:
     assert main(["report", str(logdir), "--out", str(tmp_path), "--metric", "val_acc"]) == 0
     assert not (tmp_path / "validation.png").exists()
     assert (tmp_path / "loss_by_position.png").exists()
+
+
+@pytest.mark.parametrize("metric, mode, best", [("val_acc", None, 0.9), ("val_acc", "min", 0.7)])
+def test_best_replica_follows_the_metric_direction(
+    tmp_path: Path, metric: str, mode: str | None, best: float
+) -> None:
+    """Higher is better for an accuracy (inferred from its name), unless told otherwise."""
+    logger = TensorBoardLogger(tmp_path, name="r", version=0)
+    for step, (merged, r0, r1) in enumerate([(0.5, 0.4, 0.6), (0.8, 0.7, 0.9)]):
+        logger.log_metrics(
+            {metric: merged, f"replica_0/{metric}": r0, f"replica_1/{metric}": r1}, step=step
+        )
+    logger.finalize("success")
+    argv = ["report", str(tmp_path), "--out", str(tmp_path / "out"), "--metric", metric]
+    assert main(argv + (["--mode", mode] if mode else [])) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"merged minus best replica: {0.8 - best:+.4f}" in summary

@@ -21,13 +21,20 @@ def report_parser() -> ArgumentParser:
     parser.add_argument("logdir", help="a TensorBoard log directory (searched recursively)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/report)")
     parser.add_argument("--metric", default="val_loss", help="validation metric to compare")
+    parser.add_argument(
+        "--mode",
+        choices=["min", "max"],
+        default=None,
+        help="lower (min) or higher (max) is better (default: max for names with "
+        "acc/f1/auc/precision/recall, else min)",
+    )
     return parser
 
 
 def run_report(argv: Sequence[str]) -> int:
     args = report_parser().parse_args(list(argv))
     try:
-        written = write_report(args.logdir, args.out, metric=args.metric)
+        written = write_report(args.logdir, args.out, metric=args.metric, mode=args.mode)
     except ReportError as err:
         print(f"lightning-selmerge report: error: {err}", file=sys.stderr)
         return 2
