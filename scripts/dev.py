@@ -11,7 +11,7 @@ exported to ``runs/demo/merged/epoch_NNN``, replaced by a rerun.
 
 Needs only Python >= 3.10. Creates ``.venv`` in the repo (or uses ``$SELMERGE_VENV``). If that
 environment has no torch, the CPU build ``torch==2.13.0`` is installed first; an existing torch is
-never replaced (the package asks for ``torch>=2.4``). Re-installs only when pyproject.toml changed.
+never replaced (the package asks for ``torch>=2.6``). Re-installs only when pyproject.toml changed.
 """
 
 from __future__ import annotations
@@ -52,11 +52,19 @@ def ensure_env() -> None:
     pip = (PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     # The CPU build: on Linux a plain `pip install torch` pulls several GB of CUDA packages, so
     # PyTorch's CPU index comes first (wheels found locally through pip's config count too); a
-    # machine that cannot reach it falls back to the configured indexes.
+    # machine that cannot reach it falls back to the configured indexes, asking there on Linux
+    # for the `+cpu` build by name, so that the fallback can never be PyPI's CUDA build.
     if not has_torch():
         cpu_index = ("--index-url", "https://download.pytorch.org/whl/cpu", "--timeout", "10")
         if run(*pip, TORCH_CPU, *cpu_index, "--retries", "0", check=False) != 0:
-            run(*pip, TORCH_CPU)
+            fallback = f"{TORCH_CPU}+cpu" if sys.platform.startswith("linux") else TORCH_CPU
+            if run(*pip, fallback, check=False) != 0:
+                sys.exit(
+                    f"could not install the CPU build of {TORCH_CPU} from "
+                    "https://download.pytorch.org/whl/cpu or the configured pip indexes: install "
+                    f"a torch (>= 2.6) into {VENV} yourself, e.g. `{PYTHON} -m pip install torch "
+                    "--index-url https://download.pytorch.org/whl/cpu`, and rerun"
+                )
     stamp = VENV / ".selmerge-installed"
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if not stamp.exists() or stamp.read_text() != digest:
