@@ -10,6 +10,7 @@ import csv
 import doctest
 import importlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,45 @@ def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
         SFTDataModule(data_files=str(PAIRS)).setup("fit")
 
 
+def test_batches_are_right_padded_whatever_the_tokenizer_padding_side(tmp_path: Path) -> None:
+    # without position_ids, left padding shifts GPT-2's positions: a loss would depend on the batch
+    rows = [
+        {"prompt": "Hi", "response": "Yo", "text": "ok", "label": "a"},
+        {
+            "prompt": "A much longer prompt",
+            "response": "and a long answer",
+            "text": "a long text",
+            "label": "b",
+        },
+    ]
+    files = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for dm in (
+        SFTDataModule(data_files=files, val_fraction=0.0),
+        ClassificationDataModule(data_files=files, val_fraction=0.0),
+    ):
+        dm.tokenizer = byte_tokenizer()
+        dm.tokenizer.padding_side = "left"
+        dm.setup("fit")
+        assert dm.tokenizer.padding_side == "left"  # the user's tokenizer is left alone
+        items = [{**dm.train_set[i], "sample_index": i} for i in range(2)]
+        batch = dm.collate_fn(items)
+        short = min(range(2), key=lambda i: len(items[i]["input_ids"]))
+        n, width = len(items[short]["input_ids"]), batch["input_ids"].shape[1]
+        assert n < width
+        assert batch["input_ids"][short].tolist() == items[short]["input_ids"] + [0] * (width - n)
+        assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (width - n)
+        if isinstance(dm, SFTDataModule):
+            labels = items[short]["labels"] + [-100] * (width - n)
+            assert batch["labels"][short].tolist() == labels
+            torch.manual_seed(0)
+            lm = CausalLMModule(config=TINY).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(
+                    lm.per_sample_loss(batch)[short],
+                    lm.per_sample_loss(dm.collate_fn([items[short]]))[0],
+                )
+
+
 # -- modules --------------------------------------------------------------------------------
 
 
@@ -227,6 +267,54 @@ def test_from_pretrained_directory_round_trip(tmp_path: Path) -> None:
     assert len(loaded.tokenizer) == len(source.tokenizer)
     weight = source.model.transformer.wte.weight
     assert torch.equal(loaded.model.transformer.wte.weight, weight.to(torch.bfloat16))
+
+
+def test_default_dtype_is_float32_even_for_a_low_precision_checkpoint(tmp_path: Path) -> None:
+    source = CausalLMModule(config=TINY)
+    source.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    assert CausalLMModule(config=TINY).model.dtype == torch.float32
+    assert CausalLMModule(model_name_or_path=str(tmp_path)).model.dtype == torch.float32
+    auto = CausalLMModule(model_name_or_path=str(tmp_path), torch_dtype="auto")
+    assert auto.model.dtype == torch.bfloat16  # only "auto" keeps the checkpoint's dtype
+
+
+BERT = {
+    "model_type": "bert",
+    "num_hidden_layers": 1,
+    "hidden_size": 16,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
+
+
+def _sees_the_future(model: Any) -> bool:
+    """Whether changing the last token changes the logits at earlier positions."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    other = ids.clone()
+    other[0, -1] = 100
+    with torch.no_grad():
+        return not torch.allclose(
+            model(input_ids=ids).logits[0, :-1], model(input_ids=other).logits[0, :-1]
+        )
+
+
+def test_causal_lm_makes_an_encoder_causal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    torch.manual_seed(0)
+    clf = SequenceClassificationModule(config=BERT).eval()
+    assert not clf.model.config.is_decoder and _sees_the_future(clf.model)  # the probe works
+    clf.model.save_pretrained(tmp_path)  # an encoder checkpoint (is_decoder=False on disk)
+    clf.tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO):
+        from_config = CausalLMModule(config=BERT).eval()
+        from_checkpoint = CausalLMModule(model_name_or_path=str(tmp_path)).eval()
+    for lm in (from_config, from_checkpoint):
+        assert lm.model.config.is_decoder and not _sees_the_future(lm.model)
+    assert caplog.text.count("setting is_decoder=True") == 2
 
 
 def test_per_sample_loss_equals_model_loss_for_one_unpadded_sequence() -> None:

@@ -12,6 +12,7 @@ batch contract asks (:mod:`lightning_selmerge.data.indexed`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from datasets import Dataset, DatasetDict
@@ -108,7 +109,7 @@ class _TextDataModule(LightningDataModule):
         self._check_max_length()
         train, val = self._load_raw()
         self.train_set, self.val_set = self._prepare(train, val)
-        self.collate_fn = self._collator(tokenizer)
+        self.collate_fn = self._collator(_right_padding(tokenizer))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches with ``sample_index`` (``DataOrderEnsemble`` replaces the sampler)."""
@@ -186,6 +187,20 @@ class _TextDataModule(LightningDataModule):
         return train, val
 
 
+def _right_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer``, or a shallow copy padding on the right when it pads on the left.
+
+    Batches carry no ``position_ids``: left padding would shift the positions of absolute-position
+    models (GPT-2, BERT), so an example's loss would depend on its batch-mates. The user's
+    tokenizer keeps its ``padding_side`` (generation wants left padding).
+    """
+    if tokenizer.padding_side == "right":
+        return tokenizer
+    right = copy.copy(tokenizer)
+    right.padding_side = "right"
+    return right
+
+
 def _has_target(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels)
 
@@ -206,8 +221,8 @@ class SFTDataModule(_TextDataModule):
     for tokenizers whose BOS differs from EOS), truncated to ``max_length`` tokens; ``labels``
     are the input ids with the prompt and the padding set to -100. Rows whose response is cut
     away entirely are dropped (with a warning). Batches: ``input_ids``, ``attention_mask``,
-    ``labels`` (right-padded per batch with the tokenizer's pad id / -100) and, in training,
-    ``sample_index``.
+    ``labels`` (right-padded per batch with the tokenizer's pad id / -100, whatever the
+    tokenizer's ``padding_side``) and, in training, ``sample_index``.
 
     Args:
         data_files: local file(s): a path, a list of paths, or ``{"train": ..., "validation":
@@ -330,7 +345,8 @@ class ClassificationDataModule(_TextDataModule):
     String labels are mapped to ids by their position in ``label_names``, or in the sorted
     distinct labels of the training and validation rows; int labels are used as they are. After
     :meth:`setup`, :attr:`label_names` holds the class names (``None`` for unnamed int labels).
-    Texts are tokenised with the tokenizer's special tokens and truncated to ``max_length``.
+    Texts are tokenised with the tokenizer's special tokens and truncated to ``max_length``;
+    batches are right-padded, whatever the tokenizer's ``padding_side``.
 
     Args:
         data_files: local file(s): a path, a list of paths, or ``{"train": ..., "validation":

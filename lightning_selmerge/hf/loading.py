@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import (
     AutoConfig,
     AutoTokenizer,
     ByT5Tokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -53,9 +55,15 @@ def check_model_source(
         )
 
 
-def parse_dtype(owner: str, torch_dtype: str | None) -> torch.dtype | str | None:
-    """``None``, ``"auto"`` or a torch floating dtype from its name (``"bfloat16"``)."""
-    if torch_dtype is None or torch_dtype == "auto":
+def parse_dtype(owner: str, torch_dtype: str | None) -> torch.dtype | str:
+    """A torch floating dtype from its name (``"bfloat16"``), or ``"auto"``.
+
+    ``None`` means ``torch.float32``, whatever the checkpoint's dtype: small optimizer updates
+    are lost when rounded to bfloat16/float16 weights. Only ``"auto"`` keeps the checkpoint's.
+    """
+    if torch_dtype is None:
+        return torch.float32
+    if torch_dtype == "auto":
         return torch_dtype
     dtype = getattr(torch, torch_dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -106,6 +114,17 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
+def _make_decoder(owner: str, config: PreTrainedConfig) -> bool:
+    """Whether ``config`` is an encoder's (``is_decoder=False``) that a causal LM must flip."""
+    if getattr(config, "is_decoder", None) is not False:
+        return False
+    rank_zero_info(
+        f"{owner}: {config.model_type} config has is_decoder=False; setting is_decoder=True "
+        "for causal attention (a causal LM must not see the tokens it predicts)."
+    )
+    return True
+
+
 def build_model(
     owner: str,
     auto_class: Any,
@@ -113,6 +132,7 @@ def build_model(
     model_name_or_path: str | None,
     config: Mapping[str, Any] | None,
     torch_dtype: str | None,
+    causal: bool = False,
     **model_kwargs: Any,
 ) -> PreTrainedModel:
     """Load ``auto_class`` from a local checkpoint or build it from ``config``, for ``tokenizer``.
@@ -120,7 +140,10 @@ def build_model(
     The model's special-token ids follow the tokenizer (``pad_token_id`` is what sequence
     classification pools on), and its vocabulary covers the tokenizer: a config gets
     ``vocab_size=len(tokenizer)`` unless it names a larger one, a checkpoint whose embeddings are
-    too small is resized. ``model_kwargs`` (e.g. ``num_labels``) go to the config.
+    too small is resized. ``model_kwargs`` (e.g. ``num_labels``) go to the config. ``torch_dtype``
+    goes through :func:`parse_dtype` (default float32). With ``causal=True``, an encoder config
+    (``is_decoder=False``, e.g. BERT) gets ``is_decoder=True``: causal attention, so a token
+    never sees the tokens it is trained to predict.
     """
     dtype = parse_dtype(owner, torch_dtype)
     special = {
@@ -148,10 +171,16 @@ def build_model(
         hf_config = AutoConfig.for_model(
             config["model_type"], **{**kwargs, **special, **model_kwargs}, vocab_size=vocab
         )
+        if causal and _make_decoder(owner, hf_config):
+            hf_config.is_decoder = True
         model = auto_class.from_config(hf_config, dtype=None if dtype == "auto" else dtype)
     else:
         assert model_name_or_path is not None
         try:
+            if causal and _make_decoder(
+                owner, AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
+            ):
+                model_kwargs = {**model_kwargs, "is_decoder": True}
             model = auto_class.from_pretrained(
                 model_name_or_path, local_files_only=True, dtype=dtype, **model_kwargs
             )

@@ -48,6 +48,8 @@ class _HFModule(LightningModule):
     """Shared construction, optimisation and steps; subclasses pick the head and the metrics."""
 
     auto_class: Any = None
+    #: a causal LM: encoder configs (``is_decoder=False``, e.g. BERT) get causal attention.
+    causal: bool = False
 
     def _build(
         self,
@@ -80,6 +82,7 @@ class _HFModule(LightningModule):
             model_name_or_path,
             config,
             torch_dtype,
+            causal=self.causal,
             **model_kwargs,
         )
         self.learning_rate = learning_rate
@@ -131,7 +134,8 @@ class CausalLMModule(_HFModule):
             cache) to fine-tune; nothing is downloaded. Exclusive with ``config``.
         config: build a fresh model from this dict, which needs ``model_type``, e.g.
             ``{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4}``;
-            ``vocab_size`` defaults to the tokenizer's size.
+            ``vocab_size`` defaults to the tokenizer's size. An encoder (config or checkpoint
+            with ``is_decoder=False``, e.g. BERT) is made a decoder: causal attention.
         tokenizer_name_or_path: local tokenizer directory; default ``model_name_or_path``, or
             for a ``config`` model a file-free byte-level tokenizer (``ByT5Tokenizer``, 259
             tokens). A tokenizer without pad token gets its EOS token as pad.
@@ -153,6 +157,7 @@ class CausalLMModule(_HFModule):
     """
 
     auto_class = AutoModelForCausalLM
+    causal = True
 
     def __init__(
         self,
