@@ -20,7 +20,9 @@ __all__ = ["main"]
 _USAGE = """usage: lightning-selmerge {fit,validate,test,predict,merge,report} ...
   fit, validate, test, predict   Lightning's CLI with DataOrderEnsemble, SelectionMergeCallback,
                                  PositionLossMonitor and the Hugging Face modules registered
-                                 (see: lightning-selmerge fit --help)
+                                 (see: lightning-selmerge fit --help); the shipped modules
+                                 implement fit and validate, test and predict need a module
+                                 with test_step/predict_step and their loaders
   merge                          merge saved replica checkpoints (lightning-selmerge merge --help)
   report                         figures + summary from TensorBoard logs (... report --help)"""
 
