@@ -33,6 +33,23 @@ def test_config_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert main(["fit", "--config", str(config), *data_args(config), *QUICK]) == 0
 
 
+def test_sft_config_on_a_local_checkpoint_as_documented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command in the config's header and the README: a checkpoint replaces the config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=300)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "local_model")
+    monkeypatch.chdir(tmp_path)
+    sft = CONFIGS / "sft_causal_lm.yaml"
+    header = sft.read_text().split("seed_everything")[0]
+    assert "--model.init_args.config=null" in header
+    args = ["fit", "--config", str(sft), "--model.init_args.config=null"]
+    args += [f"--model.init_args.model_name_or_path={tmp_path / 'local_model'}"]
+    assert main([*args, *data_args(sft), *QUICK]) == 0
+
+
 def test_fixed_batches_layers_on_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     demo = CONFIGS / "demo.yaml"
