@@ -1,10 +1,12 @@
 """A DataOrderEnsemble fit on several gloo ranks; run by tests/test_device_groups.py.
 
 ``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]
-[--offload-disk]``: Lightning's subprocess launcher re-runs this script once per extra rank.
-Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets); rank 0 writes
-``OUT/merged.pt`` (the whole merge). With ``--resume=STEP`` the fit saves checkpoints every 3
-steps, and a second fit resumes from the one at STEP and writes ``OUT/resumed.pt``.
+[--offload-disk] [--record-steps]``: Lightning's subprocess launcher re-runs this script once
+per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets);
+rank 0 writes ``OUT/merged.pt`` (the whole merge). With ``--resume=STEP`` the fit saves
+checkpoints every 3 steps, and a second fit resumes from the one at STEP and writes
+``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds ``steps``: what
+``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in ``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def trainer(devices: int, k: int, shard: int, callbacks: list, offload_dir: str 
     )
 
 
+class StepsNet(Net):
+    """Records the schedule lengths a module sees in ``configure_optimizers``."""
+
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
+        from lightning_selmerge.hf.optim import steps_per_model  # imports transformers
+
+        strategy = self.trainer.strategy
+        assert isinstance(strategy, DataOrderEnsemble)
+        self.steps = {
+            "steps_per_replica": strategy.steps_per_replica(),
+            "steps_per_model": steps_per_model(self),
+        }
+        return super().configure_optimizers()
+
+
 def main() -> None:
     out, devices, k, shard, batch = sys.argv[1], *map(int, sys.argv[2:6])
     resume_step = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--resume=")), 0)
@@ -60,7 +77,7 @@ def main() -> None:
                 out_dir / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
             )
         )
-    module = Net()
+    module = StepsNet() if "--record-steps" in sys.argv else Net()
     fit = trainer(devices, k, shard, callbacks, offload_dir)
     fit.fit(module, loader, val)
     strategy = fit.strategy
@@ -75,6 +92,7 @@ def main() -> None:
             "metrics": {n: float(v) for n, v in fit.callback_metrics.items()},
             # a state only rank 0 writes: the other ranks take part in the gathers, keep nothing
             "full_on_rank_0": sorted(strategy.full_state(callbacks[0].merged_state, rank=0)),
+            "steps": getattr(module, "steps", None),
         },
         out_dir / f"rank_{rank}.pt",
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from ensemble_support import BATCH, N, Net, fit, flat, make_data
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -265,3 +266,148 @@ def test_a_diverged_replica_can_be_dropped() -> None:
     weight = merge.merged_state["net.0.weight"]
     from_0_or_2 = (weight == states[0]["net.0.weight"]) | (weight == states[2]["net.0.weight"])
     assert from_0_or_2.all()
+
+
+def test_replica_loss_does_not_depend_on_gradient_accumulation() -> None:
+    """With lr=0 the losses are the same in every run: accumulation must not scale them."""
+    losses = []
+    for accumulate in (1, 4):
+        module = Net()
+        module.configure_optimizers = lambda m=module: torch.optim.SGD(m.parameters(), lr=0.0)
+        trainer, _ = fit(
+            module,
+            2,
+            callbacks=[SelectionMergeCallback(validate_replicas=False)],
+            accumulate_grad_batches=accumulate,
+            limit_train_batches=4,
+        )
+        losses.append([float(trainer.callback_metrics[f"replica_{k}/train_loss"]) for k in (0, 1)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    module = Net()  # and the value is the mean loss over the replica's samples
+    data = make_data()
+    order = DataOrderSampler(num_samples=N, seed=3).order(0, 0)[: 4 * BATCH]
+    with torch.no_grad():
+        _, x, y = data[order]
+        per_sample = torch.nn.functional.mse_loss(module.net(x), y, reduction="none")
+    assert losses[0][0] == pytest.approx(float(per_sample.mean()), rel=1e-5)
+
+
+def test_accumulation_changed_by_a_scheduler_is_checked_each_epoch() -> None:
+    """8 batches per replica: accumulate 3 from epoch 1 would mix replicas 0 and 1 in a step."""
+    schedule = GradientAccumulationScheduler({0: 1, 1: 3})
+    with pytest.raises(MisconfigurationException, match=r"accumulate_grad_batches=3 \(epoch 1\)"):
+        fit(Net(), 2, epochs=2, callbacks=[schedule])
+    trainer, strategy = fit(Net(), 2, epochs=2, callbacks=[GradientAccumulationScheduler({1: 4})])
+    assert trainer.global_step == 2 * (8 + 2)
+    assert strategy.steps_per_replica() == 8 + 2
+
+
+class ManualNet(Net):
+    """Manual optimization with a per-batch LR schedule stepped in training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.lrs: list[tuple[int, float]] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        self.lrs.append((self.trainer.strategy.active_replica, opt.param_groups[0]["lr"]))
+        loss = self.loss(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        sched.step()
+        return loss
+
+    def configure_optimizers(self) -> tuple[list, list]:  # type: ignore[override]
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+
+def test_manual_optimization_schedulers_follow_their_replica() -> None:
+    module = ManualNet()
+    _, strategy = fit(
+        module, 2, epochs=2, callbacks=[SelectionMergeCallback()], limit_train_batches=3
+    )
+    per_epoch = [0.1, 0.05, 0.025, 0.1, 0.05, 0.025]  # epoch 0: each replica starts at 0.1
+    assert module.lrs[:6] == [(r, lr) for r in (0, 1) for lr in per_epoch[:3]]
+    assert [lr for _, lr in module.lrs[6:9]] == pytest.approx([0.1 * 0.5**s for s in (3, 4, 5)])
+    for replica in (0, 1):
+        state = strategy.replica_state(replica)
+        assert state.lr_schedulers[0]["last_epoch"] == 6
+        assert state.optimizers[0]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.5**6)
+
+
+@pytest.mark.parametrize("max_steps", [8, 24])  # 16 steps per epoch: inside epochs 0 and 1
+def test_max_steps_stopping_inside_an_epoch_is_refused(max_steps: int) -> None:
+    with pytest.raises(MisconfigurationException, match=f"max_steps={max_steps}.*max_epochs"):
+        fit(Net(), 2, epochs=5, max_steps=max_steps)
+
+
+def test_max_steps_at_an_epoch_end_is_accepted() -> None:
+    merge = SelectionMergeCallback(validate_replicas=False)
+    module = Net()
+    trainer, strategy = fit(module, 2, epochs=5, callbacks=[merge], max_steps=32)
+    assert trainer.global_step == 32 and strategy.steps_per_replica() == 16
+    assert merge.merged_state is not None
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, merge.merged_state[name])
+
+
+class StopAt(Callback):
+    """Sets ``should_stop`` after training batch ``batch_idx`` of ``epoch`` (like a Timer)."""
+
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        self.epoch, self.batch_idx = epoch, batch_idx
+        self.merged: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch_idx):
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        merge = next(c for c in trainer.callbacks if isinstance(c, SelectionMergeCallback))
+        if merge.merged_state is not None:
+            self.merged = {n: t.clone() for n, t in merge.merged_state.items()}
+
+
+def test_a_stop_inside_an_epoch_keeps_the_last_complete_merge() -> None:
+    module, stop = Net(), StopAt(epoch=1, batch_idx=10)  # epoch 1, inside replica 1
+    merge = SelectionMergeCallback(validate_replicas=False)
+    with pytest.warns(UserWarning, match="inside epoch 1.*keeps the last merge"):
+        trainer, strategy = fit(module, 2, epochs=3, callbacks=[merge, stop])
+    assert trainer.global_step == 16 + 11
+    assert stop.merged is not None
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, stop.merged[name]), name
+    moved = strategy.replica_states()[1]["net.0.weight"]  # replica 1 trained 3 batches of epoch 1
+    assert not torch.equal(moved, stop.merged["net.0.weight"])
+
+
+def test_a_stop_inside_the_first_epoch_leaves_the_initial_weights() -> None:
+    module, stop = Net(), StopAt(epoch=0, batch_idx=10)
+    initial = {n: t.clone() for n, t in module.state_dict().items()}
+    merge = SelectionMergeCallback(validate_replicas=False)
+    with pytest.warns(UserWarning, match="no epoch was completed"):
+        fit(module, 2, epochs=3, callbacks=[merge, stop])
+    assert merge.merged_state is None
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, initial[name]), name
+
+
+class EstimatingNet(Net):
+    """Sets up the train loader early, from configure_optimizers (as LR schedules often do)."""
+
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
+        self.estimate = self.trainer.estimated_stepping_batches
+        self.per_replica = self.trainer.strategy.steps_per_replica()
+        return super().configure_optimizers()
+
+
+def test_limit_train_batches_is_per_replica_when_optimizers_estimate_the_steps() -> None:
+    module = EstimatingNet()
+    trainer, strategy = fit(module, 3, epochs=2, limit_train_batches=2)
+    assert strategy.batches_per_replica == 2 and trainer.num_training_batches == 6
+    assert (module.estimate, module.per_replica, trainer.global_step) == (12, 4, 12)
+    assert {b // 2 for _, b, _ in module.seen} == {0, 1, 2}  # every replica trained

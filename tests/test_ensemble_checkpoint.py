@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from ensemble_support import Net, fit, make_data
@@ -166,3 +170,78 @@ def test_export_needs_a_hugging_face_model(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationException, match="PreTrainedModel"):
         trainer.fit(PlainModule(), loader)
     assert list(tmp_path.iterdir()) == []
+
+
+class TwoLoaderNet(Net):
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:  # type: ignore[override]
+        self.log("val_loss", self.loss(batch))
+
+
+def test_replicas_are_validated_on_several_validation_loaders() -> None:
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=2, seed=3),
+        callbacks=[SelectionMergeCallback(seed=2)],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    data = make_data()
+    loaders = [torch.utils.data.DataLoader(data, batch_size=b) for b in (30, 20)]
+    trainer.fit(TwoLoaderNet(), torch.utils.data.DataLoader(data, batch_size=8), loaders)
+    metrics = trainer.callback_metrics
+    for i in (0, 1):
+        values = [float(metrics[f"replica_{k}/val_loss/dataloader_idx_{i}"]) for k in (0, 1)]
+        mean = float(metrics[f"replica_mean/val_loss/dataloader_idx_{i}"])
+        assert mean == pytest.approx(sum(values) / 2, rel=1e-6)
+    assert "val_loss/dataloader_idx_1" in metrics
+
+
+def test_checkpoint_to_a_remote_path_is_written_and_resumed() -> None:
+    fs = fsspec.filesystem("memory")
+    url = f"memory://ckpts-{uuid.uuid4().hex}/ensemble.ckpt"
+    merge = SelectionMergeCallback(seed=1)
+    trainer, _ = fit(Net(), 2, 1, [merge], limit_train_batches=2)
+    trainer.save_checkpoint(url)
+    try:
+        with fsspec.open(url, "rb") as handle:
+            saved = torch.load(handle, weights_only=False)
+        assert saved[CHECKPOINT_KEY]["num_replicas"] == 2
+        assert_same(saved["state_dict"], merge.merged_state)
+        _, resumed = fit(
+            Net(), 2, 2, [SelectionMergeCallback(seed=1)], ckpt_path=url, limit_train_batches=2
+        )
+    finally:
+        if fs.exists(url.split("/")[2]):
+            fs.rm(url.split("/")[2], recursive=True)
+    _, straight = fit(Net(), 2, 2, [SelectionMergeCallback(seed=1)], limit_train_batches=2)
+    for got, want in zip(resumed.replica_states(), straight.replica_states()):
+        assert_same(got, want)
+
+
+def test_a_remote_path_for_per_rank_files_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written, not even under ./s3:
+    strategy = DataOrderEnsemble(num_replicas=2, parallel_devices=[torch.device("cpu")] * 2)
+    assert strategy.is_distributed
+    with pytest.raises(MisconfigurationException, match=r"'s3://bucket/run/last.ckpt'.*local"):
+        strategy.save_checkpoint({"state_dict": {}}, "s3://bucket/run/last.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_offload_directory_is_removed_with_the_strategy(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    strategy = DataOrderEnsemble(num_replicas=2, seed=3, offload="disk")
+    trainer = fit(Net(), 2, 1, [SelectionMergeCallback()], strategy=strategy)[0]
+    (directory,) = tmp_path.glob("selmerge-replicas-*")
+    assert len(strategy.replica_states()) == 2  # still readable after the fit
+    assert sorted(p.name for p in directory.iterdir())[0] == "replica_0.pt"
+    del trainer, strategy
+    gc.collect()
+    assert not directory.exists()

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
@@ -27,10 +28,14 @@ class SelectionMergeCallback(Callback):
     """Merge the :class:`DataOrderEnsemble` replicas at the end of each epoch's training.
 
     At the last training batch of every ``every_n_epochs``-th epoch (after the last replica's
-    step; at the end of fit as a fallback for ``max_steps`` and early stopping) it merges the K
-    replicas with the merge core into :attr:`merged_state`, using the weights at fit start as the
-    base for ``resample``. Floating-point tensors are merged; integer and bool buffers are copied
-    from replica 0 (they must agree). Like Lightning's ``WeightAveraging``:
+    step; at the end of fit as a fallback for ``every_n_epochs`` and early stopping at an epoch
+    end) it merges the K replicas with the merge core into :attr:`merged_state`, using the
+    weights at fit start as the base for ``resample``. A fit stopped inside an epoch (a
+    ``should_stop`` set during training batches, a step-interval ``Timer`` / ``max_time``)
+    leaves the later replicas short of that epoch: they are not merged; with a warning, the
+    module keeps the last merge, or its weights at fit start if no epoch was completed.
+    Floating-point tensors are merged; integer and bool buffers are copied from replica 0 (they
+    must agree). Like Lightning's ``WeightAveraging``:
 
     * the merged weights are swapped into the module for validation and swapped out afterwards,
       so **the validation metrics logged under the module's own names are the merged model's**;
@@ -118,6 +123,7 @@ class SelectionMergeCallback(Callback):
         self._live_state: dict[str, torch.Tensor] | None = None
         self._full_merged: dict[str, torch.Tensor] | None = None
         self._replica_metrics: dict[int, dict[str, float]] = {}
+        self._stopped_in: int | None = None  # epoch of the last batch, if not its last batch
         self._loss_sums = torch.zeros(0, 2, dtype=torch.float64)  # per replica: sum, count
 
     # -- merging --------------------------------------------------------------------------
@@ -166,6 +172,7 @@ class SelectionMergeCallback(Callback):
             self.merged_state = _ensemble(trainer).local_slices(self.merged_state)
         self._restored = False
         self._full_merged = None
+        self._stopped_in = None
         self._loss_sums = torch.zeros(_ensemble(trainer).num_replicas, 2, dtype=torch.float64)
 
     def on_train_batch_end(
@@ -181,10 +188,14 @@ class SelectionMergeCallback(Callback):
         pl_module.log("replica", float(replica), prog_bar=True, logger=False, on_epoch=False)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.log_replica_loss and isinstance(loss, torch.Tensor):
+            value = float(loss.detach())
+            if pl_module.automatic_optimization:  # Lightning's closure loss is divided by it
+                value *= trainer.accumulate_grad_batches
             size = extract_batch_size(batch)
-            self._loss_sums[replica, 0] += float(loss.detach()) * size
+            self._loss_sums[replica, 0] += value * size
             self._loss_sums[replica, 1] += size
         last_batch = batch_idx == trainer.num_training_batches - 1
+        self._stopped_in = None if last_batch else trainer.current_epoch
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._merge_now(trainer, pl_module)
 
@@ -221,10 +232,18 @@ class SelectionMergeCallback(Callback):
             replicas = sorted(self._replica_metrics)
             for name in self._replica_metrics[replicas[0]]:
                 values = [self._replica_metrics[k][name] for k in replicas]
+                # names from several validation loaders already end in /dataloader_idx_{i}
                 for replica, value in zip(replicas, values):
-                    pl_module.log(f"replica_{replica}/{name}", value, sync_dist=sync)
+                    pl_module.log(
+                        f"replica_{replica}/{name}",
+                        value,
+                        sync_dist=sync,
+                        add_dataloader_idx=False,
+                    )
                 mean = sum(values) / len(values)
-                pl_module.log(f"replica_mean/{name}", mean, sync_dist=sync)
+                pl_module.log(
+                    f"replica_mean/{name}", mean, sync_dist=sync, add_dataloader_idx=False
+                )
             self._replica_metrics = {}
         if self._live_state is not None:
             _ensemble(trainer).load_module_state(self._live_state)
@@ -232,11 +251,26 @@ class SelectionMergeCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = _ensemble(trainer)
-        if self.merged_state is None or self._merged_step != trainer.global_step:
-            self._merge_now(trainer, pl_module)  # fallback: max_steps, early stop, every_n_epochs
+        if self._stopped_in is not None:  # inside an epoch: its later replicas missed part of it
+            kept = (
+                f"the module keeps the last merge (step {self._merged_step})"
+                if self.merged_state is not None
+                else "no epoch was completed, so the module is left with its weights at fit start"
+            )
+            rank_zero_warn(
+                f"SelectionMergeCallback: training stopped inside epoch {self._stopped_in} "
+                "(should_stop, a Timer or max_time) before every replica finished "
+                f"it; merging would mix unequally trained replicas, so {kept}. The replicas "
+                "stay available through trainer.strategy.replica_states(); stop at an epoch "
+                "end (e.g. max_epochs, or a Timer with interval='epoch') to merge them."
+            )
+        elif self.merged_state is None or self._merged_step != trainer.global_step:
+            self._merge_now(trainer, pl_module)  # fallback: early stop, every_n_epochs
         strategy.release_live()
-        assert self.merged_state is not None
-        strategy.load_module_state(self.merged_state)
+        if self.merged_state is not None:
+            strategy.load_module_state(self.merged_state)
+        else:
+            strategy.load_module_state(strategy.initial_state.module)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

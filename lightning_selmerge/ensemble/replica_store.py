@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,7 +106,9 @@ class ReplicaStore:
     speeds up copies to and from a GPU); ``offload="disk"`` writes each one to
     ``directory/replica_{k}.safetensors`` (module tensors, memory-mapped when read back) plus
     ``replica_{k}.pt`` (optimizer and scheduler states), each written to a temporary name and
-    renamed. Without a ``directory`` a temporary one is made and removed by :meth:`close`.
+    renamed. Without a ``directory`` a temporary one is made on first use; the store owns it:
+    it is removed by :meth:`close`, when the store is garbage-collected, or at interpreter exit
+    (so the replicas stay readable after the fit, e.g. ``strategy.replica_states()``).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class ReplicaStore:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._directory = Path(directory) if directory is not None else None
         self._own_directory = False
+        self._remove_directory: weakref.finalize | None = None
         self._slots: list[ReplicaState | None] = [None] * num_replicas
         self._on_disk = [False] * num_replicas
 
@@ -131,6 +135,9 @@ class ReplicaStore:
         if self._directory is None:
             self._directory = Path(tempfile.mkdtemp(prefix="selmerge-replicas-"))
             self._own_directory = True
+            self._remove_directory = weakref.finalize(
+                self, shutil.rmtree, str(self._directory), ignore_errors=True
+            )
         self._directory.mkdir(parents=True, exist_ok=True)
         return self._directory
 
@@ -156,9 +163,10 @@ class ReplicaStore:
         """Forget every slot and remove a temporary offload directory."""
         self._slots = [None] * self.num_replicas
         self._on_disk = [False] * self.num_replicas
-        if self._own_directory and self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
+        if self._own_directory and self._remove_directory is not None:
+            self._remove_directory()  # removes it now, once
             self._directory, self._own_directory = None, False
+            self._remove_directory = None
 
     # -- disk format ------------------------------------------------------------------------
     def _paths(self, replica: int) -> tuple[Path, Path]:

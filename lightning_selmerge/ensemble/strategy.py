@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import random
 import uuid
@@ -30,6 +31,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -154,13 +156,31 @@ class DataOrderEnsemble(ParallelStrategy):
     distributed checkpoint, which would de-duplicate the replicas). It is written under a
     temporary name and renamed when every rank is done; resuming needs the same layout.
 
+    A single-file checkpoint may go to a remote path (``"s3://..."``: Lightning's checkpoint IO
+    writes it); a local one is written atomically. The per-rank directory needs a local (or
+    mounted) path: a remote one is refused.
+
     Refused: ``num_replicas < 2``, ``val_check_interval != 1.0``, a float
     ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, an
-    ``accumulate_grad_batches`` that does not divide the batches per replica, a number of ranks
-    that ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica
-    groups. Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule,
-    and a ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones
-    are per replica. Each replica's pass over an epoch starts from torch, python and numpy RNG
+    ``accumulate_grad_batches`` that does not divide the batches per replica (checked again in
+    every epoch, as a ``GradientAccumulationScheduler`` changes it), a ``max_steps`` that would
+    stop inside an epoch (the later replicas would miss part of it: bound the fit with
+    ``max_epochs`` and an int ``limit_train_batches``), a number of ranks that ``shard_size``
+    does not divide, and ``num_replicas`` not a multiple of the replica groups. Epoch-interval
+    LR schedulers are shared (every replica sees the same epoch schedule, and a
+    ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
+    per replica. Under manual optimization (``automatic_optimization = False``) every LR
+    scheduler is per replica, swapped with it: step it during the replica's batches
+    (``training_step`` or ``on_train_batch_end``); a step in an epoch-end hook reaches only the
+    replica live then.
+
+    **Schedule lengths.** ``trainer.estimated_stepping_batches`` counts the optimizer steps of
+    all the replicas one rank trains (``K / R`` of them) together. A per-replica (step-interval)
+    schedule that should span the fit takes :meth:`steps_per_replica` instead, e.g.
+    ``LinearLR(opt, 1.0, 0.0, total_iters=self.trainer.strategy.steps_per_replica())`` in
+    ``configure_optimizers``.
+
+    Each replica's pass over an epoch starts from torch, python and numpy RNG
     states derived from (the seed at fit start, ``seed``, epoch, replica), so its dropout and
     other randomness do not depend on what ran before it, on which rank trains it, or on a
     resume in between.
@@ -400,6 +420,40 @@ class DataOrderEnsemble(ParallelStrategy):
             raise RuntimeError("DataOrderEnsemble: the train dataloader is not set up yet.")
         return self.batch_sampler.batches_per_replica
 
+    def steps_per_replica(self) -> int | float:
+        """Optimizer steps ONE replica takes over the fit (``inf`` when the fit has no bound).
+
+        What a per-replica LR schedule spanning the fit needs, where Lightning's
+        ``estimated_stepping_batches`` counts the steps of all the replicas this rank trains.
+        Follows ``max_epochs``, ``max_steps``, ``accumulate_grad_batches`` (and a
+        ``GradientAccumulationScheduler``) and an int ``limit_train_batches``; under manual
+        optimization, the replica's batches. Call it during the fit (e.g. in
+        ``configure_optimizers``): it sets up the train dataloader if needed, as
+        ``estimated_stepping_batches`` does.
+        """
+        module = self._lightning_module
+        if module is None or module._trainer is None:
+            raise RuntimeError(
+                "DataOrderEnsemble.steps_per_replica() needs the fit's trainer; call it during "
+                "trainer.fit (e.g. in configure_optimizers)."
+            )
+        trainer = module.trainer
+        local = len(self._layout.local_replicas)
+        max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+        by_steps = math.inf if max_steps == -1 else -(-max_steps // local)
+        if max_epochs is None or max_epochs == -1:
+            return by_steps
+        if self.batch_sampler is None:
+            trainer.fit_loop.setup_data()  # calls process_dataloader
+        batches = self.batches_per_replica
+        if not trainer.lightning_module.automatic_optimization:
+            return min(batches * max_epochs, by_steps)
+        scheduler = _accumulation_scheduler(trainer)
+        total = sum(
+            -(-batches // _accumulation(trainer, scheduler, epoch)) for epoch in range(max_epochs)
+        )
+        return min(total, by_steps)
+
     @property
     def initial_state(self) -> ReplicaState:
         """The state every replica started from (the module at fit start): the merge's base.
@@ -611,13 +665,23 @@ class DataOrderEnsemble(ParallelStrategy):
         if not self.is_distributed:
             if full:
                 checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()
-            if type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
-                if self.is_global_zero and "://" not in str(filepath):  # local file
+            local = "://" not in str(filepath)  # remote ("s3://...") paths go to checkpoint_io
+            if local and type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
+                if self.is_global_zero:
                     _save_atomic(checkpoint, Path(filepath))
                 return
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        path = Path(self.broadcast(str(filepath)))
+        where = str(self.broadcast(str(filepath)))
+        if "://" in where:
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: cannot save the checkpoint {where!r}: on several ranks a "
+                "checkpoint is a directory of per-rank files, staged under a temporary name and "
+                "renamed, which needs a local (or mounted) filesystem path; save to a local "
+                "path (e.g. ModelCheckpoint(dirpath='checkpoints')) and copy it to remote "
+                "storage afterwards."
+            )
+        path = Path(where)
         staging = path.with_name(f".{path.name}.tmp-{self.broadcast(uuid.uuid4().hex[:12])}")
         staging.mkdir(parents=True, exist_ok=True)
         if full:
@@ -669,18 +733,20 @@ class DataOrderEnsemble(ParallelStrategy):
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
+        # before super().setup: configure_optimizers may already set up the train loader
+        # (estimated_stepping_batches, steps_per_replica), which must see these settings
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_trainer(trainer)
+            if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each one
+                steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
+                local = len(self._layout.local_replicas)  # the replicas this rank trains
+                trainer.fit_loop.epoch_loop.max_steps = steps * local
+            limit = trainer.limit_train_batches
+            self._per_replica_limit = None
+            if isinstance(limit, int) and limit > 0:
+                self._saved_limit, self._per_replica_limit = limit, limit
+                trainer.limit_train_batches = 1.0  # the ensemble sampler applies it per replica
         super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        self._check_trainer(trainer)
-        if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each replica
-            steps_per_replica = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
-            local = len(self._layout.local_replicas)  # the replicas this rank trains
-            trainer.fit_loop.epoch_loop.max_steps = steps_per_replica * local
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int) and limit > 0:
-            self._saved_limit, self._per_replica_limit = limit, limit
-            trainer.limit_train_batches = 1.0  # the ensemble sampler applies it per replica
 
     def teardown(self) -> None:
         module = self._lightning_module
@@ -731,15 +797,8 @@ class DataOrderEnsemble(ParallelStrategy):
                 "DataOrderEnsemble: each replica gets 0 training batches; use a smaller "
                 "batch_size or drop_last=False."
             )
-        accumulate = trainer.accumulate_grad_batches
-        if sampler.batches_per_replica % accumulate:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: accumulate_grad_batches={accumulate} does not divide the "
-                f"{sampler.batches_per_replica} batches of each replica, so one optimizer step "
-                "would mix two replicas; choose a divisor of it (or change batch_size / "
-                "limit_train_batches)."
-            )
         self.batch_sampler = sampler
+        self._check_stepping(trainer)
         loader = _ResumableLoader(
             dataloader.dataset,
             batch_sampler=sampler,
@@ -779,6 +838,7 @@ class DataOrderEnsemble(ParallelStrategy):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        self._check_stepping(self.lightning_module.trainer, batch_idx)
         if batch_idx % self.batches_per_replica == 0:  # a replica's pass begins
             epoch = self.lightning_module.trainer.current_epoch
             _seed_replica_pass(self._rng_base, self.seed, epoch, self.replica_of(batch_idx))
@@ -847,9 +907,54 @@ class DataOrderEnsemble(ParallelStrategy):
                 "(per replica) instead."
             )
 
+    def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
+        """Refuse an optimizer step that would span two replicas, or a ``max_steps`` that would
+        stop inside an epoch. With ``batch_idx`` (every batch) the check is exact for the
+        current epoch, whose ``accumulate_grad_batches`` a ``GradientAccumulationScheduler`` may
+        have changed; without it (loader set up) it checks the settings for the whole fit."""
+        batches = self.batches_per_replica
+        accumulate = trainer.accumulate_grad_batches
+        if batches % accumulate:
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch "
+                f"{trainer.current_epoch}) does not divide the {batches} batches of each "
+                "replica, so one optimizer step would mix two replicas' gradients; choose a "
+                "divisor of it, also in a GradientAccumulationScheduler's schedule (or change "
+                "batch_size / limit_train_batches)."
+            )
+        max_steps = trainer.max_steps
+        if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
+            return
+        local = len(self._layout.local_replicas)
+        per_epoch = local * batches // accumulate  # this rank's optimizer steps in the epoch
+        if batch_idx is not None:
+            start = trainer.global_step - batch_idx // accumulate  # at the epoch's start
+            inside = start < max_steps < start + per_epoch
+        else:
+            max_epochs = trainer.max_epochs
+            bounded = max_epochs is not None and max_epochs >= 0
+            inside = (
+                _accumulation_scheduler(trainer) is None
+                and max_steps % per_epoch != 0
+                and not (bounded and max_steps >= per_epoch * max_epochs)
+            )
+        if inside:
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: max_steps={max_steps} would stop training inside an epoch "
+                f"(an epoch is {per_epoch} optimizer steps here: {per_epoch // local} per "
+                f"replica x {local} replicas, one after another), so the later replicas would "
+                "miss part of it and the merge would mix unequally trained replicas; bound the "
+                "fit with max_epochs (and an int limit_train_batches, which applies per "
+                f"replica) or use a multiple of {per_epoch} as max_steps."
+            )
+
     def _step_schedulers(self) -> list[Any]:
-        configs = self.lightning_module.trainer.lr_scheduler_configs
-        return [cfg.scheduler for cfg in configs if cfg.interval == "step"]
+        """The LR schedulers swapped with their replica: step-interval ones, and every one under
+        manual optimization (Lightning steps none there; the user steps them in the batches)."""
+        module = self.lightning_module
+        configs = module.trainer.lr_scheduler_configs
+        manual = not module.automatic_optimization
+        return [cfg.scheduler for cfg in configs if manual or cfg.interval == "step"]
 
     def _capture(self) -> ReplicaState:
         return ReplicaState.capture(
@@ -876,12 +981,15 @@ class DataOrderEnsemble(ParallelStrategy):
         self._live_is_replica = True
 
     def _load(self, state: ReplicaState) -> None:
-        trainer = self.lightning_module.trainer
         self.load_module_state(state.module)
-        epoch_sched = [c for c in trainer.lr_scheduler_configs if c.interval != "step"]
+        swapped = {id(sched) for sched in self._step_schedulers()}
+        shared = [
+            c.scheduler
+            for c in self.lightning_module.trainer.lr_scheduler_configs
+            if id(c.scheduler) not in swapped
+        ]
         shared_lrs = {
-            id(c.scheduler.optimizer): [g["lr"] for g in c.scheduler.optimizer.param_groups]
-            for c in epoch_sched
+            id(sched.optimizer): [g["lr"] for g in sched.optimizer.param_groups] for sched in shared
         }
         for opt, opt_state in zip(self.optimizers, state.optimizers):
             if self._sharded:
@@ -893,6 +1001,19 @@ class DataOrderEnsemble(ParallelStrategy):
                 group["lr"] = lr
         for sched, sched_state in zip(self._step_schedulers(), state.lr_schedulers):
             sched.load_state_dict(sched_state)
+
+
+def _accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
+    return next(
+        (c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None
+    )
+
+
+def _accumulation(trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int) -> int:
+    """``accumulate_grad_batches`` in ``epoch`` (a scheduler sets it only at the epoch's start)."""
+    if scheduler is None:
+        return trainer.accumulate_grad_batches
+    return scheduler.get_accumulate_grad_batches(epoch)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

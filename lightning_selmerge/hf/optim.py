@@ -39,17 +39,22 @@ def check_schedule(owner: str, lr_schedule: str, warmup_steps: int) -> None:
 
 
 def steps_per_model(module: LightningModule) -> int:
-    """Optimizer steps each trained model takes: the trainer's estimate / ensemble replicas."""
+    """Optimizer steps each trained model takes over the fit.
+
+    The trainer's estimate; under :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` the
+    steps of one replica (``strategy.steps_per_replica()``: the trainer's estimate counts every
+    replica a rank trains, ``K / R`` of them on R replica groups).
+    """
     trainer = module.trainer
-    replicas = int(getattr(trainer.strategy, "num_replicas", 1))
-    total = trainer.estimated_stepping_batches
+    per_replica = getattr(trainer.strategy, "steps_per_replica", None)
+    total = per_replica() if callable(per_replica) else trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError(
             "lr_schedule='linear'/'cosine' decays over the training's length, but the trainer "
             "has no bound (max_epochs=-1 and max_steps=-1); set max_steps or max_epochs, or use "
             "lr_schedule='constant'."
         )
-    return max(1, math.ceil(int(total) / replicas))
+    return max(1, int(total))
 
 
 def adamw_with_warmup(
@@ -64,7 +69,7 @@ def adamw_with_warmup(
     ``"constant"`` warms up linearly for ``warmup_steps`` then stays (no scheduler at all when
     ``warmup_steps == 0``); ``"linear"`` and ``"cosine"`` warm up, then decay to 0 at the end of
     training. Under :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` each replica has its
-    own schedule, so the decay spans one replica's steps (the trainer's total / ``num_replicas``).
+    own schedule, so the decay spans one replica's steps (:func:`steps_per_model`).
     """
     optimizer = torch.optim.AdamW(decay_groups(module, weight_decay), lr=learning_rate)
     if lr_schedule == "constant" and warmup_steps == 0:
