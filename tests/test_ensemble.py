@@ -411,3 +411,35 @@ def test_limit_train_batches_is_per_replica_when_optimizers_estimate_the_steps()
     assert strategy.batches_per_replica == 2 and trainer.num_training_batches == 6
     assert (module.estimate, module.per_replica, trainer.global_step) == (12, 4, 12)
     assert {b // 2 for _, b, _ in module.seen} == {0, 1, 2}  # every replica trained
+
+
+class _EpochEndValidation(Net):
+    """Gathers in validation_step, reduces and logs in on_validation_epoch_end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outs: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.outs.append(self.loss(batch).detach())
+
+    def on_validation_epoch_end(self) -> None:
+        self.sizes.append(len(self.outs))
+        self.log("val_epoch_end", torch.stack(self.outs).mean())
+        self.outs.clear()
+
+
+def test_replica_validation_keeps_epoch_end_metrics_apart() -> None:
+    """Each replica's pass is framed by the module's epoch hooks: the merged model's epoch-end
+    metric sees only its own batches, and each replica gets its own."""
+    results = {}
+    for validate in (False, True):
+        module = _EpochEndValidation()
+        callback = SelectionMergeCallback(validate_replicas=validate)
+        trainer, _ = fit(module, 3, epochs=1, callbacks=[callback], val=True, limit_train_batches=2)
+        results[validate] = (module.sizes, trainer.callback_metrics)
+    sizes, metrics = results[True]
+    assert sizes == results[False][0] * 4  # three replica passes, then the merged model's
+    assert float(metrics["val_epoch_end"]) == float(results[False][1]["val_epoch_end"])
+    assert all(f"replica_{k}/val_epoch_end" in metrics for k in range(3))

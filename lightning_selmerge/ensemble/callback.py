@@ -43,9 +43,11 @@ class SelectionMergeCallback(Callback):
     * in checkpoints ``state_dict`` is the merged model (``LightningModule.load_from_checkpoint``
       gives the merge), while the replicas' states sit under the strategy's key.
 
-    With ``validate_replicas`` every replica is also validated before the merged model, and
-    what ``validation_step`` logs is logged again as ``replica_{k}/<name>`` and
-    ``replica_mean/<name>``: the merged-vs-single-replica gap as a curve (the paper's Fig. 4).
+    With ``validate_replicas`` every replica is also validated before the merged model (its
+    pass framed by the module's ``on_validation_epoch_start``/``_end``, so epoch-level state
+    stays per pass), and what ``validation_step`` and ``on_validation_epoch_end`` log is logged
+    again as ``replica_{k}/<name>`` and ``replica_mean/<name>``: the merged-vs-single-replica
+    gap as a curve (the paper's Fig. 4).
     During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) is
     logged, and the progress bar shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe

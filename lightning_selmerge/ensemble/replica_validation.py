@@ -82,8 +82,10 @@ def _iterable(loader: Any) -> Iterable[Any]:
 def validate_current_weights(trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
     """Run ``validation_step`` over the trainer's val loaders and return the epoch values it logged.
 
-    Names get Lightning's ``/dataloader_idx_{i}`` suffix when there are several loaders.
-    ``torchmetrics`` objects passed to ``self.log`` are computed and reset.
+    The module's ``on_validation_epoch_start`` and ``on_validation_epoch_end`` run before and
+    after the batches, and what they log is captured too. Names get Lightning's
+    ``/dataloader_idx_{i}`` suffix when there are several loaders. ``torchmetrics`` objects passed
+    to ``self.log`` are computed and reset.
     """
     loaders = trainer.val_dataloaders
     if loaders is None:
@@ -100,18 +102,22 @@ def validate_current_weights(trainer: Trainer, pl_module: LightningModule) -> di
         bound.apply_defaults()
         arg = bound.arguments
         name, value = arg["name"], arg["value"]
-        if several and arg["add_dataloader_idx"]:
+        if several and arg["add_dataloader_idx"] and current.get("idx") is not None:
             name = f"{name}/dataloader_idx_{current['idx']}"
         entry = captured.setdefault(name, _Captured(_reduce_name(arg["reduce_fx"])))
         if isinstance(value, Metric):
             entry.metric = value
             return
-        size = arg["batch_size"] or extract_batch_size(current["batch"])
+        batch = current.get("batch")
+        size = arg["batch_size"] or (extract_batch_size(batch) if batch is not None else 1)
         entry.add(float(torch.as_tensor(value).detach().float().mean()), int(size))
 
     pl_module.log = capture  # type: ignore[method-assign]
     try:
         with torch.no_grad():
+            # the module's epoch hooks frame the pass, as in the loop: state a module gathers in
+            # validation_step and reduces (and logs) at epoch end stays this pass's own
+            pl_module.on_validation_epoch_start()
             for idx, loader in enumerate(loaders):
                 limit = limits[idx] if idx < len(limits) else math.inf
                 for batch_idx, batch in enumerate(_iterable(loader)):
@@ -123,6 +129,8 @@ def validate_current_weights(trainer: Trainer, pl_module: LightningModule) -> di
                     current.update(idx=idx, batch=batch)
                     step_args = (batch, batch_idx, idx) if several else (batch, batch_idx)
                     trainer.strategy.validation_step(*step_args)
+            current.update(idx=None, batch=None)  # epoch-end logs belong to no batch or loader
+            pl_module.on_validation_epoch_end()
     finally:
         del pl_module.log
     return {name: entry.result() for name, entry in captured.items()}
