@@ -443,3 +443,47 @@ def test_replica_validation_keeps_epoch_end_metrics_apart() -> None:
     assert sizes == results[False][0] * 4  # three replica passes, then the merged model's
     assert float(metrics["val_epoch_end"]) == float(results[False][1]["val_epoch_end"])
     assert all(f"replica_{k}/val_epoch_end" in metrics for k in range(3))
+
+
+class _LossScales(Callback):
+    """(epoch, replica, the loss scale its backward used) at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        replica = trainer.strategy.active_replica
+        self.seen.append(
+            (trainer.current_epoch, replica, trainer.precision_plugin.scaler.get_scale())
+        )
+
+
+def test_each_replica_keeps_its_own_mixed_precision_loss_scale() -> None:
+    """fp16's loss scaler backs off on overflows: replica 0 must not hand its calibrated scale
+    to replica 1 (which would skip none of its first steps, a bias of the data order)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def scales(epochs: int) -> dict[tuple[int, int], list[float]]:
+        recorder = _LossScales()
+        fit(
+            Net(),
+            2,
+            epochs=epochs,
+            callbacks=[SelectionMergeCallback(validate_replicas=False), recorder],
+            plugins=[MixedPrecision("16-mixed", "cpu")],
+            limit_train_batches=6,
+        )
+        out: dict[tuple[int, int], list[float]] = {}
+        for epoch, replica, scale in recorder.seen:
+            out.setdefault((epoch, replica), []).append(scale)
+        return out
+
+    seen = scales(epochs=2)
+    initial = seen[(0, 0)][0]
+    assert seen[(0, 0)][-1] < initial  # overflows made replica 0's scaler back off
+    assert seen[(0, 1)][0] == initial  # replica 1 starts from the initial scale, not replica 0's
+    # in epoch 1 each replica goes on from its own scale after its last step of epoch 0 (the
+    # same, or halved if that step overflowed)
+    for replica in (0, 1):
+        last = seen[(0, replica)][-1]
+        assert seen[(1, replica)][0] in (last, last / 2), (replica, seen)

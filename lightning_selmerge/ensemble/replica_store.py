@@ -66,22 +66,30 @@ def _to_cpu(obj: Any, pin_memory: bool = False) -> Any:
 
 @dataclass
 class ReplicaState:
-    """One replica's training state: module tensors, optimizer and step-scheduler states."""
+    """One replica's training state: module tensors, optimizer and step-scheduler states, and
+    the precision plugin's (a mixed-precision loss scaler's scale and growth tracker)."""
 
     module: dict[str, torch.Tensor]
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     lr_schedulers: list[dict[str, Any]] = field(default_factory=list)
+    precision: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "module": self.module,
             "optimizers": self.optimizers,
             "lr_schedulers": self.lr_schedulers,
+            "precision": self.precision,
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ReplicaState:
-        return cls(state["module"], list(state["optimizers"]), list(state["lr_schedulers"]))
+        return cls(
+            state["module"],
+            list(state["optimizers"]),
+            list(state["lr_schedulers"]),
+            dict(state.get("precision", {})),  # absent from checkpoints of version 0.1.0
+        )
 
     @classmethod
     def capture(
@@ -90,12 +98,15 @@ class ReplicaState:
         optimizers: list[torch.optim.Optimizer],
         lr_schedulers: list[Any],
         pin_memory: bool = False,
+        precision: dict[str, Any] | None = None,
     ) -> ReplicaState:
-        """CPU copies of a live module's, optimizers' and schedulers' states."""
+        """CPU copies of a live module's, optimizers' and schedulers' states (and ``precision``,
+        the precision plugin's ``state_dict()``)."""
         return cls(
             module=cpu_state_copy(module.state_dict(), pin_memory),
             optimizers=[_to_cpu(opt.state_dict(), pin_memory) for opt in optimizers],
             lr_schedulers=[_to_cpu(s.state_dict()) for s in lr_schedulers],
+            precision=_to_cpu(precision or {}),
         )
 
 
@@ -191,7 +202,11 @@ class ReplicaStore:
         metadata = {"aliases": json.dumps(aliases), "order": json.dumps(list(state.module))}
         try:
             save_file(unique, str(temps[0]), metadata=metadata)
-            rest = {"optimizers": state.optimizers, "lr_schedulers": state.lr_schedulers}
+            rest = {
+                "optimizers": state.optimizers,
+                "lr_schedulers": state.lr_schedulers,
+                "precision": state.precision,
+            }
             with open(temps[1], "wb") as handle:  # a Python file: a full disk is an OSError
                 torch.save(rest, handle)
         except BaseException as err:
@@ -220,7 +235,9 @@ class ReplicaStore:
         order = json.loads(mapped.metadata["order"])
         module = {name: unique[aliases.get(name, name)] for name in order}
         rest = torch.load(rest_path, map_location="cpu", weights_only=False)
-        return ReplicaState(module, rest["optimizers"], rest["lr_schedulers"])
+        return ReplicaState(
+            module, rest["optimizers"], rest["lr_schedulers"], rest.get("precision", {})
+        )
 
 
 def _os_errno(err: BaseException) -> int | None:

@@ -169,10 +169,11 @@ class DataOrderEnsemble(ParallelStrategy):
     does not divide, and ``num_replicas`` not a multiple of the replica groups. Epoch-interval
     LR schedulers are shared (every replica sees the same epoch schedule, and a
     ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
-    per replica. Under manual optimization (``automatic_optimization = False``) every LR
-    scheduler is per replica, swapped with it: step it during the replica's batches
-    (``training_step`` or ``on_train_batch_end``); a step in an epoch-end hook reaches only the
-    replica live then.
+    per replica, and so is a mixed-precision loss scaler (fp16's ``GradScaler``: each replica
+    backs off from its own overflows). Under manual optimization
+    (``automatic_optimization = False``) every LR scheduler is per replica, swapped with it:
+    step it during the replica's batches (``training_step`` or ``on_train_batch_end``); a step
+    in an epoch-end hook reaches only the replica live then.
 
     **Schedule lengths.** ``trainer.estimated_stepping_batches`` counts the optimizer steps of
     all the replicas one rank trains (``K / R`` of them) together. A per-replica (step-interval)
@@ -621,7 +622,7 @@ class DataOrderEnsemble(ParallelStrategy):
                 continue
             old = self._store[replica] or self.initial_state
             self._store[replica] = ReplicaState(
-                dict(module_state), old.optimizers, old.lr_schedulers
+                dict(module_state), old.optimizers, old.lr_schedulers, old.precision
             )
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -962,6 +963,7 @@ class DataOrderEnsemble(ParallelStrategy):
             self.optimizers,
             self._step_schedulers(),
             pin_memory=self._store.pin_memory,
+            precision=self.precision_plugin.state_dict(),
         )
 
     def _switch_to(self, target: int) -> None:
@@ -974,6 +976,7 @@ class DataOrderEnsemble(ParallelStrategy):
                 initial.module,
                 copy.deepcopy(initial.optimizers),
                 copy.deepcopy(initial.lr_schedulers),
+                copy.deepcopy(initial.precision),
             )
         self._store[target] = None  # live from now on; the optimizer may alias its tensors
         self._load(state)
@@ -1001,6 +1004,8 @@ class DataOrderEnsemble(ParallelStrategy):
                 group["lr"] = lr
         for sched, sched_state in zip(self._step_schedulers(), state.lr_schedulers):
             sched.load_state_dict(sched_state)
+        if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
+            self.precision_plugin.load_state_dict(state.precision)
 
 
 def _accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
