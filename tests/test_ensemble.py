@@ -487,3 +487,41 @@ def test_each_replica_keeps_its_own_mixed_precision_loss_scale() -> None:
     for replica in (0, 1):
         last = seen[(0, replica)][-1]
         assert seen[(1, replica)][0] in (last, last / 2), (replica, seen)
+
+
+class _StepSamples(Callback):
+    """The sample indices of every optimizer step, per (epoch, replica)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[tuple[int, int], list[frozenset[int]]] = {}
+        self._pending: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._pending += batch[0].tolist()
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            key = (trainer.current_epoch, trainer.strategy.active_replica)
+            self.steps.setdefault(key, []).append(frozenset(self._pending))
+            self._pending = []
+
+
+def test_fixed_batches_fix_the_samples_of_each_optimizer_step_with_accumulation() -> None:
+    recorder = _StepSamples()
+    strategy = DataOrderEnsemble(num_replicas=3, seed=3, fixed_batches=True)
+    fit(Net(), 3, epochs=2, callbacks=[recorder], strategy=strategy, accumulate_grad_batches=2)
+    steps = recorder.steps
+    reference = set(steps[(0, 0)])
+    assert len(reference) == len(steps[(0, 0)]) > 1
+    for key, order in steps.items():
+        assert set(order) == reference, key  # the same optimizer-step batches everywhere
+    assert len({tuple(order) for order in steps.values()}) > 1  # in different orders
+
+
+def test_fixed_batches_with_an_accumulation_scheduler_is_refused() -> None:
+    strategy = DataOrderEnsemble(num_replicas=2, seed=3, fixed_batches=True)
+    with pytest.raises(MisconfigurationException, match="GradientAccumulationScheduler"):
+        fit(
+            Net(),
+            2,
+            strategy=strategy,
+            callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})],
+        )

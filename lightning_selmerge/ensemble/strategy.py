@@ -189,7 +189,9 @@ class DataOrderEnsemble(ParallelStrategy):
     Args:
         num_replicas: K >= 2.
         seed: seed of the replicas' data orders.
-        fixed_batches: every replica sees the same batches, in its own order (paper Table 4).
+        fixed_batches: every replica sees the same batches, in its own order (paper Table 4):
+            the samples of each optimizer step (``batch_size x shard_size x
+            accumulate_grad_batches``) are fixed, the order of the steps is the replica's.
         offload: where inactive replicas live: ``"cpu"`` memory or ``"disk"``.
         pin_memory: page-locked CPU copies (with a GPU).
         offload_dir: directory of ``offload="disk"`` (default: a temporary one).
@@ -777,11 +779,22 @@ class DataOrderEnsemble(ParallelStrategy):
                 "e.g. DataLoader(dataset, batch_size=32)."
             )
         drop_last = bool(getattr(dataloader.batch_sampler, "drop_last", dataloader.drop_last))
+        step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
+        if self.fixed_batches:
+            if _accumulation_scheduler(trainer) is not None:
+                raise MisconfigurationException(
+                    "DataOrderEnsemble(fixed_batches=True) fixes the samples of each optimizer "
+                    "step, whose number a GradientAccumulationScheduler changes between epochs; "
+                    "use a constant accumulate_grad_batches with fixed_batches."
+                )
+            # an optimizer step takes accumulate x shard_size consecutive rank-batches of the
+            # replica's order (EnsembleBatchSampler): that many fixed together stay one step
+            step_samples = batch_size * self.shard_size * trainer.accumulate_grad_batches
         orders = DataOrderSampler(
             dataloader.dataset,
             seed=self.seed,
             fixed_batches=self.fixed_batches,
-            batch_size=batch_size if self.fixed_batches else None,
+            batch_size=step_samples,
         )
         sampler = EnsembleBatchSampler(
             orders,
