@@ -413,7 +413,12 @@ class DataOrderEnsemble(ParallelStrategy):
     # -- public view ----------------------------------------------------------------------
     @property
     def active_replica(self) -> int:
-        """The replica whose weights the live module holds (during training)."""
+        """The replica whose weights the live module holds (during training).
+
+        The strategy switches replicas in its ``on_train_batch_start``, which Lightning calls
+        after the callbacks' and the module's: there, at a replica's first batch, this is still
+        the previous replica; ``replica_of(batch_idx)`` names the batch's own.
+        """
         return self._active
 
     @property
