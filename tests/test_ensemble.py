@@ -525,3 +525,96 @@ def test_fixed_batches_with_an_accumulation_scheduler_is_refused() -> None:
             strategy=strategy,
             callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})],
         )
+
+
+class _CountSteps(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+@pytest.mark.parametrize(
+    "schedule, max_steps, match",
+    [
+        ({0: 1, 1: 3}, -1, r"accumulate_grad_batches=3 \(epoch 1\)"),
+        ({0: 2, 1: 1}, 16, "max_steps=16 .* end at optimizer steps 8 and 24"),
+    ],
+)
+def test_an_accumulation_schedule_is_checked_before_training(schedule, max_steps, match) -> None:
+    """8 batches per replica, K = 2: the bad epoch is refused at the start, not when reached."""
+    counter = _CountSteps()
+    callbacks = [GradientAccumulationScheduler(schedule), counter]
+    with pytest.raises(MisconfigurationException, match=match):
+        fit(Net(), 2, epochs=3, callbacks=callbacks, max_steps=max_steps, limit_train_batches=8)
+    assert counter.batches == 0
+
+
+def test_steps_per_replica_follows_each_fit_of_a_reused_trainer() -> None:
+    class Recording(Net):
+        def configure_optimizers(self):
+            self.per_replica = self.trainer.strategy.steps_per_replica()
+            return super().configure_optimizers()
+
+    strategy = DataOrderEnsemble(num_replicas=2, seed=3)
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[SelectionMergeCallback(validate_replicas=False)],
+    )
+    for samples in (60, 120):
+        module = Recording()
+        trainer.fit(module, DataLoader(make_data(samples), batch_size=BATCH))
+        assert module.per_replica == strategy.batches_per_replica == -(-samples // BATCH)
+
+
+def test_the_tuners_are_refused() -> None:
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    with pytest.raises(MisconfigurationException, match="LearningRateFinder.*plain strategy"):
+        fit(Net(), 2, callbacks=[LearningRateFinder(num_training_steps=5)])
+
+
+def test_resuming_with_other_per_replica_schedulers_is_refused(tmp_path) -> None:
+    """A checkpoint of an automatic-optimization fit (its epoch scheduler shared) resumed by a
+    manual-optimization module (which swaps every scheduler with its replica)."""
+
+    class EpochScheduled(Net):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(EpochScheduled(), 2, callbacks=[saver], enable_checkpointing=True, limit_train_batches=3)
+    with pytest.raises(MisconfigurationException, match="swaps 1"):
+        fit(ManualNet(), 2, epochs=2, ckpt_path=str(tmp_path / "last.ckpt"), limit_train_batches=3)
+
+
+def test_fixed_batches_resumed_with_another_step_size_is_refused(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    strategy = DataOrderEnsemble(num_replicas=2, seed=3, fixed_batches=True)
+    fit(Net(), 2, strategy=strategy, callbacks=[saver], enable_checkpointing=True)
+    resumed = DataOrderEnsemble(num_replicas=2, seed=3, fixed_batches=True)
+    with pytest.raises(MisconfigurationException, match=f"fixed {BATCH} samples .* this fit"):
+        fit(
+            Net(),
+            2,
+            epochs=2,
+            strategy=resumed,
+            ckpt_path=str(tmp_path / "last.ckpt"),
+            accumulate_grad_batches=2,
+        )
+    # the same settings resume
+    again = DataOrderEnsemble(num_replicas=2, seed=3, fixed_batches=True)
+    fit(Net(), 2, epochs=2, strategy=again, ckpt_path=str(tmp_path / "last.ckpt"))

@@ -47,7 +47,10 @@ class SelectionMergeCallback(Callback):
     pass framed by the module's ``on_validation_epoch_start``/``_end``, so epoch-level state
     stays per pass), and what ``validation_step`` and ``on_validation_epoch_end`` log is logged
     again as ``replica_{k}/<name>`` and ``replica_mean/<name>``: the merged-vs-single-replica
-    gap as a curve (the paper's Fig. 4).
+    gap as a curve (the paper's Fig. 4). Those hooks thus run K + 1 times per validation; on
+    several replica groups each rank holds another replica during a pass, so they must not
+    reduce across ranks (``all_gather``, a synced metric's ``compute``), or pass
+    ``validate_replicas=False``.
     During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) is
     logged, and the progress bar shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
@@ -61,8 +64,8 @@ class SelectionMergeCallback(Callback):
         weights: per-replica weights for ``"average"``.
         probabilities: per-replica probabilities for ``"selection"``.
         seed: the merge's random seed.
-        every_n_epochs: merge every this many epochs (and always at the end of fit). Between
-            merges, validation uses the latest merge.
+        every_n_epochs: merge every this many epochs (and at the end of fit, unless it stopped
+            inside an epoch). Between merges, validation uses the latest merge.
         rules: per-tensor method overrides, first match wins.
         sync_replicas: after each merge, reset every replica's weights to the merge (optimizer
             states are kept). Beyond the paper; off by default.
@@ -261,7 +264,8 @@ class SelectionMergeCallback(Callback):
             )
             rank_zero_warn(
                 f"SelectionMergeCallback: training stopped inside epoch {self._stopped_in} "
-                "(should_stop, a Timer or max_time) before every replica finished "
+                "(should_stop, a Timer, max_time, or max_steps under manual optimization) "
+                "before every replica finished "
                 f"it; merging would mix unequally trained replicas, so {kept}. The replicas "
                 "stay available through trainer.strategy.replica_states(); stop at an epoch "
                 "end (e.g. max_epochs, or a Timer with interval='epoch') to merge them."

@@ -31,7 +31,11 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -162,12 +166,13 @@ class DataOrderEnsemble(ParallelStrategy):
 
     Refused: ``num_replicas < 2``, ``val_check_interval != 1.0``, a float
     ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, an
-    ``accumulate_grad_batches`` that does not divide the batches per replica (checked again in
-    every epoch, as a ``GradientAccumulationScheduler`` changes it), a ``max_steps`` that would
-    stop inside an epoch (the later replicas would miss part of it: bound the fit with
-    ``max_epochs`` and an int ``limit_train_batches``), a number of ranks that ``shard_size``
-    does not divide, and ``num_replicas`` not a multiple of the replica groups. Epoch-interval
-    LR schedulers are shared (every replica sees the same epoch schedule, and a
+    ``accumulate_grad_batches`` that does not divide the batches per replica (in any epoch of a
+    ``GradientAccumulationScheduler``'s schedule too), a ``max_steps`` that would stop inside an
+    epoch under automatic optimization (the later replicas would miss part of it: bound the fit
+    with ``max_epochs`` and an int ``limit_train_batches``), Lightning's tuners (``lr_find``,
+    ``scale_batch_size``: tune one model with a plain strategy), a number of ranks that
+    ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica groups.
+    Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule, and a
     ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
     per replica, and so is a mixed-precision loss scaler (fp16's ``GradScaler``: each replica
     backs off from its own overflows). Under manual optimization
@@ -264,6 +269,8 @@ class DataOrderEnsemble(ParallelStrategy):
         self._timeout = timeout
         self._num_nodes = 1
         self.batch_sampler: EnsembleBatchSampler | None = None
+        self._fixed_step_samples: int | None = None  # samples of a fixed optimizer step
+        self._resumed_step_samples: Any = None  # the checkpoint's, when resuming
         self._pin_memory, self._offload_dir = pin_memory, offload_dir
         self._store = ReplicaStore(self.num_replicas, offload, pin_memory, offload_dir)
         self._layout = ReplicaLayout(self.num_replicas, 1, 1, 0)
@@ -718,6 +725,9 @@ class DataOrderEnsemble(ParallelStrategy):
         if saved is None or not self._fitting():
             return checkpoint
         self._check_compatible(saved, checkpoint_path)
+        # checked against this fit's value when the loader is set up; checkpoints before it
+        # was recorded grouped fixed batches by the DataLoader's batch_size
+        self._resumed_step_samples = saved.get("fixed_step_samples", _BY_BATCH_SIZE)
         if saved.get("per_rank_files"):
             rank_file = path / f"rank_{self.global_rank:05d}.pt"
             self._to_restore = torch.load(rank_file, map_location="cpu", weights_only=False)
@@ -745,6 +755,7 @@ class DataOrderEnsemble(ParallelStrategy):
         # (estimated_stepping_batches, steps_per_replica), which must see these settings
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_trainer(trainer)
+            self.batch_sampler = None  # steps_per_replica() must not read an earlier fit's
             if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each one
                 steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
                 local = len(self._layout.local_replicas)  # the replicas this rank trains
@@ -762,6 +773,7 @@ class DataOrderEnsemble(ParallelStrategy):
             module.trainer.limit_train_batches = self._saved_limit
         self._saved_limit = None
         self._to_restore = None
+        self._resumed_step_samples = None
         super().teardown()
 
     def process_dataloader(self, dataloader: object) -> object:
@@ -795,6 +807,17 @@ class DataOrderEnsemble(ParallelStrategy):
             # an optimizer step takes accumulate x shard_size consecutive rank-batches of the
             # replica's order (EnsembleBatchSampler): that many fixed together stay one step
             step_samples = batch_size * self.shard_size * trainer.accumulate_grad_batches
+            resumed = self._resumed_step_samples
+            if resumed is _BY_BATCH_SIZE:
+                resumed = batch_size
+            if resumed is not None and resumed != step_samples:
+                raise MisconfigurationException(
+                    f"DataOrderEnsemble(fixed_batches=True): the checkpoint fixed {resumed} "
+                    f"samples per optimizer step, this fit {step_samples} (batch_size x "
+                    "shard_size x accumulate_grad_batches); resume with the checkpoint's "
+                    "settings, or start a new fit without ckpt_path."
+                )
+        self._fixed_step_samples = step_samples
         orders = DataOrderSampler(
             dataloader.dataset,
             seed=self.seed,
@@ -880,6 +903,7 @@ class DataOrderEnsemble(ParallelStrategy):
             "num_replicas": self.num_replicas,
             "seed": self.seed,
             "fixed_batches": self.fixed_batches,
+            "fixed_step_samples": self._fixed_step_samples,
             "layout": self._layout.to_dict(),
         }
 
@@ -906,6 +930,16 @@ class DataOrderEnsemble(ParallelStrategy):
                 )
 
     def _check_trainer(self, trainer: Any) -> None:
+        tuners = [
+            c for c in trainer.callbacks if isinstance(c, (BatchSizeFinder, LearningRateFinder))
+        ]
+        if tuners:
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: {type(tuners[0]).__name__} (Tuner.lr_find / "
+                "scale_batch_size) runs a few steps of one model, which the ensemble would split "
+                "between replicas and reset at each replica's start; tune with a plain strategy "
+                "(one model), then fit the ensemble with the values found."
+            )
         interval = trainer.val_check_interval
         if not (isinstance(interval, float) and interval == 1.0):
             raise MisconfigurationException(
@@ -928,43 +962,57 @@ class DataOrderEnsemble(ParallelStrategy):
 
     def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
         """Refuse an optimizer step that would span two replicas, or a ``max_steps`` that would
-        stop inside an epoch. With ``batch_idx`` (every batch) the check is exact for the
-        current epoch, whose ``accumulate_grad_batches`` a ``GradientAccumulationScheduler`` may
-        have changed; without it (loader set up) it checks the settings for the whole fit."""
+        stop inside an epoch (under automatic optimization; manual steps cannot be foreseen).
+
+        At loader setup (no ``batch_idx``) the whole fit is checked, a
+        ``GradientAccumulationScheduler``'s schedule included, so that a bad epoch is refused
+        before training starts; at every batch, the current epoch as it runs (a resume, or a
+        setting changed by a callback)."""
         batches = self.batches_per_replica
-        accumulate = trainer.accumulate_grad_batches
-        if batches % accumulate:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch "
-                f"{trainer.current_epoch}) does not divide the {batches} batches of each "
-                "replica, so one optimizer step would mix two replicas' gradients; choose a "
-                "divisor of it, also in a GradientAccumulationScheduler's schedule (or change "
-                "batch_size / limit_train_batches)."
-            )
+        scheduler = _accumulation_scheduler(trainer) if batch_idx is None else None
+        max_epochs = trainer.max_epochs
+        bounded = max_epochs is not None and max_epochs >= 0
+        if scheduler is None:
+            schedule = [(trainer.current_epoch, trainer.accumulate_grad_batches)]
+        else:
+            last = max(scheduler.scheduling, default=0) + 1  # constant from there on
+            epochs = range(min(max_epochs, last) if bounded else last)
+            schedule = [(e, _accumulation(trainer, scheduler, e)) for e in epochs]
+        for epoch, accumulate in schedule:
+            if batches % accumulate:
+                raise MisconfigurationException(
+                    f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch {epoch}) "
+                    f"does not divide the {batches} batches of each replica, so one optimizer "
+                    "step would mix two replicas' gradients; choose a divisor of it, also in a "
+                    "GradientAccumulationScheduler's schedule (or change batch_size / "
+                    "limit_train_batches)."
+                )
         max_steps = trainer.max_steps
         if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
             return
         local = len(self._layout.local_replicas)
-        per_epoch = local * batches // accumulate  # this rank's optimizer steps in the epoch
+
+        def steps_in(accumulate: int) -> int:  # this rank's optimizer steps in an epoch
+            return local * batches // accumulate
+
         if batch_idx is not None:
-            start = trainer.global_step - batch_idx // accumulate  # at the epoch's start
-            inside = start < max_steps < start + per_epoch
+            accumulate = trainer.accumulate_grad_batches
+            before = trainer.global_step - batch_idx // accumulate  # at this epoch's start
+            after = before + steps_in(accumulate)
         else:
-            max_epochs = trainer.max_epochs
-            bounded = max_epochs is not None and max_epochs >= 0
-            inside = (
-                _accumulation_scheduler(trainer) is None
-                and max_steps % per_epoch != 0
-                and not (bounded and max_steps >= per_epoch * max_epochs)
-            )
-        if inside:
+            before, after, epoch = 0, 0, 0
+            while after < max_steps and not (bounded and epoch >= max_epochs):
+                before = after
+                after += steps_in(_accumulation(trainer, scheduler, epoch))
+                epoch += 1
+        if before < max_steps < after:
             raise MisconfigurationException(
                 f"DataOrderEnsemble: max_steps={max_steps} would stop training inside an epoch "
-                f"(an epoch is {per_epoch} optimizer steps here: {per_epoch // local} per "
-                f"replica x {local} replicas, one after another), so the later replicas would "
-                "miss part of it and the merge would mix unequally trained replicas; bound the "
-                "fit with max_epochs (and an int limit_train_batches, which applies per "
-                f"replica) or use a multiple of {per_epoch} as max_steps."
+                f"(epochs end at optimizer steps {before} and {after} here, each one training "
+                f"the {local} replicas one after another), so the later replicas would miss "
+                "part of it and the merge would mix unequally trained replicas; bound the fit "
+                "with max_epochs (and an int limit_train_batches, which applies per replica) "
+                f"or set max_steps to an epoch's end such as {after}."
             )
 
     def _step_schedulers(self) -> list[Any]:
@@ -1020,10 +1068,22 @@ class DataOrderEnsemble(ParallelStrategy):
             # epoch-interval schedules are shared: keep the live learning rates
             for group, lr in zip(opt.param_groups, shared_lrs.get(id(opt), [])):
                 group["lr"] = lr
-        for sched, sched_state in zip(self._step_schedulers(), state.lr_schedulers):
+        schedulers = self._step_schedulers()
+        if len(schedulers) != len(state.lr_schedulers):
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: a replica's saved state holds {len(state.lr_schedulers)} "
+                f"per-replica LR scheduler state(s) but this fit swaps {len(schedulers)} (every "
+                "scheduler under manual optimization, else the step-interval ones); resume with "
+                "the schedulers of the checkpoint's fit, or start a new fit without ckpt_path."
+            )
+        for sched, sched_state in zip(schedulers, state.lr_schedulers):
             sched.load_state_dict(sched_state)
         if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
             self.precision_plugin.load_state_dict(state.precision)
+
+
+#: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
+_BY_BATCH_SIZE = object()
 
 
 def _accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
