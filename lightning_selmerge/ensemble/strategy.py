@@ -460,14 +460,18 @@ class DataOrderEnsemble(ParallelStrategy):
             return by_steps
         if self.batch_sampler is None:
             trainer.fit_loop.setup_data()  # calls process_dataloader
-        batches = self.batches_per_replica
         if not trainer.lightning_module.automatic_optimization:
-            return min(batches * max_epochs, by_steps)
+            return min(self.batches_per_replica * max_epochs, by_steps)
         scheduler = _accumulation_scheduler(trainer)
-        total = sum(
-            -(-batches // _accumulation(trainer, scheduler, epoch)) for epoch in range(max_epochs)
-        )
+        total = sum(self._replica_steps(trainer, scheduler, epoch) for epoch in range(max_epochs))
         return min(total, by_steps)
+
+    def _replica_steps(
+        self, trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int
+    ) -> int:
+        """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
+        accumulation divides its batches, see :meth:`_check_stepping`)."""
+        return self.batches_per_replica // _accumulation(trainer, scheduler, epoch)
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -990,20 +994,15 @@ class DataOrderEnsemble(ParallelStrategy):
         max_steps = trainer.max_steps
         if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
             return
-        local = len(self._layout.local_replicas)
-
-        def steps_in(accumulate: int) -> int:  # this rank's optimizer steps in an epoch
-            return local * batches // accumulate
-
-        if batch_idx is not None:
-            accumulate = trainer.accumulate_grad_batches
-            before = trainer.global_step - batch_idx // accumulate  # at this epoch's start
-            after = before + steps_in(accumulate)
+        local = len(self._layout.local_replicas)  # this rank trains them one after another
+        if batch_idx is not None:  # scheduler is None: the epoch's own accumulation
+            before = trainer.global_step - batch_idx // trainer.accumulate_grad_batches
+            after = before + local * self._replica_steps(trainer, None, trainer.current_epoch)
         else:
             before, after, epoch = 0, 0, 0
             while after < max_steps and not (bounded and epoch >= max_epochs):
                 before = after
-                after += steps_in(_accumulation(trainer, scheduler, epoch))
+                after += local * self._replica_steps(trainer, scheduler, epoch)
                 epoch += 1
         if before < max_steps < after:
             raise MisconfigurationException(
