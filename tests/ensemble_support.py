@@ -65,6 +65,25 @@ class Net(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def ensemble_trainer(
+    strategy: DataOrderEnsemble, callbacks: list[Callback] | None = None, **trainer_kwargs
+) -> Trainer:
+    """A quiet one-CPU Trainer for ``strategy`` (1 epoch, no logger, checkpoints or sanity
+    validation unless ``trainer_kwargs`` say otherwise)."""
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        **trainer_kwargs,
+    }
+    return Trainer(strategy=strategy, callbacks=callbacks or [], **settings)
+
+
 def fit(
     module: Net,
     k: int,
@@ -76,19 +95,7 @@ def fit(
     **trainer_kwargs,
 ) -> tuple[Trainer, DataOrderEnsemble]:
     strategy = strategy or DataOrderEnsemble(num_replicas=k, seed=3)
-    trainer_kwargs.setdefault("enable_checkpointing", False)
-    trainer = Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks or [],
-        **trainer_kwargs,
-    )
+    trainer = ensemble_trainer(strategy, callbacks, max_epochs=epochs, **trainer_kwargs)
     data = make_data()
     train = DataLoader(data, batch_size=BATCH, shuffle=True)
     val_loader = DataLoader(data, batch_size=30) if val else None

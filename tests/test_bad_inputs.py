@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ensemble_support import Net, make_data
+from ensemble_support import Net, ensemble_trainer, make_data
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file, save_file
@@ -21,16 +21,9 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 def fit_on(loader: DataLoader, k: int = 2, **trainer_kwargs) -> tuple[Net, Trainer]:
     module = Net()
-    trainer = Trainer(
-        strategy=DataOrderEnsemble(num_replicas=k, seed=3),
-        callbacks=[SelectionMergeCallback(seed=1)],
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = ensemble_trainer(
+        DataOrderEnsemble(num_replicas=k, seed=3),
+        [SelectionMergeCallback(seed=1)],
         **trainer_kwargs,
     )
     trainer.fit(module, loader)

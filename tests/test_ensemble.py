@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from ensemble_support import BATCH, N, Net, fit, flat, make_data
+from ensemble_support import BATCH, N, Net, ensemble_trainer, fit, flat, make_data
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -558,17 +558,7 @@ def test_steps_per_replica_follows_each_fit_of_a_reused_trainer() -> None:
             return super().configure_optimizers()
 
     strategy = DataOrderEnsemble(num_replicas=2, seed=3)
-    trainer = Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[SelectionMergeCallback(validate_replicas=False)],
-    )
+    trainer = ensemble_trainer(strategy, [SelectionMergeCallback(validate_replicas=False)])
     for samples in (60, 120):
         module = Recording()
         trainer.fit(module, DataLoader(make_data(samples), batch_size=BATCH))

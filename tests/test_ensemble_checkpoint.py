@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from ensemble_support import Net, fit, make_data
+from ensemble_support import Net, ensemble_trainer, fit, make_data
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -178,18 +178,10 @@ class TwoLoaderNet(Net):
 
 
 def test_replicas_are_validated_on_several_validation_loaders() -> None:
-    trainer = Trainer(
-        strategy=DataOrderEnsemble(num_replicas=2, seed=3),
-        callbacks=[SelectionMergeCallback(seed=2)],
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
+    trainer = ensemble_trainer(
+        DataOrderEnsemble(num_replicas=2, seed=3),
+        [SelectionMergeCallback(seed=2)],
         limit_train_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
     )
     data = make_data()
     loaders = [torch.utils.data.DataLoader(data, batch_size=b) for b in (30, 20)]
