@@ -317,6 +317,21 @@ def test_causal_lm_makes_an_encoder_causal(
     assert caplog.text.count("setting is_decoder=True") == 2
 
 
+@pytest.mark.parametrize("module_class", [SequenceClassificationModule, CausalLMModule])
+def test_a_pretrained_checkpoint_trains_in_train_mode_with_its_own_dropout(
+    tmp_path: Path, module_class: type
+) -> None:
+    """from_pretrained returns an eval-mode model; fine-tuning must see its dropout active."""
+    source = SequenceClassificationModule(config={**BERT, "hidden_dropout_prob": 0.25})
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    module = module_class(model_name_or_path=str(tmp_path))
+    dropouts = [m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and module.model.training
+    assert all(m.training for m in module.model.modules())
+    assert {m.p for m in dropouts} >= {0.25}  # the checkpoint's own rate, not a default
+
+
 def test_per_sample_loss_equals_model_loss_for_one_unpadded_sequence() -> None:
     torch.manual_seed(0)
     lm = CausalLMModule(config=TINY).eval()

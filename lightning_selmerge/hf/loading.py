@@ -186,6 +186,10 @@ def build_model(
             )
         except (OSError, ValueError) as err:
             raise _load_error(owner, "model", model_name_or_path, err) from err
+        # from_pretrained returns an eval-mode model and Lightning keeps submodules' modes as it
+        # finds them: without this the fine-tune would run with dropout off. Train mode, with
+        # the checkpoint's own dropout, as transformers' Trainer does.
+        model.train()
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         for key, value in special.items():
