@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import os
 import random
 import uuid
@@ -236,11 +237,7 @@ class DataOrderEnsemble(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        if int(num_replicas) < 2:
-            raise ValueError(
-                f"DataOrderEnsemble: num_replicas={num_replicas} trains a single model; use "
-                "num_replicas >= 2 (or a plain strategy for one model)."
-            )
+        _check_num_replicas(num_replicas)
         if offload not in ("cpu", "disk"):
             raise ValueError(
                 f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
@@ -784,9 +781,14 @@ class DataOrderEnsemble(ParallelStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if not isinstance(dataloader, DataLoader) or isinstance(
-            dataloader.dataset, IterableDataset
-        ):
+        if isinstance(dataloader, DataLoader) and isinstance(dataloader.dataset, IterableDataset):
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: the train dataset {type(dataloader.dataset).__name__} is an "
+                "IterableDataset, which yields samples in its own order; the ensemble gives "
+                "each replica its own order of a map-style dataset (one with __len__ and "
+                "__getitem__): turn the data into a map-style Dataset (e.g. a list of samples)."
+            )
+        if not isinstance(dataloader, DataLoader):
             raise MisconfigurationException(
                 "DataOrderEnsemble needs a map-style torch DataLoader with a batch_size as the "
                 f"train dataloader (got {type(dataloader).__name__}); it replaces its sampler."
@@ -1079,6 +1081,25 @@ class DataOrderEnsemble(ParallelStrategy):
             sched.load_state_dict(sched_state)
         if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
             self.precision_plugin.load_state_dict(state.precision)
+
+
+def _check_num_replicas(value: object) -> None:
+    """``num_replicas`` must be a whole number (any integer type but ``bool``) >= 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"DataOrderEnsemble: num_replicas={value!r} is a {type(value).__name__}: give a "
+            "whole number K >= 2 of replicas, e.g. num_replicas=4."
+        )
+    if value == 1:
+        raise ValueError(
+            "DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2 "
+            "(or a plain strategy for one model)."
+        )
+    if value < 1:
+        raise ValueError(
+            f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
+            "2, e.g. num_replicas=4."
+        )
 
 
 #: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
