@@ -107,3 +107,51 @@ def test_an_iterable_dataset_is_named_as_such() -> None:
     with pytest.raises(MisconfigurationException, match="Stream is an IterableDataset") as err:
         trainer.fit(Net(), DataLoader(Stream(), batch_size=8))
     assert "map-style" in str(err.value) and "got DataLoader" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """K=2, batch_size 8 (8 batches per replica): checkpoints at steps 10 (mid-epoch) and 16."""
+    tmp = tmp_path_factory.mktemp("loader_ckpts")
+    saver = ModelCheckpoint(dirpath=tmp, every_n_train_steps=2, save_top_k=-1)
+    trainer = ensemble_trainer(
+        DataOrderEnsemble(num_replicas=2, seed=3), [saver], enable_checkpointing=True
+    )
+    trainer.fit(Net(), DataLoader(make_data(), batch_size=8, shuffle=True))
+    return tmp
+
+
+@pytest.mark.parametrize(
+    "loader, match",
+    [
+        (
+            lambda: DataLoader(make_data(), batch_size=16),
+            r"batch_size=8, but this fit's loader has batch_size=16",
+        ),
+        (
+            lambda: DataLoader(Subset(make_data(), range(50)), batch_size=8),
+            r"a dataset of 60 samples, but this fit's loader has a dataset of 50 samples",
+        ),
+        (
+            lambda: DataLoader(make_data(), batch_size=8, drop_last=True),
+            r"drop_last=False, but this fit's loader has drop_last=True",
+        ),
+    ],
+)
+def test_a_mid_epoch_resume_with_another_loader_is_refused(
+    mid_epoch_checkpoints: Path, loader, match: str
+) -> None:
+    ckpt = mid_epoch_checkpoints / "epoch=0-step=10.ckpt"
+    module = Net()
+    trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), max_epochs=2)
+    with pytest.raises(MisconfigurationException, match=match) as raised:
+        trainer.fit(module, loader(), ckpt_path=str(ckpt))
+    assert "epoch=0-step=10.ckpt" in str(raised.value) and "middle of epoch 0" in str(raised.value)
+    assert trainer.global_step == 10  # restored, but not one step trained
+
+
+def test_a_resume_at_an_epoch_end_may_change_the_loader(mid_epoch_checkpoints: Path) -> None:
+    ckpt = mid_epoch_checkpoints / "epoch=0-step=16.ckpt"  # the last batch of epoch 0
+    trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), max_epochs=2)
+    trainer.fit(Net(), DataLoader(make_data(), batch_size=16), ckpt_path=str(ckpt))
+    assert trainer.global_step == 16 + 2 * 4  # epoch 1: 4 batches of 16 per replica

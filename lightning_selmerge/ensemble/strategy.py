@@ -112,17 +112,57 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 class _ResumableLoader(DataLoader):
-    """The ensemble's train loader; Lightning saves and restores its position in the epoch."""
+    """The ensemble's train loader; Lightning saves and restores its position in the epoch.
+
+    The position is counted in batches, so a resume in the middle of an epoch needs the same
+    batches: the saved batch size, dataset length, ``drop_last`` and batches per replica must
+    match this loader's, or the resume is refused (at an epoch's end any loader may follow).
+    """
 
     progress: Callable[[], tuple[int, int]]  # () -> (epoch, batches done in it)
+    checkpoint_name: Callable[[], str]  # the checkpoint being resumed, for messages
 
-    def state_dict(self) -> dict[str, int]:
+    def _shape(self) -> dict[str, Any]:
+        sampler = self.batch_sampler
+        assert isinstance(sampler, EnsembleBatchSampler)
+        return {
+            "batch_size": sampler.batch_size,
+            "num_samples": len(sampler.sampler),
+            "drop_last": sampler.drop_last,
+            "batches_per_replica": sampler.batches_per_replica,
+            "batches": len(sampler),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
         epoch, done = self.progress()
-        return {"epoch": epoch, "batches_done": done}
+        return {"epoch": epoch, "batches_done": done, **self._shape()}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         assert isinstance(self.batch_sampler, EnsembleBatchSampler)
-        self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if 0 < done < state.get("batches", done + 1):  # saved inside the epoch
+            self._check_same_batches(state, epoch, done)
+        self.batch_sampler.resume(epoch, done)
+
+    def _check_same_batches(self, saved: Mapping[str, Any], epoch: int, done: int) -> None:
+        describe = {
+            "batch_size": lambda v: f"batch_size={v}",
+            "num_samples": lambda v: f"a dataset of {v} samples",
+            "drop_last": lambda v: f"drop_last={v}",
+            "batches_per_replica": lambda v: f"{v} batches per replica (limit_train_batches)",
+        }
+        for key, text in describe.items():
+            ours = self._shape()[key]
+            if key in saved and saved[key] != ours:  # checkpoints before 0.2 lack the keys
+                raise MisconfigurationException(
+                    f"DataOrderEnsemble: the checkpoint {self.checkpoint_name()} was saved in "
+                    f"the middle of epoch {epoch} (after {done} of its {saved['batches']} "
+                    f"training batches) by a train loader with {text(saved[key])}, but this "
+                    f"fit's loader has {text(ours)}. The position in the epoch counts batches, "
+                    "so the replicas would train on different numbers of samples; resume with "
+                    f"{text(saved[key])}, or from a checkpoint saved at an epoch's end (any "
+                    "loader may follow one)."
+                )
 
 
 class DataOrderEnsemble(ParallelStrategy):
@@ -861,6 +901,7 @@ class DataOrderEnsemble(ParallelStrategy):
         )
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         loader.progress = lambda: (trainer.current_epoch, progress.processed)
+        loader.checkpoint_name = lambda: Path(str(trainer.ckpt_path)).name
         return loader
 
     def on_train_start(self) -> None:
