@@ -155,3 +155,32 @@ def test_a_resume_at_an_epoch_end_may_change_the_loader(mid_epoch_checkpoints: P
     trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), max_epochs=2)
     trainer.fit(Net(), DataLoader(make_data(), batch_size=16), ckpt_path=str(ckpt))
     assert trainer.global_step == 16 + 2 * 4  # epoch 1: 4 batches of 16 per replica
+
+
+def test_side_files_come_from_the_first_replica_when_the_base_is_a_single_file(
+    tmp_path: Path,
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "base")
+    replicas = []
+    for k in range(2):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * (k + 1))
+        model.save_pretrained(tmp_path / f"r{k}")
+        replicas.append(tmp_path / f"r{k}")
+    (tmp_path / "r0" / "tokenizer_config.json").write_text("{}\n")
+    out = tmp_path / "merged"
+    argv = ["merge", *map(str, replicas), "--base", str(tmp_path / "base" / "model.safetensors")]
+    assert cli([*argv, "--resample", "1", "--out", str(out), "--quiet"]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    merged = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert merged.config.n_embd == 8
+    weights = [transformers.GPT2LMHeadModel.from_pretrained(r).lm_head.weight for r in replicas]
+    got = merged.lm_head.weight
+    assert bool(((got == weights[0]) | (got == weights[1])).all())  # each element a replica's

@@ -44,14 +44,27 @@ def _aligned_infos(
     return [(name, readers[0].info(name)) for name in names]
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    """Config, tokenizer and other small files of a model directory (not its weights)."""
+def _side_files(source: Path) -> list[Path]:
+    """Config, tokenizer and other small files of a model directory (not its weights, nor
+    weight indexes: they name the inputs' files); none for a file."""
     if not source.is_dir():
-        return
-    for item in sorted(source.iterdir()):
-        weights = item.name.endswith(_WEIGHT_SUFFIXES) or item.name.endswith(".index.json")
-        if item.is_file() and not weights:  # weight indexes too: they name the inputs' files
-            shutil.copy2(item, target / item.name)
+        return []
+    weights = (*_WEIGHT_SUFFIXES, ".index.json")
+    return [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.endswith(weights)]
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    for item in _side_files(source):
+        shutil.copy2(item, target / item.name)
+
+
+def _side_file_source(base: str | Path | None, first_replica: str | Path) -> Path:
+    """Where the output's config and tokenizer files come from: the base when it is a model
+    directory with such files, else the first replica (a base given as one ``.safetensors``
+    file has none, so the output still loads with ``from_pretrained``)."""
+    if base is not None and _side_files(Path(base)):
+        return Path(base)
+    return Path(first_replica)
 
 
 def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
@@ -109,7 +122,8 @@ def merge_checkpoints(
     Inputs are ``.safetensors`` files or model directories (``model.safetensors`` or sharded with
     ``model.safetensors.index.json``), read through memory maps. The output directory gets sharded
     safetensors (plus the index when there are several shards), the config, tokenizer and other
-    small files of ``base`` (else of the first replica), and ``selmerge.json`` describing the
+    small files of ``base`` (of the first replica when ``base`` is a single file or a directory
+    without them), and ``selmerge.json`` describing the
     merge. It is written under a temporary name beside ``out`` and renamed when complete, so a
     crash or an error (a full disk included) leaves no partial output and an existing ``out``
     unchanged. The result equals :func:`merge_state_dicts` on the loaded tensors with the same
@@ -178,7 +192,7 @@ def merge_checkpoints(
             out=out,
             plan=plan,
             base_reader=base_reader,
-            side_files=Path(base if base is not None else replicas[0]),
+            side_files=_side_file_source(base, replicas[0]),
             seed=seed,
             chunk_numel=chunk_numel,
             max_shard_bytes=max_shard_bytes,
