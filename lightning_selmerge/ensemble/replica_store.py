@@ -17,6 +17,11 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from lightning_selmerge.merging.leftovers import (
+    OFFLOAD_PREFIX,
+    clean_stale_offload_dirs,
+    owner_tag,
+)
 from lightning_selmerge.merging.safetensors_io import SafetensorsFile
 from lightning_selmerge.merging.ties import storage_key
 
@@ -117,9 +122,11 @@ class ReplicaStore:
     speeds up copies to and from a GPU); ``offload="disk"`` writes each one to
     ``directory/replica_{k}.safetensors`` (module tensors, memory-mapped when read back) plus
     ``replica_{k}.pt`` (optimizer and scheduler states), each written to a temporary name and
-    renamed. Without a ``directory`` a temporary one is made on first use; the store owns it:
-    it is removed by :meth:`close`, when the store is garbage-collected, or at interpreter exit
-    (so the replicas stay readable after the fit, e.g. ``strategy.replica_states()``).
+    renamed. Without a ``directory`` a temporary one is made on first use,
+    ``$TMPDIR/selmerge-replicas-{host}-{pid}-*``; the store owns it: it is removed by
+    :meth:`close`, when the store is garbage-collected, or at interpreter exit (so the replicas
+    stay readable after the fit, e.g. ``strategy.replica_states()``). A killed process cannot
+    remove it: the next store to make one removes those of dead processes of this host.
     """
 
     def __init__(
@@ -144,7 +151,9 @@ class ReplicaStore:
     def directory(self) -> Path:
         """The offload directory (created on first use)."""
         if self._directory is None:
-            self._directory = Path(tempfile.mkdtemp(prefix="selmerge-replicas-"))
+            clean_stale_offload_dirs(tempfile.gettempdir())  # those of killed runs
+            prefix = f"{OFFLOAD_PREFIX}{owner_tag()}-"  # the owner, for the next run's cleanup
+            self._directory = Path(tempfile.mkdtemp(prefix=prefix))
             self._own_directory = True
             self._remove_directory = weakref.finalize(
                 self, shutil.rmtree, str(self._directory), ignore_errors=True

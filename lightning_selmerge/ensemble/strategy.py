@@ -8,7 +8,6 @@ import math
 import numbers
 import os
 import random
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +68,7 @@ from lightning_selmerge.merging import (
 )
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
+from lightning_selmerge.merging.leftovers import clean_stale_files, recover_output, staging_path
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
 
@@ -738,7 +738,9 @@ class DataOrderEnsemble(ParallelStrategy):
                 "storage afterwards."
             )
         path = Path(where)
-        staging = path.with_name(f".{path.name}.tmp-{self.broadcast(uuid.uuid4().hex[:12])}")
+        if self.is_global_zero:
+            recover_output(path)  # what a killed save of this checkpoint left behind
+        staging = Path(self.broadcast(str(staging_path(path))))
         staging.mkdir(parents=True, exist_ok=True)
         if full:
             _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
@@ -756,6 +758,8 @@ class DataOrderEnsemble(ParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
         path = Path(str(checkpoint_path))
+        if "://" not in str(checkpoint_path) and not path.exists():
+            recover_output(path)  # a per-rank directory a killed save left half swapped
         if path.is_dir():
             checkpoint = self.checkpoint_io.load_checkpoint(
                 path / "checkpoint.pt", weights_only=False
@@ -1167,7 +1171,8 @@ def _save_atomic(obj: Any, path: Path) -> None:
     stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    clean_stale_files(path.parent, once=True)  # unfinished saves of killed runs
+    tmp = staging_path(path)
     try:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)

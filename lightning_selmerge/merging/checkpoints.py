@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 from .errors import MergeError, NonFiniteError
 from .finite import NonFinite, all_finite, check_nonfinite_mode, surviving_replicas
 from .keyed_random import KeyedRandom
+from .leftovers import backup_path, recover_output, staging_path
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
@@ -71,12 +71,15 @@ def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``).
 
     An existing ``out`` is first renamed to a backup beside it and removed once the new one is in
-    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost.
+    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost. A
+    process killed between the two renames leaves the backup ``.OUT.old-S`` and the complete
+    ``.OUT.tmp-S`` (``staging`` from :func:`staging_path`): the next run's
+    :func:`recover_output` finishes the swap.
     """
     if out.exists():
         if not overwrite:
             raise MergeError(f"output {out} appeared during the merge; nothing was replaced")
-        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        backup = backup_path(staging, out)
         os.replace(out, backup)
         try:
             os.replace(staging, out)
@@ -159,6 +162,7 @@ def merge_checkpoints(
     check_nonfinite_mode(nonfinite)
     for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
         candidate.validate(len(replicas))
+    recover_output(out)  # what a killed merge into ``out`` left behind
     if out.exists() and not overwrite:
         raise MergeError(
             f"output {out} already exists: choose another path or pass overwrite=True "
@@ -254,7 +258,7 @@ class _MergeJob:
         rules: Sequence[MergeRule],
     ) -> None:
         out = self.out
-        staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging = staging_path(out)
         staging.mkdir()
         try:
             self._write(staging, readers, labels, indices, method, rules)
