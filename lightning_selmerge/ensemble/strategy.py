@@ -564,20 +564,27 @@ class DataOrderEnsemble(ParallelStrategy):
         ``nonfinite``: a replica holding NaN/Inf raises :class:`NonFiniteError` (``"error"``) or
         is left out of the merge (``"drop"``, one device only).
         """
-        base = self.initial_state.module
+        shared = self._shared_now()  # frozen: the same in every replica, taken as it is
+
+        def trained(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: tensor for name, tensor in state.items() if name not in shared}
+
+        base = trained(self.initial_state.module)
+        order = list(self.initial_state.module)
         if not self.is_distributed:
-            return merge_state_dicts(
-                self.replica_states(),
+            merged = merge_state_dicts(
+                [trained(state) for state in self.replica_states()],
                 base=base,
                 method=method,
                 rules=rules,
                 seed=seed,
                 nonfinite=nonfinite,
             )
-        local = self.local_replica_states()
+            return {name: shared[name] if name in shared else merged[name] for name in order}
+        local = {k: trained(state) for k, state in self.local_replica_states().items()}
         self._refuse_nonfinite(local, nonfinite)
         work = self.root_device if self.process_group_backend == "nccl" else None
-        return merge_state_dicts_collective(
+        merged = merge_state_dicts_collective(
             local,
             num_replicas=self.num_replicas,
             group=self._mesh["replica"].get_group(),
@@ -588,6 +595,7 @@ class DataOrderEnsemble(ParallelStrategy):
             seed=seed,
             device=work,
         )
+        return {name: shared[name] if name in shared else merged[name] for name in order}
 
     def _refuse_nonfinite(
         self, local: Mapping[int, Mapping[str, torch.Tensor]], nonfinite: NonFinite
@@ -684,8 +692,13 @@ class DataOrderEnsemble(ParallelStrategy):
     def ensemble_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ensemble exactly (saved in checkpoints)."""
         live: Any = None
-        if self._live_is_replica:
-            live = self._capture().to_dict() if self.is_distributed else self.module_state()
+        if self._live_is_replica:  # frozen tensors: the shared ones, which torch.save stores once
+            shared = self._shared_now()
+            live = (
+                self._capture().to_dict()
+                if self.is_distributed
+                else cpu_state_copy(self.lightning_module.state_dict(), shared=shared)
+            )
         return {
             **self._identity(),
             "active": self._active,
@@ -915,13 +928,17 @@ class DataOrderEnsemble(ParallelStrategy):
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
             self._rng_base = int(self.broadcast(torch.initial_seed()))
             self._store.clear()
+            self._store.share({})
             self._active = self._layout.local_replicas[0]
             self._live_is_replica = True
             self._initial = self._capture()
+            self._share_frozen()
             return
+        self._store.clear()
+        self._initial = ReplicaState.from_dict(saved["initial"])
+        self._share_frozen()
         for replica, state in enumerate(saved["replicas"]):
             self._store[replica] = None if state is None else ReplicaState.from_dict(state)
-        self._initial = ReplicaState.from_dict(saved["initial"])
         self._active = int(saved["active"])
         self._live_is_replica = saved["live"] is not None
         if self.is_distributed and self._live_is_replica:
@@ -1069,6 +1086,25 @@ class DataOrderEnsemble(ParallelStrategy):
         manual = not module.automatic_optimization
         return [cfg.scheduler for cfg in configs if manual or cfg.interval == "step"]
 
+    def _frozen_names(self) -> set[str]:
+        """State-dict names of the module's parameters that do not train now."""
+        params = self.lightning_module.named_parameters(remove_duplicate=False)
+        return {name for name, param in params if not param.requires_grad}
+
+    def _share_frozen(self) -> None:
+        """Hold the frozen parameters once for all replicas: the initial state's tensors."""
+        assert self._initial is not None
+        initial = self._initial.module
+        self._store.share({n: initial[n] for n in self._frozen_names() if n in initial})
+
+    def _shared_now(self) -> dict[str, torch.Tensor]:
+        """The shared tensors of parameters still frozen; one unfrozen since (e.g. by
+        ``BaseFinetuning``) is no longer shared: each replica trains its own from here on."""
+        shared = self._store.shared
+        if shared:
+            self._store.unshare(set(shared) - self._frozen_names())
+        return self._store.shared
+
     def _capture(self) -> ReplicaState:
         return ReplicaState.capture(
             self.lightning_module,
@@ -1076,6 +1112,7 @@ class DataOrderEnsemble(ParallelStrategy):
             self._step_schedulers(),
             pin_memory=self._store.pin_memory,
             precision=self.precision_plugin.state_dict(),
+            shared=self._shared_now(),
         )
 
     def _switch_to(self, target: int) -> None:
