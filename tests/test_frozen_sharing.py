@@ -49,7 +49,7 @@ def run(tmp: Path | None = None, ckpt_path: str | None = None, module=None, **st
         callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=5, save_top_k=-1))
         kwargs["enable_checkpointing"] = True
     strategy = DataOrderEnsemble(num_replicas=K, seed=3, **strategy_kwargs)
-    trainer, strategy = fit(
+    _, strategy = fit(
         module, K, 2, callbacks, val=True, strategy=strategy, ckpt_path=ckpt_path, **kwargs
     )
     return module, merge, strategy
@@ -82,8 +82,8 @@ def test_frozen_parameters_are_held_once_and_merged_as_they_are(uninterrupted) -
 def test_disk_offload_writes_no_frozen_tensor_and_gives_the_same_run(
     uninterrupted, tmp_path: Path
 ) -> None:
-    _, module, merge, strategy = uninterrupted
-    disk_module, disk_merge, disk = run(offload="disk", offload_dir=str(tmp_path))
+    _, module, _, strategy = uninterrupted
+    disk_module, _, disk = run(offload="disk", offload_dir=str(tmp_path))
     for name, tensor in module.state_dict().items():
         assert torch.equal(disk_module.state_dict()[name], tensor), name
     for got, want in zip(disk.replica_states(), strategy.replica_states()):

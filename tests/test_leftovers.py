@@ -86,9 +86,9 @@ def test_a_kill_inside_the_overwrite_window_is_recovered_by_the_next_run(
             for item in path.iterdir():
                 item.unlink()
             path.rmdir()
-    with pytest.warns(UserWarning, match="recovered what a killed run left beside"):
-        with pytest.raises(MergeError, match="already exists"):  # no --overwrite this time
-            merge_checkpoints(paths, out, method=WeightedAverage())
+    recovered = pytest.warns(UserWarning, match="recovered what a killed run left beside")
+    with recovered, pytest.raises(MergeError, match="already exists"):  # no --overwrite now
+        merge_checkpoints(paths, out, method=WeightedAverage())
     want = 0.75 if staging_survived else 0.5  # the killed run's complete merge, or the old one
     assert torch.equal(load_file(out / "model.safetensors")["w"], torch.full((4,), want))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r0.safetensors", "r1.safetensors"]
