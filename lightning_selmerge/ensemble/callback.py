@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
 from lightning_selmerge.merging import MergeRule, NonFinite, make_method
 from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.leftovers import recover_output, staging_path
 
 __all__ = ["SelectionMergeCallback"]
 
@@ -327,7 +327,9 @@ class SelectionMergeCallback(Callback):
             if name.startswith(prefix)
         }
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        recover_output(target)  # what a killed export left behind
+        tmp = staging_path(target)
+        tmp.mkdir()
         try:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer = getattr(pl_module, "tokenizer", None)

@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,11 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from lightning_selmerge.merging.leftovers import (
+    OFFLOAD_PREFIX,
+    clean_stale_offload_dirs,
+    owner_tag,
+)
 from lightning_selmerge.merging.safetensors_io import SafetensorsFile
 from lightning_selmerge.merging.ties import storage_key
 
@@ -38,15 +44,21 @@ def _cpu_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
 
 
 def cpu_state_copy(
-    state: dict[str, torch.Tensor], pin_memory: bool = False
+    state: dict[str, torch.Tensor],
+    pin_memory: bool = False,
+    shared: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Detached CPU copies of a state dict; tensors sharing storage (tied weights) stay tied.
 
-    Sharded tensors (``DTensor``) are copied as their local slice.
+    Sharded tensors (``DTensor``) are copied as their local slice. Names in ``shared`` (frozen
+    parameters, the same in every replica) are not copied: they get the ``shared`` tensor.
     """
     memo: dict[tuple, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
+        if shared is not None and name in shared:
+            out[name] = shared[name]
+            continue
         key = storage_key(local_tensor(tensor))
         if key not in memo:
             memo[key] = _cpu_copy(tensor, pin_memory)
@@ -99,11 +111,12 @@ class ReplicaState:
         lr_schedulers: list[Any],
         pin_memory: bool = False,
         precision: dict[str, Any] | None = None,
+        shared: Mapping[str, torch.Tensor] | None = None,
     ) -> ReplicaState:
         """CPU copies of a live module's, optimizers' and schedulers' states (and ``precision``,
-        the precision plugin's ``state_dict()``)."""
+        the precision plugin's ``state_dict()``); ``shared`` tensors are taken, not copied."""
         return cls(
-            module=cpu_state_copy(module.state_dict(), pin_memory),
+            module=cpu_state_copy(module.state_dict(), pin_memory, shared),
             optimizers=[_to_cpu(opt.state_dict(), pin_memory) for opt in optimizers],
             lr_schedulers=[_to_cpu(s.state_dict()) for s in lr_schedulers],
             precision=_to_cpu(precision or {}),
@@ -117,9 +130,19 @@ class ReplicaStore:
     speeds up copies to and from a GPU); ``offload="disk"`` writes each one to
     ``directory/replica_{k}.safetensors`` (module tensors, memory-mapped when read back) plus
     ``replica_{k}.pt`` (optimizer and scheduler states), each written to a temporary name and
-    renamed. Without a ``directory`` a temporary one is made on first use; the store owns it:
-    it is removed by :meth:`close`, when the store is garbage-collected, or at interpreter exit
-    (so the replicas stay readable after the fit, e.g. ``strategy.replica_states()``).
+    renamed.
+
+    Frozen parameters (``requires_grad=False``: a LoRA model's base, frozen embeddings) are the
+    same in every replica: :meth:`share` hands them to the store once, and every slot then
+    references those tensors instead of holding a copy (the disk files leave them out).
+    A slot whose tensor of a shared name differs from the shared one keeps its own, and the
+    name stops being shared (:meth:`unshare`: a parameter unfrozen during the fit).
+
+    Without a ``directory`` a temporary one is made on first use,
+    ``$TMPDIR/selmerge-replicas-{host}-{pid}-*``; the store owns it: it is removed by
+    :meth:`close`, when the store is garbage-collected, or at interpreter exit (so the replicas
+    stay readable after the fit, e.g. ``strategy.replica_states()``). A killed process cannot
+    remove it: the next store to make one removes those of dead processes of this host.
     """
 
     def __init__(
@@ -139,12 +162,49 @@ class ReplicaStore:
         self._remove_directory: weakref.finalize | None = None
         self._slots: list[ReplicaState | None] = [None] * num_replicas
         self._on_disk = [False] * num_replicas
+        self._shared: dict[str, torch.Tensor] = {}  # every tensor ever shared (disk reads)
+        self._sharing: set[str] = set()  # the names shared from now on
+
+    def share(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Hold ``tensors`` (CPU; the same in every replica) once for all slots."""
+        self._shared = dict(tensors)
+        self._sharing = set(tensors)
+
+    def unshare(self, names: Iterable[str]) -> None:
+        """Stop sharing ``names`` (slots stored so far keep referencing the shared tensors)."""
+        self._sharing.difference_update(names)
+
+    @property
+    def shared(self) -> dict[str, torch.Tensor]:
+        """The shared tensors by name (the names still shared)."""
+        return {name: self._shared[name] for name in self._sharing}
+
+    def shared_bytes(self) -> int:
+        """Bytes the shared tensors take once (what each replica no longer copies)."""
+        unique = {storage_key(t): t.numel() * t.element_size() for t in self.shared.values()}
+        return sum(unique.values())
+
+    def _deduplicate(self, module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``module`` with the shared tensors in place of equal copies (a resumed checkpoint's,
+        a merge's); a name whose tensor differs stops being shared."""
+        out = dict(module)
+        for name in self._sharing & set(module):
+            mine, common = module[name], self._shared[name]
+            if mine is common or storage_key(mine) == storage_key(common):
+                continue
+            if mine.shape == common.shape and torch.equal(mine.cpu(), common):
+                out[name] = common
+            else:
+                self.unshare([name])
+        return out
 
     @property
     def directory(self) -> Path:
         """The offload directory (created on first use)."""
         if self._directory is None:
-            self._directory = Path(tempfile.mkdtemp(prefix="selmerge-replicas-"))
+            clean_stale_offload_dirs(tempfile.gettempdir())  # those of killed runs
+            prefix = f"{OFFLOAD_PREFIX}{owner_tag()}-"  # the owner, for the next run's cleanup
+            self._directory = Path(tempfile.mkdtemp(prefix=prefix))
             self._own_directory = True
             self._remove_directory = weakref.finalize(
                 self, shutil.rmtree, str(self._directory), ignore_errors=True
@@ -158,6 +218,9 @@ class ReplicaStore:
         return self._slots[replica]
 
     def __setitem__(self, replica: int, state: ReplicaState | None) -> None:
+        if state is not None and self._sharing:
+            module = self._deduplicate(state.module)
+            state = ReplicaState(module, state.optimizers, state.lr_schedulers, state.precision)
         if state is None or self.offload == "cpu":
             self._slots[replica] = state
             self._on_disk[replica] = False
@@ -191,15 +254,23 @@ class ReplicaStore:
         unique: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
         first_name: dict[tuple, str] = {}
+        shared_keys = {storage_key(t): n for n, t in self._shared.items()}
+        shared: dict[str, str] = {}  # name -> its shared tensor's name: not written
         for name, tensor in state.module.items():
             key = storage_key(tensor)
-            if key in first_name:
+            if key in shared_keys:
+                shared[name] = shared_keys[key]
+            elif key in first_name:
                 aliases[name] = first_name[key]
             else:
                 first_name[key] = name
                 unique[name] = tensor.detach().cpu().contiguous()
         temps = [path.with_name(path.name + ".tmp") for path in (tensors_path, rest_path)]
-        metadata = {"aliases": json.dumps(aliases), "order": json.dumps(list(state.module))}
+        metadata = {
+            "aliases": json.dumps(aliases),
+            "order": json.dumps(list(state.module)),
+            "shared": json.dumps(shared),
+        }
         try:
             save_file(unique, str(temps[0]), metadata=metadata)
             rest = {
@@ -233,7 +304,11 @@ class ReplicaStore:
         unique = {name: mapped.tensor(name) for name in mapped.names()}
         aliases = json.loads(mapped.metadata["aliases"])
         order = json.loads(mapped.metadata["order"])
-        module = {name: unique[aliases.get(name, name)] for name in order}
+        shared = json.loads(mapped.metadata.get("shared", "{}"))
+        module = {
+            name: self._shared[shared[name]] if name in shared else unique[aliases.get(name, name)]
+            for name in order
+        }
         rest = torch.load(rest_path, map_location="cpu", weights_only=False)
         return ReplicaState(
             module, rest["optimizers"], rest["lr_schedulers"], rest.get("precision", {})

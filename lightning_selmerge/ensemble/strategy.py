@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import os
 import random
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +68,7 @@ from lightning_selmerge.merging import (
 )
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
+from lightning_selmerge.merging.leftovers import clean_stale_files, recover_output, staging_path
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
 
@@ -111,17 +112,57 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 class _ResumableLoader(DataLoader):
-    """The ensemble's train loader; Lightning saves and restores its position in the epoch."""
+    """The ensemble's train loader; Lightning saves and restores its position in the epoch.
+
+    The position is counted in batches, so a resume in the middle of an epoch needs the same
+    batches: the saved batch size, dataset length, ``drop_last`` and batches per replica must
+    match this loader's, or the resume is refused (at an epoch's end any loader may follow).
+    """
 
     progress: Callable[[], tuple[int, int]]  # () -> (epoch, batches done in it)
+    checkpoint_name: Callable[[], str]  # the checkpoint being resumed, for messages
 
-    def state_dict(self) -> dict[str, int]:
+    def _shape(self) -> dict[str, Any]:
+        sampler = self.batch_sampler
+        assert isinstance(sampler, EnsembleBatchSampler)
+        return {
+            "batch_size": sampler.batch_size,
+            "num_samples": len(sampler.sampler),
+            "drop_last": sampler.drop_last,
+            "batches_per_replica": sampler.batches_per_replica,
+            "batches": len(sampler),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
         epoch, done = self.progress()
-        return {"epoch": epoch, "batches_done": done}
+        return {"epoch": epoch, "batches_done": done, **self._shape()}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         assert isinstance(self.batch_sampler, EnsembleBatchSampler)
-        self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if 0 < done < state.get("batches", done + 1):  # saved inside the epoch
+            self._check_same_batches(state, epoch, done)
+        self.batch_sampler.resume(epoch, done)
+
+    def _check_same_batches(self, saved: Mapping[str, Any], epoch: int, done: int) -> None:
+        describe = {
+            "batch_size": lambda v: f"batch_size={v}",
+            "num_samples": lambda v: f"a dataset of {v} samples",
+            "drop_last": lambda v: f"drop_last={v}",
+            "batches_per_replica": lambda v: f"{v} batches per replica (limit_train_batches)",
+        }
+        for key, text in describe.items():
+            ours = self._shape()[key]
+            if key in saved and saved[key] != ours:  # checkpoints before 0.2 lack the keys
+                raise MisconfigurationException(
+                    f"DataOrderEnsemble: the checkpoint {self.checkpoint_name()} was saved in "
+                    f"the middle of epoch {epoch} (after {done} of its {saved['batches']} "
+                    f"training batches) by a train loader with {text(saved[key])}, but this "
+                    f"fit's loader has {text(ours)}. The position in the epoch counts batches, "
+                    "so the replicas would train on different numbers of samples; resume with "
+                    f"{text(saved[key])}, or from a checkpoint saved at an epoch's end (any "
+                    "loader may follow one)."
+                )
 
 
 class DataOrderEnsemble(ParallelStrategy):
@@ -236,11 +277,7 @@ class DataOrderEnsemble(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        if int(num_replicas) < 2:
-            raise ValueError(
-                f"DataOrderEnsemble: num_replicas={num_replicas} trains a single model; use "
-                "num_replicas >= 2 (or a plain strategy for one model)."
-            )
+        _check_num_replicas(num_replicas)
         if offload not in ("cpu", "disk"):
             raise ValueError(
                 f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
@@ -527,20 +564,27 @@ class DataOrderEnsemble(ParallelStrategy):
         ``nonfinite``: a replica holding NaN/Inf raises :class:`NonFiniteError` (``"error"``) or
         is left out of the merge (``"drop"``, one device only).
         """
-        base = self.initial_state.module
+        shared = self._shared_now()  # frozen: the same in every replica, taken as it is
+
+        def trained(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: tensor for name, tensor in state.items() if name not in shared}
+
+        base = trained(self.initial_state.module)
+        order = list(self.initial_state.module)
         if not self.is_distributed:
-            return merge_state_dicts(
-                self.replica_states(),
+            merged = merge_state_dicts(
+                [trained(state) for state in self.replica_states()],
                 base=base,
                 method=method,
                 rules=rules,
                 seed=seed,
                 nonfinite=nonfinite,
             )
-        local = self.local_replica_states()
+            return {name: shared[name] if name in shared else merged[name] for name in order}
+        local = {k: trained(state) for k, state in self.local_replica_states().items()}
         self._refuse_nonfinite(local, nonfinite)
         work = self.root_device if self.process_group_backend == "nccl" else None
-        return merge_state_dicts_collective(
+        merged = merge_state_dicts_collective(
             local,
             num_replicas=self.num_replicas,
             group=self._mesh["replica"].get_group(),
@@ -551,6 +595,7 @@ class DataOrderEnsemble(ParallelStrategy):
             seed=seed,
             device=work,
         )
+        return {name: shared[name] if name in shared else merged[name] for name in order}
 
     def _refuse_nonfinite(
         self, local: Mapping[int, Mapping[str, torch.Tensor]], nonfinite: NonFinite
@@ -647,8 +692,13 @@ class DataOrderEnsemble(ParallelStrategy):
     def ensemble_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ensemble exactly (saved in checkpoints)."""
         live: Any = None
-        if self._live_is_replica:
-            live = self._capture().to_dict() if self.is_distributed else self.module_state()
+        if self._live_is_replica:  # frozen tensors: the shared ones, which torch.save stores once
+            shared = self._shared_now()
+            live = (
+                self._capture().to_dict()
+                if self.is_distributed
+                else cpu_state_copy(self.lightning_module.state_dict(), shared=shared)
+            )
         return {
             **self._identity(),
             "active": self._active,
@@ -701,7 +751,9 @@ class DataOrderEnsemble(ParallelStrategy):
                 "storage afterwards."
             )
         path = Path(where)
-        staging = path.with_name(f".{path.name}.tmp-{self.broadcast(uuid.uuid4().hex[:12])}")
+        if self.is_global_zero:
+            recover_output(path)  # what a killed save of this checkpoint left behind
+        staging = Path(self.broadcast(str(staging_path(path))))
         staging.mkdir(parents=True, exist_ok=True)
         if full:
             _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
@@ -719,6 +771,8 @@ class DataOrderEnsemble(ParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
         path = Path(str(checkpoint_path))
+        if "://" not in str(checkpoint_path) and not path.exists():
+            recover_output(path)  # a per-rank directory a killed save left half swapped
         if path.is_dir():
             checkpoint = self.checkpoint_io.load_checkpoint(
                 path / "checkpoint.pt", weights_only=False
@@ -784,9 +838,14 @@ class DataOrderEnsemble(ParallelStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if not isinstance(dataloader, DataLoader) or isinstance(
-            dataloader.dataset, IterableDataset
-        ):
+        if isinstance(dataloader, DataLoader) and isinstance(dataloader.dataset, IterableDataset):
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: the train dataset {type(dataloader.dataset).__name__} is an "
+                "IterableDataset, which yields samples in its own order; the ensemble gives "
+                "each replica its own order of a map-style dataset (one with __len__ and "
+                "__getitem__): turn the data into a map-style Dataset (e.g. a list of samples)."
+            )
+        if not isinstance(dataloader, DataLoader):
             raise MisconfigurationException(
                 "DataOrderEnsemble needs a map-style torch DataLoader with a batch_size as the "
                 f"train dataloader (got {type(dataloader).__name__}); it replaces its sampler."
@@ -859,6 +918,7 @@ class DataOrderEnsemble(ParallelStrategy):
         )
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         loader.progress = lambda: (trainer.current_epoch, progress.processed)
+        loader.checkpoint_name = lambda: Path(str(trainer.ckpt_path)).name
         return loader
 
     def on_train_start(self) -> None:
@@ -868,13 +928,17 @@ class DataOrderEnsemble(ParallelStrategy):
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
             self._rng_base = int(self.broadcast(torch.initial_seed()))
             self._store.clear()
+            self._store.share({})
             self._active = self._layout.local_replicas[0]
             self._live_is_replica = True
             self._initial = self._capture()
+            self._share_frozen()
             return
+        self._store.clear()
+        self._initial = ReplicaState.from_dict(saved["initial"])
+        self._share_frozen()
         for replica, state in enumerate(saved["replicas"]):
             self._store[replica] = None if state is None else ReplicaState.from_dict(state)
-        self._initial = ReplicaState.from_dict(saved["initial"])
         self._active = int(saved["active"])
         self._live_is_replica = saved["live"] is not None
         if self.is_distributed and self._live_is_replica:
@@ -1022,6 +1086,25 @@ class DataOrderEnsemble(ParallelStrategy):
         manual = not module.automatic_optimization
         return [cfg.scheduler for cfg in configs if manual or cfg.interval == "step"]
 
+    def _frozen_names(self) -> set[str]:
+        """State-dict names of the module's parameters that do not train now."""
+        params = self.lightning_module.named_parameters(remove_duplicate=False)
+        return {name for name, param in params if not param.requires_grad}
+
+    def _share_frozen(self) -> None:
+        """Hold the frozen parameters once for all replicas: the initial state's tensors."""
+        assert self._initial is not None
+        initial = self._initial.module
+        self._store.share({n: initial[n] for n in self._frozen_names() if n in initial})
+
+    def _shared_now(self) -> dict[str, torch.Tensor]:
+        """The shared tensors of parameters still frozen; one unfrozen since (e.g. by
+        ``BaseFinetuning``) is no longer shared: each replica trains its own from here on."""
+        shared = self._store.shared
+        if shared:
+            self._store.unshare(set(shared) - self._frozen_names())
+        return self._store.shared
+
     def _capture(self) -> ReplicaState:
         return ReplicaState.capture(
             self.lightning_module,
@@ -1029,6 +1112,7 @@ class DataOrderEnsemble(ParallelStrategy):
             self._step_schedulers(),
             pin_memory=self._store.pin_memory,
             precision=self.precision_plugin.state_dict(),
+            shared=self._shared_now(),
         )
 
     def _switch_to(self, target: int) -> None:
@@ -1081,6 +1165,25 @@ class DataOrderEnsemble(ParallelStrategy):
             self.precision_plugin.load_state_dict(state.precision)
 
 
+def _check_num_replicas(value: object) -> None:
+    """``num_replicas`` must be a whole number (any integer type but ``bool``) >= 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"DataOrderEnsemble: num_replicas={value!r} is a {type(value).__name__}: give a "
+            "whole number K >= 2 of replicas, e.g. num_replicas=4."
+        )
+    if value == 1:
+        raise ValueError(
+            "DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2 "
+            "(or a plain strategy for one model)."
+        )
+    if value < 1:
+        raise ValueError(
+            f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
+            "2, e.g. num_replicas=4."
+        )
+
+
 #: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
 _BY_BATCH_SIZE = object()
 
@@ -1105,7 +1208,8 @@ def _save_atomic(obj: Any, path: Path) -> None:
     stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    clean_stale_files(path.parent, once=True)  # unfinished saves of killed runs
+    tmp = staging_path(path)
     try:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 from .errors import MergeError, NonFiniteError
 from .finite import NonFinite, all_finite, check_nonfinite_mode, surviving_replicas
 from .keyed_random import KeyedRandom
+from .leftovers import backup_path, recover_output, staging_path
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
@@ -44,26 +44,42 @@ def _aligned_infos(
     return [(name, readers[0].info(name)) for name in names]
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    """Config, tokenizer and other small files of a model directory (not its weights)."""
+def _side_files(source: Path) -> list[Path]:
+    """Config, tokenizer and other small files of a model directory (not its weights, nor
+    weight indexes: they name the inputs' files); none for a file."""
     if not source.is_dir():
-        return
-    for item in sorted(source.iterdir()):
-        weights = item.name.endswith(_WEIGHT_SUFFIXES) or item.name.endswith(".index.json")
-        if item.is_file() and not weights:  # weight indexes too: they name the inputs' files
-            shutil.copy2(item, target / item.name)
+        return []
+    weights = (*_WEIGHT_SUFFIXES, ".index.json")
+    return [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.endswith(weights)]
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    for item in _side_files(source):
+        shutil.copy2(item, target / item.name)
+
+
+def _side_file_source(base: str | Path | None, first_replica: str | Path) -> Path:
+    """Where the output's config and tokenizer files come from: the base when it is a model
+    directory with such files, else the first replica (a base given as one ``.safetensors``
+    file has none, so the output still loads with ``from_pretrained``)."""
+    if base is not None and _side_files(Path(base)):
+        return Path(base)
+    return Path(first_replica)
 
 
 def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished staging directory to ``out`` (replacing it only with ``overwrite``).
 
     An existing ``out`` is first renamed to a backup beside it and removed once the new one is in
-    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost.
+    place; if that second rename fails, the backup is renamed back, so ``out`` is never lost. A
+    process killed between the two renames leaves the backup ``.OUT.old-S`` and the complete
+    ``.OUT.tmp-S`` (``staging`` from :func:`staging_path`): the next run's
+    :func:`recover_output` finishes the swap.
     """
     if out.exists():
         if not overwrite:
             raise MergeError(f"output {out} appeared during the merge; nothing was replaced")
-        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        backup = backup_path(staging, out)
         os.replace(out, backup)
         try:
             os.replace(staging, out)
@@ -109,7 +125,8 @@ def merge_checkpoints(
     Inputs are ``.safetensors`` files or model directories (``model.safetensors`` or sharded with
     ``model.safetensors.index.json``), read through memory maps. The output directory gets sharded
     safetensors (plus the index when there are several shards), the config, tokenizer and other
-    small files of ``base`` (else of the first replica), and ``selmerge.json`` describing the
+    small files of ``base`` (of the first replica when ``base`` is a single file or a directory
+    without them), and ``selmerge.json`` describing the
     merge. It is written under a temporary name beside ``out`` and renamed when complete, so a
     crash or an error (a full disk included) leaves no partial output and an existing ``out``
     unchanged. The result equals :func:`merge_state_dicts` on the loaded tensors with the same
@@ -145,6 +162,7 @@ def merge_checkpoints(
     check_nonfinite_mode(nonfinite)
     for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
         candidate.validate(len(replicas))
+    recover_output(out)  # what a killed merge into ``out`` left behind
     if out.exists() and not overwrite:
         raise MergeError(
             f"output {out} already exists: choose another path or pass overwrite=True "
@@ -178,7 +196,7 @@ def merge_checkpoints(
             out=out,
             plan=plan,
             base_reader=base_reader,
-            side_files=Path(base if base is not None else replicas[0]),
+            side_files=_side_file_source(base, replicas[0]),
             seed=seed,
             chunk_numel=chunk_numel,
             max_shard_bytes=max_shard_bytes,
@@ -240,7 +258,7 @@ class _MergeJob:
         rules: Sequence[MergeRule],
     ) -> None:
         out = self.out
-        staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging = staging_path(out)
         staging.mkdir()
         try:
             self._write(staging, readers, labels, indices, method, rules)

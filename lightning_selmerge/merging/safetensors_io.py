@@ -66,6 +66,42 @@ class TensorInfo:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+_LFS_POINTER = b"version https://git-lfs"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+
+
+def _header_length(path: Path, first: bytes, size: int) -> int:
+    """The header length a ``.safetensors`` file declares in its first 8 bytes, checked against
+    the file's ``size`` before anything that large is read (``first``: the file's first bytes,
+    at least 8 when it has them). :class:`MergeError` naming ``path`` (and what the file looks
+    like instead: a Git LFS pointer, a ``torch.save`` file) if it cannot be safetensors."""
+    if first.startswith(_LFS_POINTER):
+        raise MergeError(
+            f"{path} is not a safetensors file: it looks like a Git LFS pointer (a small text "
+            "file standing for the real weights); fetch the weights with `git lfs pull` (or "
+            "download the file itself) and merge again"
+        )
+    if first.startswith(_ZIP_MAGIC):
+        raise MergeError(
+            f"{path} is not a safetensors file: it looks like a torch.save (zip) file; save the "
+            "weights with safetensors (safetensors.torch.save_file, or save_pretrained(..., "
+            "safe_serialization=True))"
+        )
+    if len(first) < 8:
+        raise MergeError(
+            f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte "
+            "header length every safetensors file starts with"
+        )
+    (header_len,) = struct.unpack("<Q", first[:8])
+    if header_len > size - 8:
+        raise MergeError(
+            f"{path} is not a safetensors file (or is truncated): its header length "
+            f"{header_len} does not fit in a file of {size} bytes; check that it holds "
+            "safetensors weights and save it again"
+        )
+    return header_len
+
+
 class SafetensorsFile:
     """One memory-mapped ``.safetensors`` file."""
 
@@ -73,16 +109,20 @@ class SafetensorsFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
+                size = os.fstat(handle.fileno()).st_size
+                header_len = _header_length(self.path, handle.read(len(_LFS_POINTER)), size)
+                handle.seek(8)
                 header = json.loads(handle.read(header_len))
                 if not isinstance(header, dict):
                     raise ValueError("the header is not a JSON object")
-                data_bytes = os.fstat(handle.fileno()).st_size - 8 - header_len
+                data_bytes = size - 8 - header_len
                 self._mmap = (
                     mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
                     if data_bytes > 0
                     else None
                 )
+        except MergeError:
+            raise
         except (OSError, struct.error, ValueError) as err:
             raise MergeError(f"{self.path} is not a readable safetensors file: {err}") from err
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
