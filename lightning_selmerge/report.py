@@ -66,6 +66,11 @@ def load_scalars(logdir: str | Path) -> RunScalars:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise ReportError(
+            f"{logdir} is not a directory: give the logger's directory of a fit run, e.g. "
+            "runs/demo/version_0 (lightning-selmerge fit prints it)."
+        )
     dirs = _event_dirs(logdir)
     if not dirs:
         raise ReportError(

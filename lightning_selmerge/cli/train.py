@@ -11,7 +11,7 @@ imported here, and ``--print_config`` shows every option with its documentation:
 
 from __future__ import annotations
 
-import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_selmerge.ensemble
 import lightning_selmerge.hf
 import lightning_selmerge.imbalance  # noqa: F401
+from lightning_selmerge.cli.quiet import quiet_lightning_tips
 
 __all__ = ["SelmergeCLI", "run_lightning"]
 
@@ -34,14 +35,17 @@ class SelmergeCLI(LightningCLI):
 
 
 def run_lightning(argv: Sequence[str]) -> int:
-    args = list(argv)
-    SelmergeCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        # None when they are the command line's: LightningCLI warns when given both
-        args=None if args == sys.argv[1:] else args,
-    )
+    with warnings.catch_warnings(), quiet_lightning_tips():
+        # argv is the command line less --debug: LightningCLI's "given both" warning is moot
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        SelmergeCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            # a parse error raises (cli.errors prints it on one line), not usage + exit
+            parser_kwargs={"exit_on_error": False},
+            args=list(argv),
+        )
     return 0
