@@ -11,6 +11,7 @@ one loss per example, so :class:`~lightning_selmerge.imbalance.PositionLossMonit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
+from lightning_selmerge.hf.export import save_pretrained
 from lightning_selmerge.hf.loading import (
     build_model,
     byte_tokenizer,
@@ -115,6 +117,12 @@ class _HFModule(LightningModule):
 
     def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Hook for metrics beyond ``val_loss``."""
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = True) -> Path:
+        """Save the model and its tokenizer to ``directory`` (one directory, written atomically)
+        that ``from_pretrained`` and ``AutoTokenizer.from_pretrained`` load; after an ensemble
+        fit, the merged model. See :func:`lightning_selmerge.hf.export.save_pretrained`."""
+        return save_pretrained(self.model, self.tokenizer, directory, overwrite=overwrite)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(
