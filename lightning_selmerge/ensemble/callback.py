@@ -51,8 +51,9 @@ class SelectionMergeCallback(Callback):
     several replica groups each rank holds another replica during a pass, so they must not
     reduce across ranks (``all_gather``, a synced metric's ``compute``), or pass
     ``validate_replicas=False``.
-    During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) is
-    logged, and the progress bar shows the active ``replica``. With a
+    During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) and
+    ``replica_{k}/train_loss_step`` (each step's loss, under the replica that took the step)
+    are logged, and the progress bar shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
     evaluates every replica (binned by that replica's first-epoch positions) and the merged
     model (binned by replica 0's), so ``imbalance/merged/spearman`` sits beside
@@ -73,7 +74,7 @@ class SelectionMergeCallback(Callback):
         save_dir: after each merge, save the merged model under ``save_dir/epoch_{e:03d}`` with
             ``save_pretrained`` (the module must hold a Hugging Face ``PreTrainedModel``; a
             ``tokenizer`` attribute is saved too).
-        log_replica_loss: log ``replica_{k}/train_loss``.
+        log_replica_loss: log ``replica_{k}/train_loss`` and ``replica_{k}/train_loss_step``.
         nonfinite: a replica holding NaN or Inf (it diverged) stops the fit with a
             :class:`~lightning_selmerge.merging.NonFiniteError` naming the replica and the tensor
             (``"error"``), or is left out of the merge with a warning (``"drop"``; weights or
@@ -199,6 +200,7 @@ class SelectionMergeCallback(Callback):
             size = extract_batch_size(batch)
             self._loss_sums[replica, 0] += value * size
             self._loss_sums[replica, 1] += size
+            self._log_step_loss(strategy, pl_module, replica, value, size)
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -216,6 +218,22 @@ class SelectionMergeCallback(Callback):
                     f"replica_{replica}/train_loss", value, sync_dist=strategy.is_distributed
                 )
         self._loss_sums.zero_()
+
+    def _log_step_loss(
+        self,
+        strategy: DataOrderEnsemble,
+        pl_module: LightningModule,
+        replica: int,
+        value: float,
+        size: int,
+    ) -> None:
+        """Log ``replica_{k}/train_loss_step`` of every replica trained at this step (one per
+        replica group; on several ranks one small all_reduce brings them all to rank 0)."""
+        sums = torch.zeros(strategy.num_replicas, 2, dtype=torch.float64)
+        sums[replica] = torch.tensor([value * size, size], dtype=torch.float64)
+        for k, (total, count) in enumerate(strategy.sum_over_ranks(sums).tolist()):
+            if count:
+                pl_module.log(f"replica_{k}/train_loss_step", total / count, on_epoch=False)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:

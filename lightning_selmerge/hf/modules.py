@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
+from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.hf.export import save_pretrained
 from lightning_selmerge.hf.loading import (
     build_model,
@@ -106,7 +107,11 @@ class _HFModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         per_sample = self.per_sample_loss(batch)
         loss = _mean_valid(per_sample)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(per_sample))
+        # under DataOrderEnsemble the steps cycle through the replicas, and one curve of them
+        # would be a sawtooth: the progress bar shows it beside `replica`, while the logger
+        # gets SelectionMergeCallback's replica_k/train_loss_step and replica_k/train_loss
+        logger = not isinstance(self.trainer.strategy, DataOrderEnsemble)
+        self.log("train_loss", loss, prog_bar=True, logger=logger, batch_size=len(per_sample))
         return {"loss": loss, SAMPLE_LOSS_KEY: per_sample.detach()}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
