@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from lightning_selmerge.imbalance.figure import plot_loss_by_position, plot_series
 
 __all__ = ["ReportError", "RunScalars", "load_scalars", "signed", "write_report"]

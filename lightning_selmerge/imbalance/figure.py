@@ -7,6 +7,7 @@ dashed gray. Legends sit outside the axes, so they never cover a point.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -113,7 +114,7 @@ def plot_series(
     if zero_line:
         ax.axhline(0.0, color="0.35", linewidth=0.9, linestyle=":", label="ρ = 0", zorder=1)
     steps = sorted({step for points in lines.values() for step, _ in points})
-    spacing = min((b - a for a, b in zip(steps, steps[1:])), default=1) or 1
+    spacing = min((b - a for a, b in itertools.pairwise(steps)), default=1) or 1
     names = list(lines)
     shift = 0.16 * spacing / max(len(names) - 1, 1)
     for index, name in enumerate(names):
