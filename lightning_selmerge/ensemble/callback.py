@@ -41,7 +41,10 @@ class SelectionMergeCallback(Callback):
       so **the validation metrics logged under the module's own names are the merged model's**;
     * at the end of fit the module holds the merged weights;
     * in checkpoints ``state_dict`` is the merged model (``LightningModule.load_from_checkpoint``
-      gives the merge), while the replicas' states sit under the strategy's key.
+      gives the merge), while the replicas' states sit under the strategy's key: K + 2 model
+      copies (replicas, initial weights, merge) and K optimizer states, for an exact resume.
+      ``ModelCheckpoint(save_weights_only=True)`` stores the merged model only (one copy, no
+      resume).
 
     With ``validate_replicas`` every replica is also validated before the merged model (its
     pass framed by the module's ``on_validation_epoch_start``/``_end``, so epoch-level state
@@ -157,6 +160,9 @@ class SelectionMergeCallback(Callback):
         if stage != "fit":
             return
         strategy = _ensemble(trainer)
+        strategy.weights_only_state = lambda: (
+            None if self.merged_state is None else self._full_merged_state(strategy)
+        )
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
