@@ -55,8 +55,9 @@ class SelectionMergeCallback(Callback):
     reduce across ranks (``all_gather``, a synced metric's ``compute``), or pass
     ``validate_replicas=False``.
     During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) and
-    ``replica_{k}/train_loss_step`` (each step's loss, under the replica that took the step)
-    are logged, and the progress bar shows the active ``replica``. With a
+    ``replica_{k}/train_loss_step`` (every ``log_every_n_steps`` steps: replica k's mean loss
+    since the last log, for each replica that trained then) are logged, and the progress bar
+    shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
     evaluates every replica (binned by that replica's first-epoch positions) and the merged
     model (binned by replica 0's), so ``imbalance/merged/spearman`` sits beside
@@ -186,6 +187,8 @@ class SelectionMergeCallback(Callback):
         self._full_merged = None
         self._stopped_in = None
         self._loss_sums = torch.zeros(_ensemble(trainer).num_replicas, 2, dtype=torch.float64)
+        self._step_sums = torch.zeros_like(self._loss_sums)  # since the last step-level log
+        self._step_logged = trainer.global_step
 
     def on_train_batch_end(
         self,
@@ -206,7 +209,7 @@ class SelectionMergeCallback(Callback):
             size = extract_batch_size(batch)
             self._loss_sums[replica, 0] += value * size
             self._loss_sums[replica, 1] += size
-            self._log_step_loss(strategy, pl_module, replica, value, size)
+            self._log_step_loss(trainer, strategy, replica, value, size)
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -227,19 +230,31 @@ class SelectionMergeCallback(Callback):
 
     def _log_step_loss(
         self,
+        trainer: Trainer,
         strategy: DataOrderEnsemble,
-        pl_module: LightningModule,
         replica: int,
         value: float,
         size: int,
     ) -> None:
-        """Log ``replica_{k}/train_loss_step`` of every replica trained at this step (one per
-        replica group; on several ranks one small all_reduce brings them all to rank 0)."""
-        sums = torch.zeros(strategy.num_replicas, 2, dtype=torch.float64)
-        sums[replica] = torch.tensor([value * size, size], dtype=torch.float64)
-        for k, (total, count) in enumerate(strategy.sum_over_ranks(sums).tolist()):
-            if count:
-                pl_module.log(f"replica_{k}/train_loss_step", total / count, on_epoch=False)
+        """Every ``log_every_n_steps`` optimizer steps, log ``replica_{k}/train_loss_step``: the
+        mean loss of replica k's batches since the last log, for each replica trained then.
+
+        Straight to the loggers: a name given to ``self.log`` keeps being logged at later steps,
+        after its replica stopped training. On several ranks one small all_reduce per log."""
+        self._step_sums[replica] += torch.tensor([value * size, size], dtype=torch.float64)
+        step = trainer.global_step
+        if step == self._step_logged or step % max(trainer.log_every_n_steps, 1):
+            return
+        sums = strategy.sum_over_ranks(self._step_sums).tolist()  # (the same tensor on one rank)
+        self._step_sums.zero_()
+        self._step_logged = step
+        metrics = {
+            f"replica_{k}/train_loss_step": total / count
+            for k, (total, count) in enumerate(sums)
+            if count
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:
