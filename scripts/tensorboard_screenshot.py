@@ -2,7 +2,7 @@
 
 Starts ``tensorboard --logdir LOGDIR`` on a free local port, waits until it answers, and saves
 two pages with ``chromium --headless --screenshot``: the scalars (filtered by ``--tags``, by
-default the merged-vs-replica validation and the per-replica training loss) and the images tab
+default the per-replica training loss) and the images tab
 (``imbalance/loss_by_position``). Stops TensorBoard afterwards.
 
     python3 scripts/dev.py demo                        # writes runs/demo/version_N
@@ -14,6 +14,7 @@ Needs a Chromium binary (Debian: ``apt-get install chromium``; ``--chromium PATH
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
 import subprocess
@@ -50,6 +51,22 @@ def wait_for(url: str, seconds: float) -> None:
             time.sleep(0.5)
 
 
+def wait_loaded(base: str, seconds: float) -> int:
+    """Wait until TensorBoard has read the whole run (its scalar tag list stops growing)."""
+    deadline = time.monotonic() + seconds
+    previous = -1
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(base + "data/plugin/scalars/tags", timeout=5) as answer:
+            runs = json.load(answer)
+        count = sum(len(points) for tags in runs.values() for points in tags.values())
+        count = sum(len(tags) for tags in runs.values()) if count == 0 else count
+        if count and count == previous:
+            return count
+        previous = count
+        time.sleep(3)
+    return previous
+
+
 def screenshot(chromium: str, url: str, out: Path, width: int, height: int, wait_ms: int) -> None:
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         subprocess.run(
@@ -77,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/images", help="directory of the PNGs")
     parser.add_argument(
         "--tags",
-        default="val_loss|train_loss_step",
+        default="train_loss_step",
         help="regular expression of the scalar tags shown (TensorBoard's tag filter)",
     )
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: on PATH)")
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = f"http://127.0.0.1:{port}/"
         wait_for(base + "data/environment", seconds=120)
+        wait_loaded(base, seconds=120)
         for name, (fragment, what) in PAGES.items():
             target = out / f"tensorboard_{name}.png"
             url = base + fragment.format(tags=quote(args.tags))
