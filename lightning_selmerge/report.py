@@ -24,17 +24,15 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from matplotlib.figure import Figure
 
-from lightning_selmerge.imbalance.figure import plot_loss_by_position
+from lightning_selmerge.imbalance.figure import plot_loss_by_position, plot_series
 
-__all__ = ["ReportError", "RunScalars", "load_scalars", "write_report"]
+__all__ = ["ReportError", "RunScalars", "load_scalars", "signed", "write_report"]
 
 _SEGMENT = re.compile(r"^(?P<prefix>.+?)/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$")
 _REPLICA_METRIC = re.compile(r"^replica_(?P<k>\d+)/(?P<metric>.+)$")
@@ -66,6 +64,11 @@ def load_scalars(logdir: str | Path) -> RunScalars:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise ReportError(
+            f"{logdir} is not a directory: give the logger's directory of a fit run, e.g. "
+            "runs/demo/version_0 (lightning-selmerge fit prints it)."
+        )
     dirs = _event_dirs(logdir)
     if not dirs:
         raise ReportError(
@@ -109,27 +112,20 @@ def _replica_metrics(run: RunScalars, metric: str) -> dict[str, list[tuple[int, 
     return dict(sorted(found.items(), key=lambda kv: _model_order(kv[0])))
 
 
-def _line_figure(
-    lines: Mapping[str, list[tuple[int, float]]], title: str, ylabel: str, emphasis: str
-) -> Figure:
-    fig = Figure(figsize=(6.0, 3.6), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, points in lines.items():
-        steps, values = zip(*points) if points else ((), ())
-        style = {"linewidth": 2.4, "color": "black"} if label == emphasis else {"alpha": 0.6}
-        if label == "replica_mean":
-            style = {"linestyle": "--", "color": "tab:gray"}
-        ax.plot(steps, values, marker="o", markersize=3, label=label, **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def signed(value: float, digits: int = 4) -> str:
+    """``value`` with an explicit sign, rounded; a value that rounds to zero prints unsigned.
+
+    Example:
+        >>> signed(0.01234), signed(-0.00001), signed(-0.5)
+        ('+0.0123', '0.0000', '-0.5000')
+    """
+    rounded = round(value, digits)
+    if rounded == 0:
+        return f"{0.0:.{digits}f}"
+    return f"{rounded:+.{digits}f}"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format=path.suffix.lstrip("."))
     os.replace(tmp, path)
@@ -180,8 +176,8 @@ def write_report(
             if (tag := f"imbalance/{name}/spearman" if name else "imbalance/spearman") in run.series
         }
         if spearman:
-            fig = _line_figure(
-                spearman, "Spearman rho(first-epoch position, loss)", "rho", emphasis="merged"
+            fig = plot_series(
+                spearman, "Spearman ρ(first-epoch position, loss)", "ρ", zero_line=True
             )
             _save(fig, out / "spearman.png")
             written.append(out / "spearman.png")
@@ -196,7 +192,7 @@ def write_report(
         for name, values in curves.items():
             base = f"imbalance/{name}" if name else "imbalance"
             lines.append(
-                f"| {name or 'model'} | {run.last(f'{base}/spearman'):+.4f} "
+                f"| {name or 'model'} | {signed(run.last(f'{base}/spearman'))} "
                 f"| {run.last(f'{base}/mean_loss'):.4f} | {float(values[0]):.4f} "
                 f"| {float(values[-1]):.4f} |"
             )
@@ -207,7 +203,7 @@ def write_report(
         series = {"merged": run.series[metric], **replicas}
         if f"replica_mean/{metric}" in run.series:
             series["replica_mean"] = run.series[f"replica_mean/{metric}"]
-        fig = _line_figure(series, f"Validation {metric}: merged vs replicas", metric, "merged")
+        fig = plot_series(series, f"Validation {metric}: merged vs replicas", metric)
         _save(fig, out / "validation.png")
         written.append(out / "validation.png")
         merged = run.last(metric)
@@ -223,8 +219,9 @@ def write_report(
             *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
             f"| mean of replicas | {mean:.4f} |",
             "",
-            f"Merged minus mean of replicas: {merged - mean:+.4f}; merged minus best replica: "
-            f"{merged - best(replica_last.values()):+.4f} ({sign} = the merge is better: "
+            f"Merged minus mean of replicas: {signed(merged - mean)}; merged minus best "
+            f"replica: {signed(merged - best(replica_last.values()))} ({sign} = the merge is "
+            "better: "
             f"{'higher' if mode == 'max' else 'lower'} is better).",
             "",
         ]

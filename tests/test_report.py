@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_selmerge.cli import main
 from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
 from lightning_selmerge.imbalance import PositionLossMonitor
-from lightning_selmerge.report import load_scalars
+from lightning_selmerge.report import load_scalars, signed
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -54,7 +54,7 @@ def test_report_writes_figures_and_summary(logdir: Path, capsys: pytest.CaptureF
     summary = (out / "summary.md").read_text()
     run = load_scalars(logdir)
     merged_rho = run.last("imbalance/merged/spearman")
-    assert f"| merged | {merged_rho:+.4f} |" in summary
+    assert f"| merged | {signed(merged_rho)} |" in summary
     assert f"| merged | {run.last('val_loss'):.4f} |" in summary
     for k in range(2):
         assert f"| replica_{k} | {run.last(f'replica_{k}/val_loss'):.4f} |" in summary

@@ -7,13 +7,20 @@ Subcommands:
 * ``merge``: merge saved replica checkpoints out of core (:mod:`.merge`);
 * ``report``: figures and a summary from a run's TensorBoard logs (:mod:`.report`).
 
-Lightning (and transformers) are imported only by the subcommands that need them.
+Lightning (and transformers) are imported only by the subcommands that need them. A user
+mistake (a bad config value, a missing file, a bad merge input) prints one line naming the
+problem and exits with status 2; ``--debug`` or ``SELMERGE_DEBUG=1`` shows its traceback
+instead (:mod:`.errors`). Called from Python, the library raises the typed exception.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+from .errors import DEBUG_ENV, DEBUG_FLAG, is_user_mistake, user_message
 
 __all__ = ["main"]
 
@@ -24,7 +31,8 @@ _USAGE = """usage: lightning-selmerge {fit,validate,test,predict,merge,report} .
                                  implement fit and validate, test and predict need a module
                                  with test_step/predict_step and their loaders
   merge                          merge saved replica checkpoints (lightning-selmerge merge --help)
-  report                         figures + summary from TensorBoard logs (... report --help)"""
+  report                         figures + summary from TensorBoard logs (... report --help)
+  --debug (or SELMERGE_DEBUG=1)  show the traceback of an error in the input"""
 
 
 def _lightning(argv: Sequence[str]) -> int:
@@ -58,8 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_USAGE, file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     command = argv[0]
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     rest = argv if command in ("fit", "validate", "test", "predict") else argv[1:]
-    return _COMMANDS[command](rest)
+    try:
+        return _COMMANDS[command](rest)
+    except Exception as err:
+        if debug or not is_user_mistake(err):
+            raise
+        message = user_message(err)
+        if isinstance(err, argparse.ArgumentError):
+            message += f" (options: lightning-selmerge {command} --help)"
+        print(f"lightning-selmerge {command}: error: {message}", file=sys.stderr)
+        print(f"(add {DEBUG_FLAG} or set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

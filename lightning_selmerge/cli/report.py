@@ -17,6 +17,7 @@ def report_parser() -> ArgumentParser:
         prog="lightning-selmerge report",
         description="Write loss-by-position and merged-vs-replica validation figures (PNG) and "
         "summary.md from the newest TensorBoard run under LOGDIR.",
+        exit_on_error=False,  # lightning-selmerge prints a parse error on one line
     )
     parser.add_argument("logdir", help="a TensorBoard log directory (searched recursively)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/report)")

@@ -11,16 +11,20 @@ imported here, and ``--print_config`` shows every option with its documentation:
 
 from __future__ import annotations
 
-import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 # imported for their class names: `class_path: CausalLMModule`, `DataOrderEnsemble`, ...
 import lightning_selmerge.ensemble
 import lightning_selmerge.hf
 import lightning_selmerge.imbalance  # noqa: F401
+from lightning_selmerge.cli.quiet import quiet_lightning_tips
+from lightning_selmerge.progress import default_progress_bar
 
 __all__ = ["SelmergeCLI", "run_lightning"]
 
@@ -29,19 +33,34 @@ class SelmergeCLI(LightningCLI):
     """``LightningCLI`` for any LightningModule / LightningDataModule (subclass mode).
 
     The saved ``config.yaml`` next to the logs is overwritten by a rerun in the same directory
-    (a rerun of a config is the common case, not a mistake).
+    (a rerun of a config is the common case, not a mistake). Unless a progress bar is configured
+    (or ``enable_progress_bar`` is false), the Trainer gets one that shows counters as integers
+    (:mod:`lightning_selmerge.progress`).
     """
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
+        wants_bar = trainer.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, default_progress_bar()])
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_lightning(argv: Sequence[str]) -> int:
-    args = list(argv)
-    SelmergeCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        # None when they are the command line's: LightningCLI warns when given both
-        args=None if args == sys.argv[1:] else args,
-    )
+    with warnings.catch_warnings(), quiet_lightning_tips():
+        # argv is the command line less --debug: LightningCLI's "given both" warning is moot
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        SelmergeCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            # a parse error raises (cli.errors prints it on one line), not usage + exit
+            parser_kwargs={"exit_on_error": False},
+            args=list(argv),
+        )
     return 0

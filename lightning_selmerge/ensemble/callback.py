@@ -41,7 +41,10 @@ class SelectionMergeCallback(Callback):
       so **the validation metrics logged under the module's own names are the merged model's**;
     * at the end of fit the module holds the merged weights;
     * in checkpoints ``state_dict`` is the merged model (``LightningModule.load_from_checkpoint``
-      gives the merge), while the replicas' states sit under the strategy's key.
+      gives the merge), while the replicas' states sit under the strategy's key: K + 2 model
+      copies (replicas, initial weights, merge) and K optimizer states, for an exact resume.
+      ``ModelCheckpoint(save_weights_only=True)`` stores the merged model only (one copy, no
+      resume).
 
     With ``validate_replicas`` every replica is also validated before the merged model (its
     pass framed by the module's ``on_validation_epoch_start``/``_end``, so epoch-level state
@@ -51,8 +54,10 @@ class SelectionMergeCallback(Callback):
     several replica groups each rank holds another replica during a pass, so they must not
     reduce across ranks (``all_gather``, a synced metric's ``compute``), or pass
     ``validate_replicas=False``.
-    During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) is
-    logged, and the progress bar shows the active ``replica``. With a
+    During training ``replica_{k}/train_loss`` (epoch mean of ``training_step``'s loss) and
+    ``replica_{k}/train_loss_step`` (every ``log_every_n_steps`` steps: replica k's mean loss
+    since the last log, for each replica that trained then) are logged, and the progress bar
+    shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
     evaluates every replica (binned by that replica's first-epoch positions) and the merged
     model (binned by replica 0's), so ``imbalance/merged/spearman`` sits beside
@@ -73,7 +78,7 @@ class SelectionMergeCallback(Callback):
         save_dir: after each merge, save the merged model under ``save_dir/epoch_{e:03d}`` with
             ``save_pretrained`` (the module must hold a Hugging Face ``PreTrainedModel``; a
             ``tokenizer`` attribute is saved too).
-        log_replica_loss: log ``replica_{k}/train_loss``.
+        log_replica_loss: log ``replica_{k}/train_loss`` and ``replica_{k}/train_loss_step``.
         nonfinite: a replica holding NaN or Inf (it diverged) stops the fit with a
             :class:`~lightning_selmerge.merging.NonFiniteError` naming the replica and the tensor
             (``"error"``), or is left out of the merge with a warning (``"drop"``; weights or
@@ -156,6 +161,9 @@ class SelectionMergeCallback(Callback):
         if stage != "fit":
             return
         strategy = _ensemble(trainer)
+        strategy.weights_only_state = lambda: (
+            None if self.merged_state is None else self._full_merged_state(strategy)
+        )
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
@@ -179,6 +187,8 @@ class SelectionMergeCallback(Callback):
         self._full_merged = None
         self._stopped_in = None
         self._loss_sums = torch.zeros(_ensemble(trainer).num_replicas, 2, dtype=torch.float64)
+        self._step_sums = torch.zeros_like(self._loss_sums)  # since the last step-level log
+        self._step_logged = trainer.global_step
 
     def on_train_batch_end(
         self,
@@ -199,6 +209,7 @@ class SelectionMergeCallback(Callback):
             size = extract_batch_size(batch)
             self._loss_sums[replica, 0] += value * size
             self._loss_sums[replica, 1] += size
+            self._log_step_loss(trainer, strategy, replica, value, size)
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
         if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -216,6 +227,34 @@ class SelectionMergeCallback(Callback):
                     f"replica_{replica}/train_loss", value, sync_dist=strategy.is_distributed
                 )
         self._loss_sums.zero_()
+
+    def _log_step_loss(
+        self,
+        trainer: Trainer,
+        strategy: DataOrderEnsemble,
+        replica: int,
+        value: float,
+        size: int,
+    ) -> None:
+        """Every ``log_every_n_steps`` optimizer steps, log ``replica_{k}/train_loss_step``: the
+        mean loss of replica k's batches since the last log, for each replica trained then.
+
+        Straight to the loggers: a name given to ``self.log`` keeps being logged at later steps,
+        after its replica stopped training. On several ranks one small all_reduce per log."""
+        self._step_sums[replica] += torch.tensor([value * size, size], dtype=torch.float64)
+        step = trainer.global_step
+        if step == self._step_logged or step % max(trainer.log_every_n_steps, 1):
+            return
+        sums = strategy.sum_over_ranks(self._step_sums).tolist()  # (the same tensor on one rank)
+        self._step_sums.zero_()
+        self._step_logged = step
+        metrics = {
+            f"replica_{k}/train_loss_step": total / count
+            for k, (total, count) in enumerate(sums)
+            if count
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:

@@ -257,6 +257,9 @@ class DataOrderEnsemble(ParallelStrategy):
     """
 
     strategy_name = "data_order_ensemble"
+    #: set by ``SelectionMergeCallback``: the latest merge (whole on global rank 0; ``None``
+    #: before the first), which a weights-only checkpoint stores as ``state_dict``.
+    weights_only_state: Callable[[], dict[str, torch.Tensor] | None] | None = None
 
     def __init__(
         self,
@@ -731,6 +734,10 @@ class DataOrderEnsemble(ParallelStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         full = "optimizer_states" in checkpoint and self._initial is not None  # not weights-only
+        if "optimizer_states" not in checkpoint and self.weights_only_state is not None:
+            merged = self.weights_only_state()  # a collective when sharded: every rank is here
+            if merged is not None:  # the merge, not the replica live now (no resume state)
+                checkpoint["state_dict"] = merged
         if not self.is_distributed:
             if full:
                 checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()

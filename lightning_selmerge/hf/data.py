@@ -27,6 +27,7 @@ from lightning_selmerge.hf.files import (
     infer_format,
     load_table,
     require_columns,
+    require_files,
     train_val_split,
 )
 from lightning_selmerge.hf.loading import ensure_pad_token, load_tokenizer
@@ -68,9 +69,12 @@ class _TextDataModule(LightningDataModule):
                 raise ValueError(f"{owner}: {name}={value} must be >= {low}.")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{owner}: val_fraction={val_fraction} must be in [0, 1).")
-        infer_format(owner, data_files, data_format)  # unknown extensions fail here, not in fit
+        # unknown extensions and missing files fail here, before a Trainer is built
+        infer_format(owner, data_files, data_format)
+        require_files(owner, data_files, "data_files")
         if val_data_files is not None:
             infer_format(owner, val_data_files, data_format)
+            require_files(owner, val_data_files, "val_data_files")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.data_files = data_files
         self.data_format = data_format

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-__all__ = ["DataFiles", "infer_format", "load_table", "require_columns", "train_val_split"]
+__all__ = [
+    "DataFiles",
+    "infer_format",
+    "load_table",
+    "require_columns",
+    "require_files",
+    "train_val_split",
+]
 
 #: ``data_files`` as ``load_dataset`` takes them: a path, a list of paths, or split -> path(s).
 DataFiles = str | list[str] | dict
@@ -73,6 +82,31 @@ def infer_format(owner: str, data_files: DataFiles, data_format: str | None = No
             "data_format explicitly."
         )
     return found.pop()
+
+
+def require_files(owner: str, data_files: DataFiles, argument: str = "data_files") -> None:
+    """Raise ``FileNotFoundError`` naming the first local file (or glob) that matches nothing.
+
+    Called when a DataModule is built, so a wrong path fails before any Trainer or model is.
+    Remote URLs (``scheme://...``) are left to ``datasets``.
+
+    Example:
+        >>> require_files("X", "no/such.jsonl")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: X: data file 'no/such.jsonl' does not exist ...
+    """
+    for path in _paths(data_files):
+        if "://" in path:
+            continue
+        pattern = any(char in path for char in "*?[")
+        if glob.glob(path) if pattern else Path(path).exists():
+            continue
+        where = "" if os.path.isabs(path) else f" (relative paths are read from {os.getcwd()})"
+        raise FileNotFoundError(
+            f"{owner}: data file {path!r} does not exist{where}; fix {argument} "
+            f"(command line: --data.init_args.{argument}=PATH)."
+        )
 
 
 def load_table(owner: str, data_files: DataFiles, data_format: str | None) -> DatasetDict:

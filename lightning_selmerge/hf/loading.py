@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    ByT5Tokenizer,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = [
     "build_model",
@@ -74,17 +76,33 @@ def parse_dtype(owner: str, torch_dtype: str | None) -> torch.dtype | str:
     return dtype
 
 
-def byte_tokenizer() -> ByT5Tokenizer:
-    """A byte-level tokenizer needing no files: 256 bytes, ``<pad>`` (0), ``</s>`` (1), ``<unk>``.
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer needing no files: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), then
+    byte ``b`` as id ``b + 3`` (ByT5's ids).
+
+    Unlike ``ByT5Tokenizer`` it adds no special token: ``tokenizer(prompt)`` ends with the
+    prompt's last byte, as the prompt part of a training example does (``sft_features``
+    appends EOS after the response only), so generating from it continues the text. It is a
+    ``tokenizers`` fast tokenizer: ``save_pretrained`` writes ``tokenizer.json`` and
+    ``AutoTokenizer.from_pretrained`` loads it back as it was.
 
     Example:
         >>> tok = byte_tokenizer()
         >>> len(tok), tok.pad_token_id, tok.eos_token_id
         (259, 0, 1)
-        >>> tok.decode(tok("hé")["input_ids"])
+        >>> tok("hé")["input_ids"]
+        [107, 198, 172]
+        >>> tok.decode([107, 198, 172, tok.eos_token_id])
         'hé</s>'
     """
-    return ByT5Tokenizer(extra_ids=0)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab.update({char: byte + 3 for byte, char in bytes_to_unicode().items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def _load_error(owner: str, what: str, source: str, err: Exception) -> ValueError:

@@ -11,6 +11,7 @@ one loss per example, so :class:`~lightning_selmerge.imbalance.PositionLossMonit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
+from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
+from lightning_selmerge.hf.export import save_pretrained
 from lightning_selmerge.hf.loading import (
     build_model,
     byte_tokenizer,
@@ -104,7 +107,11 @@ class _HFModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         per_sample = self.per_sample_loss(batch)
         loss = _mean_valid(per_sample)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(per_sample))
+        # under DataOrderEnsemble the steps cycle through the replicas, and one curve of them
+        # would be a sawtooth: the progress bar shows it beside `replica`, while the logger
+        # gets SelectionMergeCallback's replica_k/train_loss_step and replica_k/train_loss
+        logger = not isinstance(self.trainer.strategy, DataOrderEnsemble)
+        self.log("train_loss", loss, prog_bar=True, logger=logger, batch_size=len(per_sample))
         return {"loss": loss, SAMPLE_LOSS_KEY: per_sample.detach()}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -115,6 +122,12 @@ class _HFModule(LightningModule):
 
     def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Hook for metrics beyond ``val_loss``."""
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = True) -> Path:
+        """Save the model and its tokenizer to ``directory`` (one directory, written atomically)
+        that ``from_pretrained`` and ``AutoTokenizer.from_pretrained`` load; after an ensemble
+        fit, the merged model. See :func:`lightning_selmerge.hf.export.save_pretrained`."""
+        return save_pretrained(self.model, self.tokenizer, directory, overwrite=overwrite)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(

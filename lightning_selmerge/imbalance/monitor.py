@@ -108,8 +108,6 @@ class PositionLossMonitor(Callback):
                                           negative = early samples keep a higher loss
     ``imbalance/segment_{ss}_loss``       mean probe loss of segment ``ss`` (``00`` = earliest)
     ``imbalance/mean_loss``               mean probe loss
-    ``imbalance/train/spearman``          rho(first-epoch position, loss when trained this
-                                          epoch); only when training_step returns sample_loss
     ``imbalance/loss_by_position``        figure (TensorBoard only; other loggers get scalars)
     ====================================  =====================================================
 
@@ -124,9 +122,9 @@ class PositionLossMonitor(Callback):
     * :attr:`replica_of` (``batch_idx -> replica``): the replica of each training batch. The
       arrival counter restarts at 0 whenever the replica changes, so each replica's positions
       count from the start of its own pass; first-epoch positions are kept per replica
-      (:meth:`first_positions_of`) and ``imbalance/train/spearman`` bins each row by its own
-      replica's positions. :attr:`first_positions` is the primary replica's (0 when several
-      replicas are recorded).
+      (:meth:`first_positions_of`) and, with ``probe_size=0``, each training-loss row is binned
+      by its own replica's positions. :attr:`first_positions` is the primary replica's (0 when
+      several replicas are recorded).
     * :attr:`probe_targets` (``(trainer, module) -> [ProbeTarget, ...]``): at a probe epoch,
       probe these models instead of the live module under ``""``: each target's weights are
       loaded into the module in turn, its losses binned by its ``replica``'s positions, and the
@@ -135,7 +133,10 @@ class PositionLossMonitor(Callback):
 
     The module must define ``per_sample_loss(batch) -> Tensor[B]`` (unless ``probe_size=0``, in
     which case the epoch's training losses are binned instead); otherwise ``fit`` stops at start
-    with a :class:`MisconfigurationException` naming the fix.
+    with a :class:`MisconfigurationException` naming the fix. Training losses are taken while
+    the model learns: in epoch 0 a sample's position is also the time it was trained at, so
+    their rho there is mostly the falling loss within the epoch, not the imbalance (read it
+    from epoch 1 on, or use the probe, which evaluates every sample with the same weights).
 
     Args:
         num_segments: number of position segments (the paper uses 10).
@@ -210,7 +211,6 @@ class PositionLossMonitor(Callback):
         self._last_replica: int | None = None
         self._resumed_epoch: int | None = None
         self._epoch: int | None = None  # the epoch in progress
-        self._epoch_has_loss = False
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -227,7 +227,6 @@ class PositionLossMonitor(Callback):
         self._epoch = trainer.current_epoch
         self._arrived = 0
         self._last_replica = None
-        self._epoch_has_loss = False
 
     def on_train_batch_end(
         self,
@@ -253,7 +252,6 @@ class PositionLossMonitor(Callback):
                 f"not return {{'loss': ..., '{SAMPLE_LOSS_KEY}': Tensor[B]}}: return it, or use "
                 "a probe (probe_size > 0) with a `per_sample_loss(batch)` method."
             )
-        self._epoch_has_loss |= sample_loss is not None
         self.records.add(
             indices,
             local * num_shards + shard_rank,
@@ -270,18 +268,13 @@ class PositionLossMonitor(Callback):
             return
         if self.probe is None:
             self._build_probe(trainer)  # e.g. after resuming from a checkpoint
-        metrics: dict[str, float] = {}
-        rows = self.records.table(epoch=epoch)
-        row_positions = self._row_positions(rows["sample"], rows["replica"])
-        if self._epoch_has_loss:
-            spearman = position_loss_spearman(row_positions, rows["loss"])
-            metrics[self._tag("train", "spearman")] = spearman
         if self.probe_size > 0:
             results = self._probe_targets(trainer, pl_module)
-        else:
-            result = self._result("", rows["sample"], rows["loss"], positions=row_positions)
-            results = {"": result}
-        self.log_results(trainer, results, extra_metrics=metrics)
+        else:  # the losses of this epoch's training steps, each row by its replica's positions
+            rows = self.records.table(epoch=epoch)
+            positions = self._row_positions(rows["sample"], rows["replica"])
+            results = {"": self._result("", rows["sample"], rows["loss"], positions=positions)}
+        self.log_results(trainer, results)
 
     # -- public API for other callbacks --------------------------------------------------------
     def current_replica(
@@ -383,7 +376,6 @@ class PositionLossMonitor(Callback):
                 "epoch": self._epoch,
                 "replica": self._last_replica,
                 "arrived": self._arrived,
-                "has_loss": self._epoch_has_loss,
             },
         }
 
@@ -407,7 +399,6 @@ class PositionLossMonitor(Callback):
             self._resumed_epoch = self._epoch = int(in_epoch["epoch"])
             self._last_replica = in_epoch["replica"]
             self._arrived = int(in_epoch["arrived"])
-            self._epoch_has_loss = bool(in_epoch["has_loss"])
 
     # -- internals ----------------------------------------------------------------------------
     def _tag(self, name: str, leaf: str) -> str:

@@ -1,0 +1,128 @@
+"""What the command line does with an exception: a user mistake gets one line, a bug its traceback.
+
+A *user mistake* is an error in what the user gave (a config value, a path, a merge input):
+``MergeError``, ``ReportError``, Lightning's ``MisconfigurationException``, argument parsing
+errors, missing files, and the ``ValueError`` / ``TypeError`` raised by this package's own
+checks or by jsonargparse while it builds the configured classes. jsonargparse buries the real
+sentence in a "Does not validate against any of the Union subtypes" report;
+:func:`user_message` digs it out.
+
+Example:
+    >>> buried = '''Does not validate against any of the Union subtypes
+    ... Subtypes: [<class 'str'>, <class 'Strategy'>]
+    ... Errors:
+    ...   - Expected a <class 'str'>
+    ...   - DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2.
+    ... Given value type: <class 'Namespace'>
+    ... Given value: Namespace(num_replicas=1)'''
+    >>> user_message(ValueError(buried))
+    'DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2.'
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import textwrap
+from pathlib import Path
+
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "is_user_mistake", "user_message"]
+
+#: command-line flag (anywhere after the subcommand) that shows the traceback of a user mistake.
+DEBUG_FLAG = "--debug"
+#: environment variable that does the same when set to 1.
+DEBUG_ENV = "SELMERGE_DEBUG"
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+_UNION = "Does not validate against any of the Union subtypes"
+_TYPE_MISMATCH = re.compile(r"^(Expected a |Not a valid subclass|Problem with given class_path)")
+_PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*\n?(?P<rest>.*)$', re.DOTALL)
+_GOT_VALUE = re.compile(r"\. Got value: .*$", re.DOTALL)
+_MISTAKE_CLASSES = frozenset(
+    {"MisconfigurationException", "MergeError", "ReportError", "ArgumentError"}
+)
+
+
+def is_user_mistake(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake in the user's input (True) rather than a bug (False)."""
+    if isinstance(err, argparse.ArgumentError):
+        return True
+    if any(cls.__name__ in _MISTAKE_CLASSES for cls in type(err).__mro__):
+        return True
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if isinstance(err, (ValueError, TypeError)):
+        return _raised_by_our_checks(err)
+    return False
+
+
+def user_message(err: BaseException) -> str:
+    """The sentence of ``err`` that names the problem and its fix, on one line when it can be."""
+    text = str(err).strip() or type(err).__name__
+    return _innermost(text)
+
+
+def _raised_by_our_checks(err: BaseException) -> bool:
+    """Raised in this package or by jsonargparse (a configured class refused its arguments)."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    where = Path(last.tb_frame.f_code.co_filename).resolve()
+    return where.is_relative_to(_PACKAGE) or "jsonargparse" in where.parts
+
+
+def _innermost(text: str) -> str:
+    key = None
+    match = _PARSER_KEY.match(text)
+    if match:
+        key, text = match["key"], _dedent_tail(match["rest"])
+    if _UNION in text:
+        text = _union_message(text)
+    text = _GOT_VALUE.sub("", text).strip()
+    if key and key not in text:
+        text = f"{key}: {text}"
+    return text
+
+
+def _dedent_tail(text: str) -> str:
+    """Dedent every line but the first (jsonargparse indents the lines after a key)."""
+    first, _, rest = text.partition("\n")
+    return first + ("\n" + textwrap.dedent(rest) if rest else "")
+
+
+def _union_message(text: str) -> str:
+    """The useful errors of a union report, else "got VALUE, expected one of TYPES"."""
+    errors = _union_errors(text)
+    useful = [_innermost(e) for e in errors if not _TYPE_MISMATCH.match(e)]
+    useful = [e for e in dict.fromkeys(useful) if e]
+    if useful:
+        return "; ".join(useful)
+    subtypes = re.search(r"^\s*Subtypes: \[(?P<types>.*)\]\s*$", text, re.MULTILINE)
+    given = re.search(r"^\s*Given value: (?P<value>.*)$", text, re.MULTILINE)
+    names = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>", subtypes["types"]) if subtypes else []
+    expected = ", ".join("None" if n == "NoneType" else n for n in names) or "another type"
+    value = given["value"] if given else "this value"
+    return f"got {value!r}, expected one of: {expected}"
+
+
+def _union_errors(text: str) -> list[str]:
+    """The entries of the ``Errors:`` list of a union report (nested reports kept whole)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Errors:"), None)
+    if start is None:
+        return []
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    entries: list[list[str]] = []
+    for line in lines[start + 1 :]:
+        depth = len(line) - len(line.lstrip())
+        if line.strip() and depth <= indent:
+            break  # "Given value type: ..." closes the list
+        if line.lstrip().startswith("- ") and depth == indent + 2:
+            entries.append([line.lstrip()[2:]])
+        elif entries:
+            entries[-1].append(line[indent + 4 :])
+    return ["\n".join(entry).strip() for entry in entries]

@@ -1,0 +1,155 @@
+"""A user mistake on the command line: one or two lines naming the problem and the fix, exit 2.
+
+``--debug`` (or ``SELMERGE_DEBUG=1``) raises the exception instead, with its traceback; called from
+Python, the library raises the typed exception.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_selmerge.cli import main
+from lightning_selmerge.cli.errors import is_user_mistake, user_message
+from lightning_selmerge.ensemble import DataOrderEnsemble
+from lightning_selmerge.hf import SFTDataModule
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "configs" / "demo.yaml")
+DATA = f"--data.init_args.data_files={ROOT / 'examples/data/chatterbot_pairs.jsonl'}"
+FIT = ["fit", "--config", DEMO, DATA, "--trainer.logger=false"]
+
+
+def one_error(capsys: pytest.CaptureFixture, command: str) -> str:
+    """The error line of a refused command, after checking the shape of what was printed."""
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith(f"lightning-selmerge {command}: error:")]
+    assert len(lines) == 1, err
+    after = err[err.index(lines[0]) + 1 :]
+    assert after in ([], ["(add --debug or set SELMERGE_DEBUG=1 to see the traceback)"]), err
+    assert not any("Traceback" in line for line in err)
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SELMERGE_DEBUG", raising=False)
+
+
+def test_one_replica_names_the_fix(capsys: pytest.CaptureFixture) -> None:
+    assert main([*FIT, "--trainer.strategy.init_args.num_replicas=1"]) == 2
+    line = one_error(capsys, "fit")
+    assert "num_replicas=1 trains a single model; use num_replicas >= 2" in line
+    assert "Union subtypes" not in line and "Namespace(" not in line
+
+
+def test_a_missing_data_file_is_named_before_the_trainer_is_built(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main([*FIT, "--data.init_args.data_files=nope.jsonl"]) == 2
+    line = one_error(capsys, "fit")
+    assert "data file 'nope.jsonl' does not exist" in line
+    assert "--data.init_args.data_files=PATH" in line
+    # Python callers get the typed exception, from the constructor (before any Trainer)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        SFTDataModule(data_files="nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="val_data_files"):
+        SFTDataModule(data_files=DATA.split("=", 1)[1], val_data_files="val/*.jsonl")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--trainer.max_epochs=abc", "trainer.max_epochs: got 'abc', expected one of: int, None"),
+        ("--trainer.no_such_option=1", "unrecognized arguments: --trainer.no_such_option=1"),
+        ("--model.init_args.learning_rate=-1", "CausalLMModule: learning_rate=-1.0 must be > 0"),
+        ("--data.init_args.batch_size=0", "SFTDataModule: batch_size=0 must be >= 1"),
+    ],
+)
+def test_config_mistakes_print_one_line(
+    capsys: pytest.CaptureFixture, override: str, expected: str
+) -> None:
+    assert main([*FIT, override]) == 2
+    assert expected in one_error(capsys, "fit")
+
+
+def test_a_mistake_inside_fit_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    """A MisconfigurationException raised once the Trainer runs (not while parsing)."""
+    args = [*FIT, "--trainer.val_check_interval=0.5", "--trainer.enable_progress_bar=false"]
+    assert main(args) == 2
+    assert "val_check_interval" in one_error(capsys, "fit")
+
+
+def test_debug_raises_the_typed_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="num_replicas=1 trains a single model"):
+        main([*FIT, "--trainer.strategy.init_args.num_replicas=1", "--debug"])
+    monkeypatch.setenv("SELMERGE_DEBUG", "1")  # jsonargparse wraps the constructor's error
+    with pytest.raises(ValueError, match="nope.jsonl' does not exist"):
+        main([*FIT, "--data.init_args.data_files=nope.jsonl"])
+    with pytest.raises(ValueError, match="num_replicas=1 trains a single model"):
+        DataOrderEnsemble(num_replicas=1)
+
+
+def test_merge_and_report_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["merge", "a.safetensors", "b.safetensors", "--out", "merged"]) == 2
+    assert "a.safetensors does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    assert main(["report", "runs/nothing"]) == 2
+    assert "runs/nothing is not a directory" in one_error(capsys, "report")
+    assert main(["report"]) == 2
+    assert "logdir" in one_error(capsys, "report")
+
+
+def test_the_real_command_exits_2_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_selmerge", *FIT, "--data.init_args.data_files=x.csv"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        "lightning-selmerge fit: error: SFTDataModule: data file 'x.csv' does not exist "
+        f"(relative paths are read from {tmp_path}); fix data_files (command line: "
+        "--data.init_args.data_files=PATH)."
+    ]
+
+
+def test_bugs_are_not_user_mistakes() -> None:
+    assert not is_user_mistake(RuntimeError("boom"))
+    assert not is_user_mistake(ZeroDivisionError())
+    try:
+        int("x")  # a ValueError raised outside this package's checks
+    except ValueError as err:
+        assert not is_user_mistake(err)
+    try:
+        DataOrderEnsemble(num_replicas=1)
+    except ValueError as err:
+        assert is_user_mistake(err)
+    assert is_user_mistake(FileNotFoundError("data.jsonl"))
+
+
+def test_the_innermost_message_of_nested_union_reports() -> None:
+    nested = """Parser key "trainer.callbacks":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'list'>, <class 'NoneType'>]
+  Errors:
+    - Does not validate against any of the Union subtypes
+      Subtypes: [<class 'Callback'>, <class 'NoneType'>]
+      Errors:
+        - SelectionMergeCallback: every_n_epochs must be >= 1, got 0.
+        - Expected a <class 'NoneType'>
+      Given value type: <class 'Namespace'>
+      Given value: Namespace(every_n_epochs=0)
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'list'>
+  Given value: [Namespace(every_n_epochs=0)]"""
+    assert user_message(ValueError(nested)) == (
+        "trainer.callbacks: SelectionMergeCallback: every_n_epochs must be >= 1, got 0."
+    )

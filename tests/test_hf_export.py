@@ -1,0 +1,67 @@
+"""A model saved with its tokenizer loads back whole, and generation sees what training saw."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from lightning_selmerge.hf import CausalLMModule, SFTDataModule, save_pretrained
+from lightning_selmerge.hf.loading import byte_tokenizer
+from lightning_selmerge.hf.preprocess import IGNORE_INDEX
+
+hf_logging.set_verbosity_error()
+
+PAIRS = Path(__file__).resolve().parents[1] / "examples" / "data" / "chatterbot_pairs.jsonl"
+TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 128}
+TEXT = "Hé, wörld!\n  日本 </s> x"
+
+
+def test_module_save_pretrained_writes_a_tokenizer_that_loads_back(tmp_path: Path) -> None:
+    module = CausalLMModule(config=TINY)
+    out = module.save_pretrained(tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging left behind
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(module.tokenizer) == 259
+    assert tokenizer(TEXT)["input_ids"] == module.tokenizer(TEXT)["input_ids"]
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, tensor in module.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    # saving again replaces the directory; refusing leaves it alone
+    module.save_pretrained(out)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(module.model, module.tokenizer, out, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_byte_tokenizer_adds_no_special_token_and_keeps_byt5_ids() -> None:
+    tokenizer = byte_tokenizer()
+    ids = tokenizer("hi é")["input_ids"]
+    assert ids == [b + 3 for b in "hi é".encode()]
+    assert tokenizer.decode(ids) == "hi é"
+    assert tokenizer("a</s>")["input_ids"][-1] == tokenizer.eos_token_id  # written EOS is EOS
+
+
+def test_generation_input_is_the_training_prompt_without_eos() -> None:
+    """The prompt of a training example and the tokenised prompt given to generate() agree."""
+    tokenizer = byte_tokenizer()
+    data = SFTDataModule(data_files=str(PAIRS), limit_samples=8, max_length=256)
+    data.tokenizer = tokenizer
+    data.setup("fit")
+    raw = data.train_set
+    for row in raw:
+        ids, labels = row["input_ids"], row["labels"]
+        prompt_len = sum(1 for label in labels if label == IGNORE_INDEX)
+        prompt_text = tokenizer.decode(ids[:prompt_len])
+        generation_input = tokenizer(prompt_text)["input_ids"]
+        assert generation_input == ids[:prompt_len]
+        assert generation_input[-1] != tokenizer.eos_token_id
+        assert ids[-1] == tokenizer.eos_token_id  # EOS ends the response only
