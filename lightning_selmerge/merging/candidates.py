@@ -56,10 +56,12 @@ def selection_candidates(
         lanes = ctx.rng.masked_lanes(
             ctx.name, 0, ctx.start, numel, 0xFFFF, device, lane_bits=lane_bits
         )
-        unsigned = lanes.to(torch.int32) & ((1 << lane_bits) - 1)
+        # 8-bit lanes shift as uint8 (cheap); 16-bit lanes as int32 (no uint16 shifts on CPU)
+        unsigned = lanes.view(torch.uint8) if lane_bits == 8 else lanes.to(torch.int32) & 0xFFFF
         bits = num_replicas.bit_length() - 1
         for j in range(count):
-            out[j] = (unsigned >> (lane_bits - (j + 1) * bits)) & (num_replicas - 1)
+            group = torch.bitwise_right_shift(unsigned, lane_bits - (j + 1) * bits)
+            out[j] = group.bitwise_and_(num_replicas - 1)
         return out
     for j in range(count):
         uniforms = ctx.rng.uniform16(ctx.name, j, ctx.start, numel, device)
