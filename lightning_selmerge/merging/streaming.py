@@ -10,7 +10,7 @@ chunk size, K, probabilities and resample. Per tensor the merge holds:
 * **selection**: the output (initialised to the base when ``resample > 0``), every element's
   ``resample + 1`` candidate replicas (:func:`~.candidates.selection_candidates`, one byte each)
   and a byte per element: the position of the earliest candidate known to have moved from the
-  base. Replica ``k`` writes the elements where it is candidate ``j`` below that position and
+  base (stored as ``resample + 1 - position``, 0 while none is known). Replica ``k`` writes the elements where it is candidate ``j`` below that position and
   its value moved; without resample, where it is candidate 0. No arithmetic touches the values:
   bit patterns are copied;
 * **integer and bool tensors**: replica 0's copy, compared with every later replica.
@@ -203,7 +203,8 @@ class _Selection(_Accumulator):
                 )
             self.base = base.reshape(-1).clone()
             self.out = self.base.clone()
-            self.best = torch.full((numel,), count, dtype=torch.uint8)  # none moved yet
+            # count - (position of the earliest candidate known to have moved); 0: none yet
+            self.won = torch.zeros(numel, dtype=torch.uint8)
         else:
             self.out = torch.empty(numel, dtype=info.dtype)
 
@@ -218,15 +219,21 @@ class _Selection(_Accumulator):
                 mine = torch.eq(self.candidates[0, begin:end], position)
                 torch.where(mine, piece, target, out=target)
                 continue
-            # the earliest j with candidate j == this replica (count when it is none)
-            first = per_thread_buffer("stream_first", end - begin, torch.uint8, None).fill_(count)
-            for j in range(count - 1, -1, -1):
-                first.masked_fill_(self.candidates[j, begin:end] == position, j)
-            best = self.best[begin:end]
+            # score: count - (earliest j with candidate j == this replica), 0 when it is none;
+            # running maxima of 0/1 hits times (count - j): no masked_fill, which is slow on CPUs
+            size = end - begin
+            score = per_thread_buffer("stream_score", size, torch.uint8, None).zero_()
+            hit = per_thread_buffer("stream_hit", size, torch.bool, None)
+            term = per_thread_buffer("stream_term", size, torch.uint8, None)
+            for j in range(count):
+                torch.eq(self.candidates[j, begin:end], position, out=hit)
+                torch.mul(hit.view(torch.uint8), count - j, out=term)
+                torch.maximum(score, term, out=score)
+            won = self.won[begin:end]
             wins = torch.ne(piece, _bits(self.base)[begin:end])
-            wins &= first < best
+            wins &= score > won
             torch.where(wins, piece, target, out=target)
-            torch.where(wins, first, best, out=best)
+            torch.where(wins, score, won, out=won)
 
     def _result(self) -> torch.Tensor:
         del self.candidates
