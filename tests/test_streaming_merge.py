@@ -154,15 +154,15 @@ def test_average_overflow_is_reported_as_such():
 
 
 def test_bad_inputs_are_refused():
-    base, replicas = make_states(3, torch.float32)
+    _, replicas = make_states(3, torch.float32)
     replicas[1]["steps"] = torch.arange(4) + 1
     with pytest.raises(MergeError, match="non-float tensor 'steps'.*replica 0 and replica 1"):
         merge_state_dicts_streaming(replicas)
-    base, replicas = make_states(3, torch.float32)
+    _, replicas = make_states(3, torch.float32)
     replicas[2]["fc.b"] = torch.zeros(4)
     with pytest.raises(MergeError, match="'fc.b'.*replica 2"):
         merge_state_dicts_streaming(replicas)
-    base, replicas = make_states(3, torch.float32)
+    _, replicas = make_states(3, torch.float32)
     del replicas[1]["fc.b"]
     with pytest.raises(MergeError, match="replica 1 does not have the same tensors"):
         merge_state_dicts_streaming(replicas)

@@ -10,8 +10,9 @@ chunk size, K, probabilities and resample. Per tensor the merge holds:
 * **selection**: the output (initialised to the base when ``resample > 0``), every element's
   ``resample + 1`` candidate replicas (:func:`~.candidates.selection_candidates`, one byte each)
   and a byte per element: the position of the earliest candidate known to have moved from the
-  base (stored as ``resample + 1 - position``, 0 while none is known). Replica ``k`` writes the elements where it is candidate ``j`` below that position and
-  its value moved; without resample, where it is candidate 0. No arithmetic touches the values:
+  base (stored as ``resample + 1 - position``, 0 while none is known). Replica ``k`` writes
+  the elements where it is candidate ``j`` below that position and its value moved; without
+  resample, where it is candidate 0. No arithmetic touches the values:
   bit patterns are copied;
 * **integer and bool tensors**: replica 0's copy, compared with every later replica.
 
