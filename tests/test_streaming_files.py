@@ -176,6 +176,17 @@ def test_draw_prefix_merges_hf_directories_as_the_wrapping_module_does(tmp_path,
     merged = load_dir(tmp_path / "o")
     for name, tensor in merged.items():
         assert torch.equal(tensor, in_process[f"model.{name}"]), name
+    # a replica job records the prefix beside its snapshot; the epoch merge then uses it
+    epoch = tmp_path / "snapshots" / "epoch_000"
+    epoch.mkdir(parents=True)
+    for k in range(3):
+        (tmp_path / f"r{k}").rename(epoch / f"replica_{k:03d}")
+        record = {"num_replicas": 3, "replica": k, "seed": 0, "epoch": 0, "draw_prefix": "model."}
+        (epoch / f"replica_{k:03d}" / "selmerge.json").write_text(json.dumps(record))
+    out = merge_epoch(epoch, tmp_path / "epoch_merged", seed=4)
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "o" / "model.safetensors"
+    ).read_bytes()
 
 
 def write_epoch(tmp_path, k=4, as_dirs=(), record=None):

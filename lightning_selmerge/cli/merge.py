@@ -9,8 +9,8 @@ directories::
 ``lightning-selmerge merge --epoch_dir SNAPSHOTS/epoch_002 --out DIR`` merges what a job array of
 replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/``, ...), refusing
 missing replicas unless ``--allow_missing``. Both forms stream the replicas (one open at a time,
-memory flat in K, the same bits as the all-at-once merge); ``--streaming false`` keeps every
-replica mapped at once (the older path).
+memory flat in K, the same bits as the all-at-once merge) where that is as fast or needed;
+``--streaming true/false`` chooses.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from lightning_selmerge.merging import MergeError, load_rules, make_method, merge_checkpoints
+from lightning_selmerge.merging import (
+    MergeError,
+    MergeMethod,
+    WeightedAverage,
+    load_rules,
+    make_method,
+    merge_checkpoints,
+)
 from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
 from lightning_selmerge.merging.snapshots import merge_epoch
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
@@ -56,9 +63,11 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--streaming",
-        type=bool,
-        default=True,
-        help="read one replica at a time (memory flat in K; same bits); false maps all at once",
+        type=bool | None,
+        default=None,
+        help="true: read one replica at a time (memory flat in K, same bits); false: map all at "
+        "once (faster for selection); default: streaming for averages, --epoch_dir, and "
+        "replicas larger than half the available memory",
     )
     parser.add_argument(
         "--draw_prefix",
@@ -105,6 +114,25 @@ def merge_parser() -> ArgumentParser:
     return parser
 
 
+def _use_streaming(
+    streaming: bool | None, replicas: Sequence[str], method: MergeMethod, rules: Sequence
+) -> bool:
+    """``--streaming`` as given, else: streaming where it is as fast (averages: measured
+    faster) or where mapping every replica at once would not fit (the replicas' bytes exceed
+    half the available memory). Both give the same bits."""
+    if streaming is not None:
+        return streaming
+    if all(isinstance(m, WeightedAverage) for m in [method, *(r.method for r in rules)]):
+        return True
+    import psutil
+
+    total = 0
+    for path in map(Path, replicas):
+        files = path.rglob("*.safetensors") if path.is_dir() else [path]
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total > psutil.virtual_memory().available // 2
+
+
 def run_merge(argv: Sequence[str]) -> int:
     args = merge_parser().parse_args(list(argv))
     from tqdm.auto import tqdm
@@ -148,12 +176,14 @@ def run_merge(argv: Sequence[str]) -> int:
                 raise MergeError("no replicas: give replica paths or --epoch_dir SNAPSHOTS/epoch_N")
             elif args.num_replicas is not None or args.allow_missing:
                 raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
-            elif args.streaming:
+            elif (args.draw_prefix and args.streaming is None) or _use_streaming(
+                args.streaming, args.replicas, method, rules
+            ):
                 out = merge_checkpoints_streaming(
                     args.replicas, args.out, draw_prefix=args.draw_prefix, **common
                 )
             elif args.draw_prefix:
-                raise MergeError("--draw_prefix needs the streaming merge (--streaming true)")
+                raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")
             else:
                 out = merge_checkpoints(args.replicas, args.out, **common)
     except MergeError as err:

@@ -4,11 +4,13 @@ Layout (written by replica jobs, one per replica ``k`` of ``K``)::
 
     snapshot_dir/epoch_002/replica_000.safetensors     # a safetensors file, or
     snapshot_dir/epoch_002/replica_001/                # a save_pretrained directory
-    snapshot_dir/epoch_002/replica_001/selmerge.json   # optional: K, replica, seed, epoch
+    snapshot_dir/epoch_002/replica_001/selmerge.json   # optional: K, replica, seed, epoch, ...
     snapshot_dir/epoch_002/selmerge.json               # optional, the same for the whole epoch
 
-Every record found must agree: the same ``num_replicas``, ``seed`` and ``epoch``, and a replica
-directory's ``replica`` equal to its own index. A missing replica is refused (naming it) unless
+A record is a JSON object ``{"num_replicas": K, "replica": k, "seed": s, "epoch": e}``, optionally
+with ``"draw_prefix"`` (see :func:`merge_epoch`). Every record found must agree: the same
+``num_replicas``, ``seed``, ``epoch`` and ``draw_prefix``, and a replica directory's ``replica``
+equal to its own index. A missing replica is refused (naming it) unless
 ``allow_missing``; the replicas present are then merged as the only inputs (per-replica weights
 and probabilities follow their replicas, see :meth:`MergeMethod.subset`).
 """
@@ -32,7 +34,7 @@ __all__ = ["RECORD_NAME", "EpochSnapshots", "find_epoch_snapshots", "merge_epoch
 RECORD_NAME = "selmerge.json"
 _REPLICA = re.compile(r"^replica_(\d{3,})(\.safetensors)?$")
 _EPOCH = re.compile(r"^epoch_(\d{3,})$")
-_RECORD_KEYS = ("num_replicas", "seed", "epoch")
+_RECORD_KEYS = ("num_replicas", "seed", "epoch", "draw_prefix")
 
 
 def replica_name(replica: int) -> str:
@@ -55,6 +57,9 @@ class EpochSnapshots:
     seed: int | None = None
     epoch: int | None = None
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the prefix the replicas' names carry inside the training module (e.g. ``"model."`` for a
+    #: Hugging Face directory saved from ``self.model``), which keys the in-process merge's draws
+    draw_prefix: str | None = None
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -153,7 +158,14 @@ def find_epoch_snapshots(
     if len(paths) < 2:
         raise MergeError(f"{epoch_dir} holds {len(paths)} replica snapshot(s): merging needs 2")
     return EpochSnapshots(
-        epoch_dir, paths, count, missing, agreed["seed"], agreed["epoch"], records
+        epoch_dir,
+        paths,
+        count,
+        missing,
+        agreed["seed"],
+        agreed["epoch"],
+        records,
+        agreed["draw_prefix"],
     )
 
 
@@ -172,8 +184,10 @@ def merge_epoch(
     ``method`` and ``rules`` take per-replica weights or probabilities for all K replicas; with
     ``allow_missing`` those of the present replicas are kept (renormalised). Other keyword
     arguments go to :func:`~.streaming_files.merge_checkpoints_streaming` (``base``, ``seed``,
-    ``overwrite``, ``nonfinite``, ...). ``selmerge.json`` in ``out`` records the epoch
-    directory, the replicas merged and those missing.
+    ``overwrite``, ``nonfinite``, ...). A ``draw_prefix`` in the records (e.g. ``"model."``,
+    written by a replica job whose snapshots drop the module's prefix) keys the draws unless
+    ``draw_prefix`` is given. ``selmerge.json`` in ``out`` records the epoch directory, the
+    replicas merged and those missing.
 
     Example:
         >>> import tempfile, torch
@@ -195,6 +209,8 @@ def merge_epoch(
         method.validate(found.num_replicas)
         method = method.subset(present)
         rules = [rule.subset(present) for rule in rules]
+    if not kwargs.get("draw_prefix") and found.draw_prefix:
+        kwargs["draw_prefix"] = found.draw_prefix
     return merge_checkpoints_streaming(
         [found.paths[k] for k in present],
         out,
