@@ -76,6 +76,11 @@ SELECTION = "selection"
 RESAMPLE = "selection+resample(4)"
 MERGEKIT = "mergekit linear"
 FLOOR = "read floor"
+STREAMING = {  # the streaming merge (one replica open at a time) of the same method
+    "streaming average": AVERAGE,
+    "streaming selection": SELECTION,
+    "streaming resample(4)": RESAMPLE,
+}
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -292,6 +297,7 @@ def child_main(spec_path: str) -> None:
 
     from lightning_selmerge.merging import ParameterSelection, WeightedAverage, merge_checkpoints
     from lightning_selmerge.merging.safetensors_io import CheckpointReader
+    from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
     imported = time.perf_counter()
     rss_after_import = _proc_status_kb("VmRSS")
@@ -321,9 +327,10 @@ def child_main(spec_path: str) -> None:
             AVERAGE: WeightedAverage(),
             SELECTION: ParameterSelection(),
             RESAMPLE: ParameterSelection(resample=4),
-        }[task]
+        }[STREAMING.get(task, task)]
+        merge = merge_checkpoints_streaming if task in STREAMING else merge_checkpoints
         began = time.perf_counter()
-        merge_checkpoints(
+        merge(
             spec["replicas"],
             spec["out"],
             method=method,
@@ -638,6 +645,11 @@ def report(
             f"{name} / average: {ratios[key]:.2f} (target {target}) "
             f"[median of per-round ratios: {ratios[key + '_round_median']:.2f}]"
         )
+    for name, counterpart in STREAMING.items():
+        if name in results:
+            key = f"{name.replace(' ', '_')}_over_all_at_once"
+            ratios[key] = results[name].best_merge_s / results[counterpart].best_merge_s
+            lines.append(f"{name} / {counterpart}: {ratios[key]:.2f}")
     ours = [results[n] for n in (AVERAGE, SELECTION, RESAMPLE)]
     worst = max(ours, key=lambda r: r.peak_rss_kb)
     pct = 100 * worst.peak_rss_kb * 1024 / inputs.replica_bytes
@@ -672,6 +684,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; best is kept")
     parser.add_argument(
         "--workdir", type=Path, help="keep inputs (reused when the spec matches) and outputs here"
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="also time the streaming merge (merge_checkpoints_streaming) of each method",
     )
     parser.add_argument("--mergekit-bin", help="path of mergekit-pytorch (default: auto-detect)")
     parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit baseline")
@@ -724,8 +741,14 @@ def main(argv: list[str] | None = None) -> int:
         methods = [AVERAGE, SELECTION, RESAMPLE, FLOOR]
         if mergekit_bin is not None:
             methods.insert(3, MERGEKIT)
+        if args.streaming:
+            methods += list(STREAMING)
         results = {
-            m: MethodResult(m, inputs.replica_bytes + (inputs.base_bytes if m == RESAMPLE else 0))
+            m: MethodResult(
+                m,
+                inputs.replica_bytes
+                + (inputs.base_bytes if STREAMING.get(m, m) == RESAMPLE else 0),
+            )
             for m in methods
         }
         outputs: dict[str, Path | None] = {}

@@ -5,6 +5,12 @@ directories::
 
     lightning-selmerge merge runs/r0 runs/r1 runs/r2 runs/r3 --base base_model \\
         --method selection --resample 1 --seed 0 --out merged
+
+``lightning-selmerge merge --epoch_dir SNAPSHOTS/epoch_002 --out DIR`` merges what a job array of
+replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/``, ...), refusing
+missing replicas unless ``--allow_missing``. Both forms stream the replicas (one open at a time,
+memory flat in K, the same bits as the all-at-once merge) where that is as fast or needed;
+``--streaming true/false`` chooses.
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from lightning_selmerge.merging import MergeError, load_rules, make_method, merge_checkpoints
+from lightning_selmerge.merging import (
+    MergeError,
+    MergeMethod,
+    WeightedAverage,
+    load_rules,
+    make_method,
+    merge_checkpoints,
+)
 from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
+from lightning_selmerge.merging.snapshots import merge_epoch
+from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
 __all__ = ["merge_parser", "run_merge"]
 
@@ -27,7 +42,39 @@ def merge_parser() -> ArgumentParser:
         prog="lightning-selmerge merge",
         description="Merge K fine-tuned replicas saved as safetensors into one model directory.",
     )
-    parser.add_argument("replicas", nargs="+", help="replica checkpoints (files or HF dirs)")
+    parser.add_argument(
+        "replicas", nargs="*", help="replica checkpoints (files or HF dirs); or give --epoch_dir"
+    )
+    parser.add_argument(
+        "--epoch_dir",
+        default=None,
+        help="merge the replica_000, replica_001, ... snapshots a job array wrote for one epoch",
+    )
+    parser.add_argument(
+        "--num_replicas",
+        type=int,
+        default=None,
+        help="--epoch_dir: K, to find missing replicas (default: the snapshots' records)",
+    )
+    parser.add_argument(
+        "--allow_missing",
+        action="store_true",
+        help="--epoch_dir: merge the replicas present when some are missing",
+    )
+    parser.add_argument(
+        "--streaming",
+        type=bool | None,
+        default=None,
+        help="true: read one replica at a time (memory flat in K, same bits); false: map all at "
+        "once (faster for selection); default: streaming for averages, --epoch_dir, and "
+        "replicas larger than half the available memory",
+    )
+    parser.add_argument(
+        "--draw_prefix",
+        default="",
+        help="prefix of tensor names in the random draws (e.g. 'model.' to match an in-process "
+        "ensemble whose LightningModule holds the HF model as self.model)",
+    )
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--base", default=None, help="pre-trained checkpoint (needed by resample)")
     parser.add_argument("--method", default="selection", choices=["selection", "average"])
@@ -67,6 +114,25 @@ def merge_parser() -> ArgumentParser:
     return parser
 
 
+def _use_streaming(
+    streaming: bool | None, replicas: Sequence[str], method: MergeMethod, rules: Sequence
+) -> bool:
+    """``--streaming`` as given, else: streaming where it is as fast (averages: measured
+    faster) or where mapping every replica at once would not fit (the replicas' bytes exceed
+    half the available memory). Both give the same bits."""
+    if streaming is not None:
+        return streaming
+    if all(isinstance(m, WeightedAverage) for m in [method, *(r.method for r in rules)]):
+        return True
+    import psutil
+
+    total = 0
+    for path in map(Path, replicas):
+        files = path.rglob("*.safetensors") if path.is_dir() else [path]
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total > psutil.virtual_memory().available // 2
+
+
 def run_merge(argv: Sequence[str]) -> int:
     args = merge_parser().parse_args(list(argv))
     from tqdm.auto import tqdm
@@ -84,9 +150,7 @@ def run_merge(argv: Sequence[str]) -> int:
             def progress(done: int) -> None:
                 bar.update(done - bar.n)
 
-            out = merge_checkpoints(
-                args.replicas,
-                args.out,
+            common = dict(
                 method=method,
                 base=args.base,
                 rules=rules,
@@ -97,6 +161,31 @@ def run_merge(argv: Sequence[str]) -> int:
                 progress=progress,
                 nonfinite="drop" if args.drop_nonfinite else "error",
             )
+            if args.epoch_dir is not None:
+                if args.replicas:
+                    raise MergeError("give replica paths or --epoch_dir, not both")
+                out = merge_epoch(
+                    args.epoch_dir,
+                    args.out,
+                    num_replicas=args.num_replicas,
+                    allow_missing=args.allow_missing,
+                    draw_prefix=args.draw_prefix,
+                    **common,
+                )
+            elif not args.replicas:
+                raise MergeError("no replicas: give replica paths or --epoch_dir SNAPSHOTS/epoch_N")
+            elif args.num_replicas is not None or args.allow_missing:
+                raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
+            elif (args.draw_prefix and args.streaming is None) or _use_streaming(
+                args.streaming, args.replicas, method, rules
+            ):
+                out = merge_checkpoints_streaming(
+                    args.replicas, args.out, draw_prefix=args.draw_prefix, **common
+                )
+            elif args.draw_prefix:
+                raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")
+            else:
+                out = merge_checkpoints(args.replicas, args.out, **common)
     except MergeError as err:
         print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
         return 2
@@ -110,5 +199,7 @@ def run_merge(argv: Sequence[str]) -> int:
             f"{entry['tensor']!r}",
             file=sys.stderr,
         )
-    print(f"merged {len(provenance['replicas'])} replicas into {out}")
+    missing = provenance.get("missing_replicas")
+    note = f" (missing: {', '.join(map(str, missing))})" if missing else ""
+    print(f"merged {len(provenance['replicas'])} replicas into {out}{note}")
     return 0

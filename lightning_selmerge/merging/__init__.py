@@ -4,7 +4,9 @@ Methods over K aligned tensors (:class:`WeightedAverage`, :class:`ParameterSelec
 optional resample), a random source keyed by (seed, tensor name, element offset), whole
 state-dict merge (:func:`merge_state_dicts`) and out-of-core merge of safetensors checkpoints
 (:func:`merge_checkpoints`), all refusing replicas that hold NaN/Inf unless told to drop them
-(:func:`find_nonfinite`, ``nonfinite="drop"``).
+(:func:`find_nonfinite`, ``nonfinite="drop"``). The streaming merges
+(:func:`merge_state_dicts_streaming`, :func:`merge_checkpoints_streaming`, :func:`merge_epoch`)
+read one replica at a time, with memory flat in K, and give the same bits.
 """
 
 from .checkpoints import merge_checkpoints
@@ -13,7 +15,10 @@ from .finite import NonFinite, all_finite, find_nonfinite
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, WeightedAverage
 from .rules import MergeRule, load_rules, make_method, method_for
+from .snapshots import find_epoch_snapshots, merge_epoch
 from .state_dict import iter_merged_chunks, merge_state_dicts, merge_tensor
+from .streaming import StreamingMerge, merge_state_dicts_streaming
+from .streaming_files import merge_checkpoints_streaming
 
 __all__ = [
     "ChunkContext",
@@ -24,14 +29,19 @@ __all__ = [
     "NonFinite",
     "NonFiniteError",
     "ParameterSelection",
+    "StreamingMerge",
     "WeightedAverage",
     "all_finite",
+    "find_epoch_snapshots",
     "find_nonfinite",
     "iter_merged_chunks",
     "load_rules",
     "make_method",
     "merge_checkpoints",
+    "merge_checkpoints_streaming",
+    "merge_epoch",
     "merge_state_dicts",
+    "merge_state_dicts_streaming",
     "merge_tensor",
     "method_for",
 ]

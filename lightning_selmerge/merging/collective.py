@@ -31,7 +31,7 @@ from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, mo
 from .rules import MergeRule, method_for
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, copy_exact
-from .ties import storage_key
+from .ties import canonical_name, storage_key
 
 __all__ = ["merge_state_dicts_collective", "shard_offset"]
 
@@ -108,7 +108,7 @@ def merge_state_dicts_collective(
     merged: dict[str, torch.Tensor] = {}
     with scratch_scope():
         for names in sorted(groups.values(), key=min):  # the same order on every rank
-            key_name = min(names)
+            key_name = canonical_name(names)
             tensors = [s[key_name] for s in states]
             check_aligned(key_name, tensors, labels)
             chosen = method_for(key_name, rules, method)

@@ -19,7 +19,7 @@ from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .scratch import scratch_scope
-from .ties import storage_key
+from .ties import canonical_name, storage_key
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "iter_merged_chunks", "merge_state_dicts", "merge_tensor"]
 
@@ -253,14 +253,15 @@ def _merge_state_dicts(
     check_same_names([set(r) for r in replicas], labels)
     rng = KeyedRandom(seed)
 
-    # Tied tensors: one merge per storage, keyed (for the random draws) by the smallest name.
+    # Tied tensors: one merge per storage, keyed (for the random draws) by the canonical
+    # name, the one save_pretrained keeps (see ties.py), so a saved directory merges the same.
     groups: dict[tuple, list[str]] = {}
     for name, tensor in replicas[0].items():
         groups.setdefault(storage_key(tensor), []).append(name)
 
     merged: dict[str, torch.Tensor] = {}
     for names in groups.values():
-        key_name = min(names)
+        key_name = canonical_name(names)
         tensors = [r[key_name] for r in replicas]
         check_aligned(key_name, tensors, labels)
         if not tensors[0].is_floating_point():

@@ -1,0 +1,229 @@
+"""Merge what a job array wrote for one epoch: ``SNAPSHOTS/epoch_{e:03d}/replica_{k:03d}``.
+
+Layout (written by replica jobs, one per replica ``k`` of ``K``)::
+
+    snapshot_dir/epoch_002/replica_000.safetensors     # a safetensors file, or
+    snapshot_dir/epoch_002/replica_001/                # a save_pretrained directory
+    snapshot_dir/epoch_002/replica_001/selmerge.json   # optional: K, replica, seed, epoch, ...
+    snapshot_dir/epoch_002/selmerge.json               # optional, the same for the whole epoch
+
+A record is a JSON object ``{"num_replicas": K, "replica": k, "seed": s, "epoch": e}``, optionally
+with ``"draw_prefix"`` (see :func:`merge_epoch`). Every record found must agree: the same
+``num_replicas``, ``seed``, ``epoch`` and ``draw_prefix``, and a replica directory's ``replica``
+equal to its own index. A missing replica is refused (naming it) unless
+``allow_missing``; the replicas present are then merged as the only inputs (per-replica weights
+and probabilities follow their replicas, see :meth:`MergeMethod.subset`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MergeError
+from .methods import MergeMethod, ParameterSelection
+from .rules import MergeRule
+
+__all__ = ["RECORD_NAME", "EpochSnapshots", "find_epoch_snapshots", "merge_epoch", "replica_name"]
+
+#: The optional record a replica job writes beside its snapshot(s).
+RECORD_NAME = "selmerge.json"
+_REPLICA = re.compile(r"^replica_(\d{3,})(\.safetensors)?$")
+_EPOCH = re.compile(r"^epoch_(\d{3,})$")
+_RECORD_KEYS = ("num_replicas", "seed", "epoch", "draw_prefix")
+
+
+def replica_name(replica: int) -> str:
+    """The snapshot name of replica ``replica`` (add ``.safetensors`` for a file).
+
+    >>> replica_name(7)
+    'replica_007'
+    """
+    return f"replica_{replica:03d}"
+
+
+@dataclass(frozen=True)
+class EpochSnapshots:
+    """The replicas found in an epoch directory and what their records say."""
+
+    epoch_dir: Path
+    paths: dict[int, Path]
+    num_replicas: int
+    missing: list[int]
+    seed: int | None = None
+    epoch: int | None = None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the prefix the replicas' names carry inside the training module (e.g. ``"model."`` for a
+    #: Hugging Face directory saved from ``self.model``), which keys the in-process merge's draws
+    draw_prefix: str | None = None
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MergeError(f"{path} is not a readable JSON record: {err}") from err
+    if not isinstance(record, dict):
+        raise MergeError(f"{path} must hold a JSON object like {{num_replicas, replica, seed}}")
+    return record
+
+
+def find_epoch_snapshots(
+    epoch_dir: str | Path, *, num_replicas: int | None = None, allow_missing: bool = False
+) -> EpochSnapshots:
+    """The replica snapshots of ``epoch_dir``, checked (see the module's docstring).
+
+    ``num_replicas``: K when known (else what the records say, else the highest index + 1).
+
+    Raises:
+        MergeError: no snapshots, a replica both as a file and a directory, records that
+            disagree (naming the replicas and values), missing replicas without
+            ``allow_missing``, fewer than 2 replicas.
+    """
+    epoch_dir = Path(epoch_dir)
+    if not epoch_dir.is_dir():
+        raise MergeError(f"epoch directory {epoch_dir} does not exist")
+    paths: dict[int, Path] = {}
+    for entry in sorted(epoch_dir.iterdir()):
+        match = _REPLICA.match(entry.name)
+        if match is None or (match.group(2) is None) != entry.is_dir():
+            continue
+        index = int(match.group(1))
+        if index in paths:
+            raise MergeError(
+                f"replica {index} is in {epoch_dir} twice ({paths[index].name} and "
+                f"{entry.name}): keep one"
+            )
+        paths[index] = entry
+    if not paths:
+        raise MergeError(
+            f"no replica snapshots in {epoch_dir}: expected replica_000.safetensors or "
+            "replica_000/ (a save_pretrained directory), replica_001..., as replica jobs write them"
+        )
+
+    records: dict[str, dict[str, Any]] = {}
+    if (epoch_dir / RECORD_NAME).is_file():
+        records["the epoch record"] = _read_record(epoch_dir / RECORD_NAME)
+    for index, path in paths.items():
+        if path.is_dir() and (path / RECORD_NAME).is_file():
+            record = _read_record(path / RECORD_NAME)
+            if "replica" in record and record["replica"] != index:
+                raise MergeError(
+                    f"{path / RECORD_NAME} says replica {record['replica']} but sits in "
+                    f"{path.name}: the snapshot was written to the wrong place"
+                )
+            records[path.name] = record
+    if num_replicas is not None:
+        records = {"--num_replicas": {"num_replicas": num_replicas}, **records}
+    agreed: dict[str, Any] = {}
+    for key in _RECORD_KEYS:
+        values: dict[Any, list[str]] = {}
+        for where, record in records.items():
+            if record.get(key) is not None:
+                values.setdefault(record[key], []).append(where)
+        if len(values) > 1:
+            listing = "; ".join(f"{key}={v} in {', '.join(w)}" for v, w in values.items())
+            raise MergeError(
+                f"the replicas of {epoch_dir} disagree on {key}: {listing}: they come from "
+                "different runs; merge snapshots of one run only"
+            )
+        agreed[key] = next(iter(values), None)
+    match = _EPOCH.match(epoch_dir.name)
+    if match and agreed["epoch"] is not None and int(match.group(1)) != agreed["epoch"]:
+        raise MergeError(
+            f"the records in {epoch_dir} say epoch {agreed['epoch']}, the directory's name "
+            f"epoch {int(match.group(1))}"
+        )
+
+    k = agreed["num_replicas"]
+    count = k if k is not None else max(paths) + 1
+    beyond = [i for i in paths if i >= count]
+    if beyond:
+        raise MergeError(
+            f"{epoch_dir} holds {', '.join(replica_name(i) for i in beyond)} but K = {count}: "
+            "snapshots of a run with more replicas are mixed in"
+        )
+    missing = [i for i in range(count) if i not in paths]
+    if missing and not allow_missing:
+        known = f"K = {count}" + ("" if k is not None else " (the highest index + 1)")
+        raise MergeError(
+            f"{epoch_dir} is missing {', '.join(replica_name(i) for i in missing)} of {known}: "
+            f"wait for those replica jobs, or merge the {len(paths)} present with allow_missing "
+            "(CLI: --allow_missing)"
+        )
+    if len(paths) < 2:
+        raise MergeError(f"{epoch_dir} holds {len(paths)} replica snapshot(s): merging needs 2")
+    return EpochSnapshots(
+        epoch_dir,
+        paths,
+        count,
+        missing,
+        agreed["seed"],
+        agreed["epoch"],
+        records,
+        agreed["draw_prefix"],
+    )
+
+
+def merge_epoch(
+    epoch_dir: str | Path,
+    out: str | Path,
+    *,
+    num_replicas: int | None = None,
+    allow_missing: bool = False,
+    method: MergeMethod | None = None,
+    rules: Sequence[MergeRule] = (),
+    **kwargs: Any,
+) -> Path:
+    """Merge the replica snapshots of one epoch directory with the streaming file merge.
+
+    ``method`` and ``rules`` take per-replica weights or probabilities for all K replicas; with
+    ``allow_missing`` those of the present replicas are kept (renormalised). Other keyword
+    arguments go to :func:`~.streaming_files.merge_checkpoints_streaming` (``base``, ``seed``,
+    ``overwrite``, ``nonfinite``, ...). A ``draw_prefix`` in the records (e.g. ``"model."``,
+    written by a replica job whose snapshots drop the module's prefix) keys the draws unless
+    ``draw_prefix`` is given. ``selmerge.json`` in ``out`` records the epoch directory, the
+    replicas merged and those missing.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from safetensors.torch import save_file
+        >>> epoch = Path(tempfile.mkdtemp()) / "epoch_000"
+        >>> epoch.mkdir()
+        >>> for k in range(3):
+        ...     save_file({"w": torch.full((2,), float(k))}, epoch / f"replica_{k:03d}.safetensors")
+        >>> merge_epoch(epoch, epoch.parent / "merged").name
+        'merged'
+    """
+    from .streaming_files import merge_checkpoints_streaming
+
+    found = find_epoch_snapshots(epoch_dir, num_replicas=num_replicas, allow_missing=allow_missing)
+    present = sorted(found.paths)
+    method = method if method is not None else ParameterSelection()
+    if found.missing:
+        method.validate(found.num_replicas)
+        method = method.subset(present)
+        rules = [rule.subset(present) for rule in rules]
+    if not kwargs.get("draw_prefix") and found.draw_prefix:
+        kwargs["draw_prefix"] = found.draw_prefix
+    return merge_checkpoints_streaming(
+        [found.paths[k] for k in present],
+        out,
+        method=method,
+        rules=rules,
+        replica_indices=present,
+        provenance={
+            "epoch_dir": str(found.epoch_dir),
+            "num_replicas": found.num_replicas,
+            "merged_replicas": present,
+            "missing_replicas": found.missing,
+            **({"training_seed": found.seed} if found.seed is not None else {}),
+            **({"epoch": found.epoch} if found.epoch is not None else {}),
+        },
+        **kwargs,
+    )

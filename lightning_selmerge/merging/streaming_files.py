@@ -1,0 +1,259 @@
+"""Streaming merge of saved checkpoints: one replica file open at a time, memory flat in K.
+
+Same inputs, output and guarantees as :func:`~lightning_selmerge.merging.merge_checkpoints` (and
+the same bits), but the replicas are read one at a time in replica order (:mod:`.streaming`):
+the tensors are merged in windows of at most ``window_bytes`` of merge state, and for each
+window every replica is opened, its window's tensors fed and their pages released, and closed
+before the next is opened. Memory: the window's state (output, float32 sums or selection
+candidates, a base copy for resample), whatever K is; K memory maps are never open together.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import PROVENANCE_NAME, _copy_side_files, publish_directory
+from .errors import MergeError, NonFiniteError
+from .finite import NonFinite, check_nonfinite_mode, surviving_replicas
+from .methods import MergeMethod, ParameterSelection
+from .rules import MergeRule, method_for
+from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
+from .state_dict import DEFAULT_CHUNK_NUMEL
+from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
+
+__all__ = ["merge_checkpoints_streaming", "read_plan"]
+
+
+@contextmanager
+def _open(path: str | Path) -> Iterator[CheckpointReader]:
+    reader = CheckpointReader(path)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _plan_of(path: str | Path) -> list[tuple[str, TensorInfo]]:
+    with _open(path) as reader:
+        return [(name, reader.info(name)) for name in reader.names()]
+
+
+def read_plan(
+    paths: Sequence[str | Path], labels: Sequence[str] | None = None
+) -> list[tuple[str, TensorInfo]]:
+    """The tensors (name, dtype, shape) the checkpoints share, read one header at a time.
+
+    Raises :class:`MergeError` naming the first checkpoint whose tensor names, shapes or dtypes
+    differ from the first one's, and the difference.
+    """
+    labels = list(labels) if labels is not None else [str(p) for p in paths]
+    plan = _plan_of(paths[0])
+    expected = dict(plan)
+    for path, label in zip(paths[1:], labels[1:]):
+        theirs = dict(_plan_of(path))
+        missing = sorted(set(expected) - set(theirs))
+        extra = sorted(set(theirs) - set(expected))
+        if missing or extra:
+            raise MergeError(
+                f"{label} does not have the same tensors as {labels[0]}: missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, extra "
+                f"{extra[:5]}{'...' if len(extra) > 5 else ''}: the snapshots must be the same "
+                "architecture"
+            )
+        for name, mine in plan:
+            other = theirs[name]
+            if other != mine:
+                raise MergeError(
+                    f"tensor {name!r}: {other.dtype} {list(other.shape)} in {label} but "
+                    f"{mine.dtype} {list(mine.shape)} in {labels[0]}: the checkpoints must share "
+                    "architecture and dtype"
+                )
+    return plan
+
+
+def _check_base(
+    base: str | Path | None,
+    plan: Sequence[tuple[str, TensorInfo]],
+    method: MergeMethod,
+    rules: Sequence[MergeRule],
+) -> None:
+    needed = [
+        (name, info)
+        for name, info in plan
+        if info.dtype.is_floating_point
+        and info.numel > 0
+        and method_for(name, rules, method).needs_base
+    ]
+    if not needed:
+        return
+    if base is None:
+        raise MergeError(
+            f"tensor {needed[0][0]!r}: selection with resample needs the base (pre-trained) "
+            "checkpoint: pass --base / base=..."
+        )
+    with _open(base) as reader:
+        for name, info in needed:
+            if name not in reader or reader.info(name) != info:
+                raise MergeError(
+                    f"tensor {name!r} is missing from the base checkpoint {base} or has another "
+                    "shape or dtype there"
+                )
+
+
+def _side_file_source(base: str | Path | None, replicas: Sequence[str | Path]) -> Path:
+    """Config/tokenizer files come from ``base`` when it is a directory, else the first replica."""
+    if base is not None and Path(base).is_dir():
+        return Path(base)
+    return Path(replicas[0])
+
+
+def merge_checkpoints_streaming(
+    replicas: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: MergeMethod | None = None,
+    base: str | Path | None = None,
+    rules: Sequence[MergeRule] = (),
+    seed: int = 0,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: Callable[[int], object] | None = None,
+    nonfinite: NonFinite = "error",
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+    draw_prefix: str = "",
+    replica_indices: Sequence[int] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """:func:`merge_checkpoints`, bit for bit, reading one replica at a time.
+
+    Args:
+        replicas, out, method, base, rules, seed, chunk_numel, max_shard_bytes, overwrite,
+            progress, nonfinite: as in :func:`merge_checkpoints`.
+        window_bytes: merge state held at once (outputs, sums, candidates); each replica is
+            opened once per window.
+        draw_prefix: prepended to tensor names to key the random draws (see
+            :class:`~.streaming.StreamingMerge`).
+        replica_indices: the replicas' indices in error messages and ``selmerge.json``
+            (default ``0 .. K-1``; an epoch merge with missing replicas passes the present ones).
+        provenance: extra entries for the output's ``selmerge.json``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from safetensors.torch import save_file, load_file
+        >>> from lightning_selmerge.merging import WeightedAverage
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> paths = [tmp / f"r{k}.safetensors" for k in range(3)]
+        >>> for k, path in enumerate(paths):
+        ...     save_file({"w": torch.full((2,), float(k))}, path)
+        >>> out = merge_checkpoints_streaming(paths, tmp / "m", method=WeightedAverage())
+        >>> load_file(out / "model.safetensors")["w"]
+        tensor([1., 1.])
+    """
+    out = Path(out)
+    method = method if method is not None else ParameterSelection()
+    check_nonfinite_mode(nonfinite)
+    if not replicas:
+        raise MergeError("no replicas to merge")
+    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
+        candidate.validate(len(replicas))
+    if out.exists() and not overwrite:
+        raise MergeError(
+            f"output {out} already exists: choose another path or pass overwrite=True "
+            "(CLI: --overwrite)"
+        )
+    indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
+    if len(indices) != len(replicas):
+        raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
+    labels = [f"replica {k} ({path})" for k, path in zip(indices, replicas)]
+    plan = read_plan(replicas, labels)
+    _check_base(base, plan, method, rules)
+    by_index = dict(zip(indices, replicas))
+    record: dict[str, Any] = {
+        "method": repr(method),
+        "rules": [{"pattern": r.pattern, "method": repr(r.method)} for r in rules],
+        "seed": seed,
+        "replicas": [str(p) for p in replicas],
+        "base": None if base is None else str(base),
+        "streaming": True,
+        **({"draw_prefix": draw_prefix} if draw_prefix else {}),
+        **(provenance or {}),
+    }
+
+    def attempt(keep: Sequence[int], method: MergeMethod, rules: Sequence[MergeRule]) -> None:
+        staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        try:
+            writer = ShardedSafetensorsWriter(
+                staging,
+                plan,
+                max_shard_bytes=max_shard_bytes,
+                metadata={"merged_by": "lightning_selmerge"},
+            )
+            done = 0
+
+            def write(name, tensor) -> None:
+                nonlocal done
+                writer.write(name, tensor)
+                done += 1
+                if progress is not None:
+                    progress(done)
+
+            try:
+                stream_merge(
+                    plan,
+                    lambda k: _open(by_index[k]),
+                    keep,
+                    [labels[indices.index(k)] for k in keep],
+                    write,
+                    method=method,
+                    rules=rules,
+                    seed=seed,
+                    open_base=None if base is None else lambda: _open(base),
+                    chunk_numel=chunk_numel,
+                    window_bytes=window_bytes,
+                    draw_prefix=draw_prefix,
+                )
+                writer.close()
+            finally:
+                writer.abort()
+            _copy_side_files(_side_file_source(base, replicas), staging)
+            (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            publish_directory(staging, out, overwrite)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+                message = (
+                    f"merging into {out} failed: {err.strerror or err}"
+                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
+                    f"removed and {state}"
+                )
+                wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
+                raise wrapped from err
+            raise
+
+    try:
+        attempt(indices, method, rules)
+        return out
+    except NonFiniteError:
+        if nonfinite == "error":
+            raise
+    bad = find_nonfinite_streaming(lambda k: _open(by_index[k]), indices, plan)
+    kept_positions = surviving_replicas({indices.index(k): name for k, name in bad.items()}, labels)
+    keep = [indices[p] for p in kept_positions]
+    record["replicas"] = [str(by_index[k]) for k in keep]
+    record["method"] = repr(method.subset(kept_positions))
+    record["dropped_nonfinite"] = [
+        {"replica": k, "path": str(by_index[k]), "tensor": name} for k, name in bad.items()
+    ]
+    attempt(keep, method.subset(kept_positions), [rule.subset(kept_positions) for rule in rules])
+    return out

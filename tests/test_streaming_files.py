@@ -1,0 +1,303 @@
+"""The streaming file merge and the epoch-directory merge: same bits, one replica open at a time."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_selmerge.cli import main as cli
+from lightning_selmerge.merging import (
+    MergeError,
+    NonFiniteError,
+    ParameterSelection,
+    WeightedAverage,
+    merge_checkpoints,
+    merge_state_dicts,
+    streaming_files,
+)
+from lightning_selmerge.merging.safetensors_io import CheckpointReader
+from lightning_selmerge.merging.snapshots import find_epoch_snapshots, merge_epoch
+from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
+
+
+def load_dir(path):
+    reader = CheckpointReader(path)
+    try:
+        return {name: reader.tensor(name).clone() for name in reader.names()}
+    finally:
+        reader.close()
+
+
+def synthetic_files(directory, k, dtype=torch.bfloat16, seed=0):
+    """A base and K replica .safetensors files of mixed shapes, an integer buffer included."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"emb": (40, 8), "layers.0.w": (33, 7), "layers.0.b": (7,), "norm": (8,)}
+    base = {n: torch.randn(s, generator=gen).to(dtype) for n, s in shapes.items()}
+    base["position_ids"] = torch.arange(5)
+    save_file(base, directory / "base.safetensors")
+    paths = []
+    for r in range(k):
+        state = {
+            n: torch.where(
+                torch.rand(t.shape, generator=gen) < 0.5,
+                t,
+                torch.randn(t.shape, generator=gen).to(dtype),
+            )
+            if t.is_floating_point()
+            else t
+            for n, t in base.items()
+        }
+        paths.append(directory / f"replica_{r:03d}.safetensors")
+        save_file(state, paths[-1])
+    return directory / "base.safetensors", paths
+
+
+def weight_files(directory):
+    return sorted(p for p in directory.iterdir() if p.name.startswith("model"))
+
+
+METHODS = [
+    WeightedAverage(),
+    WeightedAverage(weights=[1.0 + (i % 3) for i in range(9)]),
+    ParameterSelection(),
+    ParameterSelection(resample=2),
+    ParameterSelection(probabilities=[0.2, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.2, 0.1], resample=1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_file_merge_is_byte_identical_to_merge_checkpoints(tmp_path, method, dtype, monkeypatch):
+    base, paths = synthetic_files(tmp_path, 9, dtype)
+    expected = merge_checkpoints(
+        paths, tmp_path / "all", base=base, method=method, seed=3, max_shard_bytes=600
+    )
+    open_now, most = set(), [0]
+    real = streaming_files.CheckpointReader
+
+    class Counting(real):
+        def __init__(self, path):
+            super().__init__(path)
+            open_now.add(id(self))
+            most[0] = max(most[0], len(open_now))
+
+        def close(self):
+            open_now.discard(id(self))
+            super().close()
+
+    monkeypatch.setattr(streaming_files, "CheckpointReader", Counting)
+    got = merge_checkpoints_streaming(
+        paths,
+        tmp_path / "stream",
+        base=base,
+        method=method,
+        seed=3,
+        max_shard_bytes=600,
+        chunk_numel=50,
+        window_bytes=700,
+    )
+    assert most[0] == 1  # one checkpoint (replica or base) open at a time
+    assert [p.name for p in weight_files(got)] == [p.name for p in weight_files(expected)]
+    for mine, theirs in zip(weight_files(got), weight_files(expected)):
+        assert mine.read_bytes() == theirs.read_bytes(), mine.name
+    assert json.loads((got / "selmerge.json").read_text())["streaming"] is True
+
+
+@pytest.fixture
+def gpt2_replicas(tmp_path):
+    """A tiny GPT-2 (tied wte/lm_head) and 3 fine-tuned-looking replicas, as models."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    base = GPT2LMHeadModel(config).eval()
+    replicas = []
+    for _ in range(3):
+        model = GPT2LMHeadModel(config).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01 * (torch.rand_like(p) < 0.7))
+        replicas.append(model)
+    return base, replicas
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"])
+@pytest.mark.parametrize("resample", [0, 2])
+def test_tied_embedding_draws_the_same_in_process_and_from_save_pretrained(
+    tmp_path, gpt2_replicas, resample, streaming
+):
+    """Issue 23 item 11: one canonical name per tie group (the embedding's, kept by the save)."""
+    base, replicas = gpt2_replicas
+    assert replicas[0].lm_head.weight.data_ptr() == replicas[0].transformer.wte.weight.data_ptr()
+    method = ParameterSelection(resample=resample)
+    in_process = merge_state_dicts(
+        [m.state_dict() for m in replicas], base=base.state_dict(), method=method, seed=9
+    )
+    base.save_pretrained(tmp_path / "base")
+    dirs = []
+    for k, model in enumerate(replicas):
+        model.save_pretrained(tmp_path / f"r{k}", max_shard_size="30KB")
+        dirs.append(str(tmp_path / f"r{k}"))
+    assert "lm_head.weight" not in load_dir(tmp_path / "r0")  # save_pretrained drops the alias
+    args = ["merge", *dirs, "--seed", "9", "--resample", str(resample), "--quiet"]
+    args += ["--base", str(tmp_path / "base"), "--out", str(tmp_path / "out")]
+    assert cli([*args, "--streaming", streaming]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").state_dict()
+    for name, tensor in in_process.items():
+        assert torch.equal(merged[name], tensor), name
+    assert torch.equal(merged["lm_head.weight"], merged["transformer.wte.weight"])
+
+
+def test_draw_prefix_merges_hf_directories_as_the_wrapping_module_does(tmp_path, gpt2_replicas):
+    """Names in an in-process ensemble carry the LightningModule's prefix ('model.')."""
+    _base, replicas = gpt2_replicas
+    prefixed = [{f"model.{n}": t for n, t in m.state_dict().items()} for m in replicas]
+    in_process = merge_state_dicts(prefixed, seed=4)
+    for k, model in enumerate(replicas):
+        model.save_pretrained(tmp_path / f"r{k}")
+    dirs = [str(tmp_path / f"r{k}") for k in range(3)]
+    assert (
+        cli(
+            [
+                "merge",
+                *dirs,
+                "--seed",
+                "4",
+                "--draw_prefix",
+                "model.",
+                "--quiet",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    merged = load_dir(tmp_path / "o")
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, in_process[f"model.{name}"]), name
+    # a replica job records the prefix beside its snapshot; the epoch merge then uses it
+    epoch = tmp_path / "snapshots" / "epoch_000"
+    epoch.mkdir(parents=True)
+    for k in range(3):
+        (tmp_path / f"r{k}").rename(epoch / f"replica_{k:03d}")
+        record = {"num_replicas": 3, "replica": k, "seed": 0, "epoch": 0, "draw_prefix": "model."}
+        (epoch / f"replica_{k:03d}" / "selmerge.json").write_text(json.dumps(record))
+    out = merge_epoch(epoch, tmp_path / "epoch_merged", seed=4)
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "o" / "model.safetensors"
+    ).read_bytes()
+
+
+def write_epoch(tmp_path, k=4, as_dirs=(), record=None):
+    epoch = tmp_path / "snapshots" / "epoch_002"
+    epoch.mkdir(parents=True)
+    _base, paths = synthetic_files(tmp_path, k)
+    for r, path in enumerate(paths):
+        if r in as_dirs:
+            (epoch / f"replica_{r:03d}").mkdir()
+            path.rename(epoch / f"replica_{r:03d}" / "model.safetensors")
+            (epoch / f"replica_{r:03d}" / "config.json").write_text("{}")
+            if record is not None:
+                rec = {"replica": r, **record(r)}
+                (epoch / f"replica_{r:03d}" / "selmerge.json").write_text(json.dumps(rec))
+        else:
+            path.rename(epoch / path.name)
+    return epoch, paths
+
+
+def test_epoch_merge_equals_the_merge_of_its_files(tmp_path):
+    epoch, _ = write_epoch(tmp_path, k=4, as_dirs=(1, 2))
+    out = merge_epoch(epoch, tmp_path / "out", method=WeightedAverage([1, 2, 3, 4]), seed=1)
+    files = [epoch / "replica_000.safetensors", epoch / "replica_001", epoch / "replica_002"]
+    files.append(epoch / "replica_003.safetensors")
+    expected = merge_checkpoints(files, tmp_path / "ref", method=WeightedAverage([1, 2, 3, 4]))
+    assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+    record = json.loads((out / "selmerge.json").read_text())
+    assert record["merged_replicas"] == [0, 1, 2, 3] and record["missing_replicas"] == []
+
+
+def test_missing_replicas_are_named_and_allowed_on_request(tmp_path, capsys):
+    epoch, _ = write_epoch(tmp_path, k=5)
+    (epoch / "replica_001.safetensors").unlink()
+    (epoch / "replica_003.safetensors").unlink()
+    with pytest.raises(MergeError, match="missing replica_001, replica_003 of K = 5"):
+        find_epoch_snapshots(epoch)
+    with pytest.raises(MergeError, match="missing replica_001, replica_003, replica_005 of K = 6"):
+        find_epoch_snapshots(epoch, num_replicas=6)
+    out = tmp_path / "out"
+    args = ["merge", "--epoch_dir", str(epoch), "--out", str(out), "--quiet"]
+    assert cli(args) == 2
+    assert "missing replica_001, replica_003" in capsys.readouterr().err
+    probabilities = "[0.1, 0.2, 0.3, 0.2, 0.2]"
+    assert cli([*args, "--allow_missing", "--probabilities", probabilities]) == 0
+    assert "(missing: 1, 3)" in capsys.readouterr().out
+    kept = [epoch / f"replica_{k:03d}.safetensors" for k in (0, 2, 4)]
+    subset = ParameterSelection(probabilities=[0.1, 0.2, 0.3, 0.2, 0.2]).subset([0, 2, 4])
+    expected = merge_checkpoints(kept, tmp_path / "ref", method=subset)
+    assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+
+
+def test_records_must_agree(tmp_path):
+    epoch, _ = write_epoch(
+        tmp_path,
+        k=3,
+        as_dirs=(0, 1, 2),
+        record=lambda r: {"num_replicas": 3, "seed": 7 if r != 2 else 8},
+    )
+    with pytest.raises(
+        MergeError,
+        match="disagree on seed: seed=7 in replica_000, replica_001; seed=8 in replica_002",
+    ):
+        find_epoch_snapshots(epoch)
+    (epoch / "replica_002" / "selmerge.json").write_text(
+        json.dumps({"replica": 2, "num_replicas": 3, "seed": 7})
+    )
+    found = find_epoch_snapshots(epoch)
+    assert found.num_replicas == 3 and found.seed == 7 and found.missing == []
+    with pytest.raises(
+        MergeError, match="disagree on num_replicas: num_replicas=4 in --num_replicas"
+    ):
+        find_epoch_snapshots(epoch, num_replicas=4)
+    (epoch / "replica_002" / "selmerge.json").write_text(json.dumps({"replica": 1}))
+    with pytest.raises(MergeError, match="says replica 1 but sits in replica_002"):
+        find_epoch_snapshots(epoch)
+
+
+def test_different_architectures_are_refused_naming_the_difference(tmp_path, capsys):
+    epoch, _ = write_epoch(tmp_path, k=3)
+    state = load_dir(epoch / "replica_002.safetensors")
+    state["norm"] = torch.zeros(9, dtype=torch.bfloat16)
+    save_file(state, epoch / "replica_002.safetensors")
+    args = ["merge", "--epoch_dir", str(epoch), "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli(args) == 2
+    assert "tensor 'norm': torch.bfloat16 [9] in replica 2" in capsys.readouterr().err
+    del state["norm"]
+    save_file(state, epoch / "replica_002.safetensors")
+    assert cli(args) == 2
+    assert "replica 2" in (err := capsys.readouterr().err) and "missing ['norm']" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nonfinite_replica_file_is_refused_or_dropped(tmp_path):
+    base, paths = synthetic_files(tmp_path, 4, torch.float32)
+    state = load_dir(paths[1])
+    state["layers.0.w"][3, 3] = float("inf")
+    save_file(state, paths[1])
+    for method in (WeightedAverage(), ParameterSelection(resample=1)):
+        with pytest.raises(NonFiniteError, match="replica 1") as info:
+            merge_checkpoints_streaming(
+                paths, tmp_path / "o", base=base, method=method, overwrite=True
+            )
+        assert info.value.replicas == (1,)
+        with pytest.warns(UserWarning, match="dropped replica 1"):
+            got = merge_checkpoints_streaming(
+                paths, tmp_path / "o", base=base, method=method, nonfinite="drop", overwrite=True
+            )
+        with pytest.warns(UserWarning, match="dropped replica 1"):
+            want = merge_checkpoints(
+                paths, tmp_path / "w", base=base, method=method, nonfinite="drop", overwrite=True
+            )
+        assert (got / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
+        dropped = json.loads((got / "selmerge.json").read_text())["dropped_nonfinite"]
+        assert dropped == [{"replica": 1, "path": str(paths[1]), "tensor": "layers.0.w"}]
