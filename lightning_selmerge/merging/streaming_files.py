@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import PROVENANCE_NAME, _copy_side_files, publish_directory
+from .checkpoints import (
+    PROVENANCE_NAME,
+    _copy_side_files,
+    _side_file_source,
+    publish_directory,
+)
 from .errors import MergeError, NonFiniteError
 from .finite import NonFinite, check_nonfinite_mode, surviving_replicas
+from .leftovers import recover_output, staging_path
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule, method_for
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
@@ -106,13 +111,6 @@ def _check_base(
                 )
 
 
-def _side_file_source(base: str | Path | None, replicas: Sequence[str | Path]) -> Path:
-    """Config/tokenizer files come from ``base`` when it is a directory, else the first replica."""
-    if base is not None and Path(base).is_dir():
-        return Path(base)
-    return Path(replicas[0])
-
-
 def merge_checkpoints_streaming(
     replicas: Sequence[str | Path],
     out: str | Path,
@@ -164,6 +162,7 @@ def merge_checkpoints_streaming(
         raise MergeError("no replicas to merge")
     for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
         candidate.validate(len(replicas))
+    recover_output(out)  # what a killed merge into ``out`` left behind
     if out.exists() and not overwrite:
         raise MergeError(
             f"output {out} already exists: choose another path or pass overwrite=True "
@@ -188,7 +187,7 @@ def merge_checkpoints_streaming(
     }
 
     def attempt(keep: Sequence[int], method: MergeMethod, rules: Sequence[MergeRule]) -> None:
-        staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging = staging_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
         try:
@@ -225,7 +224,7 @@ def merge_checkpoints_streaming(
                 writer.close()
             finally:
                 writer.abort()
-            _copy_side_files(_side_file_source(base, replicas), staging)
+            _copy_side_files(_side_file_source(base, replicas[0]), staging)
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
             publish_directory(staging, out, overwrite)
         except BaseException as err:
