@@ -168,6 +168,7 @@ class ReplicaJob(Callback):
         self._restored: dict[str, Any] | None = None
         self._wrapped: Any = None  # the strategy whose process_dataloader is wrapped
         self._stopped_in: int | None = None
+        self._complete_epoch: int | None = None  # the module holds this epoch's end weights
 
     @property
     def logger_version(self) -> str:
@@ -218,7 +219,9 @@ class ReplicaJob(Callback):
             self._rng_base = int(restored["rng_base"])
             self._initial_fingerprint = restored.get("initial_fingerprint")
             set_rng_states(restored["rng"])
-            self._write_missing_snapshot(trainer, pl_module)
+            self._complete_epoch = restored.get("complete_epoch")
+            if self._complete_epoch is not None:
+                self._write_missing_snapshot(trainer, pl_module, self._complete_epoch)
             return
         # the seed each pass derives from: rank 0's, as in DataOrderEnsemble.on_train_start
         self._rng_base = int(trainer.strategy.broadcast(torch.initial_seed()))
@@ -242,6 +245,7 @@ class ReplicaJob(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._complete_epoch = None
         if batch_idx == 0:  # the replica's pass over this epoch begins
             seed_replica_pass(self._rng_base, self.seed, trainer.current_epoch, self.replica)
 
@@ -256,6 +260,7 @@ class ReplicaJob(Callback):
         last = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last else trainer.current_epoch
         if last:
+            self._complete_epoch = trainer.current_epoch
             self._write_epoch(trainer, pl_module, trainer.current_epoch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -273,6 +278,7 @@ class ReplicaJob(Callback):
             "rng_base": self._rng_base,
             "rng": rng_states(),
             "initial_fingerprint": self._initial_fingerprint,
+            "complete_epoch": self._complete_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -441,13 +447,11 @@ class ReplicaJob(Callback):
         snapshots.write_epoch_record(directory, {**shared, "epoch": epoch})
         self._write(pl_module, state, directory / f"replica_{self.replica:03d}", epoch)
 
-    def _write_missing_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Resumed at an epoch's start: write the previous epoch's snapshot if the killed job
-        had not (the weights have not changed since)."""
-        loop = trainer.fit_loop.epoch_loop.batch_progress.current
-        epoch = trainer.current_epoch - 1
-        if epoch < 0 or loop.processed != 0:
-            return
+    def _write_missing_snapshot(
+        self, trainer: Trainer, pl_module: LightningModule, epoch: int
+    ) -> None:
+        """Resumed from a checkpoint saved after ``epoch``'s last batch: write that epoch's
+        snapshot if the killed job had not (the weights have not changed since)."""
         target = snapshots.epoch_dir(self.snapshot_dir, epoch) / f"replica_{self.replica:03d}"
         missing = trainer.strategy.broadcast(snapshots.find_snapshot(target) is None)
         if missing:
