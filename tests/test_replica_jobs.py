@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from ensemble_support import BATCH, Net, ensemble_trainer, make_data
+from ensemble_support import BATCH, Net, child_env, ensemble_trainer, make_data
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_selmerge import DataOrderEnsemble, ReplicaJob, SelectionMergeCallback
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble.replica_snapshots import SnapshotMismatch, read_record
+from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
 from lightning_selmerge.merging import (
     ParameterSelection,
     WeightedAverage,
@@ -28,6 +31,7 @@ from lightning_selmerge.merging import (
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
+TESTS = Path(__file__).parent
 K, EPOCHS, ORDER_SEED, FIT_SEED, MERGE_SEED = 3, 2, 3, 5, 11
 METHODS = {
     "selection_resample1": ("selection", ParameterSelection(resample=1), {"resample": 1}),
@@ -358,3 +362,34 @@ def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
         )
         for name, tensor in load_file(out / "model.safetensors").items():
             assert torch.equal(tensor, record.merged[epoch][f"model.{name}"]), (epoch, name)
+
+
+def test_replica_job_on_two_ddp_ranks(tmp_path: Path) -> None:
+    """Rank r trains batches r, r + 2, ... of replica k's order (as a replica sharded over 2
+    ranks in the ensemble); global rank 0 alone writes the (full, synced) weights."""
+    env = child_env(TESTS.parent, TESTS)
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "replica_job_worker.py"), str(tmp_path), "2", "4", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=False) for r in range(2)]
+    orders = DataOrderSampler(num_samples=60, seed=ORDER_SEED)
+    for rank, result in enumerate(ranks):
+        sampler = EnsembleBatchSampler(
+            orders, 4, BATCH, replicas=[3], num_shards=2, shard_rank=rank
+        )
+        for epoch in range(2):
+            got = [batch for e, batch in result["seen"] if e == epoch]
+            assert got == sampler.replica_batches(epoch, 3)
+    assert equal_states(ranks[0]["state"], ranks[1]["state"])  # DDP keeps the ranks equal
+    snapshots = tmp_path / "snapshots"
+    assert equal_states(load_file(snapshot(snapshots, 1, 3)), ranks[0]["state"])
+    assert read_record(snapshot(snapshots, 1, 3))["world_size"] == 2
+    assert sorted(p.name for p in (snapshots / "epoch_001").iterdir()) == [
+        "replica_003.safetensors",
+        "selmerge.json",
+    ]
