@@ -364,12 +364,15 @@ def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
             assert torch.equal(tensor, record.merged[epoch][f"model.{name}"]), (epoch, name)
 
 
-def test_replica_job_on_two_ddp_ranks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_replica_job_on_two_ranks(strategy: str, tmp_path: Path) -> None:
     """Rank r trains batches r, r + 2, ... of replica k's order (as a replica sharded over 2
-    ranks in the ensemble); global rank 0 alone writes the (full, synced) weights."""
+    ranks in the ensemble); global rank 0 alone writes the full weights (under FSDP2, gathered
+    from the ranks' shards)."""
     env = child_env(TESTS.parent, TESTS)
+    args = [str(tmp_path), "2", "4", "3", *(["fsdp2"] if strategy == "fsdp2" else [])]
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "replica_job_worker.py"), str(tmp_path), "2", "4", "3"],
+        [sys.executable, str(TESTS / "replica_job_worker.py"), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -385,7 +388,7 @@ def test_replica_job_on_two_ddp_ranks(tmp_path: Path) -> None:
         for epoch in range(2):
             got = [batch for e, batch in result["seen"] if e == epoch]
             assert got == sampler.replica_batches(epoch, 3)
-    assert equal_states(ranks[0]["state"], ranks[1]["state"])  # DDP keeps the ranks equal
+    assert equal_states(ranks[0]["state"], ranks[1]["state"])  # the full weights, synced
     snapshots = tmp_path / "snapshots"
     assert equal_states(load_file(snapshot(snapshots, 1, 3)), ranks[0]["state"])
     assert read_record(snapshot(snapshots, 1, 3))["world_size"] == 2
