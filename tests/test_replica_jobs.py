@@ -396,3 +396,17 @@ def test_replica_job_on_two_ranks(strategy: str, tmp_path: Path) -> None:
         "replica_003.safetensors",
         "selmerge.json",
     ]
+
+
+def test_resuming_mid_epoch_with_another_batch_size_is_refused(tmp_path: Path) -> None:
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    job_trainer(job, epochs=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        Net(), *loaders()
+    )
+    wider = DataLoader(make_data(), batch_size=2 * BATCH, shuffle=True)
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    with pytest.raises(MisconfigurationException, match="but this fit's batch_size is 16"):
+        job_trainer(job).fit(Net(), wider, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
