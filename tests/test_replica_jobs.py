@@ -319,6 +319,11 @@ def test_tied_gpt2_jobs_hold_the_ensemble_replicas(gpt2_run: tuple[Path, RecordE
     assert {"config.json", "model.safetensors", "selmerge.json"} <= {
         p.name for p in initial.iterdir()
     }
+    for epoch in range(EPOCHS):  # the merge draws under "model." + the directory's names
+        epoch_record = json.loads(
+            (snapshot_dir / f"epoch_{epoch:03d}" / "selmerge.json").read_text()
+        )
+        assert epoch_record["draw_prefix"] == "model."
     saved = load_file(initial / "model.safetensors")
     assert "lm_head.weight" not in saved  # save_pretrained keeps one name per tie group
     base = TinyGPT2()
@@ -342,19 +347,19 @@ def test_tied_gpt2_jobs_hold_the_ensemble_replicas(gpt2_run: tuple[Path, RecordE
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the merge keys its random draws by tensor name: in-process by the LightningModule's "
-    "names (model.transformer.h.0...), in a save_pretrained directory by the model's own "
-    "(transformer.h.0...), and for the tied embedding also by different members of the tie "
-    "group (issue 23 item 11); both paths need one canonical name. Remove this mark then.",
+    reason="needs the streaming branch (merged in main): merging.snapshots.merge_epoch, which "
+    "keys the draws by the records' draw_prefix ('model.') + the directory's names, and one "
+    "canonical name per tie group (issue 23 item 11). Passes on main; remove this mark there.",
 )
 def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
     gpt2_run: tuple[Path, RecordEpochs], tmp_path: Path
 ) -> None:
     snapshot_dir, record = gpt2_run
     for epoch in range(EPOCHS):
-        paths = [snapshot_dir / f"epoch_{epoch:03d}" / f"replica_{k:03d}" for k in range(2)]
-        out = merge_checkpoints(
-            paths,
+        from lightning_selmerge.merging.snapshots import merge_epoch
+
+        out = merge_epoch(
+            snapshot_dir / f"epoch_{epoch:03d}",
             tmp_path / f"merged_{epoch}",
             method=ParameterSelection(resample=1),
             base=snapshot_dir / "initial",

@@ -436,6 +436,8 @@ class ReplicaJob(Callback):
             record = {k: v for k, v in record.items() if k not in ("replica", "global_step")}
         pretrained = snapshots.pretrained_model(pl_module, state)
         tokenizer = getattr(pl_module, "tokenizer", None) if pretrained is not None else None
+        if pretrained is not None:
+            record["draw_prefix"] = snapshots.PRETRAINED_PREFIX
         snapshots.write_snapshot(target, state, record, pretrained, tokenizer)
 
     def _write_epoch(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
@@ -444,6 +446,9 @@ class ReplicaJob(Callback):
             return
         directory = snapshots.epoch_dir(self.snapshot_dir, epoch)
         shared = {k: v for k, v in self._identity().items() if k != "replica"}
+        if snapshots.pretrained_model(pl_module, state) is not None:
+            # the merge keys its draws by "model." + the directory's names, as in-process
+            shared["draw_prefix"] = snapshots.PRETRAINED_PREFIX
         snapshots.write_epoch_record(directory, {**shared, "epoch": epoch})
         self._write(pl_module, state, directory / f"replica_{self.replica:03d}", epoch)
 

@@ -4,7 +4,7 @@ written (atomically) and checked.
 Layout of a ``snapshot_dir`` filled by the K jobs of one run::
 
     snapshot_dir/initial/ or initial.safetensors     # the weights every replica starts from
-    snapshot_dir/epoch_000/selmerge.json             # {num_replicas, seed, epoch, fixed_batches}
+    snapshot_dir/epoch_000/selmerge.json             # {num_replicas, seed, epoch, ...}
     snapshot_dir/epoch_000/replica_000/              # save_pretrained directory + selmerge.json
     snapshot_dir/epoch_000/replica_001.safetensors   # or one file; its record in the metadata
 
@@ -54,6 +54,9 @@ RECORD_NAME = "selmerge.json"
 RECORD_FORMAT = "lightning_selmerge.replica_snapshot"
 #: safetensors metadata key holding a file snapshot's record
 METADATA_KEY = "selmerge"
+#: where a save_pretrained snapshot's tensors sit in the LightningModule (``self.model``): a
+#: record's ``draw_prefix``, so that the merge draws under the names the in-process merge uses
+PRETRAINED_PREFIX = "model."
 #: the keys every record of one run must agree on
 RUN_KEYS = ("num_replicas", "seed", "fixed_batches")
 _EPOCH = re.compile(r"^epoch_(\d{3,})$")
@@ -78,7 +81,7 @@ def pretrained_model(module: torch.nn.Module, state: Mapping[str, Any]) -> Any |
     model = getattr(module, "model", None)
     if not callable(getattr(model, "save_pretrained", None)):
         return None
-    if any(not name.startswith("model.") for name in state):
+    if any(not name.startswith(PRETRAINED_PREFIX) for name in state):
         return None
     return model
 
@@ -156,8 +159,7 @@ def write_snapshot(
         return path
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        prefix = "model."
-        inner = {name[len(prefix) :]: tensor for name, tensor in state.items()}
+        inner = {name[len(PRETRAINED_PREFIX) :]: tensor for name, tensor in state.items()}
         pretrained.save_pretrained(tmp_dir, state_dict=inner)
         if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
             tokenizer.save_pretrained(tmp_dir)
