@@ -27,6 +27,7 @@ _LAZY = {
     "DataOrderSampler": "lightning_selmerge.data",
     "IndexedDataset": "lightning_selmerge.data",
     "PositionLossMonitor": "lightning_selmerge.imbalance",
+    "ReplicaJob": "lightning_selmerge.ensemble",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "MergeRule",
     "ParameterSelection",
     "PositionLossMonitor",
+    "ReplicaJob",
     "SelectionMergeCallback",
     "WeightedAverage",
     "__version__",

@@ -7,6 +7,13 @@ imported here, and ``--print_config`` shows every option with its documentation:
 
     lightning-selmerge fit --config configs/demo.yaml
     lightning-selmerge fit --config configs/demo.yaml --print_config
+
+With ``--replica k --num_replicas K --snapshot_dir DIR`` (``--replica`` defaulting to
+``$SLURM_ARRAY_TASK_ID``) ``fit`` trains replica k of the ensemble as its own fit, see
+:mod:`.replica`::
+
+    lightning-selmerge fit --config configs/demo.yaml --replica 3 --num_replicas 4 \
+        --snapshot_dir snapshots
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # imported for their class names: `class_path: CausalLMModule`, `DataOrderEnsemble`, ...
 import lightning_selmerge.ensemble
@@ -25,6 +32,8 @@ import lightning_selmerge.hf
 import lightning_selmerge.imbalance  # noqa: F401
 from lightning_selmerge.cli.quiet import quiet_lightning_tips
 from lightning_selmerge.progress import default_progress_bar
+
+from .replica import ReplicaSettings, add_replica_arguments, prepare_replica_job, replica_trainer
 
 __all__ = ["SelmergeCLI", "run_lightning"]
 
@@ -35,17 +44,31 @@ class SelmergeCLI(LightningCLI):
     The saved ``config.yaml`` next to the logs is overwritten by a rerun in the same directory
     (a rerun of a config is the common case, not a mistake). Unless a progress bar is configured
     (or ``enable_progress_bar`` is false), the Trainer gets one that shows counters as integers
-    (:mod:`lightning_selmerge.progress`).
+    (:mod:`lightning_selmerge.progress`). ``--replica``, ``--num_replicas`` and
+    ``--snapshot_dir`` make ``fit`` a replica job (:mod:`.replica`).
     """
+
+    replica_job: ReplicaSettings | None = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_replica_arguments(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:  # before the seed is set: seed_everything=True is refused
+            self.replica_job = prepare_replica_job(subcommand, self.config[subcommand])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config.get("trainer") or {}
-        callbacks = trainer.get("callbacks") or []
+        if self.replica_job is not None:
+            kwargs = {**kwargs, **replica_trainer(trainer, self.replica_job)}
+        callbacks = kwargs.get("callbacks", trainer.get("callbacks")) or []
         callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, default_progress_bar()])
+            kwargs["callbacks"] = [*callbacks, default_progress_bar()]
         return super().instantiate_trainer(**kwargs)
 
 

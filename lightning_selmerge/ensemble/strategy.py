@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import numbers
 import os
-import random
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -15,11 +13,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-
-try:
-    import numpy as np
-except ImportError:  # numpy is optional for torch
-    np = None  # type: ignore[assignment]
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
@@ -57,6 +50,9 @@ from lightning_selmerge.ensemble.replica_store import (
     ReplicaStore,
     cpu_state_copy,
 )
+from lightning_selmerge.ensemble.rng import rng_states as _rng_states
+from lightning_selmerge.ensemble.rng import seed_replica_pass as _seed_replica_pass
+from lightning_selmerge.ensemble.rng import set_rng_states as _set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
 from lightning_selmerge.merging import (
     MergeMethod,
@@ -74,41 +70,6 @@ __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_cop
 
 #: checkpoint key of the ensemble's own state (replicas, initial weights, RNG, active replica)
 CHECKPOINT_KEY = "data_order_ensemble"
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if np is not None:  # as torch and python values, which weights-only loading accepts
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        states["numpy"] = [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached]
-    return states
-
-
-def _seed_replica_pass(base: int, seed: int, epoch: int, replica: int) -> None:
-    """Seed torch, python and numpy for one replica's pass over one epoch.
-
-    Each pass's random stream (dropout, augmentation) then depends only on (base, seed, epoch,
-    replica): not on what ran before it (validation, other replicas), on which rank trains the
-    replica, or on whether the fit was resumed in between.
-    """
-    key = f"selmerge-replica-pass:{base}:{seed}:{epoch}:{replica}".encode()
-    value = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-    torch.manual_seed(value)  # also every CUDA device
-    random.seed(value)
-    if np is not None:
-        np.random.seed(value % 2**32)
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "numpy" in states and np is not None:
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), float(cached)))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class _ResumableLoader(DataLoader):

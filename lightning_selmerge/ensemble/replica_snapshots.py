@@ -1,0 +1,272 @@
+"""Per-epoch weight snapshots of replica jobs: where they go, what they record, how they are
+written (atomically) and checked.
+
+Layout of a ``snapshot_dir`` filled by the K jobs of one run::
+
+    snapshot_dir/initial/ or initial.safetensors     # the weights every replica starts from
+    snapshot_dir/epoch_000/selmerge.json             # {num_replicas, seed, epoch, ...}
+    snapshot_dir/epoch_000/replica_000/              # save_pretrained directory + selmerge.json
+    snapshot_dir/epoch_000/replica_001.safetensors   # or one file; its record in the metadata
+
+A snapshot is a Hugging Face directory when the LightningModule keeps a ``PreTrainedModel`` as
+``self.model`` and has no other tensors; else the whole LightningModule state dict in one
+safetensors file (tensors that share memory, i.e. tied weights, stored once under the name that
+comes first in the state dict, which for Hugging Face style models is the input embedding that
+``save_pretrained`` keeps). This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.ties import storage_key
+
+__all__ = [
+    "RECORD_FORMAT",
+    "RECORD_NAME",
+    "SnapshotMismatch",
+    "check_snapshot_dir",
+    "epoch_dir",
+    "find_snapshot",
+    "pretrained_model",
+    "read_record",
+    "remove_stale_temporaries",
+    "state_fingerprint",
+    "write_epoch_record",
+    "write_snapshot",
+]
+
+RECORD_NAME = "selmerge.json"
+RECORD_FORMAT = "lightning_selmerge.replica_snapshot"
+#: safetensors metadata key holding a file snapshot's record
+METADATA_KEY = "selmerge"
+#: where a save_pretrained snapshot's tensors sit in the LightningModule (``self.model``): a
+#: record's ``draw_prefix``, so that the merge draws under the names the in-process merge uses
+PRETRAINED_PREFIX = "model."
+#: the keys every record of one run must agree on
+RUN_KEYS = ("num_replicas", "seed", "fixed_batches")
+_EPOCH = re.compile(r"^epoch_(\d{3,})$")
+
+
+class SnapshotMismatch(ValueError):
+    """A ``snapshot_dir`` holds snapshots of another run (another K, seed or initial model)."""
+
+
+def epoch_dir(snapshot_dir: str | Path, epoch: int) -> Path:
+    """``snapshot_dir/epoch_{epoch:03d}``.
+
+    Example:
+        >>> epoch_dir("snaps", 2).as_posix()
+        'snaps/epoch_002'
+    """
+    return Path(snapshot_dir) / f"epoch_{epoch:03d}"
+
+
+def pretrained_model(module: torch.nn.Module, state: Mapping[str, Any]) -> Any | None:
+    """``module.model`` when it has ``save_pretrained`` and holds every tensor of ``state``."""
+    model = getattr(module, "model", None)
+    if not callable(getattr(model, "save_pretrained", None)):
+        return None
+    if any(not name.startswith(PRETRAINED_PREFIX) for name in state):
+        return None
+    return model
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """BLAKE2b of every tensor's name, dtype, shape and bytes, in name order (hex, 32 chars).
+
+    Example:
+        >>> a = {"w": torch.zeros(2)}
+        >>> state_fingerprint(a) == state_fingerprint({"w": torch.zeros(2)})
+        True
+        >>> state_fingerprint(a) == state_fingerprint({"w": torch.ones(2)})
+        False
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\x1f{tensor.dtype}\x1f{tuple(tensor.shape)}\x1e".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors; a tie group (shared memory) once, under its first name."""
+    seen: set[tuple] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = storage_key(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _write_json_atomic(path: Path, record: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_snapshot(
+    target: Path,
+    state: Mapping[str, torch.Tensor],
+    record: Mapping[str, Any],
+    pretrained: Any | None = None,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Write ``state`` as ``target/`` (``pretrained.save_pretrained``, with ``tokenizer`` and
+    ``selmerge.json``) or as ``target.safetensors`` (``record`` in its metadata), under a
+    temporary name renamed when complete: an existing snapshot is replaced whole or not at all.
+
+    Example:
+        >>> out = Path(tempfile.mkdtemp()) / "replica_000"
+        >>> write_snapshot(out, {"w": torch.ones(2)}, {"replica": 0}).name
+        'replica_000.safetensors'
+        >>> read_record(out.with_suffix(".safetensors"))
+        {'replica': 0}
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if pretrained is None:
+        path = target.with_name(target.name + ".safetensors")
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            metadata = {METADATA_KEY: json.dumps(dict(record), sort_keys=True)}
+            save_file(_file_tensors(state), str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        inner = {name[len(PRETRAINED_PREFIX) :]: tensor for name, tensor in state.items()}
+        pretrained.save_pretrained(tmp_dir, state_dict=inner)
+        if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
+            tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / RECORD_NAME).write_text(json.dumps(dict(record), indent=2, sort_keys=True))
+        publish_directory(tmp_dir, target, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return target
+
+
+def write_epoch_record(directory: Path, record: Mapping[str, Any]) -> None:
+    """``directory/selmerge.json`` with what every job of the run shares (rewritten only when
+    it differs)."""
+    path = directory / RECORD_NAME
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()) == dict(record):
+                return
+        except ValueError:
+            pass
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, record)
+
+
+def find_snapshot(target: Path) -> Path | None:
+    """The snapshot written for ``target`` (the directory or the ``.safetensors`` file)."""
+    if target.is_dir():
+        return target
+    file = target.with_name(target.name + ".safetensors")
+    return file if file.is_file() else None
+
+
+def read_record(snapshot: Path) -> dict[str, Any] | None:
+    """The record of a snapshot directory, safetensors file or ``selmerge.json`` (``None`` when
+    it has none)."""
+    try:
+        if snapshot.is_dir():
+            snapshot = snapshot / RECORD_NAME
+        if snapshot.suffix == ".safetensors":
+            with safe_open(str(snapshot), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+            return None if text is None else json.loads(text)
+        if snapshot.is_file():
+            return json.loads(snapshot.read_text())
+    except (OSError, ValueError) as err:
+        raise SnapshotMismatch(f"cannot read the snapshot record {snapshot}: {err}") from err
+    return None
+
+
+def _records(snapshot_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Every record under ``snapshot_dir``: the initial snapshot's, the epochs' and replicas'."""
+    found: dict[Path, dict[str, Any]] = {}
+    candidates = [snapshot_dir / "initial", snapshot_dir / "initial.safetensors"]
+    for epoch in sorted(p for p in snapshot_dir.iterdir() if _EPOCH.match(p.name) and p.is_dir()):
+        candidates.append(epoch / RECORD_NAME)
+        candidates += sorted(p for p in epoch.iterdir() if p.name.startswith("replica_"))
+    for path in candidates:
+        if path.exists():
+            record = read_record(path)
+            if record is not None:
+                found[path] = record
+    return found
+
+
+def check_snapshot_dir(snapshot_dir: str | Path, run: Mapping[str, Any]) -> None:
+    """Refuse a ``snapshot_dir`` holding snapshots whose records disagree with ``run`` (its
+    ``num_replicas``, ``seed``, ``fixed_batches`` and, when given, ``initial_fingerprint``).
+
+    Raises:
+        SnapshotMismatch: naming the snapshot, the values and the fix.
+    """
+    snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.is_dir():
+        return
+    keys = [*RUN_KEYS, "initial_fingerprint"]
+    for path, record in _records(snapshot_dir).items():
+        for key in keys:
+            if run.get(key) is None or record.get(key) is None or record[key] == run[key]:
+                continue
+            what = (
+                "another initial model (the jobs must build identical weights: set the same "
+                "seed_everything in every job and load the same checkpoint)"
+                if key == "initial_fingerprint"
+                else f"{key}={record[key]!r} where this job has {key}={run[key]!r}"
+            )
+            raise SnapshotMismatch(
+                f"ReplicaJob: {path} in the snapshot_dir was written by another run: {what}. "
+                "Use a new snapshot_dir for this run, or the settings of the run that wrote it."
+            )
+
+
+def remove_stale_temporaries(snapshot_dir: str | Path, replica: int) -> list[Path]:
+    """Remove the temporary files of ``replica``'s job left by a killed write (only this job
+    writes those names), and return them."""
+    snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.is_dir():
+        return []
+    stem = re.escape(f"replica_{replica:03d}")
+    pattern = re.compile(rf"^\.{stem}(\.safetensors)?\.tmp-")
+    removed = []
+    for epoch in (p for p in snapshot_dir.iterdir() if _EPOCH.match(p.name) and p.is_dir()):
+        for stale in epoch.iterdir():
+            if pattern.match(stale.name):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
