@@ -345,12 +345,6 @@ def test_tied_gpt2_jobs_hold_the_ensemble_replicas(gpt2_run: tuple[Path, RecordE
         assert equal_states(merged, record.merged[epoch]), epoch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the streaming branch (merged in main): merging.snapshots.merge_epoch, which "
-    "keys the draws by the records' draw_prefix ('model.') + the directory's names, and one "
-    "canonical name per tie group (issue 23 item 11). Passes on main; remove this mark there.",
-)
 def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
     gpt2_run: tuple[Path, RecordEpochs], tmp_path: Path
 ) -> None:
