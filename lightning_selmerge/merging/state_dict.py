@@ -54,8 +54,8 @@ def iter_merged_chunks(
     only when that is not finite).
 
     ``prepared``: what :func:`~.plan.prepare_tensor` computed from the whole tensor, for a
-    method that :attr:`~MergeMethod.needs_whole_tensor`; computed here from ``replicas`` when they are the
-    whole tensor (``offset`` 0), required otherwise.
+    method that :attr:`~MergeMethod.needs_whole_tensor`; computed here from ``replicas`` when
+    they are the whole tensor (``offset`` 0), required otherwise.
     """
     if chunk_numel < 1:
         raise MergeError(f"chunk_numel must be >= 1, got {chunk_numel}")
