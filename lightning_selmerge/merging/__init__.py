@@ -11,7 +11,13 @@ from .checkpoints import merge_checkpoints
 from .errors import MergeError, NonFiniteError
 from .finite import NonFinite, all_finite, find_nonfinite
 from .keyed_random import KeyedRandom
-from .methods import ChunkContext, MergeMethod, ParameterSelection, WeightedAverage
+from .methods import (
+    ChunkContext,
+    MergeMethod,
+    ParameterSelection,
+    TaskArithmetic,
+    WeightedAverage,
+)
 from .rules import MergeRule, load_rules, make_method, method_for
 from .state_dict import iter_merged_chunks, merge_state_dicts, merge_tensor
 
@@ -24,6 +30,7 @@ __all__ = [
     "NonFinite",
     "NonFiniteError",
     "ParameterSelection",
+    "TaskArithmetic",
     "WeightedAverage",
     "all_finite",
     "find_nonfinite",

@@ -20,6 +20,7 @@ from .base import ChunkContext, MergeMethod, MethodParameter, StreamingMerge
 from .registry import build_method, method_class, method_names, register_method
 from .selection import ParameterSelection, selection_candidates
 from .selection_kernel import bit_view, moved_bits
+from .task_arithmetic import TaskArithmetic
 
 __all__ = [
     "ChunkContext",
@@ -27,6 +28,7 @@ __all__ = [
     "MethodParameter",
     "ParameterSelection",
     "StreamingMerge",
+    "TaskArithmetic",
     "WeightedAverage",
     "bit_view",
     "build_method",
