@@ -16,6 +16,7 @@ from .methods import (
     MergeMethod,
     ParameterSelection,
     TaskArithmetic,
+    TiesMerging,
     WeightedAverage,
 )
 from .rules import MergeRule, load_rules, make_method, method_for
@@ -31,6 +32,7 @@ __all__ = [
     "NonFiniteError",
     "ParameterSelection",
     "TaskArithmetic",
+    "TiesMerging",
     "WeightedAverage",
     "all_finite",
     "find_nonfinite",

@@ -21,6 +21,7 @@ from .registry import build_method, method_class, method_names, register_method
 from .selection import ParameterSelection, selection_candidates
 from .selection_kernel import bit_view, moved_bits
 from .task_arithmetic import TaskArithmetic
+from .ties_merge import TiesMerging
 
 __all__ = [
     "ChunkContext",
@@ -29,6 +30,7 @@ __all__ = [
     "ParameterSelection",
     "StreamingMerge",
     "TaskArithmetic",
+    "TiesMerging",
     "WeightedAverage",
     "bit_view",
     "build_method",
