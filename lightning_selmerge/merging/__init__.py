@@ -13,6 +13,7 @@ from .finite import NonFinite, all_finite, find_nonfinite
 from .keyed_random import KeyedRandom
 from .methods import (
     ChunkContext,
+    Dare,
     MergeMethod,
     ParameterSelection,
     TaskArithmetic,
@@ -24,6 +25,7 @@ from .state_dict import iter_merged_chunks, merge_state_dicts, merge_tensor
 
 __all__ = [
     "ChunkContext",
+    "Dare",
     "KeyedRandom",
     "MergeError",
     "MergeMethod",

@@ -17,6 +17,7 @@ Example:
 # Importing a method's module registers it.
 from .average import WeightedAverage
 from .base import ChunkContext, MergeMethod, MethodParameter, StreamingMerge
+from .dare import Dare
 from .registry import build_method, method_class, method_names, register_method
 from .selection import ParameterSelection, selection_candidates
 from .selection_kernel import bit_view, moved_bits
@@ -25,6 +26,7 @@ from .ties_merge import TiesMerging
 
 __all__ = [
     "ChunkContext",
+    "Dare",
     "MergeMethod",
     "MethodParameter",
     "ParameterSelection",
