@@ -36,6 +36,7 @@ class MergeRule:
     error found later (weights that do not fit K) names it.
 
     Example:
+        >>> from lightning_selmerge.merging import WeightedAverage
         >>> rule = MergeRule(r"norm", WeightedAverage())
         >>> rule.matches("layers.0.input_layernorm.weight")
         True
