@@ -99,3 +99,20 @@ def test_rules_file_errors_found_against_k_name_the_file_and_the_rule(tmp_path, 
     err = capsys.readouterr().err
     assert str(rules) in err and "rule 2" in err and "3 weights for 2 replicas" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_lightning_cli_yaml_gives_the_callback_a_method_by_class_path():
+    """As LightningCLI reads ``trainer.callbacks``: jsonargparse builds the method object."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_selmerge.merging import TiesMerging
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(SelectionMergeCallback, "callback")
+    method = {"class_path": "lightning_selmerge.merging.TiesMerging"}
+    method["init_args"] = {"density": 0.3, "combine": "selection"}
+    config = parser.parse_object({"callback": {"method": method}})
+    callback = parser.instantiate_classes(config)["callback"]
+    assert callback.method == TiesMerging(density=0.3, combine="selection")
+    named = parser.instantiate_classes(parser.parse_object({"callback": {"method": "average"}}))
+    assert named["callback"].method == WeightedAverage()
