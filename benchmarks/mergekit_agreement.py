@@ -5,7 +5,8 @@ merges them with ``mergekit-pytorch`` (``task_arithmetic`` and ``ties``, several
 and with ``merge_checkpoints`` (:class:`TaskArithmetic`, :class:`TiesMerging`), and prints per
 case whether every tensor is bit-identical, and the largest absolute difference. For bfloat16
 files mergekit is run twice: as is (it computes in bfloat16) and with ``dtype: float32`` and
-``out_dtype: bfloat16`` (it computes in float32, as we do, and writes bfloat16). Run from the repository root::
+``out_dtype: bfloat16`` (it computes in float32, as we do, and writes bfloat16). Run from the
+repository root::
 
     python benchmarks/mergekit_agreement.py [--mergekit-bin PATH] [--k 3] [--json out.json]
 """
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_selmerge.merging import TaskArithmetic, TiesMerging, merge_checkpoints  # noqa: E402
+from lightning_selmerge.merging import TaskArithmetic, TiesMerging, merge_checkpoints
 
 SHAPES = {
     "model.embed_tokens.weight": (512, 64),
