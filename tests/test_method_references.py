@@ -60,3 +60,27 @@ def test_every_method_declares_documented_parameters(name):
     parameters = method_class(name).parameters()
     assert all(p.help for p in parameters), parameters
     assert method_class(name).name == name
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("resample", [0, 2, 5])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_selection_candidates_follow_the_documented_draws(k, resample, skewed):
+    """The library's candidate sequence against tests/reference_merge.py's independent one."""
+    from reference_merge import candidate
+
+    from lightning_selmerge.merging import ParameterSelection
+    from lightning_selmerge.merging.methods import selection_candidates
+
+    probabilities = [i + 1.0 for i in range(k)] if skewed else None
+    if probabilities:
+        probabilities = [p / sum(probabilities) for p in probabilities]
+    method = ParameterSelection(probabilities=probabilities, resample=resample)
+    rng = KeyedRandom(5)
+    offsets = torch.tensor([0, 1, 7, 8, 9, 1000, 123457])
+    got = selection_candidates(method, rng, "layer.w", offsets, k)
+    expected = [
+        [candidate(rng, "layer.w", int(i), j, k, probabilities, resample) for i in offsets]
+        for j in range(resample + 1)
+    ]
+    assert got.tolist() == expected
