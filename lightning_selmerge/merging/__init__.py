@@ -1,10 +1,12 @@
 """The merge core: pure torch, no Lightning.
 
-Methods over K aligned tensors (:class:`WeightedAverage`, :class:`ParameterSelection` with
-optional resample), a random source keyed by (seed, tensor name, element offset), whole
-state-dict merge (:func:`merge_state_dicts`) and out-of-core merge of safetensors checkpoints
-(:func:`merge_checkpoints`), all refusing replicas that hold NaN/Inf unless told to drop them
-(:func:`find_nonfinite`, ``nonfinite="drop"``).
+Methods over K aligned tensors, registered by name in :mod:`.methods` (:class:`WeightedAverage`,
+:class:`ParameterSelection` with optional resample, :class:`TaskArithmetic`,
+:class:`TiesMerging`, :class:`Dare`), a random source keyed by (seed, tensor name, element
+offset), and drivers that follow one per-tensor :class:`~.plan.MergePlan`: whole state-dict
+merge (:func:`merge_state_dicts`), out-of-core merge of safetensors checkpoints
+(:func:`merge_checkpoints`) and the collective merge over ranks, all refusing replicas that hold
+NaN/Inf unless told to drop them (:func:`find_nonfinite`, ``nonfinite="drop"``).
 """
 
 from .checkpoints import merge_checkpoints

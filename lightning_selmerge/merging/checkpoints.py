@@ -191,24 +191,25 @@ def merge_checkpoints(
         )
         out.parent.mkdir(parents=True, exist_ok=True)
 
-        def attempt(keep: Sequence[int]) -> None:
-            if len(keep) < len(replicas):
-                bad = sorted(set(range(len(replicas))) - set(keep))
-                job.provenance["replicas"] = [str(replicas[k]) for k in keep]
-                job.provenance["method"] = repr(plan.method.subset(keep))
-                job.provenance["dropped_nonfinite"] = [
-                    {"replica": k, "path": str(replicas[k]), "tensor": found_bad[k]} for k in bad
-                ]
-            kept_plan = plan if len(keep) == len(replicas) else plan.subset(keep)
-            job.run([readers[k] for k in keep], [labels[k] for k in keep], keep, kept_plan)
-
         found_bad: dict[int, str] = {}
 
         def find_bad() -> dict[int, str]:
             found_bad.update(_find_nonfinite_files(readers, infos))
             return found_bad
 
-        merge_dropping_nonfinite(attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad)
+        def attempt(plan: MergePlan, keep: Sequence[int]) -> None:
+            if found_bad:
+                job.provenance["replicas"] = [str(replicas[k]) for k in keep]
+                job.provenance["method"] = repr(plan.method)
+                job.provenance["dropped_nonfinite"] = [
+                    {"replica": k, "path": str(replicas[k]), "tensor": name}
+                    for k, name in found_bad.items()
+                ]
+            job.run([readers[k] for k in keep], [labels[k] for k in keep], keep, plan)
+
+        merge_dropping_nonfinite(
+            plan, attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad
+        )
     return out
 
 

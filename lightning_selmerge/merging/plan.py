@@ -157,27 +157,31 @@ def tie_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]
 
 
 def merge_dropping_nonfinite(
-    attempt: Callable[[Sequence[int]], T],
+    plan: MergePlan,
+    attempt: Callable[[MergePlan, Sequence[int]], T],
     *,
     nonfinite: str,
     labels: Sequence[str],
     find_bad: Callable[[], Mapping[int, str]],
 ) -> T:
-    """``attempt(all replicas)``; on :class:`NonFiniteError` with ``nonfinite="drop"``, find the
-    bad replicas (``find_bad``: index -> tensor), warn, and ``attempt(the others)``.
+    """``attempt(plan, all replicas)``; on :class:`NonFiniteError` with ``nonfinite="drop"``,
+    find the bad replicas (``find_bad``: index -> tensor), warn, and ``attempt`` again with the
+    others and the plan for them (:meth:`MergePlan.subset`).
 
     Example:
-        >>> merge_dropping_nonfinite(lambda keep: list(keep), nonfinite="error",
+        >>> plan = MergePlan.create(None, (), seed=0, num_replicas=2)
+        >>> merge_dropping_nonfinite(plan, lambda plan, keep: list(keep), nonfinite="error",
         ...                          labels=["replica 0", "replica 1"], find_bad=dict)
         [0, 1]
     """
     check_nonfinite_mode(nonfinite)
     try:
-        return attempt(list(range(len(labels))))
+        return attempt(plan, list(range(len(labels))))
     except NonFiniteError:
         if nonfinite == "error":
             raise
-    return attempt(surviving_replicas(find_bad(), labels))
+    keep = surviving_replicas(find_bad(), labels)
+    return attempt(plan.subset(keep), keep)
 
 
 def check_whole_tensor(plan: MergePlan, name: str, sharded: bool) -> None:

@@ -223,20 +223,17 @@ def merge_state_dicts(
     labels = [f"replica {k}" for k in range(len(replicas))]
     plan = MergePlan.create(method, rules, seed, len(replicas))
 
-    def attempt(keep: Sequence[int]) -> dict[str, torch.Tensor]:
-        kept_plan = plan if len(keep) == len(replicas) else plan.subset(keep)
-        return _merge_state_dicts(
-            [replicas[k] for k in keep],
-            [labels[k] for k in keep],
-            keep,
-            kept_plan,
-            base,
-            chunk_numel,
-        )
+    def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:
+        kept = [replicas[k] for k in keep]
+        return _merge_state_dicts(kept, [labels[k] for k in keep], keep, plan, base, chunk_numel)
 
     with scratch_scope():
         return merge_dropping_nonfinite(
-            attempt, nonfinite=nonfinite, labels=labels, find_bad=lambda: find_nonfinite(replicas)
+            plan,
+            attempt,
+            nonfinite=nonfinite,
+            labels=labels,
+            find_bad=lambda: find_nonfinite(replicas),
         )
 
 
