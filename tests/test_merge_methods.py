@@ -13,9 +13,9 @@ from lightning_selmerge.merging import (
     WeightedAverage,
     merge_state_dicts,
 )
-from lightning_selmerge.merging import methods as methods_module
 from lightning_selmerge.merging import scratch as scratch_module
 from lightning_selmerge.merging.methods import ChunkContext
+from lightning_selmerge.merging.methods import selection_kernel as methods_module
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

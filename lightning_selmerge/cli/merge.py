@@ -19,22 +19,44 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
 from lightning_selmerge.merging import (
     MergeError,
-    MergeMethod,
+    ParameterSelection,
     WeightedAverage,
     load_rules,
-    make_method,
     merge_checkpoints,
 )
 from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
+from lightning_selmerge.merging.methods import (
+    MergeMethod,
+    MethodParameter,
+    build_method,
+    method_class,
+    method_names,
+)
 from lightning_selmerge.merging.snapshots import merge_epoch
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
-__all__ = ["merge_parser", "run_merge"]
+__all__ = ["merge_parser", "method_from_args", "run_merge"]
+
+
+def _method_options() -> dict[str, tuple[MethodParameter, list[str]]]:
+    """Every registered method's parameters by name, with the methods that take each."""
+    options: dict[str, tuple[MethodParameter, list[str]]] = {}
+    for name in method_names():
+        for parameter in method_class(name).parameters():
+            known = options.setdefault(parameter.name, (parameter, []))
+            if known[0].type != parameter.type:
+                raise TypeError(
+                    f"merge methods {known[1]} and {name!r} declare parameter {parameter.name!r} "
+                    f"with different types ({known[0].type} and {parameter.type})"
+                )
+            known[1].append(name)
+    return options
 
 
 def merge_parser() -> ArgumentParser:
@@ -77,26 +99,20 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--base", default=None, help="pre-trained checkpoint (needed by resample)")
-    parser.add_argument("--method", default="selection", choices=["selection", "average"])
     parser.add_argument(
-        "--resample",
-        type=int,
-        default=0,
-        help="selection: re-draw an unmoved element up to N times",
+        "--method",
+        default="selection",
+        choices=method_names(),
+        help="merge method; its options are those below that name it",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
-    parser.add_argument(
-        "--weights",
-        type=Sequence[float],
-        default=None,
-        help="average: one weight per replica, e.g. [1,1,2]",
-    )
-    parser.add_argument(
-        "--probabilities",
-        type=Sequence[float],
-        default=None,
-        help="selection: one probability per replica, summing to 1",
-    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    for name, (parameter, methods) in _method_options().items():
+        parser.add_argument(
+            f"--{name}",
+            type=parameter.type | None,
+            default=None,
+            help=f"{', '.join(methods)}: {parameter.help}",
+        )
     parser.add_argument(
         "--rules",
         default=None,
@@ -122,7 +138,10 @@ def _use_streaming(
     half the available memory). Both give the same bits."""
     if streaming is not None:
         return streaming
-    if all(isinstance(m, WeightedAverage) for m in [method, *(r.method for r in rules)]):
+    methods = [method, *(r.method for r in rules)]
+    if not all(isinstance(m, WeightedAverage | ParameterSelection) for m in methods):
+        return False  # task arithmetic, TIES and DARE have no streaming form yet
+    if all(isinstance(m, WeightedAverage) for m in methods):
         return True
     import psutil
 
@@ -133,17 +152,27 @@ def _use_streaming(
     return total > psutil.virtual_memory().available // 2
 
 
+def method_from_args(args: Any) -> MergeMethod:
+    """The ``--method`` with the options given (an option it does not take is refused)."""
+    options = _method_options()
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    takes = {p.name for p in method_class(args.method).parameters()}
+    stray = sorted(set(given) - takes)
+    if stray:
+        raise MergeError(
+            f"--{stray[0]} is not an option of --method {args.method} (it takes "
+            f"{', '.join(f'--{t}' for t in sorted(takes)) or 'no options'}); "
+            f"--{stray[0]} is for {', '.join(options[stray[0]][1])}"
+        )
+    return build_method(args.method, given)
+
+
 def run_merge(argv: Sequence[str]) -> int:
     args = merge_parser().parse_args(list(argv))
     from tqdm.auto import tqdm
 
     try:
-        method = make_method(
-            args.method,
-            weights=args.weights,
-            probabilities=args.probabilities,
-            resample=args.resample,
-        )
+        method = method_from_args(args)
         rules = load_rules(args.rules) if args.rules else []
         with tqdm(desc="merging tensors", unit="tensor", disable=args.quiet) as bar:
 

@@ -17,9 +17,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
-from lightning_selmerge.merging import MergeRule, NonFinite, make_method
+from lightning_selmerge.merging import MergeError, MergeMethod, MergeRule, NonFinite
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.leftovers import recover_output, staging_path
+from lightning_selmerge.merging.methods import build_method
+from lightning_selmerge.merging.plan import MergePlan
 
 __all__ = ["SelectionMergeCallback"]
 
@@ -64,10 +66,13 @@ class SelectionMergeCallback(Callback):
     ``imbalance/replica_{k}/spearman`` (the paper's Fig. 3).
 
     Args:
-        method: ``"selection"`` (parameter selection) or ``"average"`` (weighted average).
-        resample: selection's resample count (uses the weights at fit start as the base).
-        weights: per-replica weights for ``"average"``.
-        probabilities: per-replica probabilities for ``"selection"``.
+        method: a merge method (``ParameterSelection(resample=1)``, ``TiesMerge(...)``; in a
+            LightningCLI YAML a ``class_path`` with ``init_args``), or a registered name
+            (``"selection"``, ``"average"``, ...; see
+            :func:`~lightning_selmerge.merging.methods.method_names`). Methods that need the base
+            use the weights at fit start.
+        resample, weights, probabilities: shortcuts for the parameters of a method given by
+            name (``method="average", weights=[...]``).
         seed: the merge's random seed.
         every_n_epochs: merge every this many epochs (and at the end of fit, unless it stopped
             inside an epoch). Between merges, validation uses the latest merge.
@@ -94,8 +99,8 @@ class SelectionMergeCallback(Callback):
 
     def __init__(
         self,
-        method: str = "selection",
-        resample: int = 0,
+        method: MergeMethod | str = "selection",
+        resample: int | None = None,
         weights: Sequence[float] | None = None,
         probabilities: Sequence[float] | None = None,
         seed: int = 0,
@@ -111,12 +116,17 @@ class SelectionMergeCallback(Callback):
             raise ValueError(
                 f"SelectionMergeCallback: every_n_epochs must be >= 1, got {every_n_epochs}."
             )
-        self.method = make_method(
-            method, weights=weights, probabilities=probabilities, resample=resample
+        self.method = _method(
+            method, resample=resample, weights=weights, probabilities=probabilities
         )
         self.seed = int(seed)
         self.every_n_epochs = int(every_n_epochs)
         self.rules = tuple(rules)
+        for rule in self.rules:
+            try:
+                rule.method.check_parameters()
+            except MergeError as err:
+                raise MergeError(f"SelectionMergeCallback: {rule.label}: {err}") from err
         self.sync_replicas = sync_replicas
         self.validate_replicas = validate_replicas
         self.save_dir = None if save_dir is None else Path(save_dir)
@@ -164,6 +174,13 @@ class SelectionMergeCallback(Callback):
         strategy.weights_only_state = lambda: (
             None if self.merged_state is None else self._full_merged_state(strategy)
         )
+        try:  # fail at start, not after the first epoch
+            MergePlan.create(self.method, self.rules, self.seed, strategy.num_replicas)
+        except MergeError as err:
+            raise MisconfigurationException(
+                f"SelectionMergeCallback with DataOrderEnsemble(num_replicas="
+                f"{strategy.num_replicas}): {err}"
+            ) from err
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
@@ -378,6 +395,31 @@ class SelectionMergeCallback(Callback):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _method(
+    method: MergeMethod | str,
+    **shortcuts: Any,
+) -> MergeMethod:
+    """The callback's method: an object as given, or a registered name with the shortcuts;
+    parameters that are wrong whatever K is are refused here, at construction."""
+    given = {key: value for key, value in shortcuts.items() if value is not None}
+    try:
+        if isinstance(method, str):
+            return build_method(method, given)
+        if not isinstance(method, MergeMethod):
+            raise MergeError(
+                f"method must be a MergeMethod or one of the registered names, got {method!r}"
+            )
+        if given:
+            raise MergeError(
+                f"{', '.join(sorted(given))} given beside the method object {method}: pass them "
+                f"to the method itself (e.g. {type(method).__name__}(...))"
+            )
+        method.check_parameters()
+        return method
+    except MergeError as err:
+        raise MergeError(f"SelectionMergeCallback: {err}") from err
 
 
 def _pretrained_submodule(pl_module: LightningModule) -> tuple[str, Any]:

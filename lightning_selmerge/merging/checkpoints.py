@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeError, NonFiniteError
-from .finite import NonFinite, all_finite, check_nonfinite_mode, surviving_replicas
-from .keyed_random import KeyedRandom
+from .errors import MergeError
+from .finite import NonFinite, all_finite, check_nonfinite_mode
 from .leftovers import backup_path, recover_output, staging_path
-from .methods import MergeMethod, ParameterSelection
-from .rules import MergeRule, method_for
+from .methods import MergeMethod
+from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor
+from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
@@ -92,12 +92,12 @@ def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
 
 
 def _find_nonfinite_files(
-    readers: Sequence[CheckpointReader], plan: Sequence[tuple[str, TensorInfo]]
+    readers: Sequence[CheckpointReader], infos: Sequence[tuple[str, TensorInfo]]
 ) -> dict[int, str]:
     """Replica index -> its first floating-point tensor holding NaN/Inf (one read pass)."""
     found: dict[int, str] = {}
     for index, reader in enumerate(readers):
-        for name, info in plan:
+        for name, info in infos:
             if info.dtype.is_floating_point and not all_finite(reader.tensor(name)):
                 found[index] = name
             reader.release(name)
@@ -158,10 +158,8 @@ def merge_checkpoints(
         tensor([0.5000, 0.5000, 0.5000])
     """
     out = Path(out)
-    method = method if method is not None else ParameterSelection()
     check_nonfinite_mode(nonfinite)
-    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
-        candidate.validate(len(replicas))
+    plan = MergePlan.create(method, rules, seed, len(replicas))
     recover_output(out)  # what a killed merge into ``out`` left behind
     if out.exists() and not overwrite:
         raise MergeError(
@@ -175,35 +173,34 @@ def merge_checkpoints(
         readers = [CheckpointReader(path) for path in replicas]
         for reader in readers:
             stack.callback(reader.close)
-        plan = _aligned_infos(readers, labels)
+        infos = _aligned_infos(readers, labels)
         base_reader = None
         if base is not None:
             base_reader = CheckpointReader(base)
             stack.callback(base_reader.close)
-        for name, info in plan:
-            if info.dtype.is_floating_point and method_for(name, rules, method).needs_base:
-                if base_reader is None:
-                    raise MergeError(
-                        f"tensor {name!r}: selection with resample needs the base (pre-trained) "
-                        "checkpoint: pass --base / base=..."
-                    )
-                if name not in base_reader or base_reader.info(name) != info:
-                    raise MergeError(
-                        f"tensor {name!r} is missing from the base checkpoint {base} or has "
-                        "another shape or dtype there"
-                    )
+        base_infos = None
+        if base_reader is not None:
+            base_infos = {name: base_reader.info(name) for name in base_reader.names()}
+        for name, info in infos:
+            if not info.dtype.is_floating_point:
+                continue
+            found = plan.base_for(name, base_infos, "--base / base=<pre-trained checkpoint>")
+            if found is not None and found != info:
+                raise MergeError(
+                    f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
+                    f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
+                )
         job = _MergeJob(
             out=out,
-            plan=plan,
+            infos=infos,
             base_reader=base_reader,
             side_files=_side_file_source(base, replicas[0]),
-            seed=seed,
             chunk_numel=chunk_numel,
             max_shard_bytes=max_shard_bytes,
             overwrite=overwrite,
             progress=progress,
             provenance={
-                "method": repr(method),
+                "method": repr(plan.method),
                 "rules": [{"pattern": r.pattern, "method": repr(r.method)} for r in rules],
                 "seed": seed,
                 "replicas": [str(p) for p in replicas],
@@ -211,25 +208,25 @@ def merge_checkpoints(
             },
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            job.run(readers, labels, list(range(len(readers))), method, rules)
-            return out
-        except NonFiniteError:
-            if nonfinite == "error":
-                raise
-        bad = _find_nonfinite_files(readers, plan)
-        keep = surviving_replicas(bad, labels)
-        job.provenance["replicas"] = [str(replicas[k]) for k in keep]
-        job.provenance["method"] = repr(method.subset(keep))
-        job.provenance["dropped_nonfinite"] = [
-            {"replica": k, "path": str(replicas[k]), "tensor": name} for k, name in bad.items()
-        ]
-        job.run(
-            [readers[k] for k in keep],
-            [labels[k] for k in keep],
-            keep,
-            method.subset(keep),
-            [rule.subset(keep) for rule in rules],
+
+        found_bad: dict[int, str] = {}
+
+        def find_bad() -> dict[int, str]:
+            found_bad.update(_find_nonfinite_files(readers, infos))
+            return found_bad
+
+        def attempt(plan: MergePlan, keep: Sequence[int]) -> None:
+            if found_bad:
+                job.provenance["replicas"] = [str(replicas[k]) for k in keep]
+                job.provenance["method"] = repr(plan.method)
+                job.provenance["dropped_nonfinite"] = [
+                    {"replica": k, "path": str(replicas[k]), "tensor": name}
+                    for k, name in found_bad.items()
+                ]
+            job.run([readers[k] for k in keep], [labels[k] for k in keep], keep, plan)
+
+        merge_dropping_nonfinite(
+            plan, attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad
         )
     return out
 
@@ -239,10 +236,9 @@ class _MergeJob:
     """One attempt at writing the merge: into a staging directory, renamed to ``out`` at the end."""
 
     out: Path
-    plan: Sequence[tuple[str, TensorInfo]]
+    infos: Sequence[tuple[str, TensorInfo]]
     base_reader: CheckpointReader | None
     side_files: Path
-    seed: int
     chunk_numel: int
     max_shard_bytes: int
     overwrite: bool
@@ -254,14 +250,13 @@ class _MergeJob:
         readers: Sequence[CheckpointReader],
         labels: Sequence[str],
         indices: Sequence[int],
-        method: MergeMethod,
-        rules: Sequence[MergeRule],
+        plan: MergePlan,
     ) -> None:
         out = self.out
         staging = staging_path(out)
         staging.mkdir()
         try:
-            self._write(staging, readers, labels, indices, method, rules)
+            self._write(staging, readers, labels, indices, plan)
             publish_directory(staging, out, self.overwrite)
         except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
@@ -283,26 +278,24 @@ class _MergeJob:
         readers: Sequence[CheckpointReader],
         labels: Sequence[str],
         indices: Sequence[int],
-        method: MergeMethod,
-        rules: Sequence[MergeRule],
+        plan: MergePlan,
     ) -> None:
         writer = ShardedSafetensorsWriter(
             staging,
-            self.plan,
+            self.infos,
             max_shard_bytes=self.max_shard_bytes,
             metadata={"merged_by": "lightning_selmerge"},
         )
         try:
-            rng = KeyedRandom(self.seed)
             base_reader = self.base_reader
-            for done, (name, info) in enumerate(self.plan, start=1):
+            for done, (name, info) in enumerate(self.infos, start=1):
                 tensors = [reader.tensor(name) for reader in readers]
                 if info.numel == 0:
                     writer.write(name, tensors[0])
                 elif not info.dtype.is_floating_point:
                     writer.write(name, copy_exact(name, tensors, labels))
                 else:
-                    chosen = method_for(name, rules, method)
+                    chosen = plan.method_for(name)
                     base_tensor = base_reader.tensor(name) if chosen.needs_base else None
                     start = 0
                     chunks = iter_merged_chunks(
@@ -310,11 +303,14 @@ class _MergeJob:
                         tensors,
                         base_tensor,
                         chosen,
-                        rng,
+                        plan.rng,
                         chunk_numel=self.chunk_numel,
                         check_finite_as=labels,
                         indices=indices,
                         reuse_buffer=True,  # each chunk is written out before the next
+                        prepared=prepare_tensor(
+                            chosen, name, tensors, base_tensor, self.chunk_numel
+                        ),
                     )
                     for chunk in chunks:
                         writer.write(name, chunk)

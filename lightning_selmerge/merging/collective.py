@@ -28,10 +28,10 @@ import torch.distributed as dist
 from .errors import MergeError
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
-from .rules import MergeRule, method_for
+from .plan import MergePlan, check_whole_tensor, prepare_tensor, tie_groups
+from .rules import MergeRule
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, copy_exact
-from .ties import canonical_name, storage_key
 
 __all__ = ["merge_state_dicts_collective", "shard_offset"]
 
@@ -88,9 +88,7 @@ def merge_state_dicts_collective(
             {rank: model.state_dict()}, num_replicas=2, method=ParameterSelection(), seed=0
         )
     """
-    method = method if method is not None else ParameterSelection()
-    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
-        candidate.validate(num_replicas)
+    plan = MergePlan.create(method, rules, seed, num_replicas)
     indices = sorted(local_replicas)
     if not indices:
         raise MergeError("merge_state_dicts_collective: this rank holds no replica")
@@ -99,44 +97,54 @@ def merge_state_dicts_collective(
     check_same_names([set(s) for s in states], labels)
     held = _check_layout(indices, states, num_replicas, group)
     offsets = offsets or {}
-    rng = KeyedRandom(seed)
-
-    groups: dict[tuple, list[str]] = {}
-    for name, tensor in states[0].items():
-        groups.setdefault(storage_key(tensor), []).append(name)
 
     merged: dict[str, torch.Tensor] = {}
     with scratch_scope():
-        for names in sorted(groups.values(), key=min):  # the same order on every rank
-            key_name = canonical_name(names)
+        for key_name, names in tie_groups(states[0]):  # the same order on every rank
             tensors = [s[key_name] for s in states]
             check_aligned(key_name, tensors, labels)
-            chosen = method_for(key_name, rules, method)
-            base_tensor = None
-            if tensors[0].is_floating_point() and chosen.needs_base:
-                if base is None or key_name not in base:
-                    raise MergeError(
-                        f"tensor {key_name!r}: {chosen} needs the base (pre-trained) weights, "
-                        "but no base tensor was given: pass base=<this rank's slice of the base>"
-                    )
-                base_tensor = base[key_name]
-                check_aligned(key_name, [tensors[0], base_tensor], ["replica", "base"])
+            chosen = plan.method_for(key_name)
+            base_tensor = prepared = None
+            if tensors[0].is_floating_point():
+                hint = "base=<this rank's slice of the base>"
+                base_tensor = plan.base_for(key_name, base, hint)
+                if base_tensor is not None:
+                    check_aligned(key_name, [tensors[0], base_tensor], ["replica", "base"])
+                check_whole_tensor(plan, key_name, sharded=bool(offsets))
+                prepared = _gather_prepared(
+                    prepare_tensor(chosen, key_name, tensors, base_tensor, chunk_numel),
+                    indices,
+                    group,
+                )
             result = _merge_tensor(
                 key_name,
                 dict(zip(indices, tensors)),
                 base_tensor,
                 chosen,
-                rng,
+                plan.rng,
                 num_replicas=num_replicas,
                 held=held,
                 group=group,
                 offset=int(offsets.get(key_name, 0)),
                 chunk_numel=chunk_numel,
                 device=device,
+                prepared=prepared,
             )
             for name in names:
                 merged[name] = result
     return {name: merged[name] for name in states[0]}
+
+
+def _gather_prepared(
+    local: list | None, indices: list[int], group: dist.ProcessGroup | None
+) -> list | None:
+    """Every replica's :meth:`~MergeMethod.prepare_replica` result, in replica order."""
+    if local is None:
+        return None
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dict(zip(indices, local)), group=group)
+    everyone = {k: value for part in gathered for k, value in part.items()}
+    return [everyone[k] for k in sorted(everyone)]
 
 
 def _check_layout(
@@ -182,6 +190,7 @@ def _merge_tensor(
     offset: int,
     chunk_numel: int,
     device: torch.device | str | None,
+    prepared: list | None = None,
 ) -> torch.Tensor:
     first = next(iter(local.values()))
     work = torch.device(device) if device is not None else first.device
@@ -194,7 +203,7 @@ def _merge_tensor(
         end = min(begin + chunk_numel, first.numel())
         chunks = {k: t[begin:end].to(work) for k, t in flat.items()}
         base_chunk = None if flat_base is None else flat_base[begin:end].to(work)
-        ctx = ChunkContext(rng, name, offset + begin)
+        ctx = ChunkContext(rng, name, offset + begin, prepared)
         if select:
             result = _select_chunk(ctx, chunks, base_chunk, method, num_replicas, group)
         else:
@@ -220,8 +229,6 @@ def _select_chunk(
     numel, device = first.numel(), first.device
     moved = None
     if method.resample > 0:
-        if base is None:
-            raise MergeError(f"{ctx.name}: resample needs the base weights to see what moved")
         local_bits = {k: bit_view(chunk) for k, chunk in chunks.items()}
         moved = moved_bits(local_bits, bit_view(base), dtype=_mask_dtype(num_replicas))
         dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)  # disjoint bits: SUM is OR

@@ -239,6 +239,25 @@ class KeyedRandom:
 
     def uniform16_at(self, name: str, stream: int, offsets: torch.Tensor) -> torch.Tensor:
         """Uniforms for the elements at the given flat ``offsets`` (int64 tensor)."""
-        hashed = self._hash_words(name, stream, offsets >> 2)
-        lane_shift = (offsets & 3).mul_(16)
-        return hashed.bitwise_right_shift_(lane_shift).bitwise_and_(0xFFFF).to(torch.int32)
+        return self.lanes_at(name, stream, offsets, lane_bits=16)
+
+    def lanes_at(
+        self, name: str, stream: int, offsets: torch.Tensor, lane_bits: int = 16
+    ) -> torch.Tensor:
+        """The ``lane_bits``-wide lanes (8 or 16) of the elements at flat ``offsets`` (int64), as
+        unsigned values in an int32 tensor: what :meth:`masked_lanes` holds there, one at a time.
+
+        Example:
+            >>> rng = KeyedRandom(seed=0)
+            >>> lanes = rng.masked_lanes("w", 0, start=0, numel=12, keep=0xFF, lane_bits=8)
+            >>> at = rng.lanes_at("w", 0, torch.arange(12), lane_bits=8)
+            >>> bool((at == lanes.to(torch.int32) & 0xFF).all())
+            True
+        """
+        if lane_bits not in (8, 16):
+            raise ValueError(f"lane_bits must be 8 or 16, got {lane_bits}")
+        per_word = 64 // lane_bits
+        hashed = self._hash_words(name, stream, offsets // per_word)
+        lane_shift = (offsets % per_word).mul_(lane_bits)
+        mask = (1 << lane_bits) - 1
+        return hashed.bitwise_right_shift_(lane_shift).bitwise_and_(mask).to(torch.int32)

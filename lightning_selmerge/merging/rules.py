@@ -4,54 +4,39 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import MergeError
-from .methods import MergeMethod, ParameterSelection, WeightedAverage
+from .methods import MergeMethod, build_method, method_names
 
 __all__ = ["MergeRule", "load_rules", "make_method", "method_for"]
 
-_METHODS = {"average": WeightedAverage, "selection": ParameterSelection}
 
-
-def make_method(
-    method: str,
-    *,
-    weights: Sequence[float] | None = None,
-    probabilities: Sequence[float] | None = None,
-    resample: int = 0,
-) -> MergeMethod:
-    """Build a method from its name: ``"average"`` (``weights``) or ``"selection"``.
+def make_method(method: str, **params: Any) -> MergeMethod:
+    """Build a registered method from its name and parameters (``None`` values are left out).
 
     Example:
         >>> make_method("selection", resample=2)
         ParameterSelection(probabilities=None, resample=2)
+        >>> make_method("average", weights=None)
+        WeightedAverage(weights=None)
     """
-    if method == "average":
-        if probabilities is not None or resample:
-            raise MergeError("method 'average' takes weights, not probabilities or resample")
-        return WeightedAverage(weights=None if weights is None else list(weights))
-    if method == "selection":
-        if weights is not None:
-            raise MergeError(
-                "method 'selection' takes probabilities, not weights (weights are for 'average')"
-            )
-        return ParameterSelection(
-            probabilities=None if probabilities is None else list(probabilities),
-            resample=resample,
-        )
-    raise MergeError(f"unknown merge method {method!r}: use one of {sorted(_METHODS)}")
+    return build_method(method, {k: v for k, v in params.items() if v is not None})
 
 
 @dataclass(frozen=True)
 class MergeRule:
     """Tensors whose name matches ``pattern`` (``re.search``) are merged with ``method``.
 
+    ``source`` says where the rule came from (``"merge rules file PATH, rule 2"``), so that an
+    error found later (weights that do not fit K) names it.
+
     Example:
+        >>> from lightning_selmerge.merging import WeightedAverage
         >>> rule = MergeRule(r"norm", WeightedAverage())
         >>> rule.matches("layers.0.input_layernorm.weight")
         True
@@ -59,6 +44,7 @@ class MergeRule:
 
     pattern: str
     method: MergeMethod
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -69,42 +55,48 @@ class MergeRule:
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
 
+    @property
+    def label(self) -> str:
+        """How errors name this rule: its ``source``, else its pattern."""
+        return self.source or f"merge rule {self.pattern!r}"
+
+    def validate(self, num_replicas: int) -> None:
+        """The method's :meth:`~MergeMethod.validate`, its errors naming this rule."""
+        try:
+            self.method.validate(num_replicas)
+        except MergeError as err:
+            raise MergeError(f"{self.label} ({self.method}): {err}") from err
+
     def subset(self, keep: Sequence[int]) -> MergeRule:
         """This rule for the replicas ``keep`` only (see :meth:`MergeMethod.subset`)."""
-        return MergeRule(self.pattern, self.method.subset(keep))
+        return MergeRule(self.pattern, self.method.subset(keep), self.source)
 
     @classmethod
-    def from_mapping(cls, entry: Mapping[str, Any]) -> MergeRule:
-        """``{"pattern": ..., "method": "average"|"selection", weights/probabilities/resample}``."""
+    def from_mapping(cls, entry: Mapping[str, Any], source: str | None = None) -> MergeRule:
+        """``{"pattern": ..., "method": NAME, <that method's parameters>}``.
+
+        Example:
+            >>> MergeRule.from_mapping({"pattern": "norm", "method": "average"}).method
+            WeightedAverage(weights=None)
+        """
         if not isinstance(entry, Mapping):
             raise MergeError(
                 f"merge rule {entry!r} must be a mapping with 'pattern' and 'method' (and "
-                "optionally weights, probabilities, resample)"
+                "that method's parameters, e.g. weights, probabilities, resample)"
             )
         entry = dict(entry)
-        unknown = set(entry) - {"pattern", "method", "weights", "probabilities", "resample"}
-        if "pattern" not in entry or "method" not in entry or unknown:
+        if "pattern" not in entry or "method" not in entry:
             raise MergeError(
-                f"merge rule {entry} must have 'pattern' and 'method' and only the optional keys "
-                "weights, probabilities, resample"
+                f"merge rule {entry} must have 'pattern' and 'method' (one of "
+                f"{method_names()}) and that method's parameters"
             )
-        for key in ("weights", "probabilities"):
-            values = entry.get(key)
-            if values is not None and not (
-                isinstance(values, Sequence)
-                and not isinstance(values, str)
-                and all(_is_number(v) for v in values)
-            ):
-                raise MergeError(f"merge rule {entry}: {key} must be a list of numbers")
-        resample = entry.get("resample", 0)
-        if not (isinstance(resample, int) and not isinstance(resample, bool) and resample >= 0):
-            raise MergeError(f"merge rule {entry}: resample must be an integer >= 0")
         pattern, method = entry.pop("pattern"), entry.pop("method")
-        return cls(str(pattern), make_method(str(method), **entry))
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            built = build_method(str(method), entry)
+        except MergeError as err:
+            shown = {"pattern": pattern, "method": method, **entry}
+            raise MergeError(f"merge rule {shown}: {err}") from err
+        return cls(str(pattern), built, source)
 
 
 def method_for(name: str, rules: Sequence[MergeRule], default: MergeMethod) -> MergeMethod:
@@ -137,8 +129,9 @@ def load_rules(path: str | Path) -> list[MergeRule]:
         )
     rules = []
     for position, entry in enumerate(entries, start=1):
+        source = f"merge rules file {path}, rule {position}"
         try:
-            rules.append(MergeRule.from_mapping(entry))
+            rules.append(MergeRule.from_mapping(entry, source))
         except MergeError as err:
-            raise MergeError(f"merge rules file {path}, rule {position}: {err}") from err
+            raise MergeError(f"{source}: {err}") from err
     return rules

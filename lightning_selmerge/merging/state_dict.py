@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .errors import MergeError, NonFiniteError
-from .finite import (
-    NonFinite,
-    all_finite,
-    check_finite,
-    check_nonfinite_mode,
-    find_nonfinite,
-    surviving_replicas,
-)
+from .errors import MergeError
+from .finite import NonFinite, all_finite, check_finite, find_nonfinite
 from .keyed_random import KeyedRandom
-from .methods import ChunkContext, MergeMethod, ParameterSelection
-from .rules import MergeRule, method_for
+from .methods import ChunkContext, MergeMethod
+from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor, tie_groups
+from .rules import MergeRule
 from .scratch import scratch_scope
-from .ties import canonical_name, storage_key
 
 __all__ = ["DEFAULT_CHUNK_NUMEL", "iter_merged_chunks", "merge_state_dicts", "merge_tensor"]
 
@@ -40,6 +34,7 @@ def iter_merged_chunks(
     indices: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
     reuse_buffer: bool = False,
+    prepared: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Merged flat chunks of one floating-point tensor, in order.
 
@@ -57,11 +52,22 @@ def iter_merged_chunks(
     element; ``indices`` are the replicas' indices it reports (default ``0..K-1``). A method that
     :attr:`~MergeMethod.propagates_nonfinite` has only its output chunk checked (the inputs
     only when that is not finite).
+
+    ``prepared``: what :func:`~.plan.prepare_tensor` computed from the whole tensor, for a
+    method that :attr:`~MergeMethod.needs_whole_tensor`; computed here from ``replicas`` when
+    they are the whole tensor (``offset`` 0), required otherwise.
     """
     if chunk_numel < 1:
         raise MergeError(f"chunk_numel must be >= 1, got {chunk_numel}")
     flat = [r.reshape(-1) for r in replicas]
     flat_base = base.reshape(-1) if base is not None else None
+    if prepared is None and method.needs_whole_tensor:
+        if offset != 0:
+            raise MergeError(
+                f"tensor {name!r}: {method} needs statistics of the whole tensor: pass "
+                "prepared=prepare_tensor(...) of the whole tensor with a slice's offset"
+            )
+        prepared = prepare_tensor(method, name, flat, flat_base, chunk_numel)
     numel = flat[0].numel()
     flat_out = _flat_output(name, out, flat[0]) if out is not None else None
     buffer = None
@@ -78,7 +84,7 @@ def iter_merged_chunks(
         else:
             target = buffer[: end - begin] if buffer is not None else None
         merged = method.merge_chunk(
-            ChunkContext(rng, name, offset + begin),
+            ChunkContext(rng, name, offset + begin, prepared),
             parts,
             flat_base[begin:end] if flat_base is not None else None,
             target,
@@ -214,27 +220,20 @@ def merge_state_dicts(
         >>> merge_state_dicts(replicas, base=base, method=ParameterSelection(resample=8))["w"][0]
         tensor(1.)
     """
-    method = method if method is not None else ParameterSelection()
-    check_nonfinite_mode(nonfinite)
     labels = [f"replica {k}" for k in range(len(replicas))]
+    plan = MergePlan.create(method, rules, seed, len(replicas))
+
+    def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:
+        kept = [replicas[k] for k in keep]
+        return _merge_state_dicts(kept, [labels[k] for k in keep], keep, plan, base, chunk_numel)
+
     with scratch_scope():
-        try:
-            return _merge_state_dicts(
-                replicas, labels, list(range(len(replicas))), method, base, rules, seed, chunk_numel
-            )
-        except NonFiniteError:
-            if nonfinite == "error":
-                raise
-        keep = surviving_replicas(find_nonfinite(replicas), labels)
-        return _merge_state_dicts(
-            [replicas[k] for k in keep],
-            [labels[k] for k in keep],
-            keep,
-            method.subset(keep),
-            base,
-            [rule.subset(keep) for rule in rules],
-            seed,
-            chunk_numel,
+        return merge_dropping_nonfinite(
+            plan,
+            attempt,
+            nonfinite=nonfinite,
+            labels=labels,
+            find_bad=lambda: find_nonfinite(replicas),
         )
 
 
@@ -242,47 +241,27 @@ def _merge_state_dicts(
     replicas: Sequence[Mapping[str, torch.Tensor]],
     labels: Sequence[str],
     indices: Sequence[int],
-    method: MergeMethod,
+    plan: MergePlan,
     base: Mapping[str, torch.Tensor] | None,
-    rules: Sequence[MergeRule],
-    seed: int,
     chunk_numel: int,
 ) -> dict[str, torch.Tensor]:
-    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
-        candidate.validate(len(replicas))
     check_same_names([set(r) for r in replicas], labels)
-    rng = KeyedRandom(seed)
-
-    # Tied tensors: one merge per storage, keyed (for the random draws) by the canonical
-    # name, the one save_pretrained keeps (see ties.py), so a saved directory merges the same.
-    groups: dict[tuple, list[str]] = {}
-    for name, tensor in replicas[0].items():
-        groups.setdefault(storage_key(tensor), []).append(name)
-
     merged: dict[str, torch.Tensor] = {}
-    for names in groups.values():
-        key_name = canonical_name(names)
+    for key_name, names in tie_groups(replicas[0]):
         tensors = [r[key_name] for r in replicas]
         check_aligned(key_name, tensors, labels)
         if not tensors[0].is_floating_point():
             result = copy_exact(key_name, tensors, labels)
         else:
-            chosen = method_for(key_name, rules, method)
-            base_tensor = None
-            if chosen.needs_base:
-                if base is None or key_name not in base:
-                    raise MergeError(
-                        f"tensor {key_name!r}: {chosen} needs the base (pre-trained) weights, "
-                        "but no base tensor was given: pass base=<pre-trained state dict>"
-                    )
-                base_tensor = base[key_name]
+            base_tensor = plan.base_for(key_name, base, "base=<pre-trained state dict>")
+            if base_tensor is not None:
                 check_aligned(key_name, [tensors[0], base_tensor], [labels[0], "base"])
             result = merge_tensor(
                 key_name,
                 tensors,
                 base_tensor,
-                chosen,
-                rng,
+                plan.method_for(key_name),
+                plan.rng,
                 chunk_numel=chunk_numel,
                 check_finite_as=labels,
                 indices=indices,

@@ -1,0 +1,213 @@
+"""What every merge method is: a declared set of parameters and a chunk kernel with a reference.
+
+A method sees flat, equally long chunks of the K replicas (and of the base, when it needs one),
+plus a :class:`ChunkContext` naming the tensor and the chunk's flat offset, which keys the random
+draws. Each method is a frozen dataclass whose fields are its parameters (a field's ``help``
+metadata documents it for the CLI and YAML rules), registered by name in
+:mod:`~lightning_selmerge.merging.methods.registry`.
+
+Every method has two implementations: :meth:`MergeMethod.merge_chunk`, the fast kernel the
+drivers run, and :meth:`MergeMethod.reference`, a plain whole-tensor definition of the same
+result that the property tests use as their oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from ..errors import MergeError
+from ..keyed_random import KeyedRandom
+
+__all__ = [
+    "ChunkContext",
+    "MergeMethod",
+    "MethodParameter",
+    "StreamingMerge",
+    "check_weights",
+    "compute_dtype",
+    "output_for",
+    "require_base",
+]
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Where a chunk sits: the tensor's name and the chunk's first flat element offset.
+
+    ``prepared``: per replica, what :meth:`MergeMethod.prepare_replica` computed from its whole
+    tensor (``None`` for methods that need nothing beyond the chunk).
+    """
+
+    rng: KeyedRandom
+    name: str
+    start: int
+    prepared: Any = None
+
+
+@dataclass(frozen=True)
+class MethodParameter:
+    """One parameter of a method, as the CLI, the YAML rules and the docs show it.
+
+    Example:
+        >>> from lightning_selmerge.merging.methods import ParameterSelection
+        >>> [p.name for p in ParameterSelection.parameters()]
+        ['probabilities', 'resample']
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
+class StreamingMerge(Protocol):
+    """A method's merge of one chunk with the replicas read one at a time (optional).
+
+    ``state = start(ctx, base, like)``, then ``add(state, k, chunk_k)`` for each replica ``k`` in
+    any order, then ``finish(state, out)``: the result equals :meth:`MergeMethod.merge_chunk` on
+    all K chunks at once. A method offers one through :meth:`MergeMethod.streaming`.
+    """
+
+    def start(self, ctx: ChunkContext, base: torch.Tensor | None, like: torch.Tensor) -> Any: ...
+
+    def add(self, state: Any, replica: int, chunk: torch.Tensor) -> None: ...
+
+    def finish(self, state: Any, out: torch.Tensor) -> torch.Tensor: ...
+
+
+class MergeMethod(ABC):
+    """How K replicas' values of one tensor become one value.
+
+    Subclasses are frozen dataclasses whose fields are the parameters; :meth:`parameters` lists
+    them with the ``help`` of each field's metadata.
+    """
+
+    #: The registry name (``"selection"``); set by :func:`~.registry.register_method`.
+    name: ClassVar[str] = ""
+    #: Whether :meth:`merge_chunk` needs the base (pre-trained) tensor.
+    needs_base: bool = False
+    #: Whether a NaN or Inf in any replica always makes the merged chunk non-finite, so that a
+    #: finite output proves finite inputs (the NaN/Inf check then reads the output only).
+    propagates_nonfinite: bool = False
+    #: Whether :meth:`prepare_replica` computes something from the whole tensor (e.g. TIES'
+    #: per-tensor magnitude threshold); such a method cannot merge a rank's shard on its own.
+    needs_whole_tensor: ClassVar[bool] = False
+    #: Whether :meth:`merge_chunk` gives :meth:`reference`'s bits exactly (``False`` where the
+    #: kernel fuses a multiply-add the reference rounds twice).
+    exact_reference: ClassVar[bool] = True
+
+    @classmethod
+    def parameters(cls) -> tuple[MethodParameter, ...]:
+        """The method's parameters (its dataclass fields), with their types, defaults and help."""
+        hints = typing.get_type_hints(cls)
+        return tuple(
+            MethodParameter(f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.init
+        )
+
+    def check_parameters(self) -> None:  # noqa: B027 - most methods have such checks
+        """Raise :class:`MergeError` for parameters that are wrong whatever K is."""
+
+    def validate(self, num_replicas: int) -> None:
+        """Raise :class:`MergeError` when the method cannot merge ``num_replicas`` replicas."""
+        if num_replicas < 2:
+            raise MergeError(
+                f"merging needs at least 2 replicas, got {num_replicas}: pass K >= 2 replica "
+                "state dicts or checkpoints"
+            )
+        self.check_parameters()
+
+    def prepare_replica(
+        self,
+        name: str,
+        replica: torch.Tensor,
+        base: torch.Tensor | None,
+        chunk_numel: int,
+    ) -> Any:
+        """What the chunks need from replica ``k``'s whole (flat) tensor, read ``chunk_numel``
+        elements at a time (e.g. TIES' magnitude threshold). The K results reach
+        :meth:`merge_chunk` as the list ``ctx.prepared``. Only methods that
+        :attr:`needs_whole_tensor` override it."""
+        return None
+
+    @abstractmethod
+    def merge_chunk(
+        self,
+        ctx: ChunkContext,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Merge flat, equally long chunks into ``out`` (a new tensor when ``None``) and return
+        it, in the replicas' dtype. ``out`` must not overlap the inputs."""
+
+    @abstractmethod
+    def reference(
+        self,
+        name: str,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        rng: KeyedRandom,
+    ) -> torch.Tensor:
+        """The plain definition: the merge of whole tensors ``replicas`` (slow, obviously right).
+
+        :meth:`merge_chunk` over any chunking gives the same result (the same bits when
+        :attr:`exact_reference`).
+        """
+
+    def streaming(self) -> StreamingMerge | None:
+        """This method's merge with replicas read one at a time, or ``None`` (the default) when
+        it has none and needs all K chunks at once."""
+        return None
+
+    def subset(self, keep: Sequence[int]) -> MergeMethod:
+        """This method for the replicas ``keep`` only (indices into the original K), used when
+        replicas are dropped. Per-replica parameters follow their replicas; the default has none.
+        """
+        return self
+
+
+def check_weights(values: Sequence[float] | None, num_replicas: int | None, what: str) -> None:
+    """Finite numbers, one per replica when ``num_replicas`` is given (``None``: any count)."""
+    if values is None:
+        return
+    if num_replicas is not None and len(values) != num_replicas:
+        raise MergeError(
+            f"{len(values)} {what} for {num_replicas} replicas: give exactly one per replica"
+        )
+    if any(not math.isfinite(v) for v in values):
+        raise MergeError(f"{what} must be finite numbers, got {list(values)}")
+
+
+def compute_dtype(like: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, else float32: where the arithmetic methods compute."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
+def output_for(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked against ``like`` (same numel and dtype), or a new tensor like it."""
+    if out is None:
+        return torch.empty_like(like)
+    if out.numel() != like.numel() or out.dtype != like.dtype:
+        raise MergeError(
+            f"out holds {out.numel()} {out.dtype} elements, the chunk {like.numel()} {like.dtype}"
+        )
+    return out.view(like.shape)
+
+
+def require_base(name: str, method: MergeMethod, base: object | None, hint: str) -> None:
+    """The one "needs the base" error: ``method`` needs the base weights of tensor ``name``."""
+    if base is None:
+        raise MergeError(
+            f"tensor {name!r}: {method} needs the base (pre-trained) weights, but no base tensor "
+            f"was given: pass {hint}"
+        )

@@ -1,0 +1,193 @@
+"""The per-tensor merge plan that every driver (in memory, collective, checkpoints) follows.
+
+A driver reads tensors its own way (state dicts, ranks' slices, memory-mapped files, or one
+replica at a time), but what happens to each tensor is decided here, once:
+
+* the default method (:class:`ParameterSelection`) and the per-tensor rules
+  (:meth:`MergePlan.method_for`), every method validated against K once, a rule's error naming
+  the rule (and its file);
+* whether a tensor needs the base, and the one error when it is missing
+  (:meth:`MergePlan.base_for`);
+* tied tensors, merged once under one key name (:func:`tie_groups`);
+* what the chunks need from the whole tensor (:meth:`MergePlan.prepare`, e.g. TIES' magnitude
+  thresholds), so the result does not depend on the chunk size;
+* leaving out replicas that hold NaN/Inf and merging again (:func:`merge_dropping_nonfinite`).
+
+A streaming driver (replicas read one at a time) uses the same plan; a method's
+:meth:`~lightning_selmerge.merging.methods.MergeMethod.streaming` gives its per-chunk accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from . import ties
+from .errors import MergeError, NonFiniteError
+from .finite import check_nonfinite_mode, surviving_replicas
+from .keyed_random import KeyedRandom
+from .methods import MergeMethod, ParameterSelection
+from .methods.base import require_base
+from .rules import MergeRule, method_for
+
+__all__ = ["MergePlan", "merge_dropping_nonfinite", "prepare_tensor", "tie_groups"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """How each tensor of a K-replica merge is merged.
+
+    Build it with :meth:`create`, which fills in the default method and validates every method.
+
+    Example:
+        >>> plan = MergePlan.create(None, (), seed=0, num_replicas=2)
+        >>> plan.method_for("w"), plan.needs_base("w")
+        (ParameterSelection(probabilities=None, resample=0), False)
+    """
+
+    method: MergeMethod
+    rules: tuple[MergeRule, ...]
+    seed: int
+    num_replicas: int
+    rng: KeyedRandom = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rng", KeyedRandom(self.seed))
+
+    @classmethod
+    def create(
+        cls,
+        method: MergeMethod | None,
+        rules: Sequence[MergeRule],
+        seed: int,
+        num_replicas: int,
+    ) -> MergePlan:
+        """The plan for ``num_replicas`` replicas; raises :class:`MergeError` for a method that
+        cannot merge them (a rule's error names the rule and its file)."""
+        plan = cls(
+            method if method is not None else ParameterSelection(),
+            tuple(rules),
+            int(seed),
+            num_replicas,
+        )
+        plan.method.validate(num_replicas)
+        seen = {id(plan.method)}
+        for rule in plan.rules:
+            if id(rule.method) not in seen:
+                seen.add(id(rule.method))
+                rule.validate(num_replicas)
+        return plan
+
+    def method_for(self, name: str) -> MergeMethod:
+        """The method of the first rule matching ``name``, else the default method."""
+        return method_for(name, self.rules, self.method)
+
+    def needs_base(self, name: str) -> bool:
+        """Whether floating-point tensor ``name`` needs the base weights."""
+        return self.method_for(name).needs_base
+
+    def base_for(self, name: str, base: Mapping[str, T] | None, hint: str) -> T | None:
+        """``base[name]`` when tensor ``name``'s method needs the base, else ``None``.
+
+        The one "needs the base" error, ending with ``pass {hint}``, when it is missing.
+        """
+        method = self.method_for(name)
+        if not method.needs_base:
+            return None
+        require_base(name, method, base, hint)
+        if name not in base:
+            raise MergeError(
+                f"tensor {name!r}: {method} needs the base (pre-trained) weights, but the base "
+                f"has no tensor {name!r}: pass {hint} holding every tensor of the replicas"
+            )
+        return base[name]
+
+    def prepare(
+        self,
+        name: str,
+        replicas: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        chunk_numel: int,
+    ) -> list[Any] | None:
+        """What tensor ``name``'s chunks need from each replica's whole tensor (see
+        :meth:`~lightning_selmerge.merging.methods.MergeMethod.prepare_replica`), or ``None``."""
+        return prepare_tensor(self.method_for(name), name, replicas, base, chunk_numel)
+
+    def subset(self, keep: Sequence[int]) -> MergePlan:
+        """The plan for the replicas ``keep`` only: per-replica parameters follow them."""
+        return MergePlan.create(
+            self.method.subset(keep), [r.subset(keep) for r in self.rules], self.seed, len(keep)
+        )
+
+
+def prepare_tensor(
+    method: MergeMethod,
+    name: str,
+    replicas: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    chunk_numel: int,
+) -> list[Any] | None:
+    """``method.prepare_replica`` of each whole replica tensor (``None`` when it needs none)."""
+    if not method.needs_whole_tensor:
+        return None
+    flat_base = None if base is None else base.reshape(-1)
+    return [method.prepare_replica(name, r.reshape(-1), flat_base, chunk_numel) for r in replicas]
+
+
+def tie_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
+    """``(key name, names)`` of the tensors sharing storage (tied weights), sorted by key name.
+
+    A group is merged once; its random draws are keyed by its canonical name (the one
+    ``save_pretrained`` keeps: :func:`~lightning_selmerge.merging.ties.canonical_name`), and every
+    name gets the result (so tied tensors stay tied). The order is the same on every rank.
+
+    Example:
+        >>> w = torch.zeros(2)
+        >>> tie_groups({"lm_head.weight": w, "embed.weight": w, "bias": torch.zeros(1)})
+        [('bias', ['bias']), ('embed.weight', ['lm_head.weight', 'embed.weight'])]
+    """
+    return sorted(ties.tie_groups(state).items())
+
+
+def merge_dropping_nonfinite(
+    plan: MergePlan,
+    attempt: Callable[[MergePlan, Sequence[int]], T],
+    *,
+    nonfinite: str,
+    labels: Sequence[str],
+    find_bad: Callable[[], Mapping[int, str]],
+) -> T:
+    """``attempt(plan, all replicas)``; on :class:`NonFiniteError` with ``nonfinite="drop"``,
+    find the bad replicas (``find_bad``: index -> tensor), warn, and ``attempt`` again with the
+    others and the plan for them (:meth:`MergePlan.subset`).
+
+    Example:
+        >>> plan = MergePlan.create(None, (), seed=0, num_replicas=2)
+        >>> merge_dropping_nonfinite(plan, lambda plan, keep: list(keep), nonfinite="error",
+        ...                          labels=["replica 0", "replica 1"], find_bad=dict)
+        [0, 1]
+    """
+    check_nonfinite_mode(nonfinite)
+    try:
+        return attempt(plan, list(range(len(labels))))
+    except NonFiniteError:
+        if nonfinite == "error":
+            raise
+    keep = surviving_replicas(find_bad(), labels)
+    return attempt(plan.subset(keep), keep)
+
+
+def check_whole_tensor(plan: MergePlan, name: str, sharded: bool) -> None:
+    """Refuse a method that needs the whole tensor (e.g. TIES' trim) on one shard of it."""
+    method = plan.method_for(name)
+    if sharded and method.needs_whole_tensor:
+        raise MergeError(
+            f"tensor {name!r}: {method} needs the whole tensor (its per-tensor statistics), but "
+            "the replicas are sharded: merge unsharded replicas (shard_size=1), or save them "
+            "and merge the files with lightning-selmerge merge"
+        )
