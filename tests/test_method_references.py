@@ -70,7 +70,7 @@ def test_selection_candidates_follow_the_documented_draws(k, resample, skewed):
     from reference_merge import candidate
 
     from lightning_selmerge.merging import ParameterSelection
-    from lightning_selmerge.merging.methods import selection_candidates
+    from lightning_selmerge.merging.methods import candidates_at
 
     probabilities = [i + 1.0 for i in range(k)] if skewed else None
     if probabilities:
@@ -78,7 +78,7 @@ def test_selection_candidates_follow_the_documented_draws(k, resample, skewed):
     method = ParameterSelection(probabilities=probabilities, resample=resample)
     rng = KeyedRandom(5)
     offsets = torch.tensor([0, 1, 7, 8, 9, 1000, 123457])
-    got = selection_candidates(method, rng, "layer.w", offsets, k)
+    got = candidates_at(method, rng, "layer.w", offsets, k)
     expected = [
         [candidate(rng, "layer.w", int(i), j, k, probabilities, resample) for i in offsets]
         for j in range(resample + 1)

@@ -19,7 +19,7 @@ from .average import WeightedAverage
 from .base import ChunkContext, MergeMethod, MethodParameter, StreamingMerge
 from .dare import Dare
 from .registry import build_method, method_class, method_names, register_method
-from .selection import ParameterSelection, selection_candidates
+from .selection import ParameterSelection, candidates_at
 from .selection_kernel import bit_view, moved_bits
 from .task_arithmetic import TaskArithmetic
 from .ties_merge import TiesMerging
@@ -36,9 +36,9 @@ __all__ = [
     "WeightedAverage",
     "bit_view",
     "build_method",
+    "candidates_at",
     "method_class",
     "method_names",
     "moved_bits",
     "register_method",
-    "selection_candidates",
 ]

@@ -14,7 +14,7 @@ from . import selection_kernel
 from .base import ChunkContext, MergeMethod, check_weights
 from .registry import register_method
 
-__all__ = ["ParameterSelection", "selection_candidates"]
+__all__ = ["ParameterSelection", "candidates_at"]
 
 
 @register_method("selection")
@@ -173,12 +173,12 @@ class ParameterSelection(MergeMethod):
         base: torch.Tensor | None,
         rng: KeyedRandom,
     ) -> torch.Tensor:
-        """Element ``i`` is the first of its candidates (:func:`selection_candidates`) whose
+        """Element ``i`` is the first of its candidates (:func:`candidates_at`) whose
         replica moved from the base (differs in any bit), else the base's value; with
         ``resample = 0`` it is candidate 0's value."""
         flat = [r.reshape(-1) for r in replicas]
         numel = flat[0].numel()
-        candidates = selection_candidates(self, rng, name, torch.arange(numel), len(flat))
+        candidates = candidates_at(self, rng, name, torch.arange(numel), len(flat))
         out = torch.empty_like(flat[0])
         for i in range(numel):
             if self.resample == 0:
@@ -194,7 +194,7 @@ class ParameterSelection(MergeMethod):
         return out.view(replicas[0].shape)
 
 
-def selection_candidates(
+def candidates_at(
     method: ParameterSelection,
     rng: KeyedRandom,
     name: str,
@@ -202,6 +202,10 @@ def selection_candidates(
     num_replicas: int,
 ) -> torch.Tensor:
     """``[resample + 1, len(offsets)]``: candidate ``j`` (a replica index) of each element.
+
+    The plain statement, for any element offsets (the reference merge uses it); the chunk
+    kernel that a streaming merge runs is :func:`~lightning_selmerge.merging.candidates.
+    selection_candidates`, which the tests hold to the same draws.
 
     With uniform probabilities and ``K = 2**b`` (see
     :meth:`ParameterSelection.draw_lane_bits`), candidate ``j`` is bits ``[w - (j+1)b, w - jb)``
@@ -211,7 +215,7 @@ def selection_candidates(
 
     Example:
         >>> rng = KeyedRandom(seed=0)
-        >>> candidates = selection_candidates(ParameterSelection(resample=2), rng, "w",
+        >>> candidates = candidates_at(ParameterSelection(resample=2), rng, "w",
         ...                                   torch.arange(5), num_replicas=4)
         >>> tuple(candidates.shape), bool(((candidates >= 0) & (candidates < 4)).all())
         ((3, 5), True)
