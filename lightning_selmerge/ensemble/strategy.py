@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selmerge.data.sampler import DataOrderSampler
-from lightning_selmerge.ensemble import device_groups
+from lightning_selmerge.ensemble import device_groups, process_groups
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
@@ -371,6 +371,9 @@ class DataOrderEnsemble(ParallelStrategy):
             (self._layout.replica_groups, self.shard_size),
             mesh_dim_names=("replica", "shard"),
         )
+        # join the gloo worker threads before Python finalizes, or a worker releasing its last
+        # collective then aborts the process (exit 134): see process_groups
+        process_groups.release_at_exit(self._mesh)
 
     @property
     def process_group_backend(self) -> str | None:
