@@ -15,7 +15,7 @@ from .errors import MergeError
 from .finite import all_finite, check_finite
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, WeightedAverage
-from .rules import MergeRule, method_for
+from .plan import MergePlan
 from .safetensors_io import TensorInfo
 from .scratch import per_thread_buffer
 
@@ -163,12 +163,7 @@ class _Selection(_Accumulator):
             self.candidates[:, begin:end] = selection_candidates(
                 method, ctx, end - begin, len(labels)
             )
-        if method.resample > 0:
-            if base is None:
-                raise MergeError(
-                    f"{name}: selection with resample={method.resample} needs the base "
-                    "(pre-trained) weights: pass base=..."
-                )
+        if method.resample > 0:  # the plan checked that the base is given (needs_base)
             self.base = base.reshape(-1).clone()
             self.out = self.base.clone()
             # count - (position of the earliest candidate known to have moved); 0: none yet
@@ -220,11 +215,11 @@ def state_bytes(info: TensorInfo, method: MergeMethod | None) -> int:
     return info.numel * per_element
 
 
-def method_of(name: str, info: TensorInfo, method: MergeMethod, rules) -> MergeMethod | None:
+def method_of(name: str, info: TensorInfo, plan: MergePlan) -> MergeMethod | None:
     """The method merging ``name``, ``None`` for tensors that are copied."""
     if not info.dtype.is_floating_point or info.numel == 0:
         return None
-    chosen = method_for(name, rules, method)
+    chosen = plan.method_for(name)
     if not isinstance(chosen, WeightedAverage | ParameterSelection):
         raise MergeError(
             f"tensor {name!r}: the streaming merge knows weighted average and selection, not "
@@ -236,9 +231,7 @@ def method_of(name: str, info: TensorInfo, method: MergeMethod, rules) -> MergeM
 def make_accumulator(
     name: str,
     info: TensorInfo,
-    method: MergeMethod,
-    rules: Sequence[MergeRule],
-    rng: KeyedRandom,
+    plan: MergePlan,
     base: Mapping[str, torch.Tensor] | None,
     labels: Sequence[str],
     indices: Sequence[int],
@@ -246,34 +239,19 @@ def make_accumulator(
     draw_prefix: str = "",
 ) -> _Accumulator:
     """The accumulator merging tensor ``name`` (checks the base tensor when one is needed)."""
-    chosen = method_of(name, info, method, rules)
+    chosen = method_of(name, info, plan)
     if chosen is None:
-        acc: _Accumulator = _ExactCopy(name, info, labels, indices)
-    elif isinstance(chosen, WeightedAverage):
-        acc = _Average(name, info, labels, indices, chosen, chunk_numel)
-    else:
-        base_tensor = None
-        if chosen.needs_base:
-            base_tensor = base.get(name) if base is not None else None
-            if base_tensor is None:
-                raise MergeError(
-                    f"tensor {name!r}: {chosen} needs the base (pre-trained) weights, "
-                    "but no base tensor was given: pass base=<pre-trained state dict>"
-                )
-            if base_tensor.dtype != info.dtype or tuple(base_tensor.shape) != info.shape:
-                raise MergeError(
-                    f"tensor {name!r}: {base_tensor.dtype} {tuple(base_tensor.shape)} in "
-                    f"the base but {info.dtype} {info.shape} in {labels[0]}"
-                )
-        acc = _Selection(
-            name,
-            info,
-            labels,
-            indices,
-            chosen,
-            rng,
-            draw_prefix + name,
-            base_tensor,
-            chunk_numel,
+        return _ExactCopy(name, info, labels, indices)
+    if isinstance(chosen, WeightedAverage):
+        return _Average(name, info, labels, indices, chosen, chunk_numel)
+    base_tensor = plan.base_for(name, base, "base=<pre-trained state dict>")
+    if base_tensor is not None and (
+        base_tensor.dtype != info.dtype or tuple(base_tensor.shape) != info.shape
+    ):
+        raise MergeError(
+            f"tensor {name!r}: {base_tensor.dtype} {tuple(base_tensor.shape)} in "
+            f"the base but {info.dtype} {info.shape} in {labels[0]}"
         )
-    return acc
+    return _Selection(
+        name, info, labels, indices, chosen, plan.rng, draw_prefix + name, base_tensor, chunk_numel
+    )

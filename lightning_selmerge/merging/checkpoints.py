@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +106,25 @@ def _find_nonfinite_files(
     return found
 
 
+def check_base_checkpoint(
+    plan: MergePlan,
+    infos: Sequence[tuple[str, TensorInfo]],
+    base_infos: Mapping[str, TensorInfo] | None,
+    base: str | Path | None,
+) -> None:
+    """Every tensor whose method needs the base is in the base checkpoint (``base_infos``, read
+    from ``base``; ``None`` when none is given) with the replicas' dtype and shape."""
+    for name, info in infos:
+        if not info.dtype.is_floating_point:
+            continue
+        found = plan.base_for(name, base_infos, "--base / base=<pre-trained checkpoint>")
+        if found is not None and found != info:
+            raise MergeError(
+                f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
+                f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
+            )
+
+
 def merge_checkpoints(
     replicas: Sequence[str | Path],
     out: str | Path,
@@ -181,15 +200,7 @@ def merge_checkpoints(
         base_infos = None
         if base_reader is not None:
             base_infos = {name: base_reader.info(name) for name in base_reader.names()}
-        for name, info in infos:
-            if not info.dtype.is_floating_point:
-                continue
-            found = plan.base_for(name, base_infos, "--base / base=<pre-trained checkpoint>")
-            if found is not None and found != info:
-                raise MergeError(
-                    f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
-                    f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
-                )
+        check_base_checkpoint(plan, infos, base_infos, base)
         job = _MergeJob(
             out=out,
             infos=infos,
