@@ -11,7 +11,6 @@ candidates, a base copy for resample), whatever K is; K memory maps are never op
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,11 @@ from .checkpoints import (
     _copy_side_files,
     _side_file_source,
     check_base_checkpoint,
-    publish_directory,
+    claim_output,
+    staged_output,
 )
 from .errors import MergeError
 from .finite import NonFinite, check_nonfinite_mode
-from .leftovers import recover_output, staging_path
 from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite
 from .rules import MergeRule
@@ -133,12 +132,7 @@ def merge_checkpoints_streaming(
     if not replicas:
         raise MergeError("no replicas to merge")
     plan = MergePlan.create(method, rules, seed, len(replicas))
-    recover_output(out)  # what a killed merge into ``out`` left behind
-    if out.exists() and not overwrite:
-        raise MergeError(
-            f"output {out} already exists: choose another path or pass overwrite=True "
-            "(CLI: --overwrite)"
-        )
+    claim_output(out, overwrite)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
         raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
@@ -174,10 +168,7 @@ def merge_checkpoints_streaming(
             record["dropped_nonfinite"] = [
                 {"replica": k, "path": str(by_index[k]), "tensor": name} for k, name in bad.items()
             ]
-        staging = staging_path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-        try:
+        with staged_output(out, overwrite) as staging:
             writer = ShardedSafetensorsWriter(
                 staging,
                 tensors,
@@ -211,19 +202,6 @@ def merge_checkpoints_streaming(
                 writer.abort()
             _copy_side_files(_side_file_source(base, replicas[0]), staging)
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            publish_directory(staging, out, overwrite)
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError):
-                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
-                message = (
-                    f"merging into {out} failed: {err.strerror or err}"
-                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
-                    f"removed and {state}"
-                )
-                wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
-                raise wrapped from err
-            raise
 
     merge_dropping_nonfinite(plan, attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad)
     return out
