@@ -1,19 +1,15 @@
 """Streaming merge: replicas fed one at a time, in replica order, with memory independent of K.
 
 The result is bit-identical to :func:`~lightning_selmerge.merging.merge_state_dicts` (and so to
-:func:`~lightning_selmerge.merging.merge_checkpoints`) with the same arguments, for every method,
-chunk size, K, probabilities and resample. Per tensor the merge holds:
+:func:`~lightning_selmerge.merging.merge_checkpoints`) with the same arguments, for every method
+with a streaming form (:meth:`~.methods.MergeMethod.streaming`), chunk size and K. What is
+merged how follows the :class:`~.plan.MergePlan` the other drivers follow; per tensor the merge
+holds its method's state (:mod:`.accumulators`), e.g.
 
-* **weighted average**: a float32 (float64 for float64 tensors) running sum, each replica added
-  chunk by chunk with the very float ops of ``WeightedAverage.merge_chunk`` (``add_`` unweighted,
-  ``addcmul_`` weighted, then ``div_``), so the same sum in the same order;
-* **selection**: the output (initialised to the base when ``resample > 0``), every element's
-  ``resample + 1`` candidate replicas (:func:`~.candidates.selection_candidates`, one byte each)
-  and a byte per element: the position of the earliest candidate known to have moved from the
-  base (stored as ``resample + 1 - position``, 0 while none is known). Replica ``k`` writes
-  the elements where it is candidate ``j`` below that position and its value moved; without
-  resample, where it is candidate 0. No arithmetic touches the values:
-  bit patterns are copied;
+* **weighted average**: a float32 (float64 for float64 tensors) running sum
+  (:mod:`.methods.average_streaming`);
+* **selection**: the output, every element's candidate replicas and, with resample, the
+  earliest moved candidate per element (:mod:`.methods.selection_streaming`);
 * **integer and bool tensors**: replica 0's copy, compared with every later replica.
 
 NaN/Inf: a selection or copy raises :class:`NonFiniteError` naming the replica as soon as a
