@@ -25,7 +25,6 @@ from jsonargparse import ArgumentParser
 
 from lightning_selmerge.merging import (
     MergeError,
-    ParameterSelection,
     WeightedAverage,
     load_rules,
     merge_checkpoints,
@@ -139,8 +138,8 @@ def _use_streaming(
     if streaming is not None:
         return streaming
     methods = [method, *(r.method for r in rules)]
-    if not all(isinstance(m, WeightedAverage | ParameterSelection) for m in methods):
-        return False  # task arithmetic, TIES and DARE have no streaming form yet
+    if any(m.streaming() is None for m in methods):
+        return False  # e.g. TIES: it needs every replica at once
     if all(isinstance(m, WeightedAverage) for m in methods):
         return True
     import psutil

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,13 @@ from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorIn
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
-__all__ = ["merge_checkpoints", "publish_directory"]
+__all__ = [
+    "check_base_checkpoint",
+    "claim_output",
+    "merge_checkpoints",
+    "publish_directory",
+    "staged_output",
+]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 PROVENANCE_NAME = "selmerge.json"
@@ -106,6 +112,64 @@ def _find_nonfinite_files(
     return found
 
 
+def claim_output(out: Path, overwrite: bool) -> None:
+    """Recover what a killed merge into ``out`` left behind; refuse an existing ``out`` unless
+    ``overwrite``."""
+    recover_output(out)
+    if out.exists() and not overwrite:
+        raise MergeError(
+            f"output {out} already exists: choose another path or pass overwrite=True "
+            "(CLI: --overwrite)"
+        )
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh staging directory beside ``out``, published as ``out`` when the block ends well.
+
+    On any error it is removed, and an :class:`OSError` is raised again saying that ``out`` is
+    unchanged (or that nothing was written), so no partial output is ever left.
+    """
+    staging = staging_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        yield staging
+        publish_directory(staging, out, overwrite)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+            message = (
+                f"merging into {out} failed: {err.strerror or err}"
+                f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
+                f"removed and {state}"
+            )
+            # OSError(None, message) would print "[Errno None] ..."
+            wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
+            raise wrapped from err
+        raise
+
+
+def check_base_checkpoint(
+    plan: MergePlan,
+    infos: Sequence[tuple[str, TensorInfo]],
+    base_infos: Mapping[str, TensorInfo] | None,
+    base: str | Path | None,
+) -> None:
+    """Every tensor whose method needs the base is in the base checkpoint (``base_infos``, read
+    from ``base``; ``None`` when none is given) with the replicas' dtype and shape."""
+    for name, info in infos:
+        if not info.dtype.is_floating_point:
+            continue
+        found = plan.base_for(name, base_infos, "--base / base=<pre-trained checkpoint>")
+        if found is not None and found != info:
+            raise MergeError(
+                f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
+                f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
+            )
+
+
 def merge_checkpoints(
     replicas: Sequence[str | Path],
     out: str | Path,
@@ -160,12 +224,7 @@ def merge_checkpoints(
     out = Path(out)
     check_nonfinite_mode(nonfinite)
     plan = MergePlan.create(method, rules, seed, len(replicas))
-    recover_output(out)  # what a killed merge into ``out`` left behind
-    if out.exists() and not overwrite:
-        raise MergeError(
-            f"output {out} already exists: choose another path or pass overwrite=True "
-            "(CLI: --overwrite)"
-        )
+    claim_output(out, overwrite)
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 
     with ExitStack() as stack:
@@ -181,15 +240,7 @@ def merge_checkpoints(
         base_infos = None
         if base_reader is not None:
             base_infos = {name: base_reader.info(name) for name in base_reader.names()}
-        for name, info in infos:
-            if not info.dtype.is_floating_point:
-                continue
-            found = plan.base_for(name, base_infos, "--base / base=<pre-trained checkpoint>")
-            if found is not None and found != info:
-                raise MergeError(
-                    f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
-                    f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
-                )
+        check_base_checkpoint(plan, infos, base_infos, base)
         job = _MergeJob(
             out=out,
             infos=infos,
@@ -207,8 +258,6 @@ def merge_checkpoints(
                 "base": None if base is None else str(base),
             },
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-
         found_bad: dict[int, str] = {}
 
         def find_bad() -> dict[int, str]:
@@ -252,25 +301,8 @@ class _MergeJob:
         indices: Sequence[int],
         plan: MergePlan,
     ) -> None:
-        out = self.out
-        staging = staging_path(out)
-        staging.mkdir()
-        try:
+        with staged_output(self.out, self.overwrite) as staging:
             self._write(staging, readers, labels, indices, plan)
-            publish_directory(staging, out, self.overwrite)
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError):
-                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
-                message = (
-                    f"merging into {out} failed: {err.strerror or err}"
-                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
-                    f"removed and {state}"
-                )
-                # OSError(None, message) would print "[Errno None] ..."
-                wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
-                raise wrapped from err
-            raise
 
     def _write(
         self,

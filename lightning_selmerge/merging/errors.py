@@ -21,3 +21,17 @@ class NonFiniteError(MergeError):
         super().__init__(message)
         self.tensor = tensor
         self.replicas = tuple(replicas)
+
+
+class AverageNotFinite(MergeError):
+    """A streaming merge's output holds NaN/Inf in flat elements ``start:stop`` of tensor
+    ``name``: some replica holds NaN/Inf there, or the finite sum overflowed the tensor's dtype.
+
+    The streaming driver reads that range of each replica again to tell which."""
+
+    def __init__(self, name: str, start: int, stop: int, method: object) -> None:
+        super().__init__(
+            f"tensor {name!r}: {method} is not finite near flat index {start}: a replica holds "
+            "NaN/Inf, or the sum overflowed (cast the replicas to float64 before merging)"
+        )
+        self.name, self.start, self.stop, self.method = name, start, stop, method

@@ -1,19 +1,15 @@
 """Streaming merge: replicas fed one at a time, in replica order, with memory independent of K.
 
 The result is bit-identical to :func:`~lightning_selmerge.merging.merge_state_dicts` (and so to
-:func:`~lightning_selmerge.merging.merge_checkpoints`) with the same arguments, for every method,
-chunk size, K, probabilities and resample. Per tensor the merge holds:
+:func:`~lightning_selmerge.merging.merge_checkpoints`) with the same arguments, for every method
+with a streaming form (:meth:`~.methods.MergeMethod.streaming`), chunk size and K. What is
+merged how follows the :class:`~.plan.MergePlan` the other drivers follow; per tensor the merge
+holds its method's state (:mod:`.accumulators`), e.g.
 
-* **weighted average**: a float32 (float64 for float64 tensors) running sum, each replica added
-  chunk by chunk with the very float ops of ``WeightedAverage.merge_chunk`` (``add_`` unweighted,
-  ``addcmul_`` weighted, then ``div_``), so the same sum in the same order;
-* **selection**: the output (initialised to the base when ``resample > 0``), every element's
-  ``resample + 1`` candidate replicas (:func:`~.candidates.selection_candidates`, one byte each)
-  and a byte per element: the position of the earliest candidate known to have moved from the
-  base (stored as ``resample + 1 - position``, 0 while none is known). Replica ``k`` writes
-  the elements where it is candidate ``j`` below that position and its value moved; without
-  resample, where it is candidate 0. No arithmetic touches the values:
-  bit patterns are copied;
+* **weighted average**: a float32 (float64 for float64 tensors) running sum
+  (:mod:`.methods.average_streaming`);
+* **selection**: the output, every element's candidate replicas and, with resample, the
+  earliest moved candidate per element (:mod:`.methods.selection_streaming`);
 * **integer and bool tensors**: replica 0's copy, compared with every later replica.
 
 NaN/Inf: a selection or copy raises :class:`NonFiniteError` naming the replica as soon as a
@@ -32,15 +28,14 @@ from typing import Protocol
 import torch
 
 from .accumulators import AverageNotFinite, make_accumulator, method_of, state_bytes
-from .errors import MergeError, NonFiniteError
-from .finite import NonFinite, all_finite, check_finite, check_nonfinite_mode, surviving_replicas
-from .keyed_random import KeyedRandom
-from .methods import MergeMethod, ParameterSelection
+from .errors import MergeError
+from .finite import NonFinite, all_finite, check_finite
+from .methods import MergeMethod
+from .plan import MergePlan, merge_dropping_nonfinite, tie_groups
 from .rules import MergeRule
 from .safetensors_io import TensorInfo
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names
-from .ties import tie_groups
 
 __all__ = [
     "DEFAULT_WINDOW_BYTES",
@@ -95,24 +90,56 @@ class StreamingMerge:
         indices: Sequence[int] | None = None,
         draw_prefix: str = "",
     ) -> None:
-        method = method if method is not None else ParameterSelection()
+        self._setup(
+            plan,
+            MergePlan.create(method, rules, seed, num_replicas),
+            base,
+            chunk_numel,
+            labels,
+            indices,
+            draw_prefix,
+        )
+
+    @classmethod
+    def of_plan(
+        cls,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        plan: MergePlan,
+        *,
+        base: Mapping[str, torch.Tensor] | None = None,
+        chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+        labels: Sequence[str] | None = None,
+        indices: Sequence[int] | None = None,
+        draw_prefix: str = "",
+    ) -> StreamingMerge:
+        """The streaming merge of ``tensors`` following a validated :class:`MergePlan`."""
+        merge = cls.__new__(cls)
+        merge._setup(tensors, plan, base, chunk_numel, labels, indices, draw_prefix)
+        return merge
+
+    def _setup(
+        self,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        plan: MergePlan,
+        base: Mapping[str, torch.Tensor] | None,
+        chunk_numel: int,
+        labels: Sequence[str] | None,
+        indices: Sequence[int] | None,
+        draw_prefix: str,
+    ) -> None:
         if chunk_numel < 1:
             raise MergeError(f"chunk_numel must be >= 1, got {chunk_numel}")
-        for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
-            candidate.validate(num_replicas)
-        labels = (
-            list(labels) if labels is not None else [f"replica {k}" for k in range(num_replicas)]
-        )
-        indices = list(indices) if indices is not None else list(range(num_replicas))
-        if len(labels) != num_replicas or len(indices) != num_replicas:
-            raise MergeError(f"give one label and index per replica ({num_replicas})")
+        count = plan.num_replicas
+        labels = list(labels) if labels is not None else [f"replica {k}" for k in range(count)]
+        indices = list(indices) if indices is not None else list(range(count))
+        if len(labels) != count or len(indices) != count:
+            raise MergeError(f"give one label and index per replica ({count})")
         self.labels = labels
-        rng = KeyedRandom(seed)
         self._accumulators = {
             name: make_accumulator(
-                name, info, method, rules, rng, base, labels, indices, chunk_numel, draw_prefix
+                name, info, plan, base, labels, indices, chunk_numel, draw_prefix
             )
-            for name, info in plan
+            for name, info in tensors
         }
 
     def feed_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -149,16 +176,13 @@ OpenReplica = Callable[[int], AbstractContextManager[ReplicaReader]]
 
 
 def _windows(
-    plan: Sequence[tuple[str, TensorInfo]],
-    method: MergeMethod,
-    rules: Sequence[MergeRule],
-    window_bytes: int,
+    tensors: Sequence[tuple[str, TensorInfo]], plan: MergePlan, window_bytes: int
 ) -> Iterator[list[tuple[str, TensorInfo]]]:
-    """Consecutive runs of the plan whose merge state fits ``window_bytes`` (at least a tensor)."""
+    """Consecutive runs of ``tensors`` whose merge state fits ``window_bytes`` (at least one)."""
     window: list[tuple[str, TensorInfo]] = []
     size = 0
-    for name, info in plan:
-        need = state_bytes(info, method_of(name, info, method, rules))
+    for name, info in tensors:
+        need = state_bytes(info, method_of(name, info, plan))
         if window and size + need > window_bytes:
             yield window
             window, size = [], 0
@@ -169,42 +193,37 @@ def _windows(
 
 
 def stream_merge(
-    plan: Sequence[tuple[str, TensorInfo]],
+    tensors: Sequence[tuple[str, TensorInfo]],
     open_replica: OpenReplica,
     replicas: Sequence[int],
     labels: Sequence[str],
     write: Callable[[str, torch.Tensor], object],
     *,
-    method: MergeMethod,
-    rules: Sequence[MergeRule] = (),
-    seed: int = 0,
+    plan: MergePlan,
     open_base: Callable[[], AbstractContextManager[ReplicaReader]] | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     draw_prefix: str = "",
 ) -> None:
-    """Merge ``plan`` window by window: per window, open each replica in turn (one at a time).
+    """Merge ``tensors`` window by window: per window, open each replica in turn (one at a time).
 
     ``open_replica(k)`` opens replica ``k`` for reading (a context manager); ``replicas`` are the
     indices to merge, in order, ``labels`` their names in errors. ``write(name, tensor)`` gets
-    every merged tensor in plan order. Pages of a replica's tensors are released once fed.
-    ``method`` and ``rules`` are for these replicas (see :meth:`MergeMethod.subset`).
+    every merged tensor in ``tensors``' order. Pages of a replica's tensors are released once
+    fed. ``plan`` is for these replicas (see :meth:`MergePlan.subset`).
     """
-    for window in _windows(plan, method, rules, window_bytes):
+    for window in _windows(tensors, plan, window_bytes):
         base: dict[str, torch.Tensor] = {}
         if open_base is not None:
             with open_base() as reader:
                 for name, info in window:
-                    chosen = method_of(name, info, method, rules)
+                    chosen = method_of(name, info, plan)
                     if chosen is not None and chosen.needs_base:
                         base[name] = reader.tensor(name).clone()
                         reader.release(name)
-        merge = StreamingMerge(
+        merge = StreamingMerge.of_plan(
             window,
-            num_replicas=len(replicas),
-            method=method,
-            rules=rules,
-            seed=seed,
+            plan,
             base=base,
             chunk_numel=chunk_numel,
             labels=labels,
@@ -295,8 +314,6 @@ def merge_state_dicts_streaming(
         >>> torch.equal(same, merge_state_dicts(states, seed=3)["w"])
         True
     """
-    method = method if method is not None else ParameterSelection()
-    check_nonfinite_mode(nonfinite)
     if callable(replicas):
         if num_replicas is None:
             raise MergeError("pass num_replicas with a replica loader")
@@ -306,10 +323,11 @@ def merge_state_dicts_streaming(
         if num_replicas != len(replicas):
             raise MergeError(f"num_replicas={num_replicas} but {len(replicas)} replicas given")
         load = replicas.__getitem__
+    plan = MergePlan.create(method, rules, seed, num_replicas)
     labels = [f"replica {k}" for k in range(num_replicas)]
     first = load(0)
     groups = tie_groups(first)
-    plan = [(key, TensorInfo(first[key].dtype, tuple(first[key].shape))) for key in groups]
+    tensors = [(key, TensorInfo(first[key].dtype, tuple(first[key].shape))) for key, _ in groups]
     order = list(first)
     names = set(order)
     del first
@@ -320,34 +338,30 @@ def merge_state_dicts_streaming(
         check_same_names([names, set(state)], [labels[0], labels[k]])
         yield _StateReader(state)
 
-    def run(keep: Sequence[int], method: MergeMethod, rules: Sequence[MergeRule]) -> dict:
+    def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:
         merged: dict[str, torch.Tensor] = {}
         stream_merge(
-            plan,
+            tensors,
             open_replica,
             keep,
             [labels[k] for k in keep],
             merged.__setitem__,
-            method=method,
-            rules=rules,
-            seed=seed,
+            plan=plan,
             open_base=None if base is None else lambda: nullcontext(_StateReader(base)),
             chunk_numel=chunk_numel,
             window_bytes=window_bytes,
             draw_prefix=draw_prefix,
         )
-        by_name = {name: merged[key] for key, group in groups.items() for name in group}
+        by_name = {name: merged[key] for key, group in groups for name in group}
         return {name: by_name[name] for name in order}
 
-    everyone = list(range(num_replicas))
-    try:
-        return run(everyone, method, rules)
-    except NonFiniteError:
-        if nonfinite == "error":
-            raise
-    bad = find_nonfinite_streaming(open_replica, everyone, plan)
-    keep = surviving_replicas(bad, labels)
-    return run(keep, method.subset(keep), [rule.subset(keep) for rule in rules])
+    return merge_dropping_nonfinite(
+        plan,
+        attempt,
+        nonfinite=nonfinite,
+        labels=labels,
+        find_bad=lambda: find_nonfinite_streaming(open_replica, range(num_replicas), tensors),
+    )
 
 
 def find_nonfinite_streaming(

@@ -11,7 +11,6 @@ candidates, a base copy for resample), whatever K is; K memory maps are never op
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,13 +20,15 @@ from .checkpoints import (
     PROVENANCE_NAME,
     _copy_side_files,
     _side_file_source,
-    publish_directory,
+    check_base_checkpoint,
+    claim_output,
+    staged_output,
 )
-from .errors import MergeError, NonFiniteError
-from .finite import NonFinite, check_nonfinite_mode, surviving_replicas
-from .leftovers import recover_output, staging_path
-from .methods import MergeMethod, ParameterSelection
-from .rules import MergeRule, method_for
+from .errors import MergeError
+from .finite import NonFinite, check_nonfinite_mode
+from .methods import MergeMethod
+from .plan import MergePlan, merge_dropping_nonfinite
+from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .state_dict import DEFAULT_CHUNK_NUMEL
 from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
@@ -82,35 +83,6 @@ def read_plan(
     return plan
 
 
-def _check_base(
-    base: str | Path | None,
-    plan: Sequence[tuple[str, TensorInfo]],
-    method: MergeMethod,
-    rules: Sequence[MergeRule],
-) -> None:
-    needed = [
-        (name, info)
-        for name, info in plan
-        if info.dtype.is_floating_point
-        and info.numel > 0
-        and method_for(name, rules, method).needs_base
-    ]
-    if not needed:
-        return
-    if base is None:
-        raise MergeError(
-            f"tensor {needed[0][0]!r}: selection with resample needs the base (pre-trained) "
-            "checkpoint: pass --base / base=..."
-        )
-    with _open(base) as reader:
-        for name, info in needed:
-            if name not in reader or reader.info(name) != info:
-                raise MergeError(
-                    f"tensor {name!r} is missing from the base checkpoint {base} or has another "
-                    "shape or dtype there"
-                )
-
-
 def merge_checkpoints_streaming(
     replicas: Sequence[str | Path],
     out: str | Path,
@@ -156,27 +128,24 @@ def merge_checkpoints_streaming(
         tensor([1., 1.])
     """
     out = Path(out)
-    method = method if method is not None else ParameterSelection()
     check_nonfinite_mode(nonfinite)
     if not replicas:
         raise MergeError("no replicas to merge")
-    for candidate in {id(m): m for m in [method, *(r.method for r in rules)]}.values():
-        candidate.validate(len(replicas))
-    recover_output(out)  # what a killed merge into ``out`` left behind
-    if out.exists() and not overwrite:
-        raise MergeError(
-            f"output {out} already exists: choose another path or pass overwrite=True "
-            "(CLI: --overwrite)"
-        )
+    plan = MergePlan.create(method, rules, seed, len(replicas))
+    claim_output(out, overwrite)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
         raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
     labels = [f"replica {k} ({path})" for k, path in zip(indices, replicas)]
-    plan = read_plan(replicas, labels)
-    _check_base(base, plan, method, rules)
+    tensors = read_plan(replicas, labels)
+    base_infos = None
+    if base is not None:
+        with _open(base) as reader:
+            base_infos = {name: reader.info(name) for name in reader.names()}
+    check_base_checkpoint(plan, tensors, base_infos, base)
     by_index = dict(zip(indices, replicas))
     record: dict[str, Any] = {
-        "method": repr(method),
+        "method": repr(plan.method),
         "rules": [{"pattern": r.pattern, "method": repr(r.method)} for r in rules],
         "seed": seed,
         "replicas": [str(p) for p in replicas],
@@ -185,15 +154,24 @@ def merge_checkpoints_streaming(
         **({"draw_prefix": draw_prefix} if draw_prefix else {}),
         **(provenance or {}),
     }
+    bad: dict[int, str] = {}  # replica index -> its first tensor holding NaN/Inf
 
-    def attempt(keep: Sequence[int], method: MergeMethod, rules: Sequence[MergeRule]) -> None:
-        staging = staging_path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-        try:
+    def find_bad() -> dict[int, str]:
+        bad.update(find_nonfinite_streaming(lambda k: _open(by_index[k]), indices, tensors))
+        return {indices.index(k): name for k, name in bad.items()}
+
+    def attempt(plan: MergePlan, positions: Sequence[int]) -> None:
+        keep = [indices[p] for p in positions]
+        if bad:
+            record["replicas"] = [str(by_index[k]) for k in keep]
+            record["method"] = repr(plan.method)
+            record["dropped_nonfinite"] = [
+                {"replica": k, "path": str(by_index[k]), "tensor": name} for k, name in bad.items()
+            ]
+        with staged_output(out, overwrite) as staging:
             writer = ShardedSafetensorsWriter(
                 staging,
-                plan,
+                tensors,
                 max_shard_bytes=max_shard_bytes,
                 metadata={"merged_by": "lightning_selmerge"},
             )
@@ -208,14 +186,12 @@ def merge_checkpoints_streaming(
 
             try:
                 stream_merge(
-                    plan,
+                    tensors,
                     lambda k: _open(by_index[k]),
                     keep,
-                    [labels[indices.index(k)] for k in keep],
+                    [labels[p] for p in positions],
                     write,
-                    method=method,
-                    rules=rules,
-                    seed=seed,
+                    plan=plan,
                     open_base=None if base is None else lambda: _open(base),
                     chunk_numel=chunk_numel,
                     window_bytes=window_bytes,
@@ -226,33 +202,6 @@ def merge_checkpoints_streaming(
                 writer.abort()
             _copy_side_files(_side_file_source(base, replicas[0]), staging)
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            publish_directory(staging, out, overwrite)
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError):
-                state = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
-                message = (
-                    f"merging into {out} failed: {err.strerror or err}"
-                    f"{f' ({err.filename})' if err.filename else ''}; the partial output was "
-                    f"removed and {state}"
-                )
-                wrapped = OSError(message) if err.errno is None else OSError(err.errno, message)
-                raise wrapped from err
-            raise
 
-    try:
-        attempt(indices, method, rules)
-        return out
-    except NonFiniteError:
-        if nonfinite == "error":
-            raise
-    bad = find_nonfinite_streaming(lambda k: _open(by_index[k]), indices, plan)
-    kept_positions = surviving_replicas({indices.index(k): name for k, name in bad.items()}, labels)
-    keep = [indices[p] for p in kept_positions]
-    record["replicas"] = [str(by_index[k]) for k in keep]
-    record["method"] = repr(method.subset(kept_positions))
-    record["dropped_nonfinite"] = [
-        {"replica": k, "path": str(by_index[k]), "tensor": name} for k, name in bad.items()
-    ]
-    attempt(keep, method.subset(kept_positions), [rule.subset(kept_positions) for rule in rules])
+    merge_dropping_nonfinite(plan, attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad)
     return out

@@ -16,7 +16,14 @@ Example:
 
 # Importing a method's module registers it.
 from .average import WeightedAverage
-from .base import ChunkContext, MergeMethod, MethodParameter, StreamingMerge
+from .base import (
+    ChunkContext,
+    MergeMethod,
+    MethodParameter,
+    ReplicaAccumulator,
+    StreamingForm,
+    StreamTensor,
+)
 from .dare import Dare
 from .registry import build_method, method_class, method_names, register_method
 from .selection import ParameterSelection, candidates_at
@@ -30,7 +37,9 @@ __all__ = [
     "MergeMethod",
     "MethodParameter",
     "ParameterSelection",
-    "StreamingMerge",
+    "ReplicaAccumulator",
+    "StreamTensor",
+    "StreamingForm",
     "TaskArithmetic",
     "TiesMerging",
     "WeightedAverage",

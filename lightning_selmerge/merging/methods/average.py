@@ -10,6 +10,7 @@ import torch
 from ..errors import MergeError
 from ..keyed_random import KeyedRandom
 from ..scratch import per_thread_buffer
+from .average_streaming import AverageStreaming
 from .base import ChunkContext, MergeMethod, check_weights, compute_dtype, output_for
 from .registry import register_method
 
@@ -41,6 +42,10 @@ class WeightedAverage(MergeMethod):
     )
     propagates_nonfinite = True  # every replica is added in: NaN/Inf reaches the output
     exact_reference = False  # addcmul_ may fuse the multiply-add the reference rounds twice
+
+    def streaming(self) -> AverageStreaming:
+        """A running sum, bit-identical to :meth:`merge_chunk` (:mod:`.average_streaming`)."""
+        return AverageStreaming(self)
 
     def subset(self, keep: Sequence[int]) -> WeightedAverage:
         """The kept replicas' weights (the average divides by their sum)."""

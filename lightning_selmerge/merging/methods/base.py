@@ -17,7 +17,7 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -30,7 +30,9 @@ __all__ = [
     "ChunkContext",
     "MergeMethod",
     "MethodParameter",
-    "StreamingMerge",
+    "ReplicaAccumulator",
+    "StreamTensor",
+    "StreamingForm",
     "check_weights",
     "compute_dtype",
     "output_for",
@@ -68,19 +70,60 @@ class MethodParameter:
     help: str
 
 
-class StreamingMerge(Protocol):
-    """A method's merge of one chunk with the replicas read one at a time (optional).
+@dataclass(frozen=True)
+class StreamTensor:
+    """One tensor of a streaming merge (replicas fed one at a time), as a method's
+    :class:`StreamingForm` sees it.
 
-    ``state = start(ctx, base, like)``, then ``add(state, k, chunk_k)`` for each replica ``k`` in
-    any order, then ``finish(state, out)``: the result equals :meth:`MergeMethod.merge_chunk` on
-    all K chunks at once. A method offers one through :meth:`MergeMethod.streaming`.
+    ``draw_name`` keys the random draws (the tensor's name, maybe prefixed); ``base`` is the
+    flat base tensor when the method :attr:`~MergeMethod.needs_base`; ``check_finite(piece,
+    position, start)`` raises :class:`~..errors.NonFiniteError` naming the replica fed at
+    ``position`` when ``piece`` (its elements ``start ..``) holds NaN/Inf.
     """
 
-    def start(self, ctx: ChunkContext, base: torch.Tensor | None, like: torch.Tensor) -> Any: ...
+    name: str
+    draw_name: str
+    dtype: torch.dtype
+    numel: int
+    num_replicas: int
+    rng: KeyedRandom
+    base: torch.Tensor | None
+    chunk_numel: int
+    check_finite: Callable[[torch.Tensor, int, int], None]
 
-    def add(self, state: Any, replica: int, chunk: torch.Tensor) -> None: ...
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """``(begin, end)`` of each chunk of ``chunk_numel`` elements, in order."""
+        for begin in range(0, self.numel, self.chunk_numel):
+            yield begin, min(begin + self.chunk_numel, self.numel)
 
-    def finish(self, state: Any, out: torch.Tensor) -> torch.Tensor: ...
+    def context(self, begin: int) -> ChunkContext:
+        """The :class:`ChunkContext` of the chunk starting at flat offset ``begin``."""
+        return ChunkContext(self.rng, self.draw_name, begin)
+
+
+class ReplicaAccumulator(Protocol):
+    """One tensor's merge state, fed the replicas' flat tensors in order (positions 0 .. K-1)."""
+
+    def add(self, position: int, flat: torch.Tensor) -> None: ...
+
+    def finish(self) -> torch.Tensor:
+        """The flat merged tensor; :class:`~..errors.AverageNotFinite` when it is not finite."""
+        ...
+
+
+class StreamingForm(Protocol):
+    """A method's merge with the replicas read one at a time (see :meth:`MergeMethod.streaming`).
+
+    ``start(tensor)`` gives an accumulator; after :meth:`ReplicaAccumulator.add` of every replica
+    in order, its :meth:`~ReplicaAccumulator.finish` equals :meth:`MergeMethod.merge_chunk` over
+    all K replicas at once, bit for bit, for every chunk size.
+    """
+
+    def state_bytes(self, dtype: torch.dtype, numel: int) -> int:
+        """Bytes an accumulator of such a tensor holds (its output included)."""
+        ...
+
+    def start(self, tensor: StreamTensor) -> ReplicaAccumulator: ...
 
 
 class MergeMethod(ABC):
@@ -164,9 +207,9 @@ class MergeMethod(ABC):
         :attr:`exact_reference`).
         """
 
-    def streaming(self) -> StreamingMerge | None:
+    def streaming(self) -> StreamingForm | None:
         """This method's merge with replicas read one at a time, or ``None`` (the default) when
-        it has none and needs all K chunks at once."""
+        it has none and needs all K chunks at once (the streaming merge then refuses it)."""
         return None
 
     def subset(self, keep: Sequence[int]) -> MergeMethod:

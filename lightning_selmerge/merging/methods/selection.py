@@ -13,6 +13,7 @@ from ..keyed_random import UNIFORM_LEVELS, KeyedRandom
 from . import selection_kernel
 from .base import ChunkContext, MergeMethod, check_weights
 from .registry import register_method
+from .selection_streaming import SelectionStreaming
 
 __all__ = ["ParameterSelection", "candidates_at"]
 
@@ -57,6 +58,10 @@ class ParameterSelection(MergeMethod):
     @property
     def needs_base(self) -> bool:  # type: ignore[override]
         return self.resample > 0
+
+    def streaming(self) -> SelectionStreaming:
+        """Each replica copies the elements it wins (:mod:`.selection_streaming`)."""
+        return SelectionStreaming(self)
 
     def subset(self, keep: Sequence[int]) -> ParameterSelection:
         """The kept replicas' probabilities, renormalised to sum to 1."""
