@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -24,11 +23,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import (
-    BatchSizeFinder,
-    GradientAccumulationScheduler,
-    LearningRateFinder,
-)
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -42,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selmerge.data.sampler import DataOrderSampler
-from lightning_selmerge.ensemble import device_groups
+from lightning_selmerge.ensemble import device_groups, trainer_checks
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
@@ -241,7 +235,7 @@ class DataOrderEnsemble(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        _check_num_replicas(num_replicas)
+        trainer_checks.check_num_replicas(num_replicas)
         if offload not in ("cpu", "disk"):
             raise ValueError(
                 f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
@@ -463,16 +457,13 @@ class DataOrderEnsemble(ParallelStrategy):
             trainer.fit_loop.setup_data()  # calls process_dataloader
         if not trainer.lightning_module.automatic_optimization:
             return min(self.batches_per_replica * max_epochs, by_steps)
-        scheduler = _accumulation_scheduler(trainer)
-        total = sum(self._replica_steps(trainer, scheduler, epoch) for epoch in range(max_epochs))
+        scheduler = trainer_checks.accumulation_scheduler(trainer)
+        batches = self.batches_per_replica
+        total = sum(
+            trainer_checks.replica_steps(trainer, batches, scheduler, epoch)
+            for epoch in range(max_epochs)
+        )
         return min(total, by_steps)
-
-    def _replica_steps(
-        self, trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int
-    ) -> int:
-        """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
-        accumulation divides its batches, see :meth:`_check_stepping`)."""
-        return self.batches_per_replica // _accumulation(trainer, scheduler, epoch)
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -780,7 +771,7 @@ class DataOrderEnsemble(ParallelStrategy):
         # before super().setup: configure_optimizers may already set up the train loader
         # (estimated_stepping_batches, steps_per_replica), which must see these settings
         if trainer.state.fn == TrainerFn.FITTING:
-            self._check_trainer(trainer)
+            trainer_checks.check_trainer(trainer)
             self.batch_sampler = None  # steps_per_replica() must not read an earlier fit's
             if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each one
                 steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
@@ -829,7 +820,7 @@ class DataOrderEnsemble(ParallelStrategy):
         drop_last = bool(getattr(dataloader.batch_sampler, "drop_last", dataloader.drop_last))
         step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
         if self.fixed_batches:
-            if _accumulation_scheduler(trainer) is not None:
+            if trainer_checks.accumulation_scheduler(trainer) is not None:
                 raise MisconfigurationException(
                     "DataOrderEnsemble(fixed_batches=True) fixes the samples of each optimizer "
                     "step, whose number a GradientAccumulationScheduler changes between epochs; "
@@ -965,86 +956,11 @@ class DataOrderEnsemble(ParallelStrategy):
                     f"{saved[name]!r}, ...) or start a new fit without ckpt_path."
                 )
 
-    def _check_trainer(self, trainer: Any) -> None:
-        tuners = [
-            c for c in trainer.callbacks if isinstance(c, (BatchSizeFinder, LearningRateFinder))
-        ]
-        if tuners:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: {type(tuners[0]).__name__} (Tuner.lr_find / "
-                "scale_batch_size) runs a few steps of one model, which the ensemble would split "
-                "between replicas and reset at each replica's start; tune with a plain strategy "
-                "(one model), then fit the ensemble with the values found."
-            )
-        interval = trainer.val_check_interval
-        if not (isinstance(interval, float) and interval == 1.0):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: val_check_interval={interval!r} would validate in the "
-                "middle of the replicas' pass; use val_check_interval=1.0 (the default) and "
-                "check_val_every_n_epoch to validate less often."
-            )
-        limit = trainer.limit_train_batches
-        if isinstance(limit, float) and limit not in (0.0, 1.0):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: limit_train_batches={limit} (a fraction) would cut the "
-                "later replicas out of the epoch; give an int, which DataOrderEnsemble applies "
-                "per replica (limit_train_batches=10 trains each replica on 10 batches)."
-            )
-        if trainer.overfit_batches > 0:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
-                "(per replica) instead."
-            )
-
     def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
-        """Refuse an optimizer step that would span two replicas, or a ``max_steps`` that would
-        stop inside an epoch (under automatic optimization; manual steps cannot be foreseen).
-
-        At loader setup (no ``batch_idx``) the whole fit is checked, a
-        ``GradientAccumulationScheduler``'s schedule included, so that a bad epoch is refused
-        before training starts; at every batch, the current epoch as it runs (a resume, or a
-        setting changed by a callback)."""
-        batches = self.batches_per_replica
-        scheduler = _accumulation_scheduler(trainer) if batch_idx is None else None
-        max_epochs = trainer.max_epochs
-        bounded = max_epochs is not None and max_epochs >= 0
-        if scheduler is None:
-            schedule = [(trainer.current_epoch, trainer.accumulate_grad_batches)]
-        else:
-            last = max(scheduler.scheduling, default=0) + 1  # constant from there on
-            epochs = range(min(max_epochs, last) if bounded else last)
-            schedule = [(e, _accumulation(trainer, scheduler, e)) for e in epochs]
-        for epoch, accumulate in schedule:
-            if batches % accumulate:
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch {epoch}) "
-                    f"does not divide the {batches} batches of each replica, so one optimizer "
-                    "step would mix two replicas' gradients; choose a divisor of it, also in a "
-                    "GradientAccumulationScheduler's schedule (or change batch_size / "
-                    "limit_train_batches)."
-                )
-        max_steps = trainer.max_steps
-        if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
-            return
-        local = len(self._layout.local_replicas)  # this rank trains them one after another
-        if batch_idx is not None:  # scheduler is None: the epoch's own accumulation
-            before = trainer.global_step - batch_idx // trainer.accumulate_grad_batches
-            after = before + local * self._replica_steps(trainer, None, trainer.current_epoch)
-        else:
-            before, after, epoch = 0, 0, 0
-            while after < max_steps and not (bounded and epoch >= max_epochs):
-                before = after
-                after += local * self._replica_steps(trainer, scheduler, epoch)
-                epoch += 1
-        if before < max_steps < after:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: max_steps={max_steps} would stop training inside an epoch "
-                f"(epochs end at optimizer steps {before} and {after} here, each one training "
-                f"the {local} replicas one after another), so the later replicas would miss "
-                "part of it and the merge would mix unequally trained replicas; bound the fit "
-                "with max_epochs (and an int limit_train_batches, which applies per replica) "
-                f"or set max_steps to an epoch's end such as {after}."
-            )
+        """:func:`trainer_checks.check_stepping` for the replicas this rank trains."""
+        trainer_checks.check_stepping(
+            trainer, self.batches_per_replica, len(self._layout.local_replicas), batch_idx
+        )
 
     def _step_schedulers(self) -> list[Any]:
         """The LR schedulers swapped with their replica: step-interval ones, and every one under
@@ -1133,40 +1049,8 @@ class DataOrderEnsemble(ParallelStrategy):
             self.precision_plugin.load_state_dict(state.precision)
 
 
-def _check_num_replicas(value: object) -> None:
-    """``num_replicas`` must be a whole number (any integer type but ``bool``) >= 2."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"DataOrderEnsemble: num_replicas={value!r} is a {type(value).__name__}: give a "
-            "whole number K >= 2 of replicas, e.g. num_replicas=4."
-        )
-    if value == 1:
-        raise ValueError(
-            "DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2 "
-            "(or a plain strategy for one model)."
-        )
-    if value < 1:
-        raise ValueError(
-            f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
-            "2, e.g. num_replicas=4."
-        )
-
-
 #: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
 _BY_BATCH_SIZE = object()
-
-
-def _accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
-    return next(
-        (c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None
-    )
-
-
-def _accumulation(trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int) -> int:
-    """``accumulate_grad_batches`` in ``epoch`` (a scheduler sets it only at the epoch's start)."""
-    if scheduler is None:
-        return trainer.accumulate_grad_batches
-    return scheduler.get_accumulate_grad_batches(epoch)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
