@@ -33,11 +33,17 @@ from lightning.pytorch.strategies.launchers import (
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import device_groups, trainer_checks
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
+from lightning_selmerge.ensemble.loader import (
+    BY_BATCH_SIZE,
+    ensemble_batch_sampler,
+    fixed_step_samples,
+    resumable_loader,
+    train_batch_size,
+)
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
     ReplicaState,
@@ -64,60 +70,6 @@ __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_cop
 
 #: checkpoint key of the ensemble's own state (replicas, initial weights, RNG, active replica)
 CHECKPOINT_KEY = "data_order_ensemble"
-
-
-class _ResumableLoader(DataLoader):
-    """The ensemble's train loader; Lightning saves and restores its position in the epoch.
-
-    The position is counted in batches, so a resume in the middle of an epoch needs the same
-    batches: the saved batch size, dataset length, ``drop_last`` and batches per replica must
-    match this loader's, or the resume is refused (at an epoch's end any loader may follow).
-    """
-
-    progress: Callable[[], tuple[int, int]]  # () -> (epoch, batches done in it)
-    checkpoint_name: Callable[[], str]  # the checkpoint being resumed, for messages
-
-    def _shape(self) -> dict[str, Any]:
-        sampler = self.batch_sampler
-        assert isinstance(sampler, EnsembleBatchSampler)
-        return {
-            "batch_size": sampler.batch_size,
-            "num_samples": len(sampler.sampler),
-            "drop_last": sampler.drop_last,
-            "batches_per_replica": sampler.batches_per_replica,
-            "batches": len(sampler),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        epoch, done = self.progress()
-        return {"epoch": epoch, "batches_done": done, **self._shape()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        assert isinstance(self.batch_sampler, EnsembleBatchSampler)
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if 0 < done < state.get("batches", done + 1):  # saved inside the epoch
-            self._check_same_batches(state, epoch, done)
-        self.batch_sampler.resume(epoch, done)
-
-    def _check_same_batches(self, saved: Mapping[str, Any], epoch: int, done: int) -> None:
-        describe = {
-            "batch_size": lambda v: f"batch_size={v}",
-            "num_samples": lambda v: f"a dataset of {v} samples",
-            "drop_last": lambda v: f"drop_last={v}",
-            "batches_per_replica": lambda v: f"{v} batches per replica (limit_train_batches)",
-        }
-        for key, text in describe.items():
-            ours = self._shape()[key]
-            if key in saved and saved[key] != ours:  # checkpoints before 0.2 lack the keys
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: the checkpoint {self.checkpoint_name()} was saved in "
-                    f"the middle of epoch {epoch} (after {done} of its {saved['batches']} "
-                    f"training batches) by a train loader with {text(saved[key])}, but this "
-                    f"fit's loader has {text(ours)}. The position in the epoch counts batches, "
-                    "so the replicas would train on different numbers of samples; resume with "
-                    f"{text(saved[key])}, or from a checkpoint saved at an epoch's end (any "
-                    "loader may follow one)."
-                )
 
 
 class DataOrderEnsemble(ParallelStrategy):
@@ -744,7 +696,7 @@ class DataOrderEnsemble(ParallelStrategy):
         self._check_compatible(saved, checkpoint_path)
         # checked against this fit's value when the loader is set up; checkpoints before it
         # was recorded grouped fixed batches by the DataLoader's batch_size
-        self._resumed_step_samples = saved.get("fixed_step_samples", _BY_BATCH_SIZE)
+        self._resumed_step_samples = saved.get("fixed_step_samples", BY_BATCH_SIZE)
         if saved.get("per_rank_files"):
             rank_file = path / f"rank_{self.global_rank:05d}.pt"
             self._to_restore = torch.load(rank_file, map_location="cpu", weights_only=False)
@@ -797,88 +749,27 @@ class DataOrderEnsemble(ParallelStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if isinstance(dataloader, DataLoader) and isinstance(dataloader.dataset, IterableDataset):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: the train dataset {type(dataloader.dataset).__name__} is an "
-                "IterableDataset, which yields samples in its own order; the ensemble gives "
-                "each replica its own order of a map-style dataset (one with __len__ and "
-                "__getitem__): turn the data into a map-style Dataset (e.g. a list of samples)."
-            )
-        if not isinstance(dataloader, DataLoader):
-            raise MisconfigurationException(
-                "DataOrderEnsemble needs a map-style torch DataLoader with a batch_size as the "
-                f"train dataloader (got {type(dataloader).__name__}); it replaces its sampler."
-            )
-        batch_size = dataloader.batch_size
-        if batch_size is None:
-            batch_size = getattr(dataloader.batch_sampler, "batch_size", None)
-        if batch_size is None:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: the train DataLoader has no batch_size; give it one, "
-                "e.g. DataLoader(dataset, batch_size=32)."
-            )
-        drop_last = bool(getattr(dataloader.batch_sampler, "drop_last", dataloader.drop_last))
+        batch_size, drop_last = train_batch_size(dataloader)
+        assert isinstance(dataloader, DataLoader)
         step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
         if self.fixed_batches:
-            if trainer_checks.accumulation_scheduler(trainer) is not None:
-                raise MisconfigurationException(
-                    "DataOrderEnsemble(fixed_batches=True) fixes the samples of each optimizer "
-                    "step, whose number a GradientAccumulationScheduler changes between epochs; "
-                    "use a constant accumulate_grad_batches with fixed_batches."
-                )
-            # an optimizer step takes accumulate x shard_size consecutive rank-batches of the
-            # replica's order (EnsembleBatchSampler): that many fixed together stay one step
-            step_samples = batch_size * self.shard_size * trainer.accumulate_grad_batches
             resumed = self._resumed_step_samples
-            if resumed is _BY_BATCH_SIZE:
-                resumed = batch_size
-            if resumed is not None and resumed != step_samples:
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble(fixed_batches=True): the checkpoint fixed {resumed} "
-                    f"samples per optimizer step, this fit {step_samples} (batch_size x "
-                    "shard_size x accumulate_grad_batches); resume with the checkpoint's "
-                    "settings, or start a new fit without ckpt_path."
-                )
+            step_samples = fixed_step_samples(trainer, batch_size, self.shard_size, resumed)
         self._fixed_step_samples = step_samples
-        orders = DataOrderSampler(
+        self.batch_sampler = ensemble_batch_sampler(
             dataloader.dataset,
+            self.num_replicas,
+            self._layout,
             seed=self.seed,
             fixed_batches=self.fixed_batches,
-            batch_size=step_samples,
+            step_samples=step_samples,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            per_replica_limit=self._per_replica_limit,
+            shard_size=self.shard_size,
         )
-        sampler = EnsembleBatchSampler(
-            orders,
-            self.num_replicas,
-            batch_size,
-            drop_last,
-            self._per_replica_limit,
-            replicas=self._layout.local_replicas,
-            num_shards=self.shard_size,
-            shard_rank=self._layout.shard_rank,
-        )
-        if sampler.batches_per_replica == 0:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: each replica gets 0 training batches; use a smaller "
-                "batch_size or drop_last=False."
-            )
-        self.batch_sampler = sampler
         self._check_stepping(trainer)
-        loader = _ResumableLoader(
-            dataloader.dataset,
-            batch_sampler=sampler,
-            num_workers=dataloader.num_workers,
-            collate_fn=dataloader.collate_fn,
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            generator=dataloader.generator,
-            persistent_workers=dataloader.persistent_workers,
-        )
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        loader.progress = lambda: (trainer.current_epoch, progress.processed)
-        loader.checkpoint_name = lambda: Path(str(trainer.ckpt_path)).name
-        return loader
+        return resumable_loader(dataloader, self.batch_sampler, trainer)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -1047,10 +938,6 @@ class DataOrderEnsemble(ParallelStrategy):
             sched.load_state_dict(sched_state)
         if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
             self.precision_plugin.load_state_dict(state.precision)
-
-
-#: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
-_BY_BATCH_SIZE = object()
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
