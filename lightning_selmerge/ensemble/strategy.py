@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +35,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from lightning_selmerge.ensemble import device_groups, trainer_checks
+from lightning_selmerge.ensemble.checkpoint_format import (
+    CHECKPOINT_KEY,
+    check_compatible,
+    rank_file,
+    save_atomic,
+    save_rank_directory,
+)
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
 from lightning_selmerge.ensemble.loader import (
     BY_BATCH_SIZE,
@@ -62,14 +68,10 @@ from lightning_selmerge.merging import (
     find_nonfinite,
     merge_state_dicts,
 )
-from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
-from lightning_selmerge.merging.leftovers import clean_stale_files, recover_output, staging_path
+from lightning_selmerge.merging.leftovers import recover_output
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
-
-#: checkpoint key of the ensemble's own state (replicas, initial weights, RNG, active replica)
-CHECKPOINT_KEY = "data_order_ensemble"
 
 
 class DataOrderEnsemble(ParallelStrategy):
@@ -648,37 +650,12 @@ class DataOrderEnsemble(ParallelStrategy):
             local = "://" not in str(filepath)  # remote ("s3://...") paths go to checkpoint_io
             if local and type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
                 if self.is_global_zero:
-                    _save_atomic(checkpoint, Path(filepath))
+                    save_atomic(checkpoint, Path(filepath))
                 return
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        where = str(self.broadcast(str(filepath)))
-        if "://" in where:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: cannot save the checkpoint {where!r}: on several ranks a "
-                "checkpoint is a directory of per-rank files, staged under a temporary name and "
-                "renamed, which needs a local (or mounted) filesystem path; save to a local "
-                "path (e.g. ModelCheckpoint(dirpath='checkpoints')) and copy it to remote "
-                "storage afterwards."
-            )
-        path = Path(where)
-        if self.is_global_zero:
-            recover_output(path)  # what a killed save of this checkpoint left behind
-        staging = Path(self.broadcast(str(staging_path(path))))
-        staging.mkdir(parents=True, exist_ok=True)
-        if full:
-            _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
-            checkpoint[CHECKPOINT_KEY] = {
-                **self._identity(),
-                "world_size": self.world_size,
-                "per_rank_files": True,
-            }
-        if self.is_global_zero:
-            _save_atomic(checkpoint, staging / "checkpoint.pt")
-        self.barrier()
-        if self.is_global_zero:  # the previous checkpoint stays until this one is complete
-            publish_directory(staging, path, overwrite=True)
-        self.barrier()
+        state = self.ensemble_state_dict if full else None
+        save_rank_directory(self, checkpoint, filepath, state, self._identity())
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
         path = Path(str(checkpoint_path))
@@ -698,8 +675,8 @@ class DataOrderEnsemble(ParallelStrategy):
         # was recorded grouped fixed batches by the DataLoader's batch_size
         self._resumed_step_samples = saved.get("fixed_step_samples", BY_BATCH_SIZE)
         if saved.get("per_rank_files"):
-            rank_file = path / f"rank_{self.global_rank:05d}.pt"
-            self._to_restore = torch.load(rank_file, map_location="cpu", weights_only=False)
+            own = rank_file(path, self.global_rank)
+            self._to_restore = torch.load(own, map_location="cpu", weights_only=False)
         else:
             self._to_restore = saved
         return checkpoint
@@ -826,26 +803,8 @@ class DataOrderEnsemble(ParallelStrategy):
         }
 
     def _check_compatible(self, saved: Mapping[str, Any], path: _PATH) -> None:
-        layout = saved.get("layout", {"replica_groups": 1, "shard_size": 1})
-        if (layout["replica_groups"], layout["shard_size"]) != (
-            self._layout.replica_groups,
-            self.shard_size,
-        ):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: the checkpoint {Path(str(path)).name} was saved by "
-                f"{layout['replica_groups']} replica group(s) x shard_size={layout['shard_size']}"
-                f" but this run has {self._layout.replica_groups} x shard_size={self.shard_size};"
-                " resume with the same devices x num_nodes and shard_size (merge the saved "
-                "replicas instead to change the layout)."
-            )
-        for name in ("num_replicas", "seed", "fixed_batches"):
-            if saved[name] != getattr(self, name):
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: the checkpoint {Path(str(path)).name} was saved with "
-                    f"{name}={saved[name]!r} but this strategy has {name}="
-                    f"{getattr(self, name)!r}; resume with DataOrderEnsemble({name}="
-                    f"{saved[name]!r}, ...) or start a new fit without ckpt_path."
-                )
+        settings = {name: getattr(self, name) for name in ("num_replicas", "seed", "fixed_batches")}
+        check_compatible(saved, path, self._layout, self.shard_size, settings)
 
     def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
         """:func:`trainer_checks.check_stepping` for the replicas this rank trains."""
@@ -938,23 +897,3 @@ class DataOrderEnsemble(ParallelStrategy):
             sched.load_state_dict(sched_state)
         if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
             self.precision_plugin.load_state_dict(state.precision)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename onto ``path``.
-
-    A process killed at any point leaves the previous file intact (Lightning's own atomic save
-    stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_files(path.parent, once=True)  # unfinished saves of killed runs
-    tmp = staging_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
