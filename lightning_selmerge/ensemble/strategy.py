@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -24,11 +22,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import (
-    BatchSizeFinder,
-    GradientAccumulationScheduler,
-    LearningRateFinder,
-)
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -39,11 +32,24 @@ from lightning.pytorch.strategies.launchers import (
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from lightning_selmerge.data.sampler import DataOrderSampler
-from lightning_selmerge.ensemble import device_groups, process_groups
+from lightning_selmerge.ensemble import device_groups, process_groups, trainer_checks
+from lightning_selmerge.ensemble.checkpoint_format import (
+    CHECKPOINT_KEY,
+    check_compatible,
+    rank_file,
+    save_atomic,
+    save_rank_directory,
+)
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
+from lightning_selmerge.ensemble.loader import (
+    BY_BATCH_SIZE,
+    ensemble_batch_sampler,
+    fixed_step_samples,
+    resumable_loader,
+    train_batch_size,
+)
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
     ReplicaState,
@@ -62,68 +68,10 @@ from lightning_selmerge.merging import (
     find_nonfinite,
     merge_state_dicts,
 )
-from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
-from lightning_selmerge.merging.leftovers import clean_stale_files, recover_output, staging_path
+from lightning_selmerge.merging.leftovers import recover_output
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
-
-#: checkpoint key of the ensemble's own state (replicas, initial weights, RNG, active replica)
-CHECKPOINT_KEY = "data_order_ensemble"
-
-
-class _ResumableLoader(DataLoader):
-    """The ensemble's train loader; Lightning saves and restores its position in the epoch.
-
-    The position is counted in batches, so a resume in the middle of an epoch needs the same
-    batches: the saved batch size, dataset length, ``drop_last`` and batches per replica must
-    match this loader's, or the resume is refused (at an epoch's end any loader may follow).
-    """
-
-    progress: Callable[[], tuple[int, int]]  # () -> (epoch, batches done in it)
-    checkpoint_name: Callable[[], str]  # the checkpoint being resumed, for messages
-
-    def _shape(self) -> dict[str, Any]:
-        sampler = self.batch_sampler
-        assert isinstance(sampler, EnsembleBatchSampler)
-        return {
-            "batch_size": sampler.batch_size,
-            "num_samples": len(sampler.sampler),
-            "drop_last": sampler.drop_last,
-            "batches_per_replica": sampler.batches_per_replica,
-            "batches": len(sampler),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        epoch, done = self.progress()
-        return {"epoch": epoch, "batches_done": done, **self._shape()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        assert isinstance(self.batch_sampler, EnsembleBatchSampler)
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if 0 < done < state.get("batches", done + 1):  # saved inside the epoch
-            self._check_same_batches(state, epoch, done)
-        self.batch_sampler.resume(epoch, done)
-
-    def _check_same_batches(self, saved: Mapping[str, Any], epoch: int, done: int) -> None:
-        describe = {
-            "batch_size": lambda v: f"batch_size={v}",
-            "num_samples": lambda v: f"a dataset of {v} samples",
-            "drop_last": lambda v: f"drop_last={v}",
-            "batches_per_replica": lambda v: f"{v} batches per replica (limit_train_batches)",
-        }
-        for key, text in describe.items():
-            ours = self._shape()[key]
-            if key in saved and saved[key] != ours:  # checkpoints before 0.2 lack the keys
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: the checkpoint {self.checkpoint_name()} was saved in "
-                    f"the middle of epoch {epoch} (after {done} of its {saved['batches']} "
-                    f"training batches) by a train loader with {text(saved[key])}, but this "
-                    f"fit's loader has {text(ours)}. The position in the epoch counts batches, "
-                    "so the replicas would train on different numbers of samples; resume with "
-                    f"{text(saved[key])}, or from a checkpoint saved at an epoch's end (any "
-                    "loader may follow one)."
-                )
 
 
 class DataOrderEnsemble(ParallelStrategy):
@@ -241,7 +189,7 @@ class DataOrderEnsemble(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        _check_num_replicas(num_replicas)
+        trainer_checks.check_num_replicas(num_replicas)
         if offload not in ("cpu", "disk"):
             raise ValueError(
                 f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
@@ -466,16 +414,13 @@ class DataOrderEnsemble(ParallelStrategy):
             trainer.fit_loop.setup_data()  # calls process_dataloader
         if not trainer.lightning_module.automatic_optimization:
             return min(self.batches_per_replica * max_epochs, by_steps)
-        scheduler = _accumulation_scheduler(trainer)
-        total = sum(self._replica_steps(trainer, scheduler, epoch) for epoch in range(max_epochs))
+        scheduler = trainer_checks.accumulation_scheduler(trainer)
+        batches = self.batches_per_replica
+        total = sum(
+            trainer_checks.replica_steps(trainer, batches, scheduler, epoch)
+            for epoch in range(max_epochs)
+        )
         return min(total, by_steps)
-
-    def _replica_steps(
-        self, trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int
-    ) -> int:
-        """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
-        accumulation divides its batches, see :meth:`_check_stepping`)."""
-        return self.batches_per_replica // _accumulation(trainer, scheduler, epoch)
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -708,37 +653,12 @@ class DataOrderEnsemble(ParallelStrategy):
             local = "://" not in str(filepath)  # remote ("s3://...") paths go to checkpoint_io
             if local and type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
                 if self.is_global_zero:
-                    _save_atomic(checkpoint, Path(filepath))
+                    save_atomic(checkpoint, Path(filepath))
                 return
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        where = str(self.broadcast(str(filepath)))
-        if "://" in where:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: cannot save the checkpoint {where!r}: on several ranks a "
-                "checkpoint is a directory of per-rank files, staged under a temporary name and "
-                "renamed, which needs a local (or mounted) filesystem path; save to a local "
-                "path (e.g. ModelCheckpoint(dirpath='checkpoints')) and copy it to remote "
-                "storage afterwards."
-            )
-        path = Path(where)
-        if self.is_global_zero:
-            recover_output(path)  # what a killed save of this checkpoint left behind
-        staging = Path(self.broadcast(str(staging_path(path))))
-        staging.mkdir(parents=True, exist_ok=True)
-        if full:
-            _save_atomic(self.ensemble_state_dict(), staging / f"rank_{self.global_rank:05d}.pt")
-            checkpoint[CHECKPOINT_KEY] = {
-                **self._identity(),
-                "world_size": self.world_size,
-                "per_rank_files": True,
-            }
-        if self.is_global_zero:
-            _save_atomic(checkpoint, staging / "checkpoint.pt")
-        self.barrier()
-        if self.is_global_zero:  # the previous checkpoint stays until this one is complete
-            publish_directory(staging, path, overwrite=True)
-        self.barrier()
+        state = self.ensemble_state_dict if full else None
+        save_rank_directory(self, checkpoint, filepath, state, self._identity())
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
         path = Path(str(checkpoint_path))
@@ -756,10 +676,10 @@ class DataOrderEnsemble(ParallelStrategy):
         self._check_compatible(saved, checkpoint_path)
         # checked against this fit's value when the loader is set up; checkpoints before it
         # was recorded grouped fixed batches by the DataLoader's batch_size
-        self._resumed_step_samples = saved.get("fixed_step_samples", _BY_BATCH_SIZE)
+        self._resumed_step_samples = saved.get("fixed_step_samples", BY_BATCH_SIZE)
         if saved.get("per_rank_files"):
-            rank_file = path / f"rank_{self.global_rank:05d}.pt"
-            self._to_restore = torch.load(rank_file, map_location="cpu", weights_only=False)
+            own = rank_file(path, self.global_rank)
+            self._to_restore = torch.load(own, map_location="cpu", weights_only=False)
         else:
             self._to_restore = saved
         return checkpoint
@@ -783,7 +703,7 @@ class DataOrderEnsemble(ParallelStrategy):
         # before super().setup: configure_optimizers may already set up the train loader
         # (estimated_stepping_batches, steps_per_replica), which must see these settings
         if trainer.state.fn == TrainerFn.FITTING:
-            self._check_trainer(trainer)
+            trainer_checks.check_trainer(trainer)
             self.batch_sampler = None  # steps_per_replica() must not read an earlier fit's
             if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each one
                 steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
@@ -809,88 +729,27 @@ class DataOrderEnsemble(ParallelStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if isinstance(dataloader, DataLoader) and isinstance(dataloader.dataset, IterableDataset):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: the train dataset {type(dataloader.dataset).__name__} is an "
-                "IterableDataset, which yields samples in its own order; the ensemble gives "
-                "each replica its own order of a map-style dataset (one with __len__ and "
-                "__getitem__): turn the data into a map-style Dataset (e.g. a list of samples)."
-            )
-        if not isinstance(dataloader, DataLoader):
-            raise MisconfigurationException(
-                "DataOrderEnsemble needs a map-style torch DataLoader with a batch_size as the "
-                f"train dataloader (got {type(dataloader).__name__}); it replaces its sampler."
-            )
-        batch_size = dataloader.batch_size
-        if batch_size is None:
-            batch_size = getattr(dataloader.batch_sampler, "batch_size", None)
-        if batch_size is None:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: the train DataLoader has no batch_size; give it one, "
-                "e.g. DataLoader(dataset, batch_size=32)."
-            )
-        drop_last = bool(getattr(dataloader.batch_sampler, "drop_last", dataloader.drop_last))
+        batch_size, drop_last = train_batch_size(dataloader)
+        assert isinstance(dataloader, DataLoader)
         step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
         if self.fixed_batches:
-            if _accumulation_scheduler(trainer) is not None:
-                raise MisconfigurationException(
-                    "DataOrderEnsemble(fixed_batches=True) fixes the samples of each optimizer "
-                    "step, whose number a GradientAccumulationScheduler changes between epochs; "
-                    "use a constant accumulate_grad_batches with fixed_batches."
-                )
-            # an optimizer step takes accumulate x shard_size consecutive rank-batches of the
-            # replica's order (EnsembleBatchSampler): that many fixed together stay one step
-            step_samples = batch_size * self.shard_size * trainer.accumulate_grad_batches
             resumed = self._resumed_step_samples
-            if resumed is _BY_BATCH_SIZE:
-                resumed = batch_size
-            if resumed is not None and resumed != step_samples:
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble(fixed_batches=True): the checkpoint fixed {resumed} "
-                    f"samples per optimizer step, this fit {step_samples} (batch_size x "
-                    "shard_size x accumulate_grad_batches); resume with the checkpoint's "
-                    "settings, or start a new fit without ckpt_path."
-                )
+            step_samples = fixed_step_samples(trainer, batch_size, self.shard_size, resumed)
         self._fixed_step_samples = step_samples
-        orders = DataOrderSampler(
+        self.batch_sampler = ensemble_batch_sampler(
             dataloader.dataset,
+            self.num_replicas,
+            self._layout,
             seed=self.seed,
             fixed_batches=self.fixed_batches,
-            batch_size=step_samples,
+            step_samples=step_samples,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            per_replica_limit=self._per_replica_limit,
+            shard_size=self.shard_size,
         )
-        sampler = EnsembleBatchSampler(
-            orders,
-            self.num_replicas,
-            batch_size,
-            drop_last,
-            self._per_replica_limit,
-            replicas=self._layout.local_replicas,
-            num_shards=self.shard_size,
-            shard_rank=self._layout.shard_rank,
-        )
-        if sampler.batches_per_replica == 0:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: each replica gets 0 training batches; use a smaller "
-                "batch_size or drop_last=False."
-            )
-        self.batch_sampler = sampler
         self._check_stepping(trainer)
-        loader = _ResumableLoader(
-            dataloader.dataset,
-            batch_sampler=sampler,
-            num_workers=dataloader.num_workers,
-            collate_fn=dataloader.collate_fn,
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            generator=dataloader.generator,
-            persistent_workers=dataloader.persistent_workers,
-        )
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        loader.progress = lambda: (trainer.current_epoch, progress.processed)
-        loader.checkpoint_name = lambda: Path(str(trainer.ckpt_path)).name
-        return loader
+        return resumable_loader(dataloader, self.batch_sampler, trainer)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -947,107 +806,14 @@ class DataOrderEnsemble(ParallelStrategy):
         }
 
     def _check_compatible(self, saved: Mapping[str, Any], path: _PATH) -> None:
-        layout = saved.get("layout", {"replica_groups": 1, "shard_size": 1})
-        if (layout["replica_groups"], layout["shard_size"]) != (
-            self._layout.replica_groups,
-            self.shard_size,
-        ):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: the checkpoint {Path(str(path)).name} was saved by "
-                f"{layout['replica_groups']} replica group(s) x shard_size={layout['shard_size']}"
-                f" but this run has {self._layout.replica_groups} x shard_size={self.shard_size};"
-                " resume with the same devices x num_nodes and shard_size (merge the saved "
-                "replicas instead to change the layout)."
-            )
-        for name in ("num_replicas", "seed", "fixed_batches"):
-            if saved[name] != getattr(self, name):
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: the checkpoint {Path(str(path)).name} was saved with "
-                    f"{name}={saved[name]!r} but this strategy has {name}="
-                    f"{getattr(self, name)!r}; resume with DataOrderEnsemble({name}="
-                    f"{saved[name]!r}, ...) or start a new fit without ckpt_path."
-                )
-
-    def _check_trainer(self, trainer: Any) -> None:
-        tuners = [
-            c for c in trainer.callbacks if isinstance(c, (BatchSizeFinder, LearningRateFinder))
-        ]
-        if tuners:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: {type(tuners[0]).__name__} (Tuner.lr_find / "
-                "scale_batch_size) runs a few steps of one model, which the ensemble would split "
-                "between replicas and reset at each replica's start; tune with a plain strategy "
-                "(one model), then fit the ensemble with the values found."
-            )
-        interval = trainer.val_check_interval
-        if not (isinstance(interval, float) and interval == 1.0):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: val_check_interval={interval!r} would validate in the "
-                "middle of the replicas' pass; use val_check_interval=1.0 (the default) and "
-                "check_val_every_n_epoch to validate less often."
-            )
-        limit = trainer.limit_train_batches
-        if isinstance(limit, float) and limit not in (0.0, 1.0):
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: limit_train_batches={limit} (a fraction) would cut the "
-                "later replicas out of the epoch; give an int, which DataOrderEnsemble applies "
-                "per replica (limit_train_batches=10 trains each replica on 10 batches)."
-            )
-        if trainer.overfit_batches > 0:
-            raise MisconfigurationException(
-                "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
-                "(per replica) instead."
-            )
+        settings = {name: getattr(self, name) for name in ("num_replicas", "seed", "fixed_batches")}
+        check_compatible(saved, path, self._layout, self.shard_size, settings)
 
     def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
-        """Refuse an optimizer step that would span two replicas, or a ``max_steps`` that would
-        stop inside an epoch (under automatic optimization; manual steps cannot be foreseen).
-
-        At loader setup (no ``batch_idx``) the whole fit is checked, a
-        ``GradientAccumulationScheduler``'s schedule included, so that a bad epoch is refused
-        before training starts; at every batch, the current epoch as it runs (a resume, or a
-        setting changed by a callback)."""
-        batches = self.batches_per_replica
-        scheduler = _accumulation_scheduler(trainer) if batch_idx is None else None
-        max_epochs = trainer.max_epochs
-        bounded = max_epochs is not None and max_epochs >= 0
-        if scheduler is None:
-            schedule = [(trainer.current_epoch, trainer.accumulate_grad_batches)]
-        else:
-            last = max(scheduler.scheduling, default=0) + 1  # constant from there on
-            epochs = range(min(max_epochs, last) if bounded else last)
-            schedule = [(e, _accumulation(trainer, scheduler, e)) for e in epochs]
-        for epoch, accumulate in schedule:
-            if batches % accumulate:
-                raise MisconfigurationException(
-                    f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch {epoch}) "
-                    f"does not divide the {batches} batches of each replica, so one optimizer "
-                    "step would mix two replicas' gradients; choose a divisor of it, also in a "
-                    "GradientAccumulationScheduler's schedule (or change batch_size / "
-                    "limit_train_batches)."
-                )
-        max_steps = trainer.max_steps
-        if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
-            return
-        local = len(self._layout.local_replicas)  # this rank trains them one after another
-        if batch_idx is not None:  # scheduler is None: the epoch's own accumulation
-            before = trainer.global_step - batch_idx // trainer.accumulate_grad_batches
-            after = before + local * self._replica_steps(trainer, None, trainer.current_epoch)
-        else:
-            before, after, epoch = 0, 0, 0
-            while after < max_steps and not (bounded and epoch >= max_epochs):
-                before = after
-                after += local * self._replica_steps(trainer, scheduler, epoch)
-                epoch += 1
-        if before < max_steps < after:
-            raise MisconfigurationException(
-                f"DataOrderEnsemble: max_steps={max_steps} would stop training inside an epoch "
-                f"(epochs end at optimizer steps {before} and {after} here, each one training "
-                f"the {local} replicas one after another), so the later replicas would miss "
-                "part of it and the merge would mix unequally trained replicas; bound the fit "
-                "with max_epochs (and an int limit_train_batches, which applies per replica) "
-                f"or set max_steps to an epoch's end such as {after}."
-            )
+        """:func:`trainer_checks.check_stepping` for the replicas this rank trains."""
+        trainer_checks.check_stepping(
+            trainer, self.batches_per_replica, len(self._layout.local_replicas), batch_idx
+        )
 
     def _step_schedulers(self) -> list[Any]:
         """The LR schedulers swapped with their replica: step-interval ones, and every one under
@@ -1134,59 +900,3 @@ class DataOrderEnsemble(ParallelStrategy):
             sched.load_state_dict(sched_state)
         if state.precision:  # each replica keeps its own loss scale (fp16 mixed precision)
             self.precision_plugin.load_state_dict(state.precision)
-
-
-def _check_num_replicas(value: object) -> None:
-    """``num_replicas`` must be a whole number (any integer type but ``bool``) >= 2."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"DataOrderEnsemble: num_replicas={value!r} is a {type(value).__name__}: give a "
-            "whole number K >= 2 of replicas, e.g. num_replicas=4."
-        )
-    if value == 1:
-        raise ValueError(
-            "DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2 "
-            "(or a plain strategy for one model)."
-        )
-    if value < 1:
-        raise ValueError(
-            f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
-            "2, e.g. num_replicas=4."
-        )
-
-
-#: A checkpoint that predates ``fixed_step_samples``: its fixed batches were DataLoader batches.
-_BY_BATCH_SIZE = object()
-
-
-def _accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
-    return next(
-        (c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None
-    )
-
-
-def _accumulation(trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int) -> int:
-    """``accumulate_grad_batches`` in ``epoch`` (a scheduler sets it only at the epoch's start)."""
-    if scheduler is None:
-        return trainer.accumulate_grad_batches
-    return scheduler.get_accumulate_grad_batches(epoch)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename onto ``path``.
-
-    A process killed at any point leaves the previous file intact (Lightning's own atomic save
-    stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_files(path.parent, once=True)  # unfinished saves of killed runs
-    tmp = staging_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

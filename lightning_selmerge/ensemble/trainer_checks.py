@@ -1,0 +1,163 @@
+"""What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings.
+
+Each replica must train on whole optimizer steps of its own batches, and the fit must end at an
+epoch's end, so that every replica trains alike; these checks name the setting and the fix.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> trainer = Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=2,
+    ...                   accumulate_grad_batches=2, enable_progress_bar=False)
+    >>> check_trainer(trainer)
+    >>> replica_steps(trainer, batches_per_replica=6, scheduler=None, epoch=0)
+    3
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+__all__ = [
+    "accumulation",
+    "accumulation_scheduler",
+    "check_num_replicas",
+    "check_stepping",
+    "check_trainer",
+    "replica_steps",
+]
+
+
+def check_num_replicas(value: object) -> None:
+    """``num_replicas`` must be a whole number (any integer type but ``bool``) >= 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"DataOrderEnsemble: num_replicas={value!r} is a {type(value).__name__}: give a "
+            "whole number K >= 2 of replicas, e.g. num_replicas=4."
+        )
+    if value == 1:
+        raise ValueError(
+            "DataOrderEnsemble: num_replicas=1 trains a single model; use num_replicas >= 2 "
+            "(or a plain strategy for one model)."
+        )
+    if value < 1:
+        raise ValueError(
+            f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
+            "2, e.g. num_replicas=4."
+        )
+
+
+def check_trainer(trainer: Any) -> None:
+    """Refuse the tuners, mid-epoch validation, a fractional ``limit_train_batches`` and
+    ``overfit_batches`` (checked when a fit starts)."""
+    tuners = [c for c in trainer.callbacks if isinstance(c, (BatchSizeFinder, LearningRateFinder))]
+    if tuners:
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: {type(tuners[0]).__name__} (Tuner.lr_find / "
+            "scale_batch_size) runs a few steps of one model, which the ensemble would split "
+            "between replicas and reset at each replica's start; tune with a plain strategy "
+            "(one model), then fit the ensemble with the values found."
+        )
+    interval = trainer.val_check_interval
+    if not (isinstance(interval, float) and interval == 1.0):
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: val_check_interval={interval!r} would validate in the "
+            "middle of the replicas' pass; use val_check_interval=1.0 (the default) and "
+            "check_val_every_n_epoch to validate less often."
+        )
+    limit = trainer.limit_train_batches
+    if isinstance(limit, float) and limit not in (0.0, 1.0):
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: limit_train_batches={limit} (a fraction) would cut the "
+            "later replicas out of the epoch; give an int, which DataOrderEnsemble applies "
+            "per replica (limit_train_batches=10 trains each replica on 10 batches)."
+        )
+    if trainer.overfit_batches > 0:
+        raise MisconfigurationException(
+            "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
+            "(per replica) instead."
+        )
+
+
+def check_stepping(
+    trainer: Any, batches_per_replica: int, local_replicas: int, batch_idx: int | None = None
+) -> None:
+    """Refuse an optimizer step that would span two replicas, or a ``max_steps`` that would
+    stop inside an epoch (under automatic optimization; manual steps cannot be foreseen).
+
+    ``local_replicas``: how many replicas this rank trains one after another. At loader setup
+    (no ``batch_idx``) the whole fit is checked, a ``GradientAccumulationScheduler``'s schedule
+    included, so that a bad epoch is refused before training starts; at every batch, the
+    current epoch as it runs (a resume, or a setting changed by a callback)."""
+    batches = batches_per_replica
+    scheduler = accumulation_scheduler(trainer) if batch_idx is None else None
+    max_epochs = trainer.max_epochs
+    bounded = max_epochs is not None and max_epochs >= 0
+    if scheduler is None:
+        schedule = [(trainer.current_epoch, trainer.accumulate_grad_batches)]
+    else:
+        last = max(scheduler.scheduling, default=0) + 1  # constant from there on
+        epochs = range(min(max_epochs, last) if bounded else last)
+        schedule = [(e, accumulation(trainer, scheduler, e)) for e in epochs]
+    for epoch, accumulate in schedule:
+        if batches % accumulate:
+            raise MisconfigurationException(
+                f"DataOrderEnsemble: accumulate_grad_batches={accumulate} (epoch {epoch}) "
+                f"does not divide the {batches} batches of each replica, so one optimizer "
+                "step would mix two replicas' gradients; choose a divisor of it, also in a "
+                "GradientAccumulationScheduler's schedule (or change batch_size / "
+                "limit_train_batches)."
+            )
+    max_steps = trainer.max_steps
+    if max_steps <= 0 or not trainer.lightning_module.automatic_optimization:
+        return
+    local = local_replicas  # this rank trains them one after another
+    if batch_idx is not None:  # scheduler is None: the epoch's own accumulation
+        before = trainer.global_step - batch_idx // trainer.accumulate_grad_batches
+        after = before + local * replica_steps(trainer, batches, None, trainer.current_epoch)
+    else:
+        before, after, epoch = 0, 0, 0
+        while after < max_steps and not (bounded and epoch >= max_epochs):
+            before = after
+            after += local * replica_steps(trainer, batches, scheduler, epoch)
+            epoch += 1
+    if before < max_steps < after:
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: max_steps={max_steps} would stop training inside an epoch "
+            f"(epochs end at optimizer steps {before} and {after} here, each one training "
+            f"the {local} replicas one after another), so the later replicas would miss "
+            "part of it and the merge would mix unequally trained replicas; bound the fit "
+            "with max_epochs (and an int limit_train_batches, which applies per replica) "
+            f"or set max_steps to an epoch's end such as {after}."
+        )
+
+
+def replica_steps(
+    trainer: Any,
+    batches_per_replica: int,
+    scheduler: GradientAccumulationScheduler | None,
+    epoch: int,
+) -> int:
+    """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
+    accumulation divides its batches, see :func:`check_stepping`)."""
+    return batches_per_replica // accumulation(trainer, scheduler, epoch)
+
+
+def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
+    """The fit's ``GradientAccumulationScheduler`` callback, if any."""
+    return next(
+        (c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None
+    )
+
+
+def accumulation(trainer: Any, scheduler: GradientAccumulationScheduler | None, epoch: int) -> int:
+    """``accumulate_grad_batches`` in ``epoch`` (a scheduler sets it only at the epoch's start)."""
+    if scheduler is None:
+        return trainer.accumulate_grad_batches
+    return scheduler.get_accumulate_grad_batches(epoch)
