@@ -67,7 +67,7 @@ def test_nonfinite_replica_is_refused_naming_replica_tensor_and_element(method, 
     with pytest.raises(NonFiniteError) as caught:
         merge_state_dicts(replicas, base=base, method=method)
     assert caught.value.tensor == "b.weight" and caught.value.replicas == (2,)
-    assert "nonfinite='drop'" in str(caught.value) and "--drop-nonfinite" in str(caught.value)
+    assert "nonfinite='drop'" in str(caught.value) and "--drop_nonfinite" in str(caught.value)
 
 
 def test_every_bad_replica_of_the_tensor_is_named() -> None:
@@ -215,10 +215,10 @@ def test_cli_refuses_nonfinite_and_drops_on_request(tmp_path: Path, capsys) -> N
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert "replica 0" in err and "r0.safetensors" in err and "'b.weight'" in err
-    assert "--drop-nonfinite" in err and not (tmp_path / "out").exists()
+    assert "--drop_nonfinite" in err and not (tmp_path / "out").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert cli([*args, "--drop-nonfinite"]) == 0
+        assert cli([*args, "--drop_nonfinite"]) == 0
     captured = capsys.readouterr()
     assert "dropped replica 0" in captured.err and "merged 3 replicas" in captured.out
     assert all_finite(load_file(tmp_path / "out" / "model.safetensors")["b.weight"])

@@ -62,6 +62,7 @@ def merge_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="lightning-selmerge merge",
         description="Merge K fine-tuned replicas saved as safetensors into one model directory.",
+        exit_on_error=False,  # lightning-selmerge prints a parse error on one line
     )
     parser.add_argument(
         "replicas", nargs="*", help="replica checkpoints (files or HF dirs); or give --epoch_dir"
@@ -121,7 +122,7 @@ def merge_parser() -> ArgumentParser:
     parser.add_argument("--chunk_numel", type=int, default=1 << 20, help="elements merged at once")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
-        "--drop-nonfinite",
+        "--drop_nonfinite",
         action="store_true",
         help="leave out replicas holding NaN/Inf (default: refuse to merge, naming them)",
     )
@@ -166,60 +167,83 @@ def method_from_args(args: Any) -> MergeMethod:
     return build_method(args.method, given)
 
 
+class _BytesBar:
+    """The merge's progress in bytes of merged output with its total, shown from the first
+    tensor on (a merge refused before it starts prints no bar); a merge that starts over
+    (``--drop_nonfinite``) restarts the bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                desc="merging", total=total, unit="B", unit_scale=True, unit_divisor=1024
+            )
+        elif done < self.bar.n:
+            self.bar.reset(total=total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_merge(argv: Sequence[str]) -> int:
     args = merge_parser().parse_args(list(argv))
-    from tqdm.auto import tqdm
-
+    bar = _BytesBar(enabled=not args.quiet)
     try:
         method = method_from_args(args)
         rules = load_rules(args.rules) if args.rules else []
-        with tqdm(desc="merging tensors", unit="tensor", disable=args.quiet) as bar:
-
-            def progress(done: int) -> None:
-                bar.update(done - bar.n)
-
-            common = dict(
-                method=method,
-                base=args.base,
-                rules=rules,
-                seed=args.seed,
-                chunk_numel=args.chunk_numel,
-                max_shard_bytes=args.shard_size,
-                overwrite=args.overwrite,
-                progress=progress,
-                nonfinite="drop" if args.drop_nonfinite else "error",
+        common = dict(
+            method=method,
+            base=args.base,
+            rules=rules,
+            seed=args.seed,
+            chunk_numel=args.chunk_numel,
+            max_shard_bytes=args.shard_size,
+            overwrite=args.overwrite,
+            progress=bar,
+            nonfinite="drop" if args.drop_nonfinite else "error",
+        )
+        if args.epoch_dir is not None:
+            if args.replicas:
+                raise MergeError("give replica paths or --epoch_dir, not both")
+            out = merge_epoch(
+                args.epoch_dir,
+                args.out,
+                num_replicas=args.num_replicas,
+                allow_missing=args.allow_missing,
+                draw_prefix=args.draw_prefix,
+                **common,
             )
-            if args.epoch_dir is not None:
-                if args.replicas:
-                    raise MergeError("give replica paths or --epoch_dir, not both")
-                out = merge_epoch(
-                    args.epoch_dir,
-                    args.out,
-                    num_replicas=args.num_replicas,
-                    allow_missing=args.allow_missing,
-                    draw_prefix=args.draw_prefix,
-                    **common,
-                )
-            elif not args.replicas:
-                raise MergeError("no replicas: give replica paths or --epoch_dir SNAPSHOTS/epoch_N")
-            elif args.num_replicas is not None or args.allow_missing:
-                raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
-            elif (args.draw_prefix and args.streaming is None) or _use_streaming(
-                args.streaming, args.replicas, method, rules
-            ):
-                out = merge_checkpoints_streaming(
-                    args.replicas, args.out, draw_prefix=args.draw_prefix, **common
-                )
-            elif args.draw_prefix:
-                raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")
-            else:
-                out = merge_checkpoints(args.replicas, args.out, **common)
+        elif not args.replicas:
+            raise MergeError("no replicas: give replica paths or --epoch_dir SNAPSHOTS/epoch_N")
+        elif args.num_replicas is not None or args.allow_missing:
+            raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
+        elif (args.draw_prefix and args.streaming is None) or _use_streaming(
+            args.streaming, args.replicas, method, rules
+        ):
+            out = merge_checkpoints_streaming(
+                args.replicas, args.out, draw_prefix=args.draw_prefix, **common
+            )
+        elif args.draw_prefix:
+            raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")
+        else:
+            out = merge_checkpoints(args.replicas, args.out, **common)
     except MergeError as err:
         print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        bar.close()
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())
     for entry in provenance.get("dropped_nonfinite", []):
         print(

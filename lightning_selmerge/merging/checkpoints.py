@@ -22,6 +22,7 @@ from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
 __all__ = [
+    "MergeProgress",
     "check_base_checkpoint",
     "claim_output",
     "merge_checkpoints",
@@ -31,6 +32,8 @@ __all__ = [
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 PROVENANCE_NAME = "selmerge.json"
+#: ``progress(done_bytes, total_bytes)``: the merged output's bytes written so far and in all.
+MergeProgress = Callable[[int, int], object]
 
 
 def _aligned_infos(
@@ -181,7 +184,7 @@ def merge_checkpoints(
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
-    progress: Callable[[int], object] | None = None,
+    progress: MergeProgress | None = None,
     nonfinite: NonFinite = "error",
 ) -> Path:
     """Merge K saved checkpoints into one Hugging Face style directory, one tensor at a time.
@@ -197,7 +200,9 @@ def merge_checkpoints(
     arguments.
 
     Args:
-        progress: called with the number of tensors done after each tensor (e.g. a tqdm update).
+        progress: called after each tensor with the bytes of merged output written so far and
+            the output's total bytes (e.g. to update a progress bar); a merge that starts over
+            (``nonfinite="drop"``) starts counting from 0 again.
         nonfinite: as in :func:`merge_state_dicts`: a replica holding NaN/Inf raises
             :class:`NonFiniteError` naming the replica's path and the tensor (``"error"``), or
             is left out (``"drop"``; the merge then starts over without it, and ``selmerge.json``
@@ -291,7 +296,7 @@ class _MergeJob:
     chunk_numel: int
     max_shard_bytes: int
     overwrite: bool
-    progress: Callable[[int], object] | None
+    progress: MergeProgress | None
     provenance: dict[str, Any]
 
     def run(
@@ -320,7 +325,9 @@ class _MergeJob:
         )
         try:
             base_reader = self.base_reader
-            for done, (name, info) in enumerate(self.infos, start=1):
+            total = sum(info.nbytes for _, info in self.infos)
+            done = 0
+            for name, info in self.infos:
                 tensors = [reader.tensor(name) for reader in readers]
                 if info.numel == 0:
                     writer.write(name, tensors[0])
@@ -355,8 +362,9 @@ class _MergeJob:
                 del tensors
                 for reader in readers:
                     reader.release(name)
+                done += info.nbytes
                 if self.progress is not None:
-                    self.progress(done)
+                    self.progress(done, total)
             writer.close()
         finally:
             writer.abort()

@@ -32,7 +32,7 @@ NonFinite = Literal["error", "drop"]
 
 DROP_HINT = (
     "a diverged replica must not be merged: leave it out with nonfinite='drop' "
-    "(CLI: --drop-nonfinite), or fix its training (lower learning rate, gradient clipping)"
+    "(CLI: --drop_nonfinite), or fix its training (lower learning rate, gradient clipping)"
 )
 
 

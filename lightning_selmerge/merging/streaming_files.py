@@ -11,13 +11,16 @@ candidates, a base copy for resample), whatever K is; K memory maps are never op
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoints import (
     PROVENANCE_NAME,
+    MergeProgress,
     _copy_side_files,
     _side_file_source,
     check_base_checkpoint,
@@ -94,7 +97,7 @@ def merge_checkpoints_streaming(
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
-    progress: Callable[[int], object] | None = None,
+    progress: MergeProgress | None = None,
     nonfinite: NonFinite = "error",
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     draw_prefix: str = "",
@@ -175,14 +178,14 @@ def merge_checkpoints_streaming(
                 max_shard_bytes=max_shard_bytes,
                 metadata={"merged_by": "lightning_selmerge"},
             )
-            done = 0
+            done, total = 0, sum(info.nbytes for _, info in tensors)
 
-            def write(name, tensor) -> None:
+            def write(name: str, tensor: torch.Tensor) -> None:
                 nonlocal done
                 writer.write(name, tensor)
-                done += 1
+                done += tensor.numel() * tensor.element_size()
                 if progress is not None:
-                    progress(done)
+                    progress(done, total)
 
             try:
                 stream_merge(
