@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import MergeError
 from ..keyed_random import UNIFORM_LEVELS, KeyedRandom
-from .base import ChunkContext, MergeMethod, output_for, require_base
+from .base import ChunkContext, output_for, require_base
 from .registry import register_method
 from .task_vectors import (
     CHOICE_STREAM,
-    check_combine,
-    check_task_weights,
+    TaskVectorMethod,
     keyed_choice,
     pick,
     reference_choice,
@@ -24,12 +23,10 @@ from .task_vectors import (
 
 __all__ = ["Dare"]
 
-_COMBINES = ("mean", "selection")
-
 
 @register_method("dare")
 @dataclass(frozen=True)
-class Dare(MergeMethod):
+class Dare(TaskVectorMethod):
     """DARE: each element of replica ``k``'s task vector is dropped with probability
     ``drop_rate`` and the kept ones are rescaled by ``1 / (1 - drop_rate)``; then
 
@@ -57,18 +54,6 @@ class Dare(MergeMethod):
     drop_rate: float = field(
         default=0.5, metadata={"help": "dare: chance of dropping each task-vector element"}
     )
-    weights: Sequence[float] | None = field(
-        default=None,
-        metadata={"help": "one weight per replica, e.g. [1,1,2] (default: all 1)"},
-    )
-    scale: float = field(
-        default=1.0, metadata={"help": "lambda: the combined task vector's factor"}
-    )
-    combine: str = field(
-        default="mean",
-        metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
-    )
-    needs_base = True
 
     @property
     def drop_level(self) -> int:
@@ -81,20 +66,9 @@ class Dare(MergeMethod):
         return UNIFORM_LEVELS / (UNIFORM_LEVELS - self.drop_level)
 
     def check_parameters(self) -> None:
-        check_combine(self, self.combine, _COMBINES)
-        check_task_weights(self.weights, None)
+        super().check_parameters()
         if not (0 <= self.drop_rate < 1 and self.drop_level < UNIFORM_LEVELS):
             raise MergeError(f"{self}: drop_rate must be in [0, 1), got {self.drop_rate}")
-
-    def validate(self, num_replicas: int) -> None:
-        super().validate(num_replicas)
-        check_task_weights(self.weights, num_replicas)
-
-    def subset(self, keep: Sequence[int]) -> Dare:
-        """The kept replicas' weights (merged as if they were the only inputs)."""
-        if self.weights is None:
-            return self
-        return replace(self, weights=[self.weights[k] for k in keep])
 
     def merge_chunk(
         self,
@@ -151,6 +125,4 @@ class Dare(MergeMethod):
                 c = reference_choice(rng, name, i, self.weights, [True] * len(flat))
                 mixed[i] = flat[c][i]
             mixed = mixed.view(wide_base.shape)
-        if self.scale != 1:
-            mixed = mixed * torch.tensor(self.scale, dtype=dtype)
-        return (wide_base + mixed).to(base.dtype)
+        return with_base(wide_base, mixed, self.scale, base)

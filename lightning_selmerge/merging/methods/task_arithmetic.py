@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..keyed_random import KeyedRandom
-from .base import ChunkContext, MergeMethod, output_for, require_base
+from .base import ChunkContext, output_for, require_base
 from .registry import register_method
 from .task_vectors import (
-    check_combine,
-    check_task_weights,
+    TaskVectorMethod,
     keyed_choice,
     pick,
     reference_choice,
@@ -22,12 +21,10 @@ from .task_vectors import (
 
 __all__ = ["TaskArithmetic"]
 
-_COMBINES = ("sum", "selection")
-
 
 @register_method("task_arithmetic")
 @dataclass(frozen=True)
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(TaskVectorMethod):
     """``base + scale * sum_k w_k (x_k - base)``, in float32 (float64 for float64 tensors).
 
     ``combine="sum"`` is mergekit's ``task_arithmetic`` (``weight`` per model, ``lambda`` =
@@ -47,36 +44,20 @@ class TaskArithmetic(MergeMethod):
         tensor([0.5000, 1.0000])
     """
 
-    weights: Sequence[float] | None = field(
-        default=None,
-        metadata={"help": "one weight per replica, e.g. [1,1,2] (default: all 1)"},
-    )
-    scale: float = field(
-        default=1.0, metadata={"help": "lambda: the combined task vector's factor"}
-    )
     combine: str = field(
         default="sum",
+        kw_only=True,
         metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
     )
-    needs_base = True
+    combines = ("sum", "selection")
 
     @property
     def propagates_nonfinite(self) -> bool:  # type: ignore[override]
         return self.combine == "sum"  # every replica is added in
 
-    def check_parameters(self) -> None:
-        check_combine(self, self.combine, _COMBINES)
-        check_task_weights(self.weights, None, negative_ok=self.combine == "sum")
-
-    def validate(self, num_replicas: int) -> None:
-        super().validate(num_replicas)
-        check_task_weights(self.weights, num_replicas, negative_ok=self.combine == "sum")
-
-    def subset(self, keep: Sequence[int]) -> TaskArithmetic:
-        """The kept replicas' weights."""
-        if self.weights is None:
-            return self
-        return replace(self, weights=[self.weights[k] for k in keep])
+    @property
+    def negative_weights_ok(self) -> bool:
+        return self.combine == "sum"  # subtracting a task vector; nothing is drawn by weight
 
     def merge_chunk(
         self,
@@ -124,6 +105,4 @@ class TaskArithmetic(MergeMethod):
                 c = reference_choice(rng, name, i, self.weights, [True] * len(flat))
                 mixed[i] = flat[c][i] * torch.tensor(sum(weights), dtype=dtype)
             mixed = mixed.view(wide_base.shape)
-        if self.scale != 1:
-            mixed = mixed * torch.tensor(self.scale, dtype=dtype)
-        return (wide_base + mixed).to(base.dtype)
+        return with_base(wide_base, mixed, self.scale, base)

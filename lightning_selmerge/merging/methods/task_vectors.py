@@ -13,14 +13,17 @@ the chunking or the rank layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
 from ..errors import MergeError
 from ..keyed_random import UNIFORM_LEVELS, KeyedRandom
-from .base import ChunkContext, check_weights, compute_dtype
+from .base import ChunkContext, MergeMethod, check_weights, compute_dtype
 
 __all__ = [
+    "TaskVectorMethod",
     "check_combine",
     "check_task_weights",
     "keyed_choice",
@@ -32,6 +35,55 @@ __all__ = [
 
 #: The stream of the selection combiner's draws.
 CHOICE_STREAM = 0
+
+
+@dataclass(frozen=True)
+class TaskVectorMethod(MergeMethod):
+    """The parameters and checks every task-vector method shares: one weight per replica, the
+    combined task vector's factor ``scale`` (lambda), and the combiner, one of
+    :attr:`combines`. Keyword-only, so a method's own parameters come first. Needs the base.
+
+    Example:
+        >>> from lightning_selmerge.merging.methods import Dare
+        >>> Dare(0.3, weights=[1, 2]).subset([1])
+        Dare(weights=[2], scale=1.0, combine='mean', drop_rate=0.3)
+    """
+
+    weights: Sequence[float] | None = field(
+        default=None,
+        kw_only=True,
+        metadata={"help": "one weight per replica, e.g. [1,1,2] (default: all 1)"},
+    )
+    scale: float = field(
+        default=1.0, kw_only=True, metadata={"help": "lambda: the combined task vector's factor"}
+    )
+    combine: str = field(
+        default="mean",
+        kw_only=True,
+        metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
+    )
+    needs_base = True
+    #: the accepted values of ``combine``.
+    combines: ClassVar[tuple[str, ...]] = ("mean", "selection")
+
+    @property
+    def negative_weights_ok(self) -> bool:
+        """Whether a weight may be negative (only where nothing is drawn by weight)."""
+        return False
+
+    def check_parameters(self) -> None:
+        check_combine(self, self.combine, self.combines)
+        check_task_weights(self.weights, None, negative_ok=self.negative_weights_ok)
+
+    def validate(self, num_replicas: int) -> None:
+        super().validate(num_replicas)
+        check_task_weights(self.weights, num_replicas, negative_ok=self.negative_weights_ok)
+
+    def subset(self, keep: Sequence[int]) -> TaskVectorMethod:
+        """The kept replicas' weights (merged as if they were the only inputs)."""
+        if self.weights is None:
+            return self
+        return replace(self, weights=[self.weights[k] for k in keep])
 
 
 def check_combine(method: object, combine: str, choices: Sequence[str]) -> None:

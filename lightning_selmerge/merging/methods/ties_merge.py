@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import MergeError
 from ..keyed_random import KeyedRandom
 from . import magnitude_trim
-from .base import ChunkContext, MergeMethod, output_for, require_base
+from .base import ChunkContext, output_for, require_base
 from .registry import register_method
 from .task_vectors import (
-    check_combine,
-    check_task_weights,
+    TaskVectorMethod,
     keyed_choice,
     pick,
     reference_choice,
@@ -24,12 +23,10 @@ from .task_vectors import (
 
 __all__ = ["TiesMerging"]
 
-_COMBINES = ("mean", "selection")
-
 
 @register_method("ties")
 @dataclass(frozen=True)
-class TiesMerging(MergeMethod):
+class TiesMerging(TaskVectorMethod):
     """TIES: each replica's task vector ``x_k - base`` is trimmed to its ``density`` largest
     magnitudes over the whole tensor (:mod:`.magnitude_trim`), weighted (``w_k``), the sign of
     each element is elected by the sum of the weighted trimmed task vectors (``+`` at 0), and the
@@ -58,35 +55,12 @@ class TiesMerging(MergeMethod):
     density: float = field(
         default=0.2, metadata={"help": "ties: fraction of each task vector's elements kept"}
     )
-    weights: Sequence[float] | None = field(
-        default=None,
-        metadata={"help": "one weight per replica, e.g. [1,1,2] (default: all 1)"},
-    )
-    scale: float = field(
-        default=1.0, metadata={"help": "lambda: the combined task vector's factor"}
-    )
-    combine: str = field(
-        default="mean",
-        metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
-    )
-    needs_base = True
     needs_whole_tensor = True
 
     def check_parameters(self) -> None:
-        check_combine(self, self.combine, _COMBINES)
-        check_task_weights(self.weights, None)
+        super().check_parameters()
         if not 0 < self.density <= 1:
             raise MergeError(f"{self}: density must be in (0, 1], got {self.density}")
-
-    def validate(self, num_replicas: int) -> None:
-        super().validate(num_replicas)
-        check_task_weights(self.weights, num_replicas)
-
-    def subset(self, keep: Sequence[int]) -> TiesMerging:
-        """The kept replicas' weights."""
-        if self.weights is None:
-            return self
-        return replace(self, weights=[self.weights[k] for k in keep])
 
     def prepare_replica(
         self, name: str, replica: torch.Tensor, base: torch.Tensor | None, chunk_numel: int
@@ -168,9 +142,7 @@ class TiesMerging(MergeMethod):
                 c = reference_choice(rng, name, i, self.weights, eligible)
                 mixed[i] = flat[c][i] if c >= 0 else 0.0
             mixed = mixed.view(wide_base.shape)
-        if self.scale != 1:
-            mixed = mixed * torch.tensor(self.scale, dtype=dtype)
-        return (wide_base + mixed).to(base.dtype)
+        return with_base(wide_base, mixed, self.scale, base)
 
 
 def _agreeing(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
