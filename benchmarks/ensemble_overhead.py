@@ -27,50 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tiny_gpt2_fit import quiet_trainer_kwargs, run_child, tiny_gpt2_fit_inputs
 
 
 def child(spec: dict[str, Any]) -> dict[str, float]:
     """Build the model and data, run one fit, return its wall time."""
-    import torch
-    from lightning.pytorch import LightningModule, Trainer
-    from torch.utils.data import DataLoader, TensorDataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from lightning.pytorch import Trainer
 
     from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
 
-    torch.set_num_threads(spec["threads"])
-
-    class LM(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            config = GPT2Config(
-                vocab_size=spec["vocab"],
-                n_positions=spec["seq_len"],
-                n_embd=spec["hidden"],
-                n_layer=spec["layers"],
-                n_head=4,
-            )
-            self.model = GPT2LMHeadModel(config)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            (ids,) = batch
-            return self.model(input_ids=ids, labels=ids).loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, spec["vocab"], (spec["samples"], spec["seq_len"]), generator=gen)
-    loader = DataLoader(TensorDataset(ids), batch_size=spec["batch_size"], shuffle=True)
-    module = LM()
+    module, loader = tiny_gpt2_fit_inputs(spec)
     kwargs: dict[str, Any] = {}
     if spec["mode"] == "ensemble":
         kwargs["strategy"] = DataOrderEnsemble(
@@ -79,38 +49,16 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
         kwargs["callbacks"] = [
             SelectionMergeCallback(resample=1, validate_replicas=False, log_replica_loss=False)
         ]
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=spec["epochs"],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = Trainer(max_epochs=spec["epochs"], **quiet_trainer_kwargs(), **kwargs)
     start = time.perf_counter()
     trainer.fit(module, loader)
     return {"fit_s": time.perf_counter() - start}
 
 
-def run_child(spec: dict[str, Any]) -> tuple[float, int]:
+def run_fit(spec: dict[str, Any]) -> tuple[float, int]:
     """(fit seconds, peak RSS kB) of one fit in a fresh interpreter."""
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{spec['mode']} fit failed (status {status}); run it alone to see why")
-    return json.loads(out.strip().splitlines()[-1])["fit_s"], usage.ru_maxrss
+    result, peak_bytes = run_child(__file__, "--child", spec)
+    return result["fit_s"], peak_bytes // 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     single: list[tuple[float, int]] = []
     ensemble: list[tuple[float, int]] = []
     for repeat in range(args.repeats):
-        single.append(run_child({**spec, "mode": "single"}))
-        ensemble.append(run_child({**spec, "mode": "ensemble"}))
+        single.append(run_fit({**spec, "mode": "single"}))
+        ensemble.append(run_fit({**spec, "mode": "ensemble"}))
         print(
             f"repeat {repeat + 1}: single fit {single[-1][0]:.2f} s, "
             f"ensemble fit {ensemble[-1][0]:.2f} s",

@@ -25,51 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tiny_gpt2_fit import quiet_trainer_kwargs, run_child, tiny_gpt2_fit_inputs
 
 
 def _training_child(spec: dict[str, Any]) -> dict[str, float]:
     """Build the model and data, run one ensemble fit or one replica job, report sizes."""
     import psutil
-    import torch
-    from lightning.pytorch import LightningModule, Trainer, seed_everything
-    from torch.utils.data import DataLoader, TensorDataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from lightning.pytorch import Trainer, seed_everything
 
     from lightning_selmerge.ensemble import DataOrderEnsemble, ReplicaJob, SelectionMergeCallback
 
-    torch.set_num_threads(spec["threads"])
-
-    class LM(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            config = GPT2Config(
-                vocab_size=spec["vocab"],
-                n_positions=spec["seq_len"],
-                n_embd=spec["hidden"],
-                n_layer=spec["layers"],
-                n_head=4,
-            )
-            self.model = GPT2LMHeadModel(config)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            (ids,) = batch
-            return self.model(input_ids=ids, labels=ids).loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, spec["vocab"], (spec["samples"], spec["seq_len"]), generator=gen)
-    loader = DataLoader(TensorDataset(ids), batch_size=spec["batch_size"], shuffle=True)
-    module = LM()
+    module, loader = tiny_gpt2_fit_inputs(spec)
     seed_everything(0, verbose=False)
     if spec["mode"] == "ensemble":
         kwargs: dict[str, Any] = {
@@ -79,16 +49,7 @@ def _training_child(spec: dict[str, Any]) -> dict[str, float]:
     else:
         job = ReplicaJob(spec["k"], 0, seed=0, snapshot_dir=spec["snapshot_dir"])
         kwargs = {"callbacks": [job]}
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = Trainer(max_epochs=1, **quiet_trainer_kwargs(), **kwargs)
     baseline = psutil.Process().memory_info().rss
     trainer.fit(module, loader)
     params = sum(p.numel() for p in module.parameters())  # a tied tensor once
@@ -96,22 +57,8 @@ def _training_child(spec: dict[str, Any]) -> dict[str, float]:
 
 
 def _run_training_child(spec: dict[str, Any]) -> dict[str, float]:
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--training-child", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{spec['mode']} fit (K={spec['k']}) failed; run it alone to see why")
-    result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "peak_bytes": usage.ru_maxrss * 1024}
+    result, peak_bytes = run_child(__file__, "--training-child", spec)
+    return {**result, "peak_bytes": peak_bytes}
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
