@@ -10,7 +10,6 @@ length, JSON header, raw little-endian data); files written here load with ``saf
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
@@ -126,6 +125,7 @@ class SafetensorsFile:
         except (OSError, struct.error, ValueError) as err:
             raise MergeError(f"{self.path} is not a readable safetensors file: {err}") from err
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._closed = False
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
         for name, entry in header.items():
@@ -174,6 +174,8 @@ class SafetensorsFile:
         info, begin, end = self._entries[name]
         if end == begin:
             return torch.empty(info.shape, dtype=info.dtype)
+        if self._closed:
+            raise ValueError(f"{self.path}: read tensor {name!r} after the reader was closed")
         flat = torch.frombuffer(
             self._mmap, dtype=info.dtype, count=info.numel, offset=self._data_start + begin
         )
@@ -194,10 +196,14 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            # A tensor view may still hold the buffer; then the GC unmaps it later.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
+        """Let go of the map: it is unmapped now, or when the last tensor view of it dies.
+
+        Never ``mmap.close()``: ``torch.frombuffer`` views keep a reference to the map but no
+        buffer export, so closing it would unmap memory that live views (a caller's, or those
+        an exception's traceback holds) still point into, and reading them would crash.
+        """
+        self._mmap = None
+        self._closed = True
 
 
 class CheckpointReader:
