@@ -6,10 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_selmerge.merging import (
+    Dare,
     MergeError,
     MergeRule,
     NonFiniteError,
     ParameterSelection,
+    TaskArithmetic,
     WeightedAverage,
     merge_state_dicts,
 )
@@ -70,6 +72,12 @@ METHODS = [
     ("resample1", lambda k: ParameterSelection(resample=1)),
     ("resample3", lambda k: ParameterSelection(resample=3)),
     ("skewed_resample2", lambda k: ParameterSelection(probabilities=skewed(k), resample=2)),
+    ("task_arithmetic", lambda k: TaskArithmetic(scale=0.7)),
+    ("task_arithmetic_w", lambda k: TaskArithmetic(weights=[1 - 0.4 * i for i in range(k)])),
+    ("task_arithmetic_sel", lambda k: TaskArithmetic(weights=skewed(k), combine="selection")),
+    ("dare", lambda k: Dare(drop_rate=0.3)),
+    ("dare_w_scaled", lambda k: Dare(weights=skewed(k), scale=1.5)),
+    ("dare_sel", lambda k: Dare(drop_rate=0.6, combine="selection")),
 ]
 
 
@@ -131,7 +139,49 @@ def test_rules_and_float8_follow_the_all_at_once_merge():
     assert_same_bits(got, expected)
 
 
-@pytest.mark.parametrize("method", [ParameterSelection(), WeightedAverage()], ids=repr)
+TASK_VECTOR_METHODS = [
+    TaskArithmetic(),
+    TaskArithmetic(combine="selection"),
+    Dare(weights=[1, 2, 3, 4], scale=0.5),
+    Dare(combine="selection"),
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(2, 20),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
+    index=st.integers(0, len(TASK_VECTOR_METHODS) - 1),
+    chunk=st.integers(1, 300),
+    stream_chunk=st.integers(1, 300),
+    window=st.integers(1, 10_000),
+)
+def test_task_vector_streaming_equals_all_at_once_property(
+    k, dtype, seed, index, chunk, stream_chunk, window
+):
+    base, replicas = make_states(k, dtype, seed=seed % 1000, numel=120)
+    method = TASK_VECTOR_METHODS[index]
+    if method.weights is not None:
+        method = type(method)(weights=[1 + i % 4 for i in range(k)], combine=method.combine)
+    expected = merge_state_dicts(replicas, method=method, base=base, seed=seed, chunk_numel=chunk)
+    got = merge_state_dicts_streaming(
+        lambda i: replicas[i],
+        num_replicas=k,
+        method=method,
+        base=base,
+        seed=seed,
+        chunk_numel=stream_chunk,
+        window_bytes=window,
+    )
+    assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [ParameterSelection(), WeightedAverage(), TaskArithmetic(), Dare(combine="selection")],
+    ids=repr,
+)
 def test_nonfinite_replica_is_named_or_dropped(method):
     base, replicas = make_states(4, torch.float32, seed=3)
     replicas[2]["fc.w"] = replicas[2]["fc.w"].clone()

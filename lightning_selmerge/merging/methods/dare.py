@@ -11,6 +11,7 @@ from ..errors import MergeError
 from ..keyed_random import UNIFORM_LEVELS, KeyedRandom
 from .base import ChunkContext, output_for, require_base
 from .registry import register_method
+from .task_vector_streaming import TaskVectorStreaming
 from .task_vectors import (
     CHOICE_STREAM,
     TaskVectorMethod,
@@ -69,6 +70,11 @@ class Dare(TaskVectorMethod):
         super().check_parameters()
         if not (0 <= self.drop_rate < 1 and self.drop_level < UNIFORM_LEVELS):
             raise MergeError(f"{self}: drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    def streaming(self) -> TaskVectorStreaming:
+        """A running task-vector combination, bit-identical to :meth:`merge_chunk`
+        (:mod:`.task_vector_streaming`)."""
+        return TaskVectorStreaming(self)
 
     def merge_chunk(
         self,

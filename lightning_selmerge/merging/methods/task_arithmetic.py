@@ -10,6 +10,7 @@ import torch
 from ..keyed_random import KeyedRandom
 from .base import ChunkContext, output_for, require_base
 from .registry import register_method
+from .task_vector_streaming import TaskVectorStreaming
 from .task_vectors import (
     TaskVectorMethod,
     keyed_choice,
@@ -58,6 +59,11 @@ class TaskArithmetic(TaskVectorMethod):
     @property
     def negative_weights_ok(self) -> bool:
         return self.combine == "sum"  # subtracting a task vector; nothing is drawn by weight
+
+    def streaming(self) -> TaskVectorStreaming:
+        """A running task-vector combination, bit-identical to :meth:`merge_chunk`
+        (:mod:`.task_vector_streaming`)."""
+        return TaskVectorStreaming(self)
 
     def merge_chunk(
         self,
