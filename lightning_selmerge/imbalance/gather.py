@@ -32,7 +32,9 @@ def in_replica_order(tables: Sequence[Mapping[str, torch.Tensor]]) -> Table:
         {'replica': [0, 0, 1], 'position': [0, 1, 0]}
     """
     rows = {k: torch.cat([part[k] for part in tables]) for k in tables[0]}
-    key = rows["replica"] * (int(rows["position"].max(initial=0)) + 1) + rows["position"]
+    positions = rows["position"]
+    span = int(positions.max()) + 1 if positions.numel() else 1
+    key = rows["replica"] * span + positions
     order = torch.sort(key, stable=True).indices
     return {k: v[order] for k, v in rows.items()}
 
