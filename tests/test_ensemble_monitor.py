@@ -32,12 +32,15 @@ class Classifier(LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(D, 3)
+        self.trained: list[tuple[list[int], int]] = []  # (samples, replica) of every batch
 
     def per_sample_loss(self, batch: dict) -> torch.Tensor:
         logits = self.layer(batch["x"])
         return torch.nn.functional.cross_entropy(logits, batch["y"], reduction="none")
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        strategy = self.trainer.strategy  # switched to the batch's replica by now
+        self.trained.append((batch["sample_index"].tolist(), strategy.active_replica))
         losses = self.per_sample_loss(batch)
         return {"loss": losses.mean(), "sample_loss": losses.detach()}
 
@@ -45,10 +48,10 @@ class Classifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None):
+def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None, merge: bool = True):
     monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
-    merge = SelectionMergeCallback(seed=1)
-    callbacks = [monitor, merge]
+    merger = SelectionMergeCallback(seed=1) if merge else None
+    callbacks: list = [monitor] if merger is None else [monitor, merger]
     if tmp is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=3, save_top_k=-1))
     trainer = Trainer(
@@ -64,7 +67,7 @@ def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None):
     )
     module = Classifier()
     trainer.fit(module, DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
-    return trainer, monitor, merge
+    return trainer, monitor, merger
 
 
 def test_probe_scores_each_replica_and_the_merge() -> None:
@@ -96,3 +99,34 @@ def test_positions_survive_a_resume_inside_the_first_epoch(tmp_path: Path) -> No
     _, resumed, _ = run(epochs=1, ckpt_path=str(ckpt))
     for replica in range(K):
         assert torch.equal(resumed.first_positions_of(replica), full.first_positions_of(replica))
+
+
+def test_monitor_alone_attributes_each_batch_to_its_replica() -> None:
+    """No merge callback: the strategy itself tells the monitor who trains each batch."""
+    trainer, monitor, _ = run(epochs=2, merge=False)
+    module = trainer.lightning_module
+    rows = monitor.records.table()
+    done = 0
+    for samples, replica in module.trained:  # every batch under the replica that trained it
+        assert rows["sample"][done : done + len(samples)].tolist() == samples
+        assert rows["replica"][done : done + len(samples)].tolist() == [replica] * len(samples)
+        done += len(samples)
+    assert done == rows["sample"].numel() == 2 * K * N
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for epoch in (0, 1):
+        for replica in range(K):
+            mine = monitor.records.table(epoch=epoch, replica=replica)
+            assert torch.equal(mine["sample"], orders.order(epoch, replica))
+            assert mine["position"].tolist() == list(range(N))
+    for replica in range(K):
+        assert torch.equal(monitor.first_positions_of(replica), orders.positions(0, replica))
+    names = {name for name in trainer.callback_metrics if name.startswith("imbalance/")}
+    assert {name.split("/")[1] for name in names} == {f"replica_{k}" for k in range(K)}
+
+    # beside a merge callback: the same records and the same replica results, plus the merge
+    with_merge, merged_monitor, _ = run(epochs=2)
+    for column, values in merged_monitor.records.table().items():
+        assert torch.equal(values, rows[column]), column
+    for name in names:
+        assert float(with_merge.callback_metrics[name]) == float(trainer.callback_metrics[name])
+    assert "imbalance/merged/spearman" in with_merge.callback_metrics

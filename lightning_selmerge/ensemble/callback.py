@@ -16,7 +16,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
-from lightning_selmerge.imbalance.monitor import PositionLossMonitor, ProbeTarget
 from lightning_selmerge.merging import MergeError, MergeMethod, MergeRule, NonFinite
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.leftovers import recover_output, staging_path
@@ -61,9 +60,11 @@ class SelectionMergeCallback(Callback):
     since the last log, for each replica that trained then) are logged, and the progress bar
     shows the active ``replica``. With a
     :class:`~lightning_selmerge.imbalance.PositionLossMonitor` in the callbacks, its probe
-    evaluates every replica (binned by that replica's first-epoch positions) and the merged
-    model (binned by replica 0's), so ``imbalance/merged/spearman`` sits beside
-    ``imbalance/replica_{k}/spearman`` (the paper's Fig. 3).
+    evaluates every replica (binned by that replica's first-epoch positions; the strategy tells
+    it) and the merged model, which this callback registers with the strategy
+    (:meth:`DataOrderEnsemble.add_probe_target`, binned by replica 0's), so
+    ``imbalance/merged/spearman`` sits beside ``imbalance/replica_{k}/spearman`` (the paper's
+    Fig. 3), on one device or on several replica groups.
 
     Args:
         method: a merge method (``ParameterSelection(resample=1)``, ``TiesMerge(...)``; in a
@@ -183,16 +184,8 @@ class SelectionMergeCallback(Callback):
             ) from err
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
-        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(monitor, PositionLossMonitor):
-                if strategy.is_distributed:
-                    raise MisconfigurationException(
-                        "PositionLossMonitor with DataOrderEnsemble on several devices is not "
-                        "supported yet: run the imbalance monitor with devices=1 (sequential "
-                        "ensemble), or drop it from the callbacks."
-                    )
-                monitor.replica_of = strategy.replica_of
-                monitor.probe_targets = self._probe_targets
+        # a PositionLossMonitor probes the merge beside the replicas (on every rank: its slices)
+        strategy.add_probe_target("merged", lambda: self.merged_state, replica=0)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._restored:
@@ -363,14 +356,6 @@ class SelectionMergeCallback(Callback):
         if self._full_merged is None:
             self._full_merged = strategy.full_state(self.merged_state, rank=0)
         return self._full_merged
-
-    def _probe_targets(self, trainer: Trainer, pl_module: LightningModule) -> list[ProbeTarget]:
-        # a list, not a generator: the live replica must be captured before any target loads
-        states = _ensemble(trainer).replica_states()
-        targets = [ProbeTarget(f"replica_{k}", state, replica=k) for k, state in enumerate(states)]
-        if self.merged_state is not None:
-            targets.append(ProbeTarget("merged", self.merged_state, replica=0))
-        return targets
 
     def _export(
         self, pl_module: LightningModule, merged: dict[str, torch.Tensor], target: Path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch.utils.data import Sampler
 
 from lightning_selmerge.data.sampler import DataOrderSampler
@@ -84,6 +85,25 @@ class EnsembleBatchSampler(Sampler[list[int]]):
     def replica_of(self, batch_idx: int) -> int:
         """The replica that batch ``batch_idx`` of the epoch belongs to."""
         return self.replicas[batch_idx // self.batches_per_replica]
+
+    def batch_positions(self, batch_idx: int) -> torch.Tensor:
+        """Positions in its replica's order of the samples of batch ``batch_idx`` of the epoch:
+        their arrival index in the pass of the replica's shard ranks together (rank ``s``'s
+        ``i``-th batch of a replica is its ``i*G + s``-th), 0 first. Padding batches (the
+        first ones again) arrive after the whole order, so their positions exceed its length
+        and wrap around to the same samples.
+
+        Example:
+            >>> orders = DataOrderSampler(num_samples=5, seed=0)
+            >>> shard_1 = EnsembleBatchSampler(orders, 1, batch_size=2, num_shards=2, shard_rank=1)
+            >>> [shard_1.batch_positions(i).tolist() for i in range(2)]
+            [[2, 3], [5, 6]]
+        """
+        step = batch_idx % self.batches_per_replica
+        wraps, batch = divmod(step * self.num_shards + self.shard_rank, self._batches_in_order)
+        n = len(self.sampler)
+        start = wraps * n + batch * self.batch_size
+        return torch.arange(start, min(start + self.batch_size, (wraps + 1) * n))
 
     def replica_batches(self, epoch: int, replica: int) -> list[list[int]]:
         """This shard rank's batches of ``replica`` in ``epoch``, in order."""

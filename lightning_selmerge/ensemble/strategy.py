@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -60,6 +61,7 @@ from lightning_selmerge.ensemble.rng import rng_states as _rng_states
 from lightning_selmerge.ensemble.rng import seed_replica_pass as _seed_replica_pass
 from lightning_selmerge.ensemble.rng import set_rng_states as _set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
+from lightning_selmerge.imbalance.replicas import ProbeTarget
 from lightning_selmerge.merging import (
     MergeMethod,
     MergeRule,
@@ -697,6 +699,46 @@ class DataOrderEnsemble(ParallelStrategy):
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
             self.checkpoint_io.remove_checkpoint(filepath)  # files and directories alike
+
+    # -- what PositionLossMonitor is told (imbalance.ReplicaSchedule) --------------------
+    #: extra models to probe, by name: (``() -> state or None``, replica binning it)
+    _probe_extras: Mapping[str, tuple[Callable[[], Mapping[str, torch.Tensor] | None], int]] = (
+        MappingProxyType({})
+    )
+
+    def batch_positions(self, batch_idx: int) -> torch.Tensor:
+        """Positions of training batch ``batch_idx``'s samples in its replica's order of the
+        epoch, counted over the replica's shard ranks (see
+        :meth:`EnsembleBatchSampler.batch_positions`)."""
+        if self.batch_sampler is None:
+            raise RuntimeError("DataOrderEnsemble: the train dataloader is not set up yet.")
+        return self.batch_sampler.batch_positions(batch_idx)
+
+    def add_probe_target(
+        self,
+        name: str,
+        state: Callable[[], Mapping[str, torch.Tensor] | None],
+        replica: int = 0,
+    ) -> None:
+        """Have a :class:`~lightning_selmerge.imbalance.PositionLossMonitor` also probe the
+        model ``state()`` returns (this rank's slices, as :meth:`load_module_state` takes;
+        skipped while it returns ``None``), binned by ``replica``'s first-epoch positions:
+        e.g. the merge of ``SelectionMergeCallback``, as ``"merged"``. Every rank holds it."""
+        self._probe_extras = {**self._probe_extras, name: (state, int(replica))}
+
+    def probe_targets(self) -> list[ProbeTarget]:
+        """The monitor's models: ``replica_{k}`` for every replica (``local=False`` where
+        another replica group holds it), then the :meth:`add_probe_target` ones."""
+        held = self.local_replica_states()
+        targets = [
+            ProbeTarget(f"replica_{k}", held.get(k), replica=k, local=k in held)
+            for k in range(self.num_replicas)
+        ]
+        for name, (state, replica) in self._probe_extras.items():
+            value = state()
+            if value is not None:
+                targets.append(ProbeTarget(name, value, replica=replica))
+        return targets
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:

@@ -8,26 +8,31 @@ trained on early in the first epoch keep a higher loss at the end of training.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
-from lightning_selmerge.data.sampler import DataOrderSampler
-from lightning_selmerge.data.seeding import stable_generator
-from lightning_selmerge.imbalance.figure import plot_loss_by_position
+from lightning_selmerge.imbalance.batches import (
+    batch_sample_indices,
+    find_order_sampler,
+    shard_layout,
+)
+from lightning_selmerge.imbalance.first_epoch import first_epoch_positions
+from lightning_selmerge.imbalance.gather import gather_tables, in_replica_order
 from lightning_selmerge.imbalance.probe import PositionProbe
+from lightning_selmerge.imbalance.probing import ProbeReporter
 from lightning_selmerge.imbalance.records import PositionRecords
-from lightning_selmerge.imbalance.stats import position_loss_spearman, segment_means
+from lightning_selmerge.imbalance.replicas import ProbeTarget, ReplicaSchedule
+from lightning_selmerge.imbalance.results import (
+    ProbeResult,
+    row_positions,
+)
 
-__all__ = ["PositionLossMonitor", "ProbeResult", "ProbeTarget"]
+__all__ = ["PositionLossMonitor", "ProbeResult", "ProbeTarget", "ReplicaSchedule"]
 
 _FIX = (
     "define `per_sample_loss(self, batch) -> Tensor[B]` on your LightningModule (see "
@@ -36,53 +41,7 @@ _FIX = (
 )
 
 
-@dataclass
-class ProbeResult:
-    """Losses of the probe samples for one model, binned by first-epoch position."""
-
-    name: str
-    indices: torch.Tensor
-    positions: torch.Tensor
-    losses: torch.Tensor
-    segment_means: torch.Tensor
-    segment_counts: torch.Tensor
-    spearman: float
-    mean_loss: float = field(default=math.nan)
-
-
-@dataclass
-class ProbeTarget:
-    """One model to probe at a probe epoch (see :attr:`PositionLossMonitor.probe_targets`).
-
-    ``state_dict`` is loaded into the LightningModule for the evaluation (``None``: the live
-    weights as they are); the losses are binned by the first-epoch positions of ``replica``.
-    """
-
-    name: str
-    state_dict: Mapping[str, torch.Tensor] | None
-    replica: int = 0
-
-
-def _find_order_sampler(loader: Any) -> DataOrderSampler | None:
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        if isinstance(sampler, DataOrderSampler):
-            return sampler
-    return None
-
-
-def _shard_layout(loader: Any) -> tuple[int, int]:
-    """(number of shards, this shard) of a strided sampler; (1, 0) when the loader is unsharded."""
-    sampler = _find_order_sampler(loader)
-    if sampler is not None:
-        return sampler.num_shards, sampler.shard_rank
-    inner = getattr(loader, "sampler", None)
-    if hasattr(inner, "num_replicas") and hasattr(inner, "rank"):  # DistributedSampler & co
-        return int(inner.num_replicas), int(inner.rank)
-    return 1, 0
-
-
-class PositionLossMonitor(Callback):
+class PositionLossMonitor(ProbeReporter):
     r"""Record each sample's first-epoch position and log loss-by-position at every epoch end.
 
     What it does:
@@ -116,20 +75,36 @@ class PositionLossMonitor(Callback):
     :meth:`log_results`, which also draws several curves in one figure. Scalars are also put in
     ``trainer.callback_metrics`` so ``ModelCheckpoint(monitor="imbalance/spearman")`` works.
 
-    Several replicas in one epoch (an ensemble training K replicas one after another) are driven
-    by another callback through two attributes:
+    **Several replicas in one fit.** A strategy that trains several replicas (e.g.
+    :class:`~lightning_selmerge.ensemble.DataOrderEnsemble`, K replicas one after another in
+    each epoch, on one device or on several replica groups) tells the monitor who trains what by
+    implementing :class:`~lightning_selmerge.imbalance.ReplicaSchedule`; the monitor finds it as
+    ``trainer.strategy`` at setup, and no other callback needs to wire anything:
 
-    * :attr:`replica_of` (``batch_idx -> replica``): the replica of each training batch. The
-      arrival counter restarts at 0 whenever the replica changes, so each replica's positions
-      count from the start of its own pass; first-epoch positions are kept per replica
+    * each batch is recorded under the replica that trains it
+      (``schedule.replica_of(batch_idx)``) and at the positions the schedule gives
+      (``schedule.batch_positions(batch_idx)``: positions in that replica's order of the
+      epoch, from the start of its own pass). First-epoch positions are kept per replica
       (:meth:`first_positions_of`) and, with ``probe_size=0``, each training-loss row is binned
       by its own replica's positions. :attr:`first_positions` is the primary replica's (0 when
       several replicas are recorded).
-    * :attr:`probe_targets` (``(trainer, module) -> [ProbeTarget, ...]``): at a probe epoch,
-      probe these models instead of the live module under ``""``: each target's weights are
-      loaded into the module in turn, its losses binned by its ``replica``'s positions, and the
-      live weights restored afterwards. All results are logged together under
-      ``imbalance/<name>/...``.
+    * at a probe epoch the models of ``schedule.probe_targets()`` are probed instead of the live
+      module: each replica (``imbalance/replica_{k}/...``, binned by its own positions) and
+      whatever else the strategy lists (a merge callback registers the merged model:
+      ``imbalance/merged/...``). Each target's weights are loaded in turn and the live weights
+      restored afterwards.
+    * on several ranks the records of every epoch are gathered from all ranks at its end (each
+      rank holds every replica's rows afterwards, in the order of one device: by replica, then
+      position), and each target is probed by the ranks that hold it, its losses gathered; the
+      checkpoint keeps each rank's rows of an epoch in progress, for a resume inside it.
+
+    Without such a strategy the two attributes below do the same by hand (they win over the
+    strategy when set):
+
+    * :attr:`replica_of` (``batch_idx -> replica``): the replica of each training batch; the
+      arrival counter restarts at 0 whenever the replica changes.
+    * :attr:`probe_targets` (``(trainer, module) -> [ProbeTarget, ...]``): the models to probe,
+      loaded with ``module.load_state_dict``.
 
     The module must define ``per_sample_loss(batch) -> Tensor[B]`` (unless ``probe_size=0``, in
     which case the epoch's training losses are binned instead); otherwise ``fit`` stops at start
@@ -158,13 +133,19 @@ class PositionLossMonitor(Callback):
                           callbacks=[PositionLossMonitor(probe_size=512)])
         trainer.fit(model, train_dataloaders=loader)   # batches carry "sample_index"
 
+    With an ensemble, alone (each replica probed, binned by its own first-epoch positions) or
+    beside a merge callback (the merged model too)::
+
+        trainer = Trainer(strategy=DataOrderEnsemble(num_replicas=4, shard_size=1),
+                          devices=2, callbacks=[PositionLossMonitor(probe_size=512)])
+
     Note:
         The records and first-epoch positions are saved in checkpoints (:meth:`state_dict`), so a
         run resumed after epoch 0 keeps binning by the positions of its true first epoch. Without
         them (monitor added later), positions are taken from the loader's ``DataOrderSampler``
         for epoch 0 when there is one. Under data parallelism, epoch-0 records of all ranks are
-        gathered once at the end of epoch 0; every rank evaluates the whole probe and only global
-        rank 0 logs.
+        gathered once at the end of epoch 0 (with a replica schedule: every epoch's, at its
+        end); every rank evaluates the whole probe and only global rank 0 logs.
     """
 
     def __init__(
@@ -197,11 +178,11 @@ class PositionLossMonitor(Callback):
         #: number of positions in the first epoch (segment boundaries are fractions of it).
         self.num_positions: int = 0
         self.probe: PositionProbe | None = None
-        #: ``batch_idx -> replica`` of the training batches, set by an ensemble callback;
-        #: ``None``: the replica is the train sampler's (else 0).
+        #: ``batch_idx -> replica`` of the training batches, set by hand; ``None``: the
+        #: strategy's when it is a :class:`ReplicaSchedule`, else the train sampler's (else 0).
         self.replica_of: Callable[[int], int] | None = None
-        #: ``(trainer, module) -> targets`` to probe instead of the live module, set by a
-        #: callback (e.g. a merged model and the replicas); ``None``: probe the live module.
+        #: ``(trainer, module) -> targets`` to probe instead of the live module, set by hand;
+        #: ``None``: the strategy's when it is a :class:`ReplicaSchedule`, else the live module.
         self.probe_targets: Callable[[Trainer, LightningModule], Iterable[ProbeTarget]] | None = (
             None
         )
@@ -211,8 +192,17 @@ class PositionLossMonitor(Callback):
         self._last_replica: int | None = None
         self._resumed_epoch: int | None = None
         self._epoch: int | None = None  # the epoch in progress
+        #: the strategy, when it trains several replicas and says so (found at setup)
+        self._schedule: ReplicaSchedule | None = None
+        self._gathers = False  # a schedule on several ranks: gather every epoch's records
+        self._gathered_epoch = -1  # the rows of later epochs are this rank's own
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        self._schedule = strategy if isinstance(strategy, ReplicaSchedule) else None
+        self._gathers = self._schedule is not None and _distributed(trainer)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_size > 0 and not callable(getattr(pl_module, "per_sample_loss", None)):
             raise MisconfigurationException(
@@ -242,9 +232,20 @@ class PositionLossMonitor(Callback):
         if replica != self._last_replica:
             self._arrived = 0  # positions count from the start of each replica's pass
             self._last_replica = replica
-        indices = self._batch_indices(batch, loader, sample_loss, trainer.current_epoch, replica)
-        num_shards, shard_rank = _shard_layout(loader)
-        local = self._arrived + torch.arange(indices.numel())
+        epoch = trainer.current_epoch
+        if self._schedule is not None and self.replica_of is None:  # the strategy says where
+            positions = torch.as_tensor(self._schedule.batch_positions(batch_idx)).long()
+            indices = self._batch_indices(batch, loader, sample_loss, epoch, replica, positions)
+            if positions.numel() != indices.numel():
+                raise MisconfigurationException(
+                    f"PositionLossMonitor: training batch {batch_idx} holds {indices.numel()} "
+                    f"samples, but the strategy placed {positions.numel()} in it; keep the "
+                    "train loader's batches as the strategy makes them."
+                )
+        else:
+            num_shards, shard_rank = shard_layout(loader)
+            indices = self._batch_indices(batch, loader, sample_loss, epoch, replica)
+            positions = (self._arrived + torch.arange(indices.numel())) * num_shards + shard_rank
         self._arrived += indices.numel()
         if sample_loss is None and self.probe_size == 0:
             raise MisconfigurationException(
@@ -252,16 +253,12 @@ class PositionLossMonitor(Callback):
                 f"not return {{'loss': ..., '{SAMPLE_LOSS_KEY}': Tensor[B]}}: return it, or use "
                 "a probe (probe_size > 0) with a `per_sample_loss(batch)` method."
             )
-        self.records.add(
-            indices,
-            local * num_shards + shard_rank,
-            epoch=trainer.current_epoch,
-            replica=replica,
-            loss=sample_loss,
-        )
+        self.records.add(indices, positions, epoch=epoch, replica=replica, loss=sample_loss)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
+        if self._gathers:
+            self._gather_records(epoch)
         if epoch == 0 or self.first_positions is None:
             self._finalize_first_epoch(trainer, pl_module)
         if self.first_positions is None or (epoch + 1) % self.probe_every_n_epochs:
@@ -272,7 +269,7 @@ class PositionLossMonitor(Callback):
             results = self._probe_targets(trainer, pl_module)
         else:  # the losses of this epoch's training steps, each row by its replica's positions
             rows = self.records.table(epoch=epoch)
-            positions = self._row_positions(rows["sample"], rows["replica"])
+            positions = row_positions(self._positions_by_replica, rows["sample"], rows["replica"])
             results = {"": self._result("", rows["sample"], rows["loss"], positions=positions)}
         self.log_results(trainer, results)
 
@@ -282,91 +279,34 @@ class PositionLossMonitor(Callback):
     ) -> int:
         """The replica of training batch ``batch_idx``.
 
-        :attr:`replica_of` decides when it is set and ``batch_idx`` is given; otherwise the
-        train loader's ``DataOrderSampler.replica`` (0 without one).
+        With ``batch_idx``: :attr:`replica_of` when it is set, else the strategy's
+        ``replica_of`` when it is a :class:`ReplicaSchedule`; otherwise the train loader's
+        ``DataOrderSampler.replica`` (0 without one).
         """
         if self.replica_of is not None and batch_idx is not None:
             return int(self.replica_of(batch_idx))
-        sampler = _find_order_sampler(trainer.train_dataloader)
+        if self._schedule is not None and batch_idx is not None:
+            return int(self._schedule.replica_of(batch_idx))
+        sampler = find_order_sampler(trainer.train_dataloader)
         return sampler.replica if sampler is not None else 0
-
-    def first_positions_of(self, replica: int) -> torch.Tensor:
-        """Sample index -> first-epoch position (-1: not seen) in ``replica``'s pass."""
-        if self.first_positions is None:
-            raise RuntimeError(
-                "PositionLossMonitor.first_positions_of: the first-epoch positions are set at the "
-                "end of the first training epoch."
-            )
-        if replica not in self._positions_by_replica:
-            raise KeyError(
-                f"PositionLossMonitor: no first-epoch positions of replica {replica}; known "
-                f"replicas: {sorted(self._positions_by_replica)}."
-            )
-        return self._positions_by_replica[replica]
-
-    def evaluate_probe(
-        self, module: torch.nn.Module, name: str = "", replica: int | None = None
-    ) -> ProbeResult:
-        """Evaluate ``module`` on the probe and bin its losses by first-epoch position.
-
-        ``name`` labels the result ("" for the trained model; e.g. "merged", "replica_0"); log
-        one or several results with :meth:`log_results`. ``replica`` picks whose first-epoch
-        positions bin the losses (``None``: the primary replica's, :attr:`first_positions`).
-        """
-        if self.probe is None:
-            raise RuntimeError(
-                "PositionLossMonitor.evaluate_probe: no probe yet; it is built at the end of the "
-                "first training epoch (the first-epoch positions are needed)."
-            )
-        losses = self.probe.evaluate(module)
-        return self._result(name, self.probe.indices, losses, replica=replica)
-
-    def metrics_for(self, result: ProbeResult) -> dict[str, float]:
-        """The scalar tags and values of one result (see the class docstring for the names)."""
-        metrics = {
-            self._tag(result.name, "spearman"): result.spearman,
-            self._tag(result.name, "mean_loss"): result.mean_loss,
-        }
-        for s, value in enumerate(result.segment_means.tolist()):
-            metrics[self._tag(result.name, f"segment_{s:02d}_loss")] = value
-        return metrics
-
-    def log_results(
-        self,
-        trainer: Trainer,
-        results: Mapping[str, ProbeResult] | Sequence[ProbeResult],
-        step: int | None = None,
-        figure_tag: str | None = None,
-        extra_metrics: Mapping[str, float] | None = None,
-    ) -> dict[str, float]:
-        """Log the scalars of every result and one figure holding all their curves.
-
-        Returns the logged scalars. ``figure_tag`` defaults to ``<tag_prefix>/loss_by_position``.
-        """
-        items = list(results.values()) if isinstance(results, Mapping) else list(results)
-        step = trainer.global_step if step is None else step
-        metrics: dict[str, float] = dict(extra_metrics or {})
-        for result in items:
-            metrics.update(self.metrics_for(result))
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if self.log_figure and tb_loggers and trainer.is_global_zero:
-            curves = {r.name or "model": r.segment_means for r in items}
-            title = f"Loss by first-epoch position (epoch {trainer.current_epoch})"
-            for logger in tb_loggers:
-                fig = plot_loss_by_position(curves, title=title)
-                logger.experiment.add_figure(
-                    figure_tag or f"{self.tag_prefix}/loss_by_position", fig, global_step=step
-                )
-        return metrics
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The records, first-epoch positions and the place in the epoch in progress.
+
+        With a replica schedule on several ranks (a collective then, as checkpoints are), the
+        rows of epochs not yet gathered are kept per rank under ``"rank_records"``."""
+        records = self.records.state_dict()
+        extra: dict[str, Any] = {}
+        if self._gathers:
+            table = records["columns"]
+            own = table["epoch"] > self._gathered_epoch
+            everyone = gather_tables({k: v[own] for k, v in table.items()})
+            records = {"columns": {k: v[~own] for k, v in table.items()}}
+            extra = {"rank_records": everyone, "gathered_epoch": self._gathered_epoch}
         return {
-            "records": self.records.state_dict(),
+            **extra,
+            "records": records,
             "first_positions": self.first_positions,
             "num_positions": self.num_positions,
             "replica_positions": dict(self._positions_by_replica),
@@ -394,6 +334,12 @@ class PositionLossMonitor(Callback):
             if self.first_positions is not None:
                 self._positions_by_replica[self._primary_replica] = self.first_positions
         self.probe = None  # rebuilt lazily from the restored positions
+        self._gathered_epoch = int(state_dict.get("gathered_epoch", -1))
+        if "rank_records" in state_dict:  # this rank's rows of the epochs not yet gathered
+            everyone = state_dict["rank_records"]
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            own = everyone[torch.distributed.get_rank() if distributed else 0]
+            self.records.merge([self.records.table(), own])
         in_epoch = state_dict.get("in_epoch")
         if in_epoch is not None and in_epoch["epoch"] is not None:
             self._resumed_epoch = self._epoch = int(in_epoch["epoch"])
@@ -401,26 +347,18 @@ class PositionLossMonitor(Callback):
             self._arrived = int(in_epoch["arrived"])
 
     # -- internals ----------------------------------------------------------------------------
-    def _tag(self, name: str, leaf: str) -> str:
-        return f"{self.tag_prefix}/{name}/{leaf}" if name else f"{self.tag_prefix}/{leaf}"
-
     def _batch_indices(
-        self, batch: Any, loader: Any, sample_loss: Any, epoch: int, replica: int
+        self,
+        batch: Any,
+        loader: Any,
+        sample_loss: Any,
+        epoch: int,
+        replica: int,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if isinstance(batch, Mapping) and self.index_key in batch:
-            indices = torch.as_tensor(batch[self.index_key]).reshape(-1).long().cpu()
-        else:
-            sampler = _find_order_sampler(loader)
-            if sampler is None:
-                raise MisconfigurationException(
-                    f"PositionLossMonitor cannot tell which samples a batch holds: the batch has "
-                    f"no {self.index_key!r} key and the train loader has no DataOrderSampler. "
-                    "Wrap the dataset in lightning_selmerge.data.IndexedDataset (dict batches "
-                    f"with {self.index_key!r}) or sample with DataOrderSampler."
-                )
-            order = sampler.indices(epoch, replica)
-            size = getattr(loader, "batch_size", None) or _batch_len(batch)
-            indices = order[self._arrived : self._arrived + size]
+        indices = batch_sample_indices(
+            batch, loader, epoch, replica, positions, self._arrived, self.index_key
+        )
         if sample_loss is not None and torch.as_tensor(sample_loss).numel() != indices.numel():
             raise MisconfigurationException(
                 f"training_step returned {torch.as_tensor(sample_loss).numel()} "
@@ -429,163 +367,39 @@ class PositionLossMonitor(Callback):
             )
         return indices
 
+    def _gather_records(self, epoch: int) -> None:
+        """Every rank's rows of ``epoch`` on every rank, in the order of one device."""
+        table = self.records.table()
+        mine = table["epoch"] == epoch
+        rows = in_replica_order(gather_tables({k: v[mine] for k, v in table.items()}))
+        self.records.merge([{k: v[~mine] for k, v in table.items()}, rows])
+        self._gathered_epoch = epoch
+
     def _finalize_first_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        table = self.records.table(epoch=0)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if trainer.world_size > 1 and distributed:
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, table)
+        if _distributed(trainer) and not self._gathers:  # (a schedule gathers every epoch)
             others = self.records.table()
             rest = {k: v[others["epoch"] != 0] for k, v in others.items()}
-            self.records.merge([*gathered, rest])
+            self.records.merge([*gather_tables(self.records.table(epoch=0)), rest])
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-        recorded = [int(r) for r in self.records.table(epoch=0)["replica"].unique().tolist()]
-        if len(recorded) > 1:
-            primary = 0 if 0 in recorded else recorded[0]
-        else:
-            primary = self.current_replica(trainer, pl_module)
-        by_replica = {
-            r: self.records.first_positions(num_samples, replica=r, epoch=0) for r in recorded
-        }
-        sampler = _find_order_sampler(trainer.train_dataloader)
-        if primary not in by_replica:
-            if sampler is None:
-                rank_zero_warn(
-                    "PositionLossMonitor: no first-epoch records and no DataOrderSampler; "
-                    "loss-by-position is not available for this run."
-                )
-                return
-            by_replica[primary] = sampler.positions(epoch=0, replica=primary)
-        self._positions_by_replica = by_replica
-        self._primary_replica = primary
-        self.first_positions = by_replica[primary]
-        self.num_positions = max(
-            (int(p.max()) + 1 for p in by_replica.values() if p.numel()), default=0
+        found = first_epoch_positions(
+            self.records,
+            num_samples,
+            self.current_replica(trainer, pl_module),
+            find_order_sampler(trainer.train_dataloader),
         )
-        if sampler is not None and not all(
-            _agrees(by_replica[r], sampler.positions(epoch=0, replica=r)) for r in recorded
-        ):
-            rank_zero_warn(
-                "PositionLossMonitor: the positions observed in training_step differ from "
-                "the DataOrderSampler's order for epoch 0; using the observed ones."
-            )
+        if found is None:
+            return
+        self._positions_by_replica, self._primary_replica = found
+        self.first_positions = self._positions_by_replica[self._primary_replica]
+        self.num_positions = max(
+            (int(p.max()) + 1 for p in self._positions_by_replica.values() if p.numel()),
+            default=0,
+        )
         self._build_probe(trainer)
 
-    def _build_probe(self, trainer: Trainer) -> None:
-        if self.probe_size == 0 or self.first_positions is None:
-            return
-        loader = trainer.train_dataloader
-        candidates = torch.nonzero(self.first_positions >= 0).reshape(-1)
-        gen = stable_generator("selmerge.probe", self.probe_seed)
-        chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[: self.probe_size]]
-        self.probe = PositionProbe(
-            loader.dataset,
-            chosen.sort().values,
-            batch_size=self.probe_batch_size,
-            collate_fn=getattr(loader, "collate_fn", None),
-        )
 
-    def _row_positions(self, samples: torch.Tensor, replicas: torch.Tensor) -> torch.Tensor:
-        """First-epoch position of every row in its own replica's pass (-1: unknown)."""
-        out = torch.full_like(samples, -1)
-        for replica in replicas.unique().tolist():
-            first = self._positions_by_replica.get(int(replica))
-            if first is not None:
-                rows = replicas == replica
-                out[rows] = _lookup(first, samples[rows])
-        return out
-
-    def _probe_targets(
-        self, trainer: Trainer, pl_module: LightningModule
-    ) -> dict[str, ProbeResult]:
-        """Probe the live module, or each of :attr:`probe_targets` with its own weights."""
-        if self.probe_targets is None:
-            return {"": self.evaluate_probe(pl_module)}
-        results: dict[str, ProbeResult] = {}
-        live: dict[str, torch.Tensor] | None = None  # copy of the live weights, once replaced
-        try:
-            for target in self.probe_targets(trainer, pl_module):
-                if target.replica not in self._positions_by_replica:
-                    rank_zero_warn(
-                        f"PositionLossMonitor: {target.name!r} is binned by replica "
-                        f"{target.replica}'s first-epoch positions, which were never recorded "
-                        "(that replica trained on no batch, e.g. under max_steps); skipped."
-                    )
-                    continue
-                if target.name in results:
-                    raise ValueError(
-                        f"PositionLossMonitor.probe_targets: two targets named {target.name!r}."
-                    )
-                state = target.state_dict
-                if state is None and live is not None:
-                    state = live  # the live weights, not the previous target's
-                if state is not None:
-                    if live is None:
-                        live = {
-                            k: v.detach().to("cpu", copy=True)
-                            for k, v in pl_module.state_dict().items()
-                        }
-                    pl_module.load_state_dict(state)
-                results[target.name] = self.evaluate_probe(
-                    pl_module, name=target.name, replica=target.replica
-                )
-        finally:
-            if live is not None:
-                pl_module.load_state_dict(live)
-        return results
-
-    def _result(
-        self,
-        name: str,
-        indices: torch.Tensor,
-        losses: torch.Tensor,
-        replica: int | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> ProbeResult:
-        """Bin ``losses`` by ``positions``, else by ``replica``'s (None: primary) positions."""
-        assert self.first_positions is not None
-        indices = indices.long()
-        if positions is None:
-            first = self.first_positions if replica is None else self.first_positions_of(replica)
-            positions = _lookup(first, indices)
-        means, counts = segment_means(
-            positions, losses, self.num_segments, num_positions=max(self.num_positions, 1)
-        )
-        valid = (positions >= 0) & torch.isfinite(losses)
-        mean_loss = float(losses[valid].mean()) if bool(valid.any()) else math.nan
-        return ProbeResult(
-            name=name,
-            indices=indices,
-            positions=positions,
-            losses=losses,
-            segment_means=means,
-            segment_counts=counts,
-            spearman=position_loss_spearman(positions, losses),
-            mean_loss=mean_loss,
-        )
-
-
-def _agrees(observed: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether every observed position (>= 0) equals the expected one."""
-    n = min(observed.numel(), expected.numel())
-    seen = observed[:n] >= 0
-    return torch.equal(observed[:n][seen], expected[:n][seen]) and bool((observed[n:] < 0).all())
-
-
-def _lookup(first: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``first[indices]``, with -1 for indices beyond ``first``."""
-    out = torch.full_like(indices, -1)
-    in_range = indices < first.numel()
-    out[in_range] = first[indices[in_range]]
-    return out
-
-
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        return _batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_len(batch[0])
-    raise MisconfigurationException("PositionLossMonitor: cannot infer the batch size.")
+def _distributed(trainer: Trainer) -> bool:
+    """Whether the fit runs on several ranks of an initialized default process group."""
+    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return trainer.world_size > 1 and available
