@@ -192,11 +192,15 @@ def ensemble_batch_sampler(
 
 
 def resumable_loader(
-    dataloader: DataLoader, sampler: EnsembleBatchSampler, trainer: Any
+    dataloader: DataLoader,
+    sampler: EnsembleBatchSampler,
+    trainer: Any,
+    loader_class: type[ResumableLoader] = ResumableLoader,
 ) -> ResumableLoader:
     """The user's loader with ``sampler`` as its batch sampler, its position tracked by the
-    fit loop (saved in checkpoints, restored on resume)."""
-    loader = ResumableLoader(
+    fit loop (saved in checkpoints, restored on resume). ``loader_class``: a subclass with its
+    own saved state (a replica job's)."""
+    loader = loader_class(
         dataloader.dataset,
         batch_sampler=sampler,
         num_workers=dataloader.num_workers,
