@@ -1,10 +1,8 @@
 """``DataOrderEnsemble``: train K replicas one after another inside each Lightning epoch.
 
-The class reads as the fit's lifecycle; its jobs live in modules of their own: the processes,
-devices and collectives in :mod:`.parallel` (its base class), the trainer checks in
-:mod:`.trainer_checks`, the per-replica RNG seeding in :mod:`.rng`, the train loader in
-:mod:`.loader`, replica swapping in :mod:`.replica_swap`, the per-rank checkpoint format in
-:mod:`.checkpoint_format` and the merge in :mod:`.replica_merge`.
+The class is the fit's lifecycle; each job has its module: ranks and collectives (the base
+class, :mod:`.parallel`), :mod:`.trainer_checks`, :mod:`.rng`, :mod:`.loader`,
+:mod:`.replica_swap`, :mod:`.checkpoint_format` and :mod:`.replica_merge`.
 """
 
 from __future__ import annotations
@@ -23,23 +21,16 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from torch.utils.data import DataLoader
 
 from lightning_selmerge.ensemble import device_groups, replica_merge, trainer_checks
 from lightning_selmerge.ensemble.checkpoint_format import (
     CHECKPOINT_KEY,
     check_compatible,
-    rank_file,
+    resume_state,
     save_atomic,
     save_rank_directory,
 )
-from lightning_selmerge.ensemble.loader import (
-    BY_BATCH_SIZE,
-    ensemble_batch_sampler,
-    fixed_step_samples,
-    resumable_loader,
-    train_batch_size,
-)
+from lightning_selmerge.ensemble.loader import BY_BATCH_SIZE, ensemble_loader
 from lightning_selmerge.ensemble.parallel import ReplicaMeshStrategy, StartMethod
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
@@ -172,11 +163,7 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         precision_plugin: Precision | None = None,
     ) -> None:
         trainer_checks.check_num_replicas(num_replicas)
-        if offload not in ("cpu", "disk"):
-            raise ValueError(
-                f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
-                "memory) or 'disk' (in safetensors files under offload_dir)."
-            )
+        trainer_checks.check_offload(offload)
         super().__init__(
             num_replicas,
             shard_size=shard_size,
@@ -255,15 +242,8 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
             return by_steps
         if self.batch_sampler is None:
             trainer.fit_loop.setup_data()  # calls process_dataloader
-        if not trainer.lightning_module.automatic_optimization:
-            return min(self.batches_per_replica * max_epochs, by_steps)
-        scheduler = trainer_checks.accumulation_scheduler(trainer)
-        batches = self.batches_per_replica
-        total = sum(
-            trainer_checks.replica_steps(trainer, batches, scheduler, epoch)
-            for epoch in range(max_epochs)
-        )
-        return min(total, by_steps)
+        steps = trainer_checks.fit_replica_steps(trainer, self.batches_per_replica, max_epochs)
+        return min(steps, by_steps)
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -412,11 +392,7 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         # checked against this fit's value when the loader is set up; checkpoints before it
         # was recorded grouped fixed batches by the DataLoader's batch_size
         self._resumed_step_samples = saved.get("fixed_step_samples", BY_BATCH_SIZE)
-        if saved.get("per_rank_files"):
-            own = rank_file(path, self.global_rank)
-            self._to_restore = torch.load(own, map_location="cpu", weights_only=False)
-        else:
-            self._to_restore = saved
+        self._to_restore = resume_state(saved, path, self.global_rank)
         return checkpoint
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -440,15 +416,10 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             trainer_checks.check_trainer(trainer)
             self.batch_sampler = None  # steps_per_replica() must not read an earlier fit's
-            if trainer.fast_dev_run:  # its max_steps would stop inside replica 0: give each one
-                steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
-                local = len(self._layout.local_replicas)  # the replicas this rank trains
-                trainer.fit_loop.epoch_loop.max_steps = steps * local
-            limit = trainer.limit_train_batches
-            self._per_replica_limit = None
-            if isinstance(limit, int) and limit > 0:
-                self._saved_limit, self._per_replica_limit = limit, limit
-                trainer.limit_train_batches = 1.0  # the ensemble sampler applies it per replica
+            local = len(self._layout.local_replicas)  # the replicas this rank trains
+            self._per_replica_limit = trainer_checks.per_replica_limit(trainer, local)
+            if self._per_replica_limit is not None:  # restored at teardown
+                self._saved_limit = self._per_replica_limit
         super().setup(trainer)
 
     def teardown(self) -> None:
@@ -464,27 +435,18 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        batch_size, drop_last = train_batch_size(dataloader)
-        assert isinstance(dataloader, DataLoader)
-        step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
-        if self.fixed_batches:
-            resumed = self._resumed_step_samples
-            step_samples = fixed_step_samples(trainer, batch_size, self.shard_size, resumed)
-        self._fixed_step_samples = step_samples
-        self.batch_sampler = ensemble_batch_sampler(
-            dataloader.dataset,
-            self.num_replicas,
+        loader, self._fixed_step_samples = ensemble_loader(
+            dataloader,
+            trainer,
             self._layout,
             seed=self.seed,
             fixed_batches=self.fixed_batches,
-            step_samples=step_samples,
-            batch_size=batch_size,
-            drop_last=drop_last,
             per_replica_limit=self._per_replica_limit,
-            shard_size=self.shard_size,
+            resumed_step_samples=self._resumed_step_samples,
         )
+        self.batch_sampler = loader.batch_sampler
         self._check_stepping(trainer)
-        return resumable_loader(dataloader, self.batch_sampler, trainer)
+        return loader
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -1,5 +1,6 @@
-"""What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings
-(and, in :func:`check_replica_job_trainer`, what a ``ReplicaJob`` refuses).
+"""What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings,
+and the bounds it makes per replica (and, in :func:`check_replica_job_trainer`, what a
+``ReplicaJob`` refuses).
 
 Each replica must train on whole optimizer steps of its own batches, and the fit must end at an
 epoch's end, so that every replica trains alike; these checks name the setting and the fix.
@@ -11,6 +12,8 @@ Example:
     >>> check_trainer(trainer)
     >>> replica_steps(trainer, batches_per_replica=6, scheduler=None, epoch=0)
     3
+    >>> per_replica_limit(trainer, local_replicas=4) is None  # no int limit_train_batches
+    True
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ __all__ = [
     "accumulation",
     "accumulation_scheduler",
     "check_num_replicas",
+    "check_offload",
     "check_replica_job_trainer",
     "check_stepping",
     "check_trainer",
+    "fit_replica_steps",
+    "per_replica_limit",
     "replica_steps",
 ]
 
@@ -52,6 +58,15 @@ def check_num_replicas(value: object) -> None:
         raise ValueError(
             f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
             "2, e.g. num_replicas=4."
+        )
+
+
+def check_offload(offload: object) -> None:
+    """``offload`` must be ``"cpu"`` or ``"disk"``."""
+    if offload not in ("cpu", "disk"):
+        raise ValueError(
+            f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
+            "memory) or 'disk' (in safetensors files under offload_dir)."
         )
 
 
@@ -85,6 +100,22 @@ def check_trainer(trainer: Any) -> None:
             "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
             "(per replica) instead."
         )
+
+
+def per_replica_limit(trainer: Any, local_replicas: int) -> int | None:
+    """Make the fit's batch bounds per replica, for the ``local_replicas`` this rank trains.
+
+    ``fast_dev_run``'s ``max_steps`` would stop inside the first replica: it is widened to give
+    each replica its steps. An int ``limit_train_batches`` is returned, for the ensemble sampler
+    to apply per replica, and the trainer's is set to 1.0 (``None`` when there is none)."""
+    if trainer.fast_dev_run:
+        steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
+        trainer.fit_loop.epoch_loop.max_steps = steps * local_replicas
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int) and limit > 0:
+        trainer.limit_train_batches = 1.0  # the ensemble sampler applies it per replica
+        return limit
+    return None
 
 
 def check_stepping(
@@ -149,6 +180,17 @@ def replica_steps(
     """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
     accumulation divides its batches, see :func:`check_stepping`)."""
     return batches_per_replica // accumulation(trainer, scheduler, epoch)
+
+
+def fit_replica_steps(trainer: Any, batches_per_replica: int, max_epochs: int) -> int:
+    """Optimizer steps one replica takes in ``max_epochs`` epochs (with the accumulation of
+    each epoch); under manual optimization, its batches."""
+    if not trainer.lightning_module.automatic_optimization:
+        return batches_per_replica * max_epochs
+    scheduler = accumulation_scheduler(trainer)
+    return sum(
+        replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
+    )
 
 
 def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
