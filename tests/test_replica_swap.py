@@ -181,3 +181,13 @@ def test_initial_state_before_start_is_an_error():
         _ = swap.initial_state
     swap.release_live()  # nothing live yet: nothing to store
     assert swap.store[0] is None
+
+
+def test_the_strategy_and_its_swap_pickle_for_spawned_ranks():
+    import pickle
+
+    from lightning_selmerge.ensemble import DataOrderEnsemble
+
+    strategy = pickle.loads(pickle.dumps(DataOrderEnsemble(num_replicas=3, seed=5)))
+    assert strategy.num_replicas == 3 and strategy.seed == 5
+    assert strategy._swap.host is strategy

@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -65,11 +65,19 @@ class ReplicaSwap:
     ``active`` is the replica the module holds; ``live_is_replica`` is ``False`` while the
     module holds other weights (after :meth:`release_live`, e.g. the merged ones); ``initial``
     is the state every replica started from (``None`` before the fit's first batch).
+    ``load``: what switching and restoring call to load a replica's state (default
+    :meth:`load`; the strategy routes it through its own method).
     """
 
-    def __init__(self, host: SwapHost, store: ReplicaStore) -> None:
+    def __init__(
+        self,
+        host: SwapHost,
+        store: ReplicaStore,
+        load: Callable[[ReplicaState], None] | None = None,
+    ) -> None:
         self.host = host
         self.store = store
+        self._load = self.load if load is None else load  # how a state enters the live module
         self.active = 0
         self.live_is_replica = True
         self.initial: ReplicaState | None = None
@@ -102,7 +110,7 @@ class ReplicaSwap:
         self.active = int(saved["active"])
         self.live_is_replica = saved["live"] is not None
         if load_live and self.live_is_replica:
-            self.load(ReplicaState.from_dict(saved["live"]))
+            self._load(ReplicaState.from_dict(saved["live"]))
 
     def state_dict(self, live_as_module: bool) -> dict[str, Any]:
         """``active``, ``live`` (``None`` when the module holds no replica), ``replicas`` and
@@ -189,7 +197,7 @@ class ReplicaSwap:
                 copy.deepcopy(initial.precision),
             )
         self.store[target] = None  # live from now on; the optimizer may alias its tensors
-        self.load(state)
+        self._load(state)
         self.active = target
         self.live_is_replica = True
 

@@ -7,9 +7,9 @@ class, :mod:`.parallel`), :mod:`.trainer_checks`, :mod:`.rng`, :mod:`.loader`,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         self._resumed_step_samples: Any = None  # the checkpoint's, when resuming
         self._pin_memory, self._offload_dir = pin_memory, offload_dir
         store = ReplicaStore(self.num_replicas, offload, pin_memory, offload_dir)
-        self._swap = ReplicaSwap(self, store)
+        self._swap = ReplicaSwap(self, store, load=partial(_load_replica, self))
         self._to_restore: dict[str, Any] | None = None
         self._rng_base = 0
         self._per_replica_limit: int | None = None
@@ -234,16 +234,13 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
                 "DataOrderEnsemble.steps_per_replica() needs the fit's trainer; call it during "
                 "trainer.fit (e.g. in configure_optimizers)."
             )
-        trainer = module.trainer
+        trainer, batches = module.trainer, None
+        if trainer.max_epochs not in (None, -1):
+            if self.batch_sampler is None:
+                trainer.fit_loop.setup_data()  # calls process_dataloader
+            batches = self.batches_per_replica
         local = len(self._layout.local_replicas)
-        max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
-        by_steps = math.inf if max_steps == -1 else -(-max_steps // local)
-        if max_epochs is None or max_epochs == -1:
-            return by_steps
-        if self.batch_sampler is None:
-            trainer.fit_loop.setup_data()  # calls process_dataloader
-        steps = trainer_checks.fit_replica_steps(trainer, self.batches_per_replica, max_epochs)
-        return min(steps, by_steps)
+        return trainer_checks.steps_per_replica(trainer, local, batches)
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -491,8 +488,16 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
         settings = {name: getattr(self, name) for name in ("num_replicas", "seed", "fixed_batches")}
         check_compatible(saved, path, self._layout, self.shard_size, settings)
 
+    def _load(self, state: ReplicaState) -> None:
+        """Load a replica's state into the live module (every switch and resume comes here)."""
+        self._swap.load(state)
+
     def _check_stepping(self, trainer: Any, batch_idx: int | None = None) -> None:
         """:func:`trainer_checks.check_stepping` for the replicas this rank trains."""
         trainer_checks.check_stepping(
             trainer, self.batches_per_replica, len(self._layout.local_replicas), batch_idx
         )
+
+
+def _load_replica(strategy: DataOrderEnsemble, state: ReplicaState) -> None:
+    strategy._load(state)  # looked up at each call (a test fails it halfway); picklable (spawn)

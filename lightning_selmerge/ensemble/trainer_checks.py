@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -36,9 +37,9 @@ __all__ = [
     "check_replica_job_trainer",
     "check_stepping",
     "check_trainer",
-    "fit_replica_steps",
     "per_replica_limit",
     "replica_steps",
+    "steps_per_replica",
 ]
 
 
@@ -182,15 +183,27 @@ def replica_steps(
     return batches_per_replica // accumulation(trainer, scheduler, epoch)
 
 
-def fit_replica_steps(trainer: Any, batches_per_replica: int, max_epochs: int) -> int:
-    """Optimizer steps one replica takes in ``max_epochs`` epochs (with the accumulation of
-    each epoch); under manual optimization, its batches."""
+def steps_per_replica(
+    trainer: Any, local_replicas: int, batches_per_replica: int | None
+) -> int | float:
+    """Optimizer steps one of the ``local_replicas`` takes over the fit: ``max_steps`` shared
+    by them, and ``max_epochs`` epochs of ``batches_per_replica`` (``inf`` without a bound).
+
+    The epochs count each one's accumulation (a ``GradientAccumulationScheduler``'s too); under
+    manual optimization, the replica's batches. ``batches_per_replica`` is needed only with a
+    ``max_epochs``."""
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    by_steps = math.inf if max_steps == -1 else -(-max_steps // local_replicas)
+    if max_epochs is None or max_epochs == -1:
+        return by_steps
+    assert batches_per_replica is not None
     if not trainer.lightning_module.automatic_optimization:
-        return batches_per_replica * max_epochs
+        return min(batches_per_replica * max_epochs, by_steps)
     scheduler = accumulation_scheduler(trainer)
-    return sum(
+    total = sum(
         replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
     )
+    return min(total, by_steps)
 
 
 def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
