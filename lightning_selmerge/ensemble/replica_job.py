@@ -17,39 +17,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import replica_snapshots as snapshots
-from lightning_selmerge.ensemble import trainer_checks
 from lightning_selmerge.ensemble.loader import ResumableLoader, resumable_loader
+from lightning_selmerge.ensemble.replica_job_checks import check_replica_args, check_trainer
 from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
 
 __all__ = ["ReplicaJob", "check_replica_args"]
-
-
-def check_replica_args(num_replicas: Any, replica: Any) -> None:
-    """Refuse a K that is not an int >= 2 and a replica index outside ``0 .. K-1``.
-
-    Example:
-        >>> check_replica_args(4, 3)
-        >>> try:
-        ...     check_replica_args(4, 4)
-        ... except ValueError as err:
-        ...     print(str(err)[:55])
-        ReplicaJob: replica=4 is not one of the 4 replicas: use
-    """
-    for name, value in (("num_replicas", num_replicas), ("replica", replica)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"ReplicaJob: {name}={value!r} must be an int.")
-    if num_replicas < 2:
-        raise ValueError(
-            f"ReplicaJob: num_replicas={num_replicas}; a replica job is one of K >= 2 replicas "
-            "(for a single model, fit without ReplicaJob)."
-        )
-    if not 0 <= replica < num_replicas:
-        raise ValueError(
-            f"ReplicaJob: replica={replica} is not one of the {num_replicas} replicas: use 0 .. "
-            f"{num_replicas - 1} (replica k of K counts from 0, as SLURM_ARRAY_TASK_ID does "
-            f"with --array=0-{num_replicas - 1})."
-        )
 
 
 class _ReplicaLoader(ResumableLoader):
@@ -188,7 +161,7 @@ class ReplicaJob(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        trainer_checks.check_replica_job_trainer(trainer)
+        check_trainer(trainer)
         if "PL_GLOBAL_SEED" not in os.environ:
             rank_zero_warn(
                 "ReplicaJob: no seed_everything(...) was called, so this job's dropout (and a "

@@ -1,6 +1,5 @@
 """What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings,
-and the bounds it makes per replica (and, in :func:`check_replica_job_trainer`, what a
-``ReplicaJob`` refuses).
+and the bounds it makes per replica.
 
 Each replica must train on whole optimizer steps of its own batches, and the fit must end at an
 epoch's end, so that every replica trains alike; these checks name the setting and the fix.
@@ -34,7 +33,6 @@ __all__ = [
     "accumulation_scheduler",
     "check_num_replicas",
     "check_offload",
-    "check_replica_job_trainer",
     "check_stepping",
     "check_trainer",
     "per_replica_limit",
@@ -218,43 +216,3 @@ def accumulation(trainer: Any, scheduler: GradientAccumulationScheduler | None, 
     if scheduler is None:
         return trainer.accumulate_grad_batches
     return scheduler.get_accumulate_grad_batches(epoch)
-
-
-def check_replica_job_trainer(trainer: Any) -> None:
-    """What a :class:`~lightning_selmerge.ensemble.ReplicaJob` refuses: the ensemble strategy
-    or merge callback (one replica per fit), the position monitor on several ranks, ZeRO-3."""
-    from lightning_selmerge.ensemble.callback import SelectionMergeCallback
-    from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
-    from lightning_selmerge.imbalance.monitor import PositionLossMonitor
-
-    if isinstance(trainer.strategy, DataOrderEnsemble):
-        raise MisconfigurationException(
-            "ReplicaJob trains ONE replica of the ensemble per fit, DataOrderEnsemble all K "
-            "in one fit: use one or the other (a replica job takes an ordinary strategy, "
-            "e.g. 'auto', 'ddp' or 'fsdp')."
-        )
-    for callback in trainer.callbacks:
-        if isinstance(callback, SelectionMergeCallback):
-            sync = (
-                " sync_replicas=True resets every replica to the merge after each epoch, "
-                "which independent jobs cannot do: use the in-process DataOrderEnsemble "
-                "for it."
-                if callback.sync_replicas
-                else " Merge the jobs' snapshots afterwards: lightning-selmerge merge "
-                "--epoch_dir SNAPSHOT_DIR/epoch_NNN."
-            )
-            raise MisconfigurationException(
-                "ReplicaJob: SelectionMergeCallback merges the replicas of a "
-                "DataOrderEnsemble fit, and a replica job holds one replica." + sync
-            )
-        if isinstance(callback, PositionLossMonitor) and trainer.world_size > 1:
-            raise MisconfigurationException(
-                "ReplicaJob: PositionLossMonitor counts positions of a strided sampler, "
-                "but a replica job on several ranks deals whole batches to the ranks: run "
-                "the monitor in a job on one device, or drop it."
-            )
-    if getattr(trainer.strategy, "zero_stage_3", False):
-        raise MisconfigurationException(
-            "ReplicaJob: DeepSpeed ZeRO stage 3 partitions the weights and its full state "
-            "dict is not gathered here; use FSDP (or ZeRO stage 1/2) for the replica jobs."
-        )
