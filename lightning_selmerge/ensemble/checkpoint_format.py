@@ -43,6 +43,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "check_compatible",
     "rank_file",
+    "resume_state",
     "save_atomic",
     "save_rank_directory",
 ]
@@ -54,6 +55,14 @@ CHECKPOINT_KEY = "data_order_ensemble"
 def rank_file(directory: Path, rank: int) -> Path:
     """Rank ``rank``'s file in a per-rank checkpoint directory."""
     return directory / f"rank_{rank:05d}.pt"
+
+
+def resume_state(saved: dict[str, Any], path: Path, rank: int) -> dict[str, Any]:
+    """The ensemble state that rank ``rank`` resumes from: its rank file's in a per-rank
+    directory ``path``, else ``saved`` (the single-file checkpoint's ``CHECKPOINT_KEY``)."""
+    if saved.get("per_rank_files"):
+        return torch.load(rank_file(path, rank), map_location="cpu", weights_only=False)
+    return saved
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -3,7 +3,7 @@
 :func:`ensemble_batch_sampler` yields replica 0's data order in batches, then replica 1's, and
 so on (see :class:`~lightning_selmerge.ensemble.EnsembleBatchSampler`); :class:`ResumableLoader`
 keeps the dataset, batch size, ``drop_last``, collate function and workers, and lets Lightning
-save and restore its position in the epoch.
+save and restore its position in the epoch. :func:`ensemble_loader` puts them together.
 
 Example:
     >>> from torch.utils.data import DataLoader
@@ -37,6 +37,7 @@ __all__ = [
     "BY_BATCH_SIZE",
     "ResumableLoader",
     "ensemble_batch_sampler",
+    "ensemble_loader",
     "fixed_step_samples",
     "resumable_loader",
     "train_batch_size",
@@ -192,11 +193,15 @@ def ensemble_batch_sampler(
 
 
 def resumable_loader(
-    dataloader: DataLoader, sampler: EnsembleBatchSampler, trainer: Any
+    dataloader: DataLoader,
+    sampler: EnsembleBatchSampler,
+    trainer: Any,
+    loader_class: type[ResumableLoader] = ResumableLoader,
 ) -> ResumableLoader:
     """The user's loader with ``sampler`` as its batch sampler, its position tracked by the
-    fit loop (saved in checkpoints, restored on resume)."""
-    loader = ResumableLoader(
+    fit loop (saved in checkpoints, restored on resume). ``loader_class``: a subclass with its
+    own saved state (a replica job's)."""
+    loader = loader_class(
         dataloader.dataset,
         batch_sampler=sampler,
         num_workers=dataloader.num_workers,
@@ -212,3 +217,37 @@ def resumable_loader(
     loader.progress = lambda: (trainer.current_epoch, progress.processed)
     loader.checkpoint_name = lambda: Path(str(trainer.ckpt_path)).name
     return loader
+
+
+def ensemble_loader(
+    dataloader: object,
+    trainer: Any,
+    layout: ReplicaLayout,
+    *,
+    seed: int,
+    fixed_batches: bool,
+    per_replica_limit: int | None,
+    resumed_step_samples: Any,
+) -> tuple[ResumableLoader, int | None]:
+    """The ensemble's train loader made from the user's, and the samples of one optimizer step
+    that ``fixed_batches`` fixes (``None`` without it; ``resumed_step_samples``: as in
+    :func:`fixed_step_samples`). Its batch sampler yields this rank's replicas' batches."""
+    batch_size, drop_last = train_batch_size(dataloader)
+    assert isinstance(dataloader, DataLoader)
+    step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
+    if fixed_batches:
+        resumed = resumed_step_samples
+        step_samples = fixed_step_samples(trainer, batch_size, layout.shard_size, resumed)
+    sampler = ensemble_batch_sampler(
+        dataloader.dataset,
+        layout.num_replicas,
+        layout,
+        seed=seed,
+        fixed_batches=fixed_batches,
+        step_samples=step_samples,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        per_replica_limit=per_replica_limit,
+        shard_size=layout.shard_size,
+    )
+    return resumable_loader(dataloader, sampler, trainer), step_samples

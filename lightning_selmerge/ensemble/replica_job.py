@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,51 +17,24 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import replica_snapshots as snapshots
+from lightning_selmerge.ensemble.loader import ResumableLoader, resumable_loader
+from lightning_selmerge.ensemble.replica_job_checks import check_replica_args, check_trainer
 from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
 
 __all__ = ["ReplicaJob", "check_replica_args"]
 
 
-def check_replica_args(num_replicas: Any, replica: Any) -> None:
-    """Refuse a K that is not an int >= 2 and a replica index outside ``0 .. K-1``.
+class _ReplicaLoader(ResumableLoader):
+    """A replica job's train loader: its saved position holds the batch size, checked on resume."""
 
-    Example:
-        >>> check_replica_args(4, 3)
-        >>> try:
-        ...     check_replica_args(4, 4)
-        ... except ValueError as err:
-        ...     print(str(err)[:55])
-        ReplicaJob: replica=4 is not one of the 4 replicas: use
-    """
-    for name, value in (("num_replicas", num_replicas), ("replica", replica)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"ReplicaJob: {name}={value!r} must be an int.")
-    if num_replicas < 2:
-        raise ValueError(
-            f"ReplicaJob: num_replicas={num_replicas}; a replica job is one of K >= 2 replicas "
-            "(for a single model, fit without ReplicaJob)."
-        )
-    if not 0 <= replica < num_replicas:
-        raise ValueError(
-            f"ReplicaJob: replica={replica} is not one of the {num_replicas} replicas: use 0 .. "
-            f"{num_replicas - 1} (replica k of K counts from 0, as SLURM_ARRAY_TASK_ID does "
-            f"with --array=0-{num_replicas - 1})."
-        )
-
-
-class _ReplicaLoader(DataLoader):
-    """A replica job's train loader; Lightning saves and restores its position in the epoch."""
-
-    progress: Callable[[], tuple[int, int]]  # () -> (epoch, batches done in it)
-
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         epoch, done = self.progress()
         assert isinstance(self.batch_sampler, EnsembleBatchSampler)
         size = self.batch_sampler.batch_size
         return {"epoch": epoch, "batches_done": done, "batch_size": size}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         assert isinstance(self.batch_sampler, EnsembleBatchSampler)
         saved, size = state.get("batch_size"), self.batch_sampler.batch_size
         if saved is not None and int(saved) != size and int(state["batches_done"]):
@@ -188,7 +161,7 @@ class ReplicaJob(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_trainer(trainer)
+        check_trainer(trainer)
         if "PL_GLOBAL_SEED" not in os.environ:
             rank_zero_warn(
                 "ReplicaJob: no seed_everything(...) was called, so this job's dropout (and a "
@@ -293,43 +266,6 @@ class ReplicaJob(Callback):
         self._restored = dict(state_dict)
 
     # -- internals ------------------------------------------------------------------------
-    def _check_trainer(self, trainer: Trainer) -> None:
-        from lightning_selmerge.ensemble.callback import SelectionMergeCallback
-        from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
-        from lightning_selmerge.imbalance.monitor import PositionLossMonitor
-
-        if isinstance(trainer.strategy, DataOrderEnsemble):
-            raise MisconfigurationException(
-                "ReplicaJob trains ONE replica of the ensemble per fit, DataOrderEnsemble all K "
-                "in one fit: use one or the other (a replica job takes an ordinary strategy, "
-                "e.g. 'auto', 'ddp' or 'fsdp')."
-            )
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, SelectionMergeCallback):
-                sync = (
-                    " sync_replicas=True resets every replica to the merge after each epoch, "
-                    "which independent jobs cannot do: use the in-process DataOrderEnsemble "
-                    "for it."
-                    if callback.sync_replicas
-                    else " Merge the jobs' snapshots afterwards: lightning-selmerge merge "
-                    "--epoch_dir SNAPSHOT_DIR/epoch_NNN."
-                )
-                raise MisconfigurationException(
-                    "ReplicaJob: SelectionMergeCallback merges the replicas of a "
-                    "DataOrderEnsemble fit, and a replica job holds one replica." + sync
-                )
-            if isinstance(callback, PositionLossMonitor) and trainer.world_size > 1:
-                raise MisconfigurationException(
-                    "ReplicaJob: PositionLossMonitor counts positions of a strided sampler, "
-                    "but a replica job on several ranks deals whole batches to the ranks: run "
-                    "the monitor in a job on one device, or drop it."
-                )
-        if getattr(trainer.strategy, "zero_stage_3", False):
-            raise MisconfigurationException(
-                "ReplicaJob: DeepSpeed ZeRO stage 3 partitions the weights and its full state "
-                "dict is not gathered here; use FSDP (or ZeRO stage 1/2) for the replica jobs."
-            )
-
     def _wrap_process_dataloader(self, trainer: Trainer) -> None:
         strategy = trainer.strategy
         original = type(strategy).process_dataloader.__get__(strategy)
@@ -344,7 +280,7 @@ class ReplicaJob(Callback):
         strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
         self._wrapped = strategy
 
-    def _replica_loader(self, trainer: Trainer, dataloader: object) -> _ReplicaLoader:
+    def _replica_loader(self, trainer: Trainer, dataloader: object) -> ResumableLoader:
         if not isinstance(dataloader, DataLoader):
             raise MisconfigurationException(
                 "ReplicaJob needs a torch DataLoader as the train dataloader (got "
@@ -397,21 +333,7 @@ class ReplicaJob(Callback):
                 "drop_last=False."
             )
         self.batch_sampler = sampler
-        loader = _ReplicaLoader(
-            dataloader.dataset,
-            batch_sampler=sampler,
-            num_workers=dataloader.num_workers,
-            collate_fn=dataloader.collate_fn,
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            generator=dataloader.generator,
-            persistent_workers=dataloader.persistent_workers,
-        )
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        loader.progress = lambda: (trainer.current_epoch, progress.processed)
-        return loader
+        return resumable_loader(dataloader, sampler, trainer, loader_class=_ReplicaLoader)
 
     def _record(self, trainer: Trainer, epoch: int | None) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings.
+"""What :class:`~lightning_selmerge.ensemble.DataOrderEnsemble` refuses in a Trainer's settings,
+and the bounds it makes per replica.
 
 Each replica must train on whole optimizer steps of its own batches, and the fit must end at an
 epoch's end, so that every replica trains alike; these checks name the setting and the fix.
@@ -10,10 +11,13 @@ Example:
     >>> check_trainer(trainer)
     >>> replica_steps(trainer, batches_per_replica=6, scheduler=None, epoch=0)
     3
+    >>> per_replica_limit(trainer, local_replicas=4) is None  # no int limit_train_batches
+    True
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -28,9 +32,12 @@ __all__ = [
     "accumulation",
     "accumulation_scheduler",
     "check_num_replicas",
+    "check_offload",
     "check_stepping",
     "check_trainer",
+    "per_replica_limit",
     "replica_steps",
+    "steps_per_replica",
 ]
 
 
@@ -50,6 +57,15 @@ def check_num_replicas(value: object) -> None:
         raise ValueError(
             f"DataOrderEnsemble: num_replicas={value}: the number of replicas must be at least "
             "2, e.g. num_replicas=4."
+        )
+
+
+def check_offload(offload: object) -> None:
+    """``offload`` must be ``"cpu"`` or ``"disk"``."""
+    if offload not in ("cpu", "disk"):
+        raise ValueError(
+            f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
+            "memory) or 'disk' (in safetensors files under offload_dir)."
         )
 
 
@@ -83,6 +99,22 @@ def check_trainer(trainer: Any) -> None:
             "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
             "(per replica) instead."
         )
+
+
+def per_replica_limit(trainer: Any, local_replicas: int) -> int | None:
+    """Make the fit's batch bounds per replica, for the ``local_replicas`` this rank trains.
+
+    ``fast_dev_run``'s ``max_steps`` would stop inside the first replica: it is widened to give
+    each replica its steps. An int ``limit_train_batches`` is returned, for the ensemble sampler
+    to apply per replica, and the trainer's is set to 1.0 (``None`` when there is none)."""
+    if trainer.fast_dev_run:
+        steps = -(-int(trainer.fast_dev_run) // trainer.accumulate_grad_batches)
+        trainer.fit_loop.epoch_loop.max_steps = steps * local_replicas
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int) and limit > 0:
+        trainer.limit_train_batches = 1.0  # the ensemble sampler applies it per replica
+        return limit
+    return None
 
 
 def check_stepping(
@@ -147,6 +179,29 @@ def replica_steps(
     """Optimizer steps one replica takes in ``epoch`` (automatic optimization; the
     accumulation divides its batches, see :func:`check_stepping`)."""
     return batches_per_replica // accumulation(trainer, scheduler, epoch)
+
+
+def steps_per_replica(
+    trainer: Any, local_replicas: int, batches_per_replica: int | None
+) -> int | float:
+    """Optimizer steps one of the ``local_replicas`` takes over the fit: ``max_steps`` shared
+    by them, and ``max_epochs`` epochs of ``batches_per_replica`` (``inf`` without a bound).
+
+    The epochs count each one's accumulation (a ``GradientAccumulationScheduler``'s too); under
+    manual optimization, the replica's batches. ``batches_per_replica`` is needed only with a
+    ``max_epochs``."""
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    by_steps = math.inf if max_steps == -1 else -(-max_steps // local_replicas)
+    if max_epochs is None or max_epochs == -1:
+        return by_steps
+    assert batches_per_replica is not None
+    if not trainer.lightning_module.automatic_optimization:
+        return min(batches_per_replica * max_epochs, by_steps)
+    scheduler = accumulation_scheduler(trainer)
+    total = sum(
+        replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
+    )
+    return min(total, by_steps)
 
 
 def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
