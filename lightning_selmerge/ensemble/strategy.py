@@ -2,7 +2,8 @@
 
 The class is the fit's lifecycle; each job has its module: ranks and collectives (the base
 class, :mod:`.parallel`), :mod:`.trainer_checks`, :mod:`.rng`, :mod:`.loader`,
-:mod:`.replica_swap`, :mod:`.checkpoint_format` and :mod:`.replica_merge`.
+:mod:`.replica_swap`, :mod:`.checkpoint_format`, :mod:`.replica_merge` and what the monitor is
+told (:mod:`.probe_schedule`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from lightning_selmerge.ensemble.checkpoint_format import (
 )
 from lightning_selmerge.ensemble.loader import BY_BATCH_SIZE, ensemble_loader
 from lightning_selmerge.ensemble.parallel import ReplicaMeshStrategy, StartMethod
+from lightning_selmerge.ensemble.probe_schedule import ProbeSchedule
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
     ReplicaState,
@@ -42,14 +43,13 @@ from lightning_selmerge.ensemble.replica_store import (
 from lightning_selmerge.ensemble.replica_swap import ReplicaSwap
 from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
-from lightning_selmerge.imbalance.replicas import ProbeTarget
 from lightning_selmerge.merging import MergeMethod, MergeRule, NonFinite
 from lightning_selmerge.merging.leftovers import recover_output
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
 
 
-class DataOrderEnsemble(ReplicaMeshStrategy):
+class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
     """Train ``num_replicas`` copies of the module, each on its own data order, in one fit.
 
     In every epoch the train loader yields replica 0's order (``DataOrderSampler.order(epoch,
@@ -407,46 +407,6 @@ class DataOrderEnsemble(ReplicaMeshStrategy):
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
             self.checkpoint_io.remove_checkpoint(filepath)  # files and directories alike
-
-    # -- what PositionLossMonitor is told (imbalance.ReplicaSchedule) --------------------
-    #: extra models to probe, by name: (``() -> state or None``, replica binning it)
-    _probe_extras: Mapping[str, tuple[Callable[[], Mapping[str, torch.Tensor] | None], int]] = (
-        MappingProxyType({})
-    )
-
-    def batch_positions(self, batch_idx: int) -> torch.Tensor:
-        """Positions of training batch ``batch_idx``'s samples in its replica's order of the
-        epoch, counted over the replica's shard ranks (see
-        :meth:`EnsembleBatchSampler.batch_positions`)."""
-        if self.batch_sampler is None:
-            raise RuntimeError("DataOrderEnsemble: the train dataloader is not set up yet.")
-        return self.batch_sampler.batch_positions(batch_idx)
-
-    def add_probe_target(
-        self,
-        name: str,
-        state: Callable[[], Mapping[str, torch.Tensor] | None],
-        replica: int = 0,
-    ) -> None:
-        """Have a :class:`~lightning_selmerge.imbalance.PositionLossMonitor` also probe the
-        model ``state()`` returns (this rank's slices, as :meth:`load_module_state` takes;
-        skipped while it returns ``None``), binned by ``replica``'s first-epoch positions:
-        e.g. the merge of ``SelectionMergeCallback``, as ``"merged"``. Every rank holds it."""
-        self._probe_extras = {**self._probe_extras, name: (state, int(replica))}
-
-    def probe_targets(self) -> list[ProbeTarget]:
-        """The monitor's models: ``replica_{k}`` for every replica (``local=False`` where
-        another replica group holds it), then the :meth:`add_probe_target` ones."""
-        held = self.local_replica_states()
-        targets = [
-            ProbeTarget(f"replica_{k}", held.get(k), replica=k, local=k in held)
-            for k in range(self.num_replicas)
-        ]
-        for name, (state, replica) in self._probe_extras.items():
-            value = state()
-            if value is not None:
-                targets.append(ProbeTarget(name, value, replica=replica))
-        return targets
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
