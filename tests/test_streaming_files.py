@@ -17,6 +17,7 @@ from lightning_selmerge.merging import (
     merge_state_dicts,
     streaming_files,
 )
+from lightning_selmerge.merging.methods import build_method
 from lightning_selmerge.merging.safetensors_io import CheckpointReader
 from lightning_selmerge.merging.snapshots import find_epoch_snapshots, merge_epoch
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
@@ -301,3 +302,22 @@ def test_nonfinite_replica_file_is_refused_or_dropped(tmp_path):
         assert (got / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
         dropped = json.loads((got / "selmerge.json").read_text())["dropped_nonfinite"]
         assert dropped == [{"replica": 1, "path": str(paths[1]), "tensor": "layers.0.w"}]
+
+
+def test_epoch_merge_takes_the_task_vector_methods_and_names_the_way_for_ties(tmp_path, capsys):
+    epoch, _ = write_epoch(tmp_path, k=3)
+    base = tmp_path / "base.safetensors"  # written by write_epoch's synthetic_files
+    args = ["merge", "--epoch_dir", str(epoch), "--base", str(base), "--quiet"]
+    files = [epoch / f"replica_{k:03d}.safetensors" for k in range(3)]
+    for i, options in enumerate([["--method", "task_arithmetic"], ["--method", "dare"]]):
+        assert cli([*args, *options, "--out", str(tmp_path / f"o{i}")]) == 0
+        method = build_method(options[1], {})
+        expected = merge_checkpoints(files, tmp_path / f"ref{i}", method=method, base=base)
+        got = (tmp_path / f"o{i}" / "model.safetensors").read_bytes()
+        assert got == (expected / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    for options in (["--method", "ties"], ["--streaming", "false"]):
+        assert cli([*args, *options, "--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err
+        assert "merge the snapshots by path" in err and "replica_000" in err
+        assert not (tmp_path / "no").exists()

@@ -214,6 +214,15 @@ def run_merge(argv: Sequence[str]) -> int:
         if args.epoch_dir is not None:
             if args.replicas:
                 raise MergeError("give replica paths or --epoch_dir, not both")
+            unstreamable = [m for m in [method, *(r.method for r in rules)] if not m.streaming()]
+            if unstreamable or args.streaming is False:
+                why = f"{unstreamable[0]} needs" if unstreamable else "--streaming false needs"
+                raise MergeError(
+                    f"{why} every replica at once, and --epoch_dir merges one at a time: "
+                    f"merge the snapshots by path instead (lightning-selmerge merge "
+                    f"{args.epoch_dir}/replica_000 {args.epoch_dir}/replica_001 ... "
+                    "--streaming false)"
+                )
             out = merge_epoch(
                 args.epoch_dir,
                 args.out,
