@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--epochs", type=int, default=3)
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
     add("--parts", default="abd", help="which fits to run: a (with c), b, d")
-    add("--train-samples", type=int, default=500, help="(a, d) training snippets (max 3200 - held-out)")
+    add("--train-samples", type=int, default=500, help="(a, d) training snippets")
     add("--held-out", type=int, default=300, help="(a, d) held-out snippets")
     add("--max-length", type=int, default=48, help="(a, d) tokens per snippet")
     add("--cls-batch-size", type=int, default=16)
