@@ -65,3 +65,16 @@ def test_generation_input_is_the_training_prompt_without_eos() -> None:
         assert generation_input == ids[:prompt_len]
         assert generation_input[-1] != tokenizer.eos_token_id
         assert ids[-1] == tokenizer.eos_token_id  # EOS ends the response only
+
+
+@pytest.mark.parametrize("bars_on", [True, False])
+def test_saving_prints_no_shard_progress_bar_and_keeps_the_users_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bars_on: bool
+) -> None:
+    (hf_logging.enable_progress_bar if bars_on else hf_logging.disable_progress_bar)()
+    try:
+        CausalLMModule(config=TINY).save_pretrained(tmp_path / "m")
+        assert "Writing model shards" not in capsys.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() is bars_on
+    finally:
+        hf_logging.enable_progress_bar()

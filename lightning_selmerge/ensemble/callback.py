@@ -372,10 +372,9 @@ class SelectionMergeCallback(Callback):
         tmp = staging_path(target)
         tmp.mkdir()
         try:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer = getattr(pl_module, "tokenizer", None)
-            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(tmp)
+            from lightning_selmerge.hf.export import write_pretrained_files
+
+            write_pretrained_files(model, getattr(pl_module, "tokenizer", None), tmp, state)
             publish_directory(tmp, target, overwrite=True)  # the old export stays until then
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -160,9 +160,9 @@ def write_snapshot(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         inner = {name[len(PRETRAINED_PREFIX) :]: tensor for name, tensor in state.items()}
-        pretrained.save_pretrained(tmp_dir, state_dict=inner)
-        if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
-            tokenizer.save_pretrained(tmp_dir)
+        from lightning_selmerge.hf.export import write_pretrained_files
+
+        write_pretrained_files(pretrained, tokenizer, tmp_dir, inner)
         (tmp_dir / RECORD_NAME).write_text(json.dumps(dict(record), indent=2, sort_keys=True))
         publish_directory(tmp_dir, target, overwrite=True)
     except BaseException:

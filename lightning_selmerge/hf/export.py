@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from lightning_selmerge.merging.checkpoints import publish_directory
 
-__all__ = ["save_pretrained"]
+__all__ = ["save_pretrained", "write_pretrained_files"]
 
 
 def save_pretrained(
@@ -53,12 +54,49 @@ def save_pretrained(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        kwargs = {} if state_dict is None else {"state_dict": dict(state_dict)}
-        model.save_pretrained(staging, safe_serialization=True, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        write_pretrained_files(model, tokenizer, staging, state_dict)
         publish_directory(staging, target, overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def write_pretrained_files(
+    model: Any,
+    tokenizer: Any,
+    directory: str | Path,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """``model.save_pretrained`` (safetensors, with ``state_dict`` if given) and, when there is
+    one, ``tokenizer.save_pretrained`` into ``directory``, without transformers' "Writing model
+    shards" progress bar (it would print inside the training progress bar at every export).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32))
+        >>> out = Path(tempfile.mkdtemp())
+        >>> write_pretrained_files(model, None, out)
+        >>> sorted(p.name for p in out.iterdir())
+        ['config.json', 'generation_config.json', 'model.safetensors']
+    """
+    kwargs = {} if state_dict is None else {"state_dict": dict(state_dict)}
+    with _no_transformers_progress_bars():
+        model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _no_transformers_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
