@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tiny_gpt2_fit import quiet_trainer_kwargs, run_child, tiny_gpt2_fit_inputs
+from fit_support import quiet_trainer_kwargs, run_child, tiny_gpt2_fit_inputs
 
 
 def child(spec: dict[str, Any]) -> dict[str, float]:

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fit_support import quiet_trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from reproduce_imbalance import load_example
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_selmerge import (
@@ -53,25 +55,6 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-class Snippets(Dataset):
-    """Tokenized snippets padded to ``max_length``; :func:`collate` trims the padding columns."""
-
-    def __init__(self, encoded: dict[str, torch.Tensor], labels: list[int]) -> None:
-        self.input_ids = encoded["input_ids"]
-        self.attention_mask = encoded["attention_mask"]
-        self.labels = torch.tensor(labels)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids[i],
-            "attention_mask": self.attention_mask[i],
-            "labels": self.labels[i],
-        }
-
-
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack the items and drop the columns that are padding in every row."""
     batch = {key: torch.stack([torch.as_tensor(it[key]) for it in items]) for key in items[0]}
@@ -91,7 +74,7 @@ def load_split(args: Namespace, tokenizer: Any) -> tuple[Dataset, Dataset]:
         texts, padding="max_length", truncation=True, max_length=args.max_length,
         return_tensors="pt",
     )  # fmt: skip
-    data = Snippets(encoded, labels)
+    data = load_example().Encoded(encoded["input_ids"], encoded["attention_mask"], labels)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     held = order[: args.held_out]
     train = order[args.held_out :][: args.train_samples]
@@ -175,8 +158,6 @@ def fit_seed(args: Namespace, seed: int, fixed_batches: bool, full: bool) -> dic
     base = {k: v.detach().clone() for k, v in module.state_dict().items()}
     recorder = EpochRecorder()
     trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
         max_epochs=args.epochs,
         strategy=DataOrderEnsemble(
             num_replicas=args.replicas, seed=seed, fixed_batches=fixed_batches
@@ -185,12 +166,9 @@ def fit_seed(args: Namespace, seed: int, fixed_batches: bool, full: bool) -> dic
             SelectionMergeCallback(resample=1, seed=seed, validate_replicas=full),
             recorder,
         ],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if full else 0,
+        **quiet_trainer_kwargs(),
     )
     trainer.fit(module, train_loader, held_loader if full else None)
     strategy = trainer.strategy

@@ -15,6 +15,7 @@ from argparse import Namespace
 from typing import Any
 
 import torch
+from fit_support import quiet_trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from reproduce_imbalance import held_out_loss, load_example
 from torch.utils.data import DataLoader, Subset
@@ -62,8 +63,6 @@ def run_lm_seed(args: Namespace, seed: int) -> dict[str, Any]:
     monitor = PositionLossMonitor(probe_size=len(train), probe_batch_size=64)
     recorder = ImbalanceRecorder()
     trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
         max_epochs=args.epochs,
         strategy=DataOrderEnsemble(num_replicas=args.replicas, seed=seed),
         callbacks=[
@@ -71,11 +70,8 @@ def run_lm_seed(args: Namespace, seed: int) -> dict[str, Any]:
             SelectionMergeCallback(resample=1, seed=seed, validate_replicas=False),
             recorder,
         ],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
         num_sanity_val_steps=0,
+        **quiet_trainer_kwargs(),
     )
     base = {n: t.detach().clone() for n, t in module.state_dict().items()}
     trainer.fit(module, DataLoader(train, batch_size=args.lm_batch_size))

@@ -1,6 +1,6 @@
-"""What the training benchmarks share: a tiny GPT-2 fit on random tokens, run in a fresh child
-interpreter whose peak RSS the parent reads (``ensemble_overhead.py``,
-``scale_memory_training.py``). The parent never imports torch.
+"""What the training benchmarks share: quiet Trainer arguments (also for the paper's settings),
+and a tiny GPT-2 fit on random tokens run in a fresh child interpreter whose peak RSS the parent
+reads (``ensemble_overhead.py``, ``scale_memory_training.py``; the parent never imports torch).
 
 ``spec`` keys: ``vocab``, ``seq_len``, ``hidden``, ``layers``, ``samples``, ``batch_size``,
 ``threads``, ``mode`` (and what the calling benchmark adds).
