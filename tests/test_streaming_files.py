@@ -321,3 +321,6 @@ def test_epoch_merge_takes_the_task_vector_methods_and_names_the_way_for_ties(tm
         err = capsys.readouterr().err
         assert "merge the snapshots by path" in err and "replica_000" in err
         assert not (tmp_path / "no").exists()
+    with pytest.raises(MergeError, match="reads one at a time: merge the snapshots by path"):
+        merge_epoch(epoch, tmp_path / "no", method=build_method("ties", {}), base=base)
+    assert not (tmp_path / "no").exists()

@@ -29,6 +29,7 @@ from lightning_selmerge.merging import (
     load_rules,
     merge_checkpoints,
 )
+from lightning_selmerge.merging.accumulators import without_streaming_form
 from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
 from lightning_selmerge.merging.methods import (
     MergeMethod,
@@ -37,7 +38,7 @@ from lightning_selmerge.merging.methods import (
     method_class,
     method_names,
 )
-from lightning_selmerge.merging.snapshots import merge_epoch
+from lightning_selmerge.merging.snapshots import merge_by_path_hint, merge_epoch
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
 __all__ = ["merge_parser", "method_from_args", "run_merge"]
@@ -138,10 +139,9 @@ def _use_streaming(
     half the available memory). Both give the same bits."""
     if streaming is not None:
         return streaming
-    methods = [method, *(r.method for r in rules)]
-    if any(m.streaming() is None for m in methods):
+    if without_streaming_form(method, rules):
         return False  # e.g. TIES: it needs every replica at once
-    if all(isinstance(m, WeightedAverage) for m in methods):
+    if all(isinstance(m, WeightedAverage) for m in [method, *(r.method for r in rules)]):
         return True
     import psutil
 
@@ -214,14 +214,10 @@ def run_merge(argv: Sequence[str]) -> int:
         if args.epoch_dir is not None:
             if args.replicas:
                 raise MergeError("give replica paths or --epoch_dir, not both")
-            unstreamable = [m for m in [method, *(r.method for r in rules)] if not m.streaming()]
-            if unstreamable or args.streaming is False:
-                why = f"{unstreamable[0]} needs" if unstreamable else "--streaming false needs"
+            if args.streaming is False:
                 raise MergeError(
-                    f"{why} every replica at once, and --epoch_dir merges one at a time: "
-                    f"merge the snapshots by path instead (lightning-selmerge merge "
-                    f"{args.epoch_dir}/replica_000 {args.epoch_dir}/replica_001 ... "
-                    "--streaming false)"
+                    "--streaming false maps every replica at once, and --epoch_dir reads one at a "
+                    f"time: {merge_by_path_hint(args.epoch_dir)}"
                 )
             out = merge_epoch(
                 args.epoch_dir,

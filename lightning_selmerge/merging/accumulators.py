@@ -17,9 +17,17 @@ from .errors import AverageNotFinite, MergeError
 from .finite import all_finite, check_finite
 from .methods import MergeMethod, ReplicaAccumulator, StreamingForm, StreamTensor
 from .plan import MergePlan
+from .rules import MergeRule
 from .safetensors_io import TensorInfo
 
-__all__ = ["AverageNotFinite", "make_accumulator", "method_of", "state_bytes", "streaming_form"]
+__all__ = [
+    "AverageNotFinite",
+    "make_accumulator",
+    "method_of",
+    "state_bytes",
+    "streaming_form",
+    "without_streaming_form",
+]
 
 
 class _Accumulator:
@@ -93,6 +101,13 @@ class _Streamed(_Accumulator):
 
     def _result(self) -> torch.Tensor:
         return self.state.finish()
+
+
+def without_streaming_form(
+    method: MergeMethod, rules: Sequence[MergeRule] = ()
+) -> list[MergeMethod]:
+    """The methods among ``method`` and the rules' that have no streaming form (e.g. TIES)."""
+    return [m for m in [method, *(rule.method for rule in rules)] if m.streaming() is None]
 
 
 def streaming_form(name: str, method: MergeMethod) -> StreamingForm:

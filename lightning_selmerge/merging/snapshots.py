@@ -169,6 +169,14 @@ def find_epoch_snapshots(
     )
 
 
+def merge_by_path_hint(epoch_dir: str | Path) -> str:
+    """How to merge an epoch's snapshots all at once, for the errors that need it."""
+    return (
+        "merge the snapshots by path instead (merge_checkpoints, or lightning-selmerge merge "
+        f"{epoch_dir}/replica_000 {epoch_dir}/replica_001 ... --streaming false)"
+    )
+
+
 def merge_epoch(
     epoch_dir: str | Path,
     out: str | Path,
@@ -200,11 +208,18 @@ def merge_epoch(
         >>> merge_epoch(epoch, epoch.parent / "merged").name
         'merged'
     """
+    from .accumulators import without_streaming_form
     from .streaming_files import merge_checkpoints_streaming
 
     found = find_epoch_snapshots(epoch_dir, num_replicas=num_replicas, allow_missing=allow_missing)
     present = sorted(found.paths)
     method = method if method is not None else ParameterSelection()
+    unstreamable = without_streaming_form(method, rules)
+    if unstreamable:
+        raise MergeError(
+            f"{unstreamable[0]} needs every replica at once, and an epoch merge reads one at a "
+            f"time: {merge_by_path_hint(found.epoch_dir)}"
+        )
     if found.missing:
         method.validate(found.num_replicas)
         method = method.subset(present)
