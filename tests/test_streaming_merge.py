@@ -1,5 +1,7 @@
 """The streaming merge (replicas fed one at a time) equals the all-at-once merge bit for bit."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -59,6 +61,22 @@ def assert_same_bits(got, expected):
             assert torch.equal(got[name], tensor), name
 
 
+def assert_streaming_matches(replicas, base, method, seed, chunk, stream_chunk, window):
+    """The streaming merge (replicas fed through a callable) equals the all-at-once merge, each
+    with its own chunk size."""
+    expected = merge_state_dicts(replicas, method=method, base=base, seed=seed, chunk_numel=chunk)
+    got = merge_state_dicts_streaming(
+        lambda i: replicas[i],
+        num_replicas=len(replicas),
+        method=method,
+        base=base,
+        seed=seed,
+        chunk_numel=stream_chunk,
+        window_bytes=window,
+    )
+    assert_same_bits(got, expected)
+
+
 def skewed(k):
     raw = [1 + (i * 7) % 5 for i in range(k)]
     return [w / sum(raw) for w in raw]
@@ -115,17 +133,7 @@ def test_streaming_equals_all_at_once_property(
         method = WeightedAverage(None if uniform else [0.25 + (i % 3) for i in range(k)])
     else:
         method = ParameterSelection(None if uniform else skewed(k), resample=resample)
-    expected = merge_state_dicts(replicas, method=method, base=base, seed=seed, chunk_numel=chunk)
-    got = merge_state_dicts_streaming(
-        lambda i: replicas[i],
-        num_replicas=k,
-        method=method,
-        base=base,
-        seed=seed,
-        chunk_numel=stream_chunk,
-        window_bytes=window,
-    )
-    assert_same_bits(got, expected)
+    assert_streaming_matches(replicas, base, method, seed, chunk, stream_chunk, window)
 
 
 def test_rules_and_float8_follow_the_all_at_once_merge():
@@ -163,18 +171,8 @@ def test_task_vector_streaming_equals_all_at_once_property(
     base, replicas = make_states(k, dtype, seed=seed % 1000, numel=120)
     method = TASK_VECTOR_METHODS[index]
     if method.weights is not None:
-        method = type(method)(weights=[1 + i % 4 for i in range(k)], combine=method.combine)
-    expected = merge_state_dicts(replicas, method=method, base=base, seed=seed, chunk_numel=chunk)
-    got = merge_state_dicts_streaming(
-        lambda i: replicas[i],
-        num_replicas=k,
-        method=method,
-        base=base,
-        seed=seed,
-        chunk_numel=stream_chunk,
-        window_bytes=window,
-    )
-    assert_same_bits(got, expected)
+        method = replace(method, weights=[1 + i % 4 for i in range(k)])
+    assert_streaming_matches(replicas, base, method, seed, chunk, stream_chunk, window)
 
 
 @pytest.mark.parametrize(
