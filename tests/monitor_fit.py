@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from distributed_fit import trainer as distributed_trainer
 from ensemble_support import Net, make_data
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_selmerge import DataOrderEnsemble, PositionLossMonitor, SelectionMergeCallback
+from lightning_selmerge import PositionLossMonitor, SelectionMergeCallback
 
 
 class LossNet(Net):
@@ -46,19 +46,7 @@ def run(
         callbacks.append(
             ModelCheckpoint(out / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
         )
-    trainer = Trainer(
-        strategy=DataOrderEnsemble(num_replicas=k, seed=3, shard_size=shard),
-        accelerator="cpu",
-        devices=devices,
-        max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        callbacks=callbacks,
-        enable_checkpointing=out is not None,
-    )
+    trainer = distributed_trainer(devices, k, shard, callbacks, offload_dir=None)
     data = make_data(64)
     trainer.fit(LossNet(), torch.utils.data.DataLoader(data, batch_size=batch), ckpt_path=ckpt)
     return {
