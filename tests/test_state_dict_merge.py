@@ -13,6 +13,7 @@ from lightning_selmerge.merging import (
     merge_state_dicts,
     merge_tensor,
 )
+from lightning_selmerge.merging.kernels import KERNELS_ENV
 from lightning_selmerge.merging.methods import ChunkContext
 
 
@@ -212,6 +213,8 @@ def test_a_merge_frees_its_scratch_buffers_when_it_returns(states, method, tmp_p
 
     # earlier tests' direct merge_chunk calls (outside any scope) keep theirs: start afresh
     monkeypatch.setattr(scratch_module, "_BUFFERS", threading.local())
+    # the torch kernels hold the scratch buffers (the fused ones hold none)
+    monkeypatch.setenv(KERNELS_ENV, "torch")
     base, replicas = states
     merge_state_dicts(replicas, base=base, method=method, chunk_numel=64)
     assert held_buffer_bytes() == 0

@@ -9,6 +9,7 @@ import torch
 
 from .errors import MergeError
 from .finite import NonFinite, all_finite, check_finite, find_nonfinite
+from .kernels.dispatch import fused_merge_chunk
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor, tie_groups
@@ -77,25 +78,35 @@ def iter_merged_chunks(
     for begin in range(0, numel, chunk_numel):
         end = min(begin + chunk_numel, numel)
         parts = [f[begin:end] for f in flat]
-        if labels is not None and not method.propagates_nonfinite:
-            check_finite(name, parts, labels, offset + begin, indices)
         if flat_out is not None:
             target = flat_out[begin:end]
         else:
             target = buffer[: end - begin] if buffer is not None else None
-        merged = method.merge_chunk(
-            ChunkContext(rng, name, offset + begin, prepared),
-            parts,
-            flat_base[begin:end] if flat_base is not None else None,
-            target,
-        )
+        ctx = ChunkContext(rng, name, offset + begin, prepared)
+        base_part = flat_base[begin:end] if flat_base is not None else None
+        fused = torch.empty_like(parts[0]) if target is None else target
+        finite = fused_merge_chunk(method, ctx, parts, base_part, fused)
+        if finite is not None:  # one fused pass merged the chunk and looked for NaN/Inf
+            merged = fused
+            if labels is not None and not finite:
+                check_finite(name, parts, labels, offset + begin, indices)
+                _overflowed(name, method, merged, offset + begin)
+            yield merged
+            continue
+        if labels is not None and not method.propagates_nonfinite:
+            check_finite(name, parts, labels, offset + begin, indices)
+        merged = method.merge_chunk(ctx, parts, base_part, target)
         if labels is not None and method.propagates_nonfinite and not all_finite(merged):
             check_finite(name, parts, labels, offset + begin, indices)
-            raise MergeError(
-                f"tensor {name!r}: {method} of finite replicas overflowed {merged.dtype} near "
-                f"flat index {offset + begin}: cast the replicas to float64 before merging"
-            )
+            _overflowed(name, method, merged, offset + begin)
         yield merged
+
+
+def _overflowed(name: str, method: MergeMethod, merged: torch.Tensor, near: int) -> None:
+    raise MergeError(
+        f"tensor {name!r}: {method} of finite replicas overflowed {merged.dtype} near "
+        f"flat index {near}: cast the replicas to float64 before merging"
+    )
 
 
 def _flat_output(name: str, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,17 @@
+"""Fused merge kernels: one pass over the replicas per chunk, bit-identical to the torch kernels.
+
+Optional: numba (CPU) compiles them at first use; without it every chunk takes the torch kernels
+of :mod:`..methods`, which stay the reference. See :mod:`.dispatch` for the choice.
+"""
+
+from .dispatch import KERNELS_ENV, fused_merge_chunk, kernel_setting, use_kernels
+from .draws import NONFINITE_MASKS, DrawSpec
+
+__all__ = [
+    "KERNELS_ENV",
+    "NONFINITE_MASKS",
+    "DrawSpec",
+    "fused_merge_chunk",
+    "kernel_setting",
+    "use_kernels",
+]

@@ -1,0 +1,128 @@
+"""Which chunks a fused kernel merges, and with which backend.
+
+The torch kernels (:meth:`MergeMethod.merge_chunk`) are the reference and the fallback. A fused
+kernel takes a chunk when one covers its method, dtype and device and its backend is installed:
+numba on CPUs (``pip install numba``). ``SELMERGE_KERNELS`` (or :func:`use_kernels`) chooses:
+``auto`` (the default: fused where installed), ``torch`` (never fused) or ``fused`` (fused
+where a kernel covers the chunk, and an error when its backend is not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib.util import find_spec
+from types import ModuleType
+
+import torch
+
+from ..errors import MergeError
+from ..methods.average import WeightedAverage
+from ..methods.base import ChunkContext, MergeMethod
+from ..methods.selection import ParameterSelection
+from ..methods.selection_kernel import bit_view
+from .draws import NONFINITE_MASKS, DrawSpec
+
+__all__ = ["KERNELS_ENV", "fused_merge_chunk", "kernel_setting", "use_kernels"]
+
+#: The environment variable that chooses the kernels: ``auto``, ``torch`` or ``fused``.
+KERNELS_ENV = "SELMERGE_KERNELS"
+_SETTINGS = ("auto", "torch", "fused")
+_override: list[str] = []
+
+#: Per device type: the backend's module and the package it needs.
+_BACKENDS = {"cpu": ("numba_cpu", "numba")}
+_MEAN_DTYPES = {"cpu": (torch.bfloat16, torch.float32)}
+
+
+def kernel_setting() -> str:
+    """``auto``, ``torch`` or ``fused``: from :func:`use_kernels`, else ``SELMERGE_KERNELS``."""
+    setting = _override[-1] if _override else os.environ.get(KERNELS_ENV, "auto").lower()
+    if setting not in _SETTINGS:
+        raise MergeError(
+            f"{KERNELS_ENV}={setting!r} is not a kernel setting: use one of {', '.join(_SETTINGS)}"
+        )
+    return setting
+
+
+@contextmanager
+def use_kernels(setting: str) -> Iterator[None]:
+    """Merge with ``setting`` (``auto``, ``torch`` or ``fused``) inside the block.
+
+    Example:
+        >>> with use_kernels("torch"):
+        ...     kernel_setting()
+        'torch'
+    """
+    if setting not in _SETTINGS:
+        raise MergeError(f"kernel setting {setting!r}: use one of {', '.join(_SETTINGS)}")
+    _override.append(setting)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _backend(device_type: str, setting: str) -> ModuleType | None:
+    module_name, package = _BACKENDS.get(device_type, (None, None))
+    if module_name is None:
+        return None
+    if find_spec(package) is None:
+        if setting == "fused":
+            raise MergeError(
+                f"{KERNELS_ENV}=fused, but the fused {device_type} kernels need {package}, "
+                f"which is not installed: pip install {package} (or unset {KERNELS_ENV})"
+            )
+        return None
+    full_name = f"{__package__}.{module_name}"
+    module = sys.modules.get(full_name)
+    if module is None:
+        from importlib import import_module
+
+        module = import_module(full_name)
+    return module
+
+
+def _covered(method: MergeMethod, sample: torch.Tensor) -> bool:
+    if type(method) is ParameterSelection:  # float8 has no NaN/Inf bit mask to check
+        return sample.dtype in NONFINITE_MASKS
+    if type(method) is WeightedAverage and method.weights is None:
+        return sample.dtype in _MEAN_DTYPES.get(sample.device.type, ())
+    return False
+
+
+def fused_merge_chunk(
+    method: MergeMethod,
+    ctx: ChunkContext,
+    replicas: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    out: torch.Tensor,
+) -> bool | None:
+    """Merge the chunk into ``out`` with a fused kernel; ``None`` when none covers it (nothing
+    written), else whether the chunk is finite where ``method``'s rule looks: the output for a
+    method that :attr:`~MergeMethod.propagates_nonfinite`, else every input element.
+
+    The chunks are contiguous 1-D tensors of one dtype on one device; the bits written are
+    those of ``method.merge_chunk``.
+    """
+    setting = kernel_setting()
+    first = replicas[0]
+    if setting == "torch" or not _covered(method, first) or sys.byteorder != "little":
+        return None
+    if getattr(method, "resample", 0) > 0 and base is None:
+        return None  # the torch kernel names what is missing
+    if not all(t.is_contiguous() for t in (*replicas, out)):
+        return None
+    backend = _backend(first.device.type, setting)
+    if backend is None:
+        return None
+    if isinstance(method, WeightedAverage):
+        return backend.mean_chunk(list(replicas), out)
+    spec = DrawSpec.of(method, ctx, len(replicas))
+    base_bits = bit_view(base) if method.resample > 0 else None
+    mask = NONFINITE_MASKS[first.dtype]
+    return backend.select_chunk(
+        spec, [bit_view(r) for r in replicas], base_bits, bit_view(out), mask
+    )

@@ -1,0 +1,236 @@
+"""Fused CPU kernels compiled by numba: one pass over the replicas per block of elements.
+
+Each kernel walks the chunk in blocks of :data:`BLOCK` elements, split over numba's threads. A
+block's hash words, draws and moved masks live in block-sized arrays that stay in the core's
+cache, and every loop over a block is a plain loop over arrays that LLVM vectorises, so each
+replica's block is read from memory once. What they compute is the torch kernels' bits:
+selection copies bit patterns; the mean adds the float32-widened replicas in order into a zeroed
+float32 sum, divides it by ``K`` and rounds to bfloat16 to nearest even, as ``acc.add_`` /
+``div_`` / ``copy_`` do. Importing this module needs numba; :mod:`.dispatch` imports it only
+when numba is installed.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from numba.typed import List
+
+from .draws import DrawSpec
+
+__all__ = ["BLOCK", "mean_chunk", "select_chunk"]
+
+#: Elements per block: a block's draws, choices and moved masks (13 bytes per element) and a
+#: block of each replica stay in a core's L2 cache.
+BLOCK = 4096
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@njit(inline="always", **_JIT)
+def _hash_words(first_word, count, key):  # pragma: no cover - compiled
+    """SplitMix64 of words ``first_word .. first_word + count`` under ``key``, as uint64."""
+    words = np.empty(count, np.uint64)
+    ukey = np.uint64(key)
+    for w in range(count):
+        x = np.uint64(first_word + w) * _GOLDEN + ukey
+        x ^= x >> np.uint64(30)
+        x *= _MUL1
+        x ^= x >> np.uint64(27)
+        x *= _MUL2
+        x ^= x >> np.uint64(31)
+        words[w] = x
+    return words
+
+
+@njit(inline="always", **_JIT)
+def _block_lanes(key, first, count, lane_bits):  # pragma: no cover - compiled
+    """The ``lane_bits``-bit lanes (uint8 or uint16 view) of elements ``first .. first+count``."""
+    per_word = 64 // lane_bits
+    first_word = first // per_word
+    words = _hash_words(first_word, (first + count - 1) // per_word - first_word + 1, key)
+    skip = first - first_word * per_word
+    if lane_bits == 8:
+        return words.view(np.uint8)[skip : skip + count].astype(np.uint16)
+    return words.view(np.uint16)[skip : skip + count]
+
+
+@njit(parallel=True, **_JIT)
+def _select(
+    replicas, base, out, keys, start, candidates, lane_bits, bits, thresholds, nonfinite
+):  # pragma: no cover - compiled
+    """Selection (``candidates - 1`` resamples) into ``out``; whether no input was NaN/Inf."""
+    n = out.shape[0]
+    num_replicas = len(replicas)
+    mask = nonfinite[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    bad = np.zeros(blocks, np.uint8)
+    for block in prange(blocks):
+        lo = block * BLOCK
+        hi = min(n, lo + BLOCK)
+        m = hi - lo
+        # each element's candidates, first to last
+        chosen = np.empty((candidates, m), np.uint8)
+        if thresholds.shape[0] == 0:
+            lanes = _block_lanes(keys[0], start + lo, m, lane_bits)
+            group = np.uint16(num_replicas - 1)
+            for j in range(candidates):
+                shift = np.uint16(lane_bits - (j + 1) * bits)
+                for i in range(m):
+                    chosen[j, i] = (lanes[i] >> shift) & group
+        else:
+            for j in range(candidates):
+                uniforms = _block_lanes(keys[j], start + lo, m, 16)
+                for i in range(m):
+                    count = np.uint8(0)
+                    for t in range(thresholds.shape[0]):
+                        count += np.uint8(np.int32(uniforms[i]) >= thresholds[t])
+                    chosen[j, i] = count
+        if candidates == 1:
+            choice = chosen[0]
+        else:
+            moved = np.zeros(m, np.uint64)
+            origin = base[lo:hi]
+            for k in range(num_replicas):
+                replica = replicas[k][lo:hi]
+                flag = np.uint64(1) << np.uint64(k)
+                for i in range(m):
+                    moved[i] |= flag if replica[i] != origin[i] else np.uint64(0)
+            # the first candidate that moved; num_replicas (the base) when none did
+            choice = np.full(m, np.uint8(num_replicas))
+            for j in range(candidates - 1, -1, -1):
+                for i in range(m):  # loads outside the condition, so that LLVM vectorises
+                    option = chosen[j, i]
+                    kept = choice[i]
+                    choice[i] = option if (moved[i] >> np.uint64(option)) & np.uint64(1) else kept
+        target = out[lo:hi]
+        target[:] = base[lo:hi] if candidates > 1 else replicas[0][lo:hi]
+        found = False
+        for k in range(num_replicas):
+            replica = replicas[k][lo:hi]
+            index = np.uint8(k)
+            for i in range(m):
+                value, kept = replica[i], target[i]
+                target[i] = value if choice[i] == index else kept
+            if mask != 0:
+                for i in range(m):
+                    found |= (replica[i] & mask) == mask
+        bad[block] = found
+    return not bad.any()
+
+
+@njit(parallel=True, **_JIT)
+def _mean_bfloat16(replicas, out, divisor):  # pragma: no cover - compiled
+    """The mean of bfloat16 replicas (int16 bit views) into ``out``; whether it is finite."""
+    n = out.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    bad = np.zeros(blocks, np.uint8)
+    for block in prange(blocks):
+        lo = block * BLOCK
+        hi = min(n, lo + BLOCK)
+        m = hi - lo
+        total = np.zeros(m, np.float32)
+        wide = np.empty(m, np.uint32)
+        values = wide.view(np.float32)
+        for k in range(len(replicas)):
+            replica = replicas[k][lo:hi]
+            for i in range(m):
+                wide[i] = np.uint32(np.uint16(replica[i])) << np.uint32(16)
+            for i in range(m):
+                total[i] += values[i]
+        for i in range(m):
+            total[i] /= divisor
+        word = total.view(np.uint32)
+        target = out[lo:hi]
+        found = False
+        for i in range(m):
+            x = word[i]
+            rounded = np.uint16(
+                (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> 16
+            )
+            nan = (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            target[i] = np.int16(np.uint16(0xFFFF) if nan else rounded)
+            found |= (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)
+        bad[block] = found
+    return not bad.any()
+
+
+@njit(parallel=True, **_JIT)
+def _mean_float32(replicas, out, divisor):  # pragma: no cover - compiled
+    """The mean of float32 replicas into ``out``; whether it is finite."""
+    n = out.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    bad = np.zeros(blocks, np.uint8)
+    for block in prange(blocks):
+        lo = block * BLOCK
+        hi = min(n, lo + BLOCK)
+        m = hi - lo
+        total = np.zeros(m, np.float32)
+        for k in range(len(replicas)):
+            replica = replicas[k][lo:hi]
+            for i in range(m):
+                total[i] += replica[i]
+        target = out[lo:hi]
+        found = False
+        for i in range(m):
+            value = total[i] / divisor
+            target[i] = value
+            found |= not np.isfinite(value)
+        bad[block] = found
+    return not bad.any()
+
+
+def _arrays(tensors) -> List:
+    arrays = List()
+    for tensor in tensors:
+        arrays.append(tensor.numpy())
+    return arrays
+
+
+def _use_torch_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def select_chunk(
+    spec: DrawSpec,
+    replica_bits: list[torch.Tensor],
+    base_bits: torch.Tensor | None,
+    out_bits: torch.Tensor,
+    nonfinite_mask: int,
+) -> bool:
+    """Selection of contiguous 1-D integer bit views into ``out_bits``; ``False`` when an input
+    element has all of ``nonfinite_mask``'s bits set (0: no check)."""
+    _use_torch_threads()
+    dtype = out_bits.numpy().dtype
+    base = base_bits.numpy() if base_bits is not None else np.empty(0, dtype)
+    thresholds = np.asarray(spec.thresholds or (), dtype=np.int32)
+    return bool(
+        _select(
+            _arrays(replica_bits),
+            base,
+            out_bits.numpy(),
+            np.asarray(spec.keys, dtype=np.int64),
+            spec.start,
+            spec.candidates,
+            spec.lane_bits,
+            spec.bits,
+            thresholds,
+            np.asarray([nonfinite_mask], dtype=dtype),
+        )
+    )
+
+
+def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """The plain mean of contiguous 1-D bfloat16 or float32 tensors into ``out``; whether every
+    output element is finite."""
+    _use_torch_threads()
+    divisor = np.float32(len(replicas))
+    if out.dtype == torch.bfloat16:
+        views = [r.view(torch.int16) for r in replicas]
+        return bool(_mean_bfloat16(_arrays(views), out.view(torch.int16).numpy(), divisor))
+    return bool(_mean_float32(_arrays(replicas), out.numpy(), divisor))
