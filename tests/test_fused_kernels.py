@@ -1,0 +1,274 @@
+"""The fused CPU kernels (numba) give the torch kernels' bits, and the dispatch picks them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_selmerge.merging import (
+    KeyedRandom,
+    MergeError,
+    NonFiniteError,
+    ParameterSelection,
+    WeightedAverage,
+    merge_checkpoints,
+    merge_state_dicts,
+)
+from lightning_selmerge.merging.kernels import (
+    KERNELS_ENV,
+    DrawSpec,
+    dispatch,
+    fused_merge_chunk,
+    kernel_setting,
+    numba_cpu,
+    use_kernels,
+)
+from lightning_selmerge.merging.methods.base import ChunkContext
+from lightning_selmerge.merging.methods.selection_kernel import bit_view
+
+SELECTION_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _replicas(num_replicas, numel, dtype, moved_share, seed):
+    """Replicas that leave ``1 - moved_share`` of their elements at the base's bits."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=generator).to(dtype)
+    replicas = []
+    for _ in range(num_replicas):
+        replica = base.clone()
+        moved = torch.rand(numel, generator=generator) < moved_share
+        replica[moved] = torch.randn(int(moved.sum()), generator=generator).to(dtype)
+        replicas.append(replica)
+    return replicas, base
+
+
+def _fused(method, ctx, replicas, base):
+    out = torch.empty_like(replicas[0])
+    finite = fused_merge_chunk(method, ctx, replicas, base, out)
+    assert finite is not None, "no fused kernel took the chunk"
+    return out, finite
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_replicas=st.integers(2, 20),
+    resample=st.integers(0, 4),
+    dtype=st.sampled_from(SELECTION_DTYPES),
+    numel=st.integers(1, 3 * numba_cpu.BLOCK + 5),
+    start=st.integers(0, 10**9),
+    moved_share=st.sampled_from([0.0, 0.3, 1.0]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_selection_copies_the_torch_kernels_bits(
+    num_replicas, resample, dtype, numel, start, moved_share, weighted, seed
+):
+    probabilities = None
+    if weighted:
+        raw = torch.rand(num_replicas, generator=torch.Generator().manual_seed(seed)) + 0.05
+        probabilities = (raw / raw.sum()).tolist()
+        probabilities[-1] = 1.0 - sum(probabilities[:-1])
+    method = ParameterSelection(probabilities=probabilities, resample=resample)
+    replicas, base = _replicas(num_replicas, numel, dtype, moved_share, seed)
+    ctx = ChunkContext(KeyedRandom(seed), "layer.weight", start)
+    expected = method.merge_chunk(ctx, replicas, base)
+    merged, finite = _fused(method, ctx, replicas, base)
+    assert finite
+    assert torch.equal(bit_view(merged), bit_view(expected))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_replicas=st.integers(1, 20),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    numel=st.integers(1, 2 * numba_cpu.BLOCK + 3),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_mean_rounds_like_the_torch_kernel(num_replicas, dtype, numel, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    replicas = [
+        (torch.randn(numel, generator=generator) * scale).to(dtype) for _ in range(num_replicas)
+    ]
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    expected = WeightedAverage().merge_chunk(ctx, replicas, None)
+    merged, finite = _fused(WeightedAverage(), ctx, replicas, None)
+    assert finite
+    assert torch.equal(bit_view(merged), bit_view(expected))
+
+
+def test_fused_selection_matches_the_plain_reference():
+    replicas, base = _replicas(5, 700, torch.bfloat16, 0.4, seed=1)
+    for method in (ParameterSelection(), ParameterSelection(resample=2)):
+        ctx = ChunkContext(KeyedRandom(7), "w", 0)
+        merged, _ = _fused(method, ctx, replicas, base)
+        reference = method.reference("w", replicas, base, KeyedRandom(7))
+        assert torch.equal(bit_view(merged), bit_view(reference))
+
+
+@pytest.mark.parametrize("dtype", SELECTION_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_fused_selection_sees_a_nonfinite_input_it_did_not_select(dtype, bad):
+    replicas, base = _replicas(4, 3 * numba_cpu.BLOCK, dtype, 1.0, seed=2)
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    method = ParameterSelection()
+    merged, _ = _fused(method, ctx, replicas, base)
+    loser = next(i for i in range(merged.numel()) if not torch.equal(merged[i], replicas[3][i]))
+    replicas[3][loser] = bad
+    _, finite = _fused(method, ctx, replicas, base)
+    assert not finite
+
+
+def test_fused_mean_flags_an_output_that_rounds_to_infinity():
+    big = torch.finfo(torch.float32).max
+    replicas = [torch.full((10,), big), torch.full((10,), big)]
+    _, finite = _fused(WeightedAverage(), ChunkContext(KeyedRandom(0), "w", 0), replicas, None)
+    assert not finite
+
+
+def _states(num_replicas=4, dtype=torch.bfloat16):
+    generator = torch.Generator().manual_seed(3)
+    base = {
+        "embed.weight": torch.randn(37, 129, generator=generator).to(dtype),
+        "norm.weight": torch.randn(129, generator=generator).to(dtype),
+        "step": torch.tensor(5),
+    }
+    replicas = []
+    for _ in range(num_replicas):
+        state = {}
+        for name, tensor in base.items():
+            if not tensor.is_floating_point():
+                state[name] = tensor.clone()
+                continue
+            noise = torch.randn(tensor.shape, generator=generator).to(dtype)
+            state[name] = torch.where(
+                torch.rand(tensor.shape, generator=generator) < 0.5, noise, tensor
+            )
+        replicas.append(state)
+    return base, replicas
+
+
+@pytest.mark.parametrize(
+    "method",
+    [ParameterSelection(), ParameterSelection(resample=3), WeightedAverage()],
+    ids=["selection", "resample3", "mean"],
+)
+@pytest.mark.parametrize("chunk_numel", [64, 1000, 1 << 20])
+def test_the_merge_drivers_give_the_same_bits_either_way(method, chunk_numel, tmp_path):
+    from safetensors.torch import save_file
+
+    base, replicas = _states(num_replicas=5)
+    merged = {}
+    for setting in ("torch", "fused"):
+        with use_kernels(setting):
+            merged[setting] = merge_state_dicts(
+                replicas, base=base, method=method, seed=4, chunk_numel=chunk_numel
+            )
+    for name in base:
+        assert torch.equal(merged["torch"][name], merged["fused"][name]), name
+    paths = []
+    for k, state in enumerate([base, *replicas]):
+        paths.append(tmp_path / f"{k}.safetensors")
+        save_file(state, paths[-1])
+    for setting in ("torch", "fused"):
+        with use_kernels(setting):
+            merge_checkpoints(
+                paths[1:],
+                tmp_path / setting,
+                base=paths[0],
+                method=method,
+                seed=4,
+                chunk_numel=chunk_numel,
+            )
+    from safetensors.torch import load_file
+
+    torch_files = sorted((tmp_path / "torch").glob("*.safetensors"))
+    assert torch_files
+    for path in torch_files:
+        expected, fused = load_file(path), load_file(tmp_path / "fused" / path.name)
+        assert expected.keys() == fused.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(tensor, fused[name]), name
+
+
+@pytest.mark.parametrize("method", [ParameterSelection(resample=1), WeightedAverage()])
+def test_a_fused_merge_names_the_replica_that_holds_nan(method):
+    base, replicas = _states()
+    replicas[2]["norm.weight"][17] = float("nan")
+    with use_kernels("fused"), pytest.raises(NonFiniteError, match="replica 2"):
+        merge_state_dicts(replicas, base=base, method=method)
+    with use_kernels("fused"):
+        dropped = merge_state_dicts(replicas, base=base, method=method, nonfinite="drop")
+    with use_kernels("torch"):
+        expected = merge_state_dicts(replicas, base=base, method=method, nonfinite="drop")
+    for name in base:
+        assert torch.equal(dropped[name], expected[name])
+
+
+def test_a_fused_mean_that_overflows_says_so_like_the_torch_kernel():
+    big = torch.finfo(torch.float32).max
+    replicas = [{"w": torch.full((8,), big)} for _ in range(2)]
+    for setting in ("torch", "fused"):
+        with use_kernels(setting), pytest.raises(MergeError, match="overflowed torch.float32"):
+            merge_state_dicts(replicas, method=WeightedAverage())
+
+
+def test_chunks_no_fused_kernel_covers_take_the_torch_kernels():
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    tensors = [torch.randn(10) for _ in range(3)]
+    weighted = WeightedAverage(weights=[1.0, 2.0, 3.0])  # addcmul_ may fuse; kept on torch
+    assert fused_merge_chunk(weighted, ctx, tensors, None, torch.empty(10)) is None
+    halves = [t.half() for t in tensors]  # no float16 mean kernel on CPU
+    assert fused_merge_chunk(WeightedAverage(), ctx, halves, None, torch.empty(10).half()) is None
+    eights = [t.to(torch.float8_e4m3fn) for t in tensors]  # no NaN/Inf bit mask
+    out = torch.empty(10, dtype=torch.float8_e4m3fn)
+    assert fused_merge_chunk(ParameterSelection(), ctx, eights, None, out) is None
+    with use_kernels("torch"):
+        assert fused_merge_chunk(ParameterSelection(), ctx, tensors, None, torch.empty(10)) is None
+
+
+def test_the_kernel_setting_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "Torch")
+    assert kernel_setting() == "torch"
+    with use_kernels("fused"):
+        assert kernel_setting() == "fused"
+    monkeypatch.setenv(KERNELS_ENV, "fast")
+    with pytest.raises(MergeError, match="SELMERGE_KERNELS='fast'.*auto, torch, fused"):
+        kernel_setting()
+    with pytest.raises(MergeError, match="auto, torch, fused"):
+        use_kernels("numba").__enter__()
+
+
+def test_fused_without_numba_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(dispatch, "find_spec", lambda name: None if name == "numba" else real(name))
+    tensors = [torch.randn(10) for _ in range(2)]
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    with use_kernels("auto"):  # quietly the torch kernels
+        assert fused_merge_chunk(ParameterSelection(), ctx, tensors, None, torch.empty(10)) is None
+    with use_kernels("fused"), pytest.raises(MergeError, match="pip install numba"):
+        fused_merge_chunk(ParameterSelection(), ctx, tensors, None, torch.empty(10))
+
+
+def test_the_fused_kernels_use_torchs_thread_count():
+    import numba
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        replicas, base = _replicas(3, 100, torch.float32, 0.5, seed=0)
+        _fused(ParameterSelection(), ChunkContext(KeyedRandom(0), "w", 0), replicas, base)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_draw_spec_names_one_key_per_candidate_when_draws_are_not_shared():
+    ctx = ChunkContext(KeyedRandom(0), "w", 3)
+    spec = DrawSpec.of(ParameterSelection(resample=2), ctx, num_replicas=20)
+    assert spec.keys == tuple(ctx.rng.key("w", j) for j in range(3))
+    assert spec.thresholds == tuple(ParameterSelection().thresholds(20))
