@@ -81,6 +81,11 @@ STREAMING = {  # the streaming merge (one replica open at a time) of the same me
     "streaming selection": SELECTION,
     "streaming resample(4)": RESAMPLE,
 }
+TORCH_KERNELS = {  # with --kernels both: the same merge on the torch kernels (the reference)
+    "average [torch]": AVERAGE,
+    "selection [torch]": SELECTION,
+    "resample(4) [torch]": RESAMPLE,
+}
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -295,7 +300,12 @@ def child_main(spec_path: str) -> None:
     started = time.perf_counter()
     import torch
 
-    from lightning_selmerge.merging import ParameterSelection, WeightedAverage, merge_checkpoints
+    from lightning_selmerge.merging import (
+        ParameterSelection,
+        WeightedAverage,
+        merge_checkpoints,
+        merge_state_dicts,
+    )
     from lightning_selmerge.merging.safetensors_io import CheckpointReader
     from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
@@ -327,8 +337,13 @@ def child_main(spec_path: str) -> None:
             AVERAGE: WeightedAverage(),
             SELECTION: ParameterSelection(),
             RESAMPLE: ParameterSelection(resample=4),
-        }[STREAMING.get(task, task)]
+        }[STREAMING.get(task, TORCH_KERNELS.get(task, task))]
         merge = merge_checkpoints_streaming if task in STREAMING else merge_checkpoints
+        # A long-lived process loads the fused kernels once (numba's cache, its thread pool):
+        # that one-time cost counts with the imports, not with the merge.
+        tiny = [{"w": torch.zeros(8, dtype=torch.bfloat16)} for _ in range(2)]
+        merge_state_dicts(tiny, method=method, base=tiny[0] if method.needs_base else None)
+        imported = time.perf_counter()
         began = time.perf_counter()
         merge(
             spec["replicas"],
@@ -483,6 +498,7 @@ def run_method(
     repeat: int,
     flush: bool,
     mergekit_bin: Path | None,
+    kernels: str = "auto",
 ) -> tuple[Run, Path | None]:
     """One timed run of one method; return the run and its output directory."""
     out = workdir / "out" / f"{re.sub(r'[^a-z0-9]+', '-', task)}"
@@ -506,6 +522,10 @@ def run_method(
             cmd = [str(mergekit_bin), *args]
     else:
         env = _our_env()
+        if task in TORCH_KERNELS:
+            env["SELMERGE_KERNELS"] = "torch"
+        elif kernels != "auto":
+            env["SELMERGE_KERNELS"] = "fused" if kernels == "both" else kernels
         spec = {
             "task": task,
             "replicas": [str(p) for p in inputs.replicas],
@@ -645,6 +665,15 @@ def report(
             f"{name} / average: {ratios[key]:.2f} (target {target}) "
             f"[median of per-round ratios: {ratios[key + '_round_median']:.2f}]"
         )
+    for name, fused in TORCH_KERNELS.items():
+        if name in results:
+            key = f"{fused.replace('+', '_')}_fused_speedup"
+            ratios[key] = results[name].best_merge_s / results[fused].best_merge_s
+            ratios[key + "_round_median"] = _round_median(results[name], results[fused])
+            lines.append(
+                f"{fused}: fused kernels {ratios[key]:.2f}x faster than the torch kernels "
+                f"[median of per-round ratios: {ratios[key + '_round_median']:.2f}x]"
+            )
     for name, counterpart in STREAMING.items():
         if name in results:
             key = f"{name.replace(' ', '_')}_over_all_at_once"
@@ -689,6 +718,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--streaming",
         action="store_true",
         help="also time the streaming merge (merge_checkpoints_streaming) of each method",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "fused", "both"],
+        default="auto",
+        help="merge kernels (SELMERGE_KERNELS); 'both' also times each method on the torch "
+        "kernels and checks that the two give the same bits",
     )
     parser.add_argument("--mergekit-bin", help="path of mergekit-pytorch (default: auto-detect)")
     parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit baseline")
@@ -743,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
             methods.insert(3, MERGEKIT)
         if args.streaming:
             methods += list(STREAMING)
+        if args.kernels == "both":
+            methods += list(TORCH_KERNELS)
         results = {
             m: MethodResult(
                 m,
@@ -755,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for method in methods:
                 run, out = run_method(
-                    method, inputs, workdir, repeat, not args.no_flush, mergekit_bin
+                    method, inputs, workdir, repeat, not args.no_flush, mergekit_bin, args.kernels
                 )
                 results[method].runs.append(run)
                 outputs[method] = out
@@ -766,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 # Keep only the outputs compared below; free disk and page cache otherwise.
-                if out is not None and method not in (AVERAGE, MERGEKIT):
+                compared = (AVERAGE, MERGEKIT, *TORCH_KERNELS.values(), *TORCH_KERNELS)
+                if out is not None and (method not in compared or repeat < args.repeats - 1):
                     shutil.rmtree(out, ignore_errors=True)
 
         identical = None
@@ -778,6 +817,22 @@ def main(argv: list[str] | None = None) -> int:
                 {"task": "compare", "ours": str(ours), "theirs": str(theirs)}, workdir
             )["problems"]
             identical = not problems
+        for torch_run, fused_run in TORCH_KERNELS.items():
+            if torch_run in outputs:
+                mismatches = run_helper(
+                    {
+                        "task": "compare",
+                        "ours": str(outputs[fused_run]),
+                        "theirs": str(outputs[torch_run]),
+                    },
+                    workdir,
+                )["problems"]
+                print(
+                    f"{fused_run}: fused and torch kernels bit-identical: "
+                    + ("yes" if not mismatches else f"NO ({len(mismatches)} tensors differ)"),
+                    flush=True,
+                )
+                problems += [f"{fused_run} fused vs torch: {m}" for m in mismatches]
 
         table, summary = report(results, inputs, identical)
         print()
@@ -785,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print("\n" + "!" * 78, file=sys.stderr)
             print(
-                "MISMATCH: our WeightedAverage() output is NOT bit-identical to mergekit linear:",
+                "MISMATCH: outputs that must be bit-identical differ:",
                 file=sys.stderr,
             )
             for line in problems[:20]:
