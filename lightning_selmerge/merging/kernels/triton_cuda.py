@@ -41,13 +41,29 @@ _NUM_WARPS = 4
 _MEAN_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
+def _jit(*runtime_ints: str):
+    """``triton.jit``, compiling once for any values of ``runtime_ints`` (Triton would compile
+    again for a value of 1 or a multiple of 16: chunk sizes and offsets vary)."""
+
+    def wrap(fn):
+        return triton.jit(fn, do_not_specialize=runtime_ints) if triton is not None else fn
+
+    return wrap
 
 
-@_jit
-def _candidate(table, key_at, j, element, num_replicas, bits, thr_at, num_thresholds,
-               SHARED: tl.constexpr, LANE_BITS: tl.constexpr):  # fmt: skip
+@_jit()
+def _candidate(
+    table,
+    key_at,
+    j,
+    element,
+    num_replicas,
+    bits,
+    thr_at,
+    num_thresholds,
+    SHARED: tl.constexpr,
+    LANE_BITS: tl.constexpr,
+):
     """Candidate ``j`` (a replica index, int32) of each element (int64 flat offsets)."""
     PER_WORD: tl.constexpr = 64 // LANE_BITS
     if SHARED:
@@ -70,11 +86,23 @@ def _candidate(table, key_at, j, element, num_replicas, bits, thr_at, num_thresh
     return count
 
 
-@_jit
-def _select_kernel(table, out, flags, numel, start, num_replicas, candidates, bits,
-                   num_thresholds, SHARED: tl.constexpr, LANE_BITS: tl.constexpr,
-                   RESAMPLE: tl.constexpr, MASK: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+@_jit("numel", "start", "num_replicas", "candidates", "bits", "num_thresholds")
+def _select_kernel(
+    table,
+    out,
+    flags,
+    numel,
+    start,
+    num_replicas,
+    candidates,
+    bits,
+    num_thresholds,
+    SHARED: tl.constexpr,
+    LANE_BITS: tl.constexpr,
+    RESAMPLE: tl.constexpr,
+    MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Selection of one block into ``out`` (an integer bit view); its NaN/Inf flag to flags."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -90,8 +118,9 @@ def _select_kernel(table, out, flags, numel, start, num_replicas, candidates, bi
         thr_at = key_at + 1
     bad = tl.zeros([BLOCK], tl.int1)
     if RESAMPLE:
-        origin = tl.load(tl.load(table + num_replicas).to(tl.pointer_type(bits_ty)) + offs,
-                         mask=inside)  # fmt: skip
+        origin = tl.load(
+            tl.load(table + num_replicas).to(tl.pointer_type(bits_ty)) + offs, mask=inside
+        )
         moved = tl.zeros([BLOCK], tl.uint64)
         for k in range(num_replicas):
             replica = tl.load(table + k).to(tl.pointer_type(bits_ty))
@@ -102,15 +131,26 @@ def _select_kernel(table, out, flags, numel, start, num_replicas, candidates, bi
         # the first candidate that moved; num_replicas (the base) when none did
         choice = tl.zeros([BLOCK], tl.int32) + num_replicas
         for j in range(candidates):
-            option = _candidate(table, key_at, j, element, num_replicas, bits, thr_at,
-                                num_thresholds, SHARED, LANE_BITS)  # fmt: skip
+            option = _candidate(
+                table,
+                key_at,
+                j,
+                element,
+                num_replicas,
+                bits,
+                thr_at,
+                num_thresholds,
+                SHARED,
+                LANE_BITS,
+            )
             hit = ((moved >> option.to(tl.uint64)) & 1) != 0
             choice = tl.where(hit & (choice == num_replicas), option, choice)
         source = tl.load(table + choice, mask=inside, other=0).to(tl.pointer_type(bits_ty))
         result = tl.load(source + offs, mask=inside)
     else:
-        choice = _candidate(table, key_at, 0, element, num_replicas, bits, thr_at,
-                            num_thresholds, SHARED, LANE_BITS)  # fmt: skip
+        choice = _candidate(
+            table, key_at, 0, element, num_replicas, bits, thr_at, num_thresholds, SHARED, LANE_BITS
+        )
         result = tl.zeros([BLOCK], bits_ty)
         for k in range(num_replicas):
             replica = tl.load(table + k).to(tl.pointer_type(bits_ty))
@@ -122,9 +162,8 @@ def _select_kernel(table, out, flags, numel, start, num_replicas, candidates, bi
     tl.store(flags + pid, tl.max(bad.to(tl.int32), axis=0))
 
 
-@_jit
-def _mean_kernel(table, out, flags, numel, num_replicas, KIND: tl.constexpr,
-                 BLOCK: tl.constexpr):  # fmt: skip
+@_jit("numel", "num_replicas")
+def _mean_kernel(table, out, flags, numel, num_replicas, KIND: tl.constexpr, BLOCK: tl.constexpr):
     """The mean of one block into ``out`` (int16 bits for bfloat16); its NaN/Inf flag."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
