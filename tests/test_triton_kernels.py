@@ -24,12 +24,24 @@ if sys.platform == "linux" and platform.machine() == "x86_64":
 else:  # pragma: no cover - no triton wheel for this platform
     triton = pytest.importorskip("triton")
 
-from triton_interpret_worker import mean_cases, nonfinite_cases, selection_cases
+from triton_interpret_worker import (
+    _states,
+    mean_cases,
+    nonfinite_cases,
+    run_mean,
+    run_nonfinite,
+    run_selection,
+    selection_cases,
+)
 
 from lightning_selmerge.merging.kernels import dispatch, triton_cuda
 
 TESTS = Path(__file__).parent
 KERNELS_FILE = Path(triton_cuda.__file__)
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="runs the compiled kernels on a CUDA GPU; the interpreted ones run everywhere",
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +216,51 @@ def test_compiled_for_sm90_they_round_like_torchs_cuda_ops(tmp_path, monkeypatch
             },
         )
         assert "shr.u64" in ptx and "mul.lo.s64" in ptx  # SplitMix64: logical shifts, wrapping
+
+
+@needs_gpu
+def test_compiled_on_a_gpu_they_give_the_torch_cuda_kernels_bits():
+    """The interpreter's cases, compiled, on CUDA tensors, against torch's CUDA kernels (NaN
+    outputs aside: a chunk flagged non-finite is never kept, so their bits are not compared)."""
+    failures = {}
+    for name, case in selection_cases().items():
+        result = run_selection(triton_cuda, case, device="cuda")
+        if result["differences"] or not result["finite"]:
+            failures[name] = result
+    for name, case in mean_cases().items():
+        result = run_mean(triton_cuda, case, device="cuda")
+        if result["differences"] or not result["finite"]:
+            failures[name] = result
+    for name, case in nonfinite_cases().items():
+        result = run_nonfinite(triton_cuda, case, device="cuda")
+        if result["finite"] or result["differences"]:
+            failures[name] = result
+    assert not failures, failures
+
+
+@needs_gpu
+def test_on_a_gpu_the_merge_driver_takes_them(monkeypatch):
+    from lightning_selmerge.merging import ParameterSelection, WeightedAverage, merge_state_dicts
+    from lightning_selmerge.merging.kernels import use_kernels
+
+    calls = []
+    for name in ("select_chunk", "mean_chunk"):
+        real = getattr(triton_cuda, name)
+        monkeypatch.setattr(
+            triton_cuda,
+            name,
+            lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args),
+        )
+    base, replicas = _states(torch.bfloat16)
+    base = {n: t.cuda() for n, t in base.items()}
+    replicas = [{n: t.cuda() for n, t in r.items()} for r in replicas]
+    for method in (ParameterSelection(), ParameterSelection(resample=2), WeightedAverage()):
+        kwargs = {"base": base, "method": method, "seed": 3, "chunk_numel": 500}
+        with use_kernels("torch"):
+            expected = merge_state_dicts(replicas, **kwargs)
+        with use_kernels("fused"):
+            merged = merge_state_dicts(replicas, **kwargs)
+        for name in base:
+            assert merged[name].device == replicas[0][name].device
+            assert torch.equal(merged[name].cpu(), expected[name].cpu()), (method, name)
+    assert {"select_chunk", "mean_chunk"} <= set(calls)

@@ -1,6 +1,7 @@
 """``TRITON_INTERPRET=1 python tests/triton_interpret_worker.py``: the fused CUDA kernels
 (:mod:`lightning_selmerge.merging.kernels.triton_cuda`) run by Triton's interpreter on CPU
 tensors, case by case against the torch kernels; prints one JSON line ``{case id: result}``.
+Where a GPU is, tests/test_triton_kernels.py runs the same cases compiled, on CUDA tensors.
 
 A process of its own: Triton reads ``TRITON_INTERPRET`` when it (and the kernels) are imported,
 and a process cannot mix interpreted and compiled Triton. tests/test_triton_kernels.py runs it
@@ -112,7 +113,7 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _replicas(k, numel, dtype, moved_share, seed):
+def _replicas(k, numel, dtype, moved_share, seed, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(numel, generator=generator).to(dtype)
     replicas = []
@@ -120,8 +121,8 @@ def _replicas(k, numel, dtype, moved_share, seed):
         replica = base.clone()
         moved = torch.rand(numel, generator=generator) < moved_share
         replica[moved] = torch.randn(int(moved.sum()), generator=generator).to(dtype)
-        replicas.append(replica)
-    return replicas, base
+        replicas.append(replica.to(device))
+    return replicas, base.to(device)
 
 
 def _probabilities(k, seed):
@@ -149,12 +150,12 @@ def _differences(out, expected) -> int:
     return int((bit_view(out) != bit_view(expected)).sum())
 
 
-def run_selection(kernels, case) -> dict[str, Any]:
+def run_selection(kernels, case, device="cpu") -> dict[str, Any]:
     dtype = _dtype(case["dtype"])
     k = case["k"]
     probabilities = _probabilities(k, case["seed"]) if case["weighted"] else None
     method = ParameterSelection(probabilities=probabilities, resample=case["resample"])
-    replicas, base = _replicas(k, case["numel"], dtype, case["moved"], case["seed"])
+    replicas, base = _replicas(k, case["numel"], dtype, case["moved"], case["seed"], device)
     ctx = ChunkContext(KeyedRandom(case["seed"]), "layers.0.weight", case["start"])
     expected = method.merge_chunk(ctx, replicas, base)
     out, finite = _select(kernels, method, ctx, replicas, base)
@@ -174,10 +175,10 @@ def _spread(numel, dtype, generator):
     return values.to(dtype)
 
 
-def run_mean(kernels, case) -> dict[str, Any]:
+def run_mean(kernels, case, device="cpu") -> dict[str, Any]:
     dtype = _dtype(case["dtype"])
     generator = torch.Generator().manual_seed(case["seed"])
-    replicas = [_spread(case["numel"], dtype, generator) for _ in range(case["k"])]
+    replicas = [_spread(case["numel"], dtype, generator).to(device) for _ in range(case["k"])]
     expected = WeightedAverage().merge_chunk(ChunkContext(KeyedRandom(0), "w", 0), replicas, None)
     out = torch.empty_like(replicas[0])
     finite = kernels.mean_chunk(replicas, out)
@@ -189,9 +190,9 @@ def run_mean(kernels, case) -> dict[str, Any]:
     }
 
 
-def run_nonfinite(kernels, case) -> dict[str, Any]:
+def run_nonfinite(kernels, case, device="cpu") -> dict[str, Any]:
     dtype = _dtype(case["dtype"])
-    replicas, base = _replicas(4, BLOCK + 5, dtype, 0.5, seed=9)
+    replicas, base = _replicas(4, BLOCK + 5, dtype, 0.5, seed=9, device=device)
     ctx = ChunkContext(KeyedRandom(0), "w", 11)
     if case["method"] == "selection":
         method = ParameterSelection(resample=case["resample"])

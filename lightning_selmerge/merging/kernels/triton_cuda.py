@@ -10,8 +10,8 @@ table (with the hash keys and thresholds), and the kernel casts each entry to a 
 
 bfloat16's rounding and both half types' NaN are written out in integer operations, so that
 Triton's interpreter (``TRITON_INTERPRET=1``, which the tests run on CPU tensors) computes the
-bits a GPU does; a NaN mean is stored as ``0x7FFF`` (the canonical NaN of ``cvt.rn``, which
-torch's CUDA ``copy_`` uses on sm_80 and newer).
+bits a GPU does. A NaN mean is stored as ``0x7FFF`` (a chunk flagged non-finite is never kept:
+the merge raises or drops the replica, so no NaN's bits are compared with torch's).
 
 Importing this module without triton works (:mod:`.dispatch` imports it only where triton is
 installed; the doctest collection imports every module); its kernels then do not exist.
