@@ -1,4 +1,4 @@
-"""Fused CUDA kernels compiled by Triton: one launch per chunk, one pass over the replicas.
+"""Fused CUDA kernels compiled by Triton: one launch per chunk, each replica read once.
 
 The same two entry points as :mod:`.numba_cpu`, with the same bits: selection copies bit
 patterns (candidate ``j`` of an element is drawn as :class:`~.draws.DrawSpec` says; the first
@@ -227,7 +227,9 @@ def _launch_guard(tensor: torch.Tensor):
 
 
 def _table(entries: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(list(entries), dtype=torch.int64).to(device, non_blocking=True)
+    """The launch's int64 table on ``device`` (freed after the launch: the caching allocator
+    reuses it only after the kernel, which runs on the same stream)."""
+    return torch.tensor(list(entries), dtype=torch.int64, device=device)
 
 
 def _check_same_place(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
