@@ -1,7 +1,8 @@
 """Fused merge kernels: one pass over the replicas per chunk, bit-identical to the torch kernels.
 
-Optional: numba (CPU) compiles them at first use; without it every chunk takes the torch kernels
-of :mod:`..methods`, which stay the reference. See :mod:`.dispatch` for the choice.
+Optional: numba (CPU) or triton (CUDA) compiles them at first use; without it every chunk takes
+the torch kernels of :mod:`..methods`, which stay the reference. See :mod:`.dispatch` for the
+choice.
 """
 
 from .dispatch import KERNELS_ENV, fused_merge_chunk, kernel_setting, use_kernels

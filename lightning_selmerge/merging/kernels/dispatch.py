@@ -2,9 +2,10 @@
 
 The torch kernels (:meth:`MergeMethod.merge_chunk`) are the reference and the fallback. A fused
 kernel takes a chunk when one covers its method, dtype and device and its backend is installed:
-numba on CPUs (``pip install numba``). ``SELMERGE_KERNELS`` (or :func:`use_kernels`) chooses:
-``auto`` (the default: fused where installed), ``torch`` (never fused) or ``fused`` (fused
-where a kernel covers the chunk, and an error when its backend is not installed).
+numba on CPUs (``pip install numba``), triton on CUDA GPUs (``pip install triton``).
+``SELMERGE_KERNELS`` (or :func:`use_kernels`) chooses: ``auto`` (the default: fused where
+installed), ``torch`` (never fused) or ``fused`` (fused where a kernel covers the chunk, and an
+error when its backend is not installed).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ _SETTINGS = ("auto", "torch", "fused")
 _override: list[str] = []
 
 #: Per device type: the backend's module and the package it needs.
-_BACKENDS = {"cpu": ("numba_cpu", "numba")}
-_MEAN_DTYPES = {"cpu": (torch.bfloat16, torch.float32)}
+_BACKENDS = {"cpu": ("numba_cpu", "numba"), "cuda": ("triton_cuda", "triton")}
+_MEAN_DTYPES = {
+    "cpu": (torch.bfloat16, torch.float32),
+    "cuda": (torch.bfloat16, torch.float16, torch.float32),
+}
 
 
 def kernel_setting() -> str:
