@@ -153,7 +153,7 @@ class _Entry:
     base: torch.Tensor | None
     method: MergeMethod
     prepared: Any
-    out: torch.Tensor | None  # the flat device output of a streamed tensor, else None
+    out: torch.Tensor | None  # a streamed tensor's output on the device; None: merged on the CPU
 
 
 def _entries(
