@@ -89,6 +89,10 @@ class SelectionMergeCallback(Callback):
             :class:`~lightning_selmerge.merging.NonFiniteError` naming the replica and the tensor
             (``"error"``), or is left out of the merge with a warning (``"drop"``; weights or
             probabilities of the others are kept / renormalised; one device only).
+        merge_on_device: on one GPU, merge there (the replicas' chunks streamed from host
+            memory, copies overlapped with the merge) and keep :attr:`merged_state` there; the
+            bits are the CPU merge's. ``False``: merge on the CPU and keep the merge in host
+            memory (saves one model's worth of GPU memory between merges).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -112,6 +116,7 @@ class SelectionMergeCallback(Callback):
         save_dir: str | None = None,
         log_replica_loss: bool = True,
         nonfinite: NonFinite = "error",
+        merge_on_device: bool = True,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(
@@ -138,6 +143,7 @@ class SelectionMergeCallback(Callback):
                 "replica holding NaN/Inf) or 'drop' (merge the others)."
             )
         self.nonfinite: NonFinite = nonfinite
+        self.merge_on_device = bool(merge_on_device)
         self.merged_state: dict[str, torch.Tensor] | None = None
         self._merged_step = -1
         self._restored = False
@@ -153,7 +159,9 @@ class SelectionMergeCallback(Callback):
 
         On several ranks this is a collective and returns this rank's slice of the merge.
         """
-        return strategy.merge_replicas(self.method, self.rules, self.seed, self.nonfinite)
+        return strategy.merge_replicas(
+            self.method, self.rules, self.seed, self.nonfinite, on_device=self.merge_on_device
+        )
 
     def _merge_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = _ensemble(trainer)

@@ -1,6 +1,11 @@
 """The ensemble's merge of its replicas: in memory on one device, a collective over the replica
 groups on several ranks.
 
+On one device whose module lives on an accelerator, the in-memory merge streams the host-held
+replicas through it (:mod:`lightning_selmerge.merging.device_stream`) and returns the merged
+tensors there; methods whose arithmetic there may round differently from the CPU's stay on the
+CPU (their results are copied over), so the bits are the CPU merge's either way.
+
 Frozen parameters (the tensors the replicas share) are the same in every replica: they are
 taken as they are, not merged; the merge keeps the initial state's tensor order.
 
@@ -33,6 +38,7 @@ from lightning_selmerge.merging import (
     merge_state_dicts,
 )
 from lightning_selmerge.merging.collective import merge_state_dicts_collective
+from lightning_selmerge.merging.device_stream import DEVICE_CHUNK_NUMEL
 
 __all__ = ["merge_in_memory", "merge_over_groups", "refuse_nonfinite"]
 
@@ -55,8 +61,14 @@ def merge_in_memory(
     rules: Sequence[MergeRule],
     seed: int,
     nonfinite: NonFinite,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge the K replicas' module states of one device (``initial`` is the base)."""
+    """Merge the K replicas' module states of one device (``initial`` is the base).
+
+    ``device``: an accelerator to merge on (the trained tensors of the result live there; the
+    ``shared`` ones are returned as they are); ``None`` or the CPU: merged where the states are.
+    """
+    on_device = device is not None and device.type != "cpu"
     merged = merge_state_dicts(
         [_trained(state, shared) for state in replicas],
         base=_trained(initial, shared),
@@ -64,6 +76,7 @@ def merge_in_memory(
         rules=rules,
         seed=seed,
         nonfinite=nonfinite,
+        **({"device": device, "chunk_numel": DEVICE_CHUNK_NUMEL} if on_device else {}),
     )
     return _with_shared(merged, shared, list(initial))
 

@@ -287,10 +287,14 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
         rules: Sequence[MergeRule] = (),
         seed: int = 0,
         nonfinite: NonFinite = "error",
+        on_device: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Merge the K replicas; on several ranks a collective over the replica dimension.
 
-        Returns this rank's slice of the merge (the whole merge without sharding), on the CPU.
+        Returns this rank's slice of the merge (the whole merge without sharding). On one device
+        with the module on an accelerator and ``on_device``, the replicas are merged there
+        (streamed from host memory) and the merged tensors live there; else on the CPU. The
+        bits are the same (see :func:`~lightning_selmerge.merging.device_stream.exact_on`).
         ``nonfinite``: a replica holding NaN/Inf raises :class:`NonFiniteError` (``"error"``) or
         is left out of the merge (``"drop"``, one device only).
         """
@@ -298,8 +302,9 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
         initial = self.initial_state.module
         if not self.is_distributed:
             states = self.replica_states()
+            device = self.root_device if on_device else None
             return replica_merge.merge_in_memory(
-                states, initial, shared, method, rules, seed, nonfinite
+                states, initial, shared, method, rules, seed, nonfinite, device
             )
         return replica_merge.merge_over_groups(
             self.local_replica_states(),
@@ -330,6 +335,9 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
 
     def reset_replicas(self, module_state: Mapping[str, torch.Tensor]) -> None:
         """Set every replica's weights to ``module_state``; optimizer states are kept."""
+        if any(t.device.type != "cpu" for t in module_state.values()):  # merged on the device
+            store = self._swap.store
+            module_state = cpu_state_copy(dict(module_state), store.pin_memory, store.shared)
         self._swap.reset(module_state, self._layout.local_replicas)
 
     # -- checkpoints ----------------------------------------------------------------------

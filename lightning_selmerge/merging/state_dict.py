@@ -199,6 +199,7 @@ def merge_state_dicts(
     seed: int = 0,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     nonfinite: NonFinite = "error",
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge K aligned state dicts into one.
 
@@ -222,6 +223,12 @@ def merge_state_dicts(
             inputs, the method and rules keep the remaining replicas' weights or probabilities
             (renormalised, see :meth:`MergeMethod.subset`), and fewer than 2 remaining replicas
             is a :class:`MergeError`. The check is done in the merge's own pass.
+        device: where the merge runs and its tensors end up. ``None`` (the default): where the
+            replicas are. Else the replicas' chunks are streamed to ``device`` through reusable
+            staging buffers, copies overlapped with the merge
+            (:mod:`~lightning_selmerge.merging.device_stream`), for the tensors whose method
+            gives the same bits there (:func:`~.device_stream.exact_on`); the others are merged
+            where the replicas are and copied to ``device``. The result is the same bits.
 
     Example:
         >>> import torch
@@ -235,8 +242,14 @@ def merge_state_dicts(
     plan = MergePlan.create(method, rules, seed, len(replicas))
 
     def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:
-        kept = [replicas[k] for k in keep]
-        return _merge_state_dicts(kept, [labels[k] for k in keep], keep, plan, base, chunk_numel)
+        kept, kept_labels = [replicas[k] for k in keep], [labels[k] for k in keep]
+        if device is None:
+            return _merge_state_dicts(kept, kept_labels, keep, plan, base, chunk_numel)
+        from .device_stream import merge_through_device  # it builds on this module
+
+        return merge_through_device(
+            kept, kept_labels, keep, plan, base, device=device, chunk_numel=chunk_numel
+        )
 
     with scratch_scope():
         return merge_dropping_nonfinite(
