@@ -1,6 +1,6 @@
 """The in-training merge on a GPU: CPU merge vs the replicas streamed through the GPU.
 
-What it measures (needs CUDA; without it, it exits with status 2 and says so):
+What it measures (without CUDA, the CPU rows only):
 
 * Builds K (default 4) float32 replicas and their base in host memory, pinned as
   ``DataOrderEnsemble(pin_memory=True)`` keeps them (``--pageable``: not pinned), shaped like a
@@ -12,7 +12,9 @@ What it measures (needs CUDA; without it, it exits with status 2 and says so):
   (``device=cuda``: chunks copied host-to-device on a side stream, overlapped with the merge),
   for each method; the GPU time includes the synchronisation at the end (best of
   ``--repeats``; the CPU merge ``--cpu-repeats`` times). GB/s counts the K replicas' bytes.
-* Checks that every merged tensor from the GPU is bit-identical to the CPU's.
+  The CPU merge runs on the torch kernels and, where numba is installed, on the fused kernels
+  (``SELMERGE_KERNELS=torch`` / ``fused``): the CPU-only machine's before and after.
+* Checks that every merged tensor (GPU, fused CPU) is bit-identical to the torch CPU kernels'.
 * The copy floor: host-to-device copy of the K replicas alone (same chunks, one stream).
 
 Example (from the repository root)::
@@ -24,6 +26,7 @@ Example (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -37,7 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from lightning_selmerge.ensemble.replica_merge import merge_in_memory  # noqa: E402
 from lightning_selmerge.merging import ParameterSelection, WeightedAverage  # noqa: E402
 from lightning_selmerge.merging.device_stream import DEVICE_CHUNK_NUMEL  # noqa: E402
-from lightning_selmerge.merging.kernels import kernel_setting  # noqa: E402
+from lightning_selmerge.merging.kernels import use_kernels  # noqa: E402
 
 METHODS = {
     "selection": ParameterSelection(),
@@ -74,9 +77,10 @@ def shapes(layers: int, hidden: int, vocab: int, positions: int) -> dict[str, tu
 
 
 def make_states(args, device: torch.device):
-    """K replicas and the base in host memory (pinned unless ``--pageable``), made on the GPU."""
+    """K replicas and the base in host memory (pinned unless ``--pageable`` or there is no GPU),
+    made on ``device``."""
     gen = torch.Generator(device=device).manual_seed(0)
-    pin = not args.pageable
+    pin = not args.pageable and device.type == "cuda"
 
     def host(tensor: torch.Tensor) -> torch.Tensor:
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)
@@ -95,14 +99,19 @@ def make_states(args, device: torch.device):
     return replicas, base
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, dict[str, torch.Tensor]]:
     best, result = float("inf"), {}
     for _ in range(repeats):
         result = {}
-        torch.cuda.synchronize()
+        _sync()
         began = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize()
+        _sync()
         best = min(best, time.perf_counter() - began)
     return best, result
 
@@ -152,66 +161,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pageable", action="store_true", help="replicas not pinned")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "device_merge_stream_bench.py needs a CUDA GPU (it compares the CPU merge with the "
-            "merge streamed through the GPU), and torch.cuda.is_available() is False here: run "
-            "it on a machine with a GPU and a CUDA build of torch.",
-            file=sys.stderr,
-        )
-        return 2
-    device = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    fused = importlib.util.find_spec("numba") is not None
     replicas, base = make_states(args, device)
     numel = sum(t.numel() for n, t in base.items() if n != "lm_head.weight")
     replica_gb = numel * 4 * args.k / 1e9
+    where = torch.cuda.get_device_name(device) if gpu else "no CUDA GPU (CPU rows only)"
     print(
-        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CPU threads "
-        f"{torch.get_num_threads()}, CPU kernels {kernel_setting()}"
+        f"{where}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+        f"fused CPU kernels {'yes' if fused else 'no (pip install numba)'}"
     )
     print(
         f"K={args.k} float32 replicas of {numel / 1e9:.3f} B params ({len(base)} tensors), "
-        f"{replica_gb:.2f} GB of replicas, {'pageable' if args.pageable else 'pinned'}, "
-        f"device chunk {DEVICE_CHUNK_NUMEL}"
+        f"{replica_gb:.2f} GB of replicas, {'pinned' if gpu and not args.pageable else 'pageable'}"
+        f", device chunk {DEVICE_CHUNK_NUMEL}"
     )
-    floor = copy_floor(replicas, device, DEVICE_CHUNK_NUMEL)
-    print(f"copy floor (host to device, one stream): {floor:.3f} s, {replica_gb / floor:.1f} GB/s")
+    floor = copy_floor(replicas, device, DEVICE_CHUNK_NUMEL) if gpu else None
+    if floor:
+        print(
+            f"copy floor (host to device, one stream): {floor:.3f} s, {replica_gb / floor:.1f} GB/s"
+        )
 
     results: dict[str, dict[str, float | bool]] = {}
     failed = False
     for name in args.methods.split(","):
         method = METHODS[name]
 
-        def merge(on: torch.device | None, method=method):
-            return merge_in_memory(replicas, base, {}, method, (), 0, "error", on)
+        def merge(on: torch.device | None, kernels: str, method=method):
+            with use_kernels(kernels):
+                return merge_in_memory(replicas, base, {}, method, (), 0, "error", on)
 
-        timed(lambda: merge(device), 1)  # warm-up: kernels, allocator
-        gpu_s, on_gpu = timed(lambda: merge(device), args.repeats)
-        cpu_s, on_cpu = timed(lambda: merge(None), args.cpu_repeats)
-        bad = same_bits(on_gpu, on_cpu)
-        failed |= bool(bad)
-        del on_gpu, on_cpu
-        results[name] = {
-            "cpu_s": cpu_s,
-            "gpu_stream_s": gpu_s,
-            "cpu_gbps": replica_gb / cpu_s,
-            "gpu_stream_gbps": replica_gb / gpu_s,
-            "speedup": cpu_s / gpu_s,
-            "bit_identical": not bad,
-        }
-        print(
-            f"{name:24s} CPU {cpu_s:7.3f} s ({replica_gb / cpu_s:6.2f} GB/s)   GPU stream "
-            f"{gpu_s:7.3f} s ({replica_gb / gpu_s:6.2f} GB/s)   x{cpu_s / gpu_s:6.1f}   "
-            f"{'bit-identical' if not bad else f'DIFFERS in {len(bad)} tensors: {bad[:3]}'}"
-            f"   target {TARGET_GBPS:.0f} GB/s "
-            f"{'met' if replica_gb / gpu_s >= TARGET_GBPS else 'NOT met'}"
-        )
+        row: dict[str, float | bool] = {}
+        cpu_s, want = timed(lambda: merge(None, "torch"), args.cpu_repeats)
+        row |= {"cpu_torch_s": cpu_s, "cpu_torch_gbps": replica_gb / cpu_s}
+        line = f"{name:24s} CPU torch {cpu_s:7.3f} s ({replica_gb / cpu_s:6.2f} GB/s)"
+        checks = []
+        if fused:
+            timed(lambda: merge(None, "fused"), 1)  # warm-up: loads the kernels
+            fused_s, got = timed(lambda: merge(None, "fused"), args.cpu_repeats)
+            checks.append(("fused CPU", same_bits(got, want)))
+            row |= {"cpu_fused_s": fused_s, "cpu_fused_gbps": replica_gb / fused_s}
+            rate = replica_gb / fused_s
+            line += f"   CPU fused {fused_s:7.3f} s ({rate:6.2f} GB/s) x{cpu_s / fused_s:4.1f}"
+            del got
+        if gpu:
+            timed(lambda: merge(device, "auto"), 1)  # warm-up: kernels, allocator
+            gpu_s, got = timed(lambda: merge(device, "auto"), args.repeats)
+            checks.append(("GPU stream", same_bits(got, want)))
+            row |= {"gpu_stream_s": gpu_s, "gpu_stream_gbps": replica_gb / gpu_s}
+            line += (
+                f"   GPU stream {gpu_s:7.3f} s ({replica_gb / gpu_s:6.2f} GB/s) "
+                f"x{cpu_s / gpu_s:5.1f}, target {TARGET_GBPS:.0f} GB/s "
+                f"{'met' if replica_gb / gpu_s >= TARGET_GBPS else 'NOT met'}"
+            )
+            del got
+        for label, bad in checks:
+            failed |= bool(bad)
+            row[f"{label} bit_identical"] = not bad
+            line += f"   {label} " + (
+                "bit-identical" if not bad else f"DIFFERS in {len(bad)} tensors: {bad[:3]}"
+            )
+        results[name] = row
+        print(line)
     if args.json:
         info = {
-            "device": torch.cuda.get_device_name(device),
+            "device": where,
             "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
             "replica_gb": replica_gb,
-            "pinned": not args.pageable,
-            "copy_floor_gbps": replica_gb / floor,
+            "pinned": gpu and not args.pageable,
+            "copy_floor_gbps": replica_gb / floor if floor else None,
             "results": results,
         }
         args.json.write_text(json.dumps(info, indent=2))

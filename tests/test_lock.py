@@ -31,12 +31,16 @@ def installed_requirements() -> list[Requirement]:
     return wanted
 
 
-def test_lock_pins_every_requirement_within_its_range_except_torch() -> None:
+# Never pinned: an existing torch is never replaced, and triton is the one its CUDA build pins.
+TORCHS_OWN = ("torch", "triton")
+
+
+def test_lock_pins_every_requirement_within_its_range_except_torch_and_triton() -> None:
     locked = pins()
     for requirement in installed_requirements():
         name = canonicalize_name(requirement.name)
-        if name == "torch":
-            assert name not in locked  # never pinned: an existing torch is never replaced
+        if name in TORCHS_OWN:
+            assert name not in locked
             continue
         assert name in locked, f"{name} is not in {LOCK.name}: run scripts/dev.py lock"
         assert requirement.specifier.contains(locked[name], prereleases=True), (
