@@ -27,6 +27,7 @@ from lightning_selmerge.merging.kernels import (
     numba_cpu,
     use_kernels,
 )
+from lightning_selmerge.merging.keyed_random import UNIFORM_LEVELS
 from lightning_selmerge.merging.methods.base import ChunkContext
 from lightning_selmerge.merging.methods.selection_kernel import bit_view
 
@@ -53,9 +54,9 @@ def _fused(method, ctx, replicas, base):
     return out, finite
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
-    num_replicas=st.integers(2, 20),
+    num_replicas=st.one_of(st.integers(2, 20), st.integers(21, 63)),  # > 32: 64-bit masks
     resample=st.integers(0, 4),
     dtype=st.sampled_from(SELECTION_DTYPES),
     numel=st.integers(1, 3 * numba_cpu.BLOCK + 5),
@@ -79,6 +80,16 @@ def test_fused_selection_copies_the_torch_kernels_bits(
     merged, finite = _fused(method, ctx, replicas, base)
     assert finite
     assert torch.equal(bit_view(merged), bit_view(expected))
+
+
+def test_equal_thresholds_count_like_a_multiply_and_shift():
+    """The kernel draws among K equally likely replicas as ``u * K >> 16``: the count of the
+    thresholds at or below ``u``, for every 16-bit ``u`` and every K selection allows."""
+    uniforms = torch.arange(UNIFORM_LEVELS, dtype=torch.int64)
+    for num_replicas in range(2, 64):
+        thresholds = torch.tensor(ParameterSelection().thresholds(num_replicas))
+        counted = (uniforms[:, None] >= thresholds[None, :]).sum(dim=1)
+        assert torch.equal(counted, uniforms * num_replicas >> 16), num_replicas
 
 
 @settings(max_examples=25, deadline=None)

@@ -18,6 +18,7 @@ import torch
 from numba import njit, prange
 from numba.typed import List
 
+from ..keyed_random import UNIFORM_LEVELS
 from .draws import DrawSpec
 
 __all__ = ["BLOCK", "mean_chunk", "select_chunk"]
@@ -62,9 +63,12 @@ def _block_lanes(key, first, count, lane_bits):  # pragma: no cover - compiled
 
 @njit(parallel=True, **_JIT)
 def _select(
-    replicas, base, out, keys, start, candidates, lane_bits, bits, thresholds, nonfinite
+    replicas, base, out, keys, start, candidates, lane_bits, bits, thresholds, even, word, nonfinite
 ):  # pragma: no cover - compiled
-    """Selection (``candidates - 1`` resamples) into ``out``; whether no input was NaN/Inf."""
+    """Selection (``candidates - 1`` resamples) into ``out``; whether no input was NaN/Inf.
+
+    ``word``: an empty array of the unsigned type that holds an element's moved mask (K bits);
+    ``even``: the ``thresholds`` are K equal shares."""
     n = out.shape[0]
     num_replicas = len(replicas)
     mask = nonfinite[0]
@@ -86,6 +90,10 @@ def _select(
         else:
             for j in range(candidates):
                 uniforms = _block_lanes(keys[j], start + lo, m, 16)
+                if even:  # the thresholds are ceil(k * 2^16 / K): their count is u * K >> 16
+                    for i in range(m):
+                        chosen[j, i] = (np.uint32(uniforms[i]) * np.uint32(num_replicas)) >> 16
+                    continue
                 for i in range(m):
                     count = np.uint8(0)
                     for t in range(thresholds.shape[0]):
@@ -94,20 +102,23 @@ def _select(
         if candidates == 1:
             choice = chosen[0]
         else:
-            moved = np.zeros(m, np.uint64)
+            # bit k of moved[i]: replica k moved element i off the base
+            one = np.ones(1, word.dtype)[0]
+            zero = one ^ one
+            moved = np.zeros(m, word.dtype)
             origin = base[lo:hi]
             for k in range(num_replicas):
                 replica = replicas[k][lo:hi]
-                flag = np.uint64(1) << np.uint64(k)
+                flag = one << np.full(1, k, word.dtype)[0]
                 for i in range(m):
-                    moved[i] |= flag if replica[i] != origin[i] else np.uint64(0)
+                    moved[i] |= flag if replica[i] != origin[i] else zero
             # the first candidate that moved; num_replicas (the base) when none did
             choice = np.full(m, np.uint8(num_replicas))
             for j in range(candidates - 1, -1, -1):
                 for i in range(m):  # loads outside the condition, so that LLVM vectorises
                     option = chosen[j, i]
                     kept = choice[i]
-                    choice[i] = option if (moved[i] >> np.uint64(option)) & np.uint64(1) else kept
+                    choice[i] = option if (moved[i] >> option) & one else kept
         target = out[lo:hi]
         target[:] = base[lo:hi] if candidates > 1 else replicas[0][lo:hi]
         found = False
@@ -209,6 +220,8 @@ def select_chunk(
     dtype = out_bits.numpy().dtype
     base = base_bits.numpy() if base_bits is not None else np.empty(0, dtype)
     thresholds = np.asarray(spec.thresholds or (), dtype=np.int32)
+    k = len(replica_bits)
+    even = spec.thresholds == tuple(-(-s * UNIFORM_LEVELS // k) for s in range(1, k))
     return bool(
         _select(
             _arrays(replica_bits),
@@ -220,6 +233,8 @@ def select_chunk(
             spec.lane_bits,
             spec.bits,
             thresholds,
+            even,
+            np.empty(0, np.uint32 if k <= 32 else np.uint64),  # 32-bit masks: 2x the SIMD lanes
             np.asarray([nonfinite_mask], dtype=dtype),
         )
     )
