@@ -15,6 +15,7 @@ import torch
 
 from .errors import AverageNotFinite, MergeError
 from .finite import all_finite, check_finite
+from .kernels.streaming import fused_streaming_state
 from .methods import MergeMethod, ReplicaAccumulator, StreamingForm, StreamTensor
 from .plan import MergePlan
 from .rules import MergeRule
@@ -173,5 +174,6 @@ def make_accumulator(
         chunk_numel=chunk_numel,
         check_finite=accumulator.check_finite,
     )
-    accumulator.state = streaming_form(name, chosen).start(tensor)
+    fused = fused_streaming_state(chosen, tensor)
+    accumulator.state = fused or streaming_form(name, chosen).start(tensor)
     return accumulator

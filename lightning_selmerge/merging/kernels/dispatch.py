@@ -26,7 +26,7 @@ from ..methods.selection import ParameterSelection
 from ..methods.selection_kernel import bit_view
 from .draws import NONFINITE_MASKS, DrawSpec
 
-__all__ = ["KERNELS_ENV", "fused_merge_chunk", "kernel_setting", "use_kernels"]
+__all__ = ["KERNELS_ENV", "fused_backend", "fused_merge_chunk", "kernel_setting", "use_kernels"]
 
 #: The environment variable that chooses the kernels: ``auto``, ``torch`` or ``fused``.
 KERNELS_ENV = "SELMERGE_KERNELS"
@@ -69,9 +69,9 @@ def use_kernels(setting: str) -> Iterator[None]:
         _override.pop()
 
 
-def _backend(device_type: str, setting: str) -> ModuleType | None:
-    module_name, package = _BACKENDS.get(device_type, (None, None))
-    if module_name is None:
+def _backend(device_type: str, setting: str, module_name: str | None) -> ModuleType | None:
+    default_module, package = _BACKENDS.get(device_type, (None, None))
+    if package is None:
         return None
     if find_spec(package) is None:
         if setting == "fused":
@@ -80,7 +80,7 @@ def _backend(device_type: str, setting: str) -> ModuleType | None:
                 f"which is not installed: pip install {package} (or unset {KERNELS_ENV})"
             )
         return None
-    full_name = f"{__package__}.{module_name}"
+    full_name = f"{__package__}.{module_name or default_module}"
     module = sys.modules.get(full_name)
     if module is None:
         from importlib import import_module
@@ -89,12 +89,32 @@ def _backend(device_type: str, setting: str) -> ModuleType | None:
     return module
 
 
-def _covered(method: MergeMethod, sample: torch.Tensor) -> bool:
+def _covered(method: MergeMethod, dtype: torch.dtype, device_type: str) -> bool:
     if type(method) is ParameterSelection:  # float8 has no NaN/Inf bit mask to check
-        return sample.dtype in NONFINITE_MASKS
+        return dtype in NONFINITE_MASKS
     if type(method) is WeightedAverage and method.weights is None:
-        return sample.dtype in _MEAN_DTYPES.get(sample.device.type, ())
+        return dtype in _MEAN_DTYPES.get(device_type, ())
     return False
+
+
+def fused_backend(
+    method: MergeMethod, dtype: torch.dtype, device_type: str, module_name: str | None = None
+) -> ModuleType | None:
+    """The kernels' module (``module_name`` of the device's backend, default its in-memory
+    kernels) when a fused kernel covers ``method`` on ``dtype`` tensors of ``device_type`` and
+    the setting allows it; else ``None``.
+
+    Example:
+        >>> with use_kernels("torch"):
+        ...     fused_backend(ParameterSelection(), torch.bfloat16, "cpu") is None
+        True
+    """
+    setting = kernel_setting()
+    if setting == "torch" or sys.byteorder != "little":
+        return None
+    if not _covered(method, dtype, device_type):
+        return None
+    return _backend(device_type, setting, module_name)
 
 
 def fused_merge_chunk(
@@ -111,15 +131,12 @@ def fused_merge_chunk(
     The chunks are contiguous 1-D tensors of one dtype on one device; the bits written are
     those of ``method.merge_chunk``.
     """
-    setting = kernel_setting()
     first = replicas[0]
-    if setting == "torch" or not _covered(method, first) or sys.byteorder != "little":
-        return None
     if getattr(method, "resample", 0) > 0 and base is None:
         return None  # the torch kernel names what is missing
     if not all(t.is_contiguous() for t in (*replicas, out)):
         return None
-    backend = _backend(first.device.type, setting)
+    backend = fused_backend(method, first.dtype, first.device.type)
     if backend is None:
         return None
     if isinstance(method, WeightedAverage):

@@ -30,10 +30,10 @@ BLOCK = 4096
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
-_JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+JIT_OPTIONS = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT_OPTIONS)
 def _hash_words(first_word, count, key):  # pragma: no cover - compiled
     """SplitMix64 of words ``first_word .. first_word + count`` under ``key``, as uint64."""
     words = np.empty(count, np.uint64)
@@ -49,7 +49,7 @@ def _hash_words(first_word, count, key):  # pragma: no cover - compiled
     return words
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT_OPTIONS)
 def _block_lanes(key, first, count, lane_bits):  # pragma: no cover - compiled
     """The ``lane_bits``-bit lanes (uint8 or uint16 view) of elements ``first .. first+count``."""
     per_word = 64 // lane_bits
@@ -61,7 +61,36 @@ def _block_lanes(key, first, count, lane_bits):  # pragma: no cover - compiled
     return words.view(np.uint16)[skip : skip + count]
 
 
-@njit(parallel=True, **_JIT)
+@njit(inline="always", **JIT_OPTIONS)
+def draw_block(
+    keys, first, m, candidates, num_replicas, lane_bits, bits, thresholds, even
+):  # pragma: no cover - compiled
+    """The ``[candidates, m]`` candidate replicas (uint8) of elements ``first .. first + m``,
+    first to last (see :class:`.draws.DrawSpec`)."""
+    chosen = np.empty((candidates, m), np.uint8)
+    if thresholds.shape[0] == 0:
+        lanes = _block_lanes(keys[0], first, m, lane_bits)
+        group = np.uint16(num_replicas - 1)
+        for j in range(candidates):
+            shift = np.uint16(lane_bits - (j + 1) * bits)
+            for i in range(m):
+                chosen[j, i] = (lanes[i] >> shift) & group
+        return chosen
+    for j in range(candidates):
+        uniforms = _block_lanes(keys[j], first, m, 16)
+        if even:  # the thresholds are ceil(k * 2^16 / K): their count is u * K >> 16
+            for i in range(m):
+                chosen[j, i] = (np.uint32(uniforms[i]) * np.uint32(num_replicas)) >> 16
+            continue
+        for i in range(m):
+            count = np.uint8(0)
+            for t in range(thresholds.shape[0]):
+                count += np.uint8(np.int32(uniforms[i]) >= thresholds[t])
+            chosen[j, i] = count
+    return chosen
+
+
+@njit(parallel=True, **JIT_OPTIONS)
 def _select(
     replicas, base, out, keys, start, candidates, lane_bits, bits, thresholds, even, word, nonfinite
 ):  # pragma: no cover - compiled
@@ -78,27 +107,9 @@ def _select(
         lo = block * BLOCK
         hi = min(n, lo + BLOCK)
         m = hi - lo
-        # each element's candidates, first to last
-        chosen = np.empty((candidates, m), np.uint8)
-        if thresholds.shape[0] == 0:
-            lanes = _block_lanes(keys[0], start + lo, m, lane_bits)
-            group = np.uint16(num_replicas - 1)
-            for j in range(candidates):
-                shift = np.uint16(lane_bits - (j + 1) * bits)
-                for i in range(m):
-                    chosen[j, i] = (lanes[i] >> shift) & group
-        else:
-            for j in range(candidates):
-                uniforms = _block_lanes(keys[j], start + lo, m, 16)
-                if even:  # the thresholds are ceil(k * 2^16 / K): their count is u * K >> 16
-                    for i in range(m):
-                        chosen[j, i] = (np.uint32(uniforms[i]) * np.uint32(num_replicas)) >> 16
-                    continue
-                for i in range(m):
-                    count = np.uint8(0)
-                    for t in range(thresholds.shape[0]):
-                        count += np.uint8(np.int32(uniforms[i]) >= thresholds[t])
-                    chosen[j, i] = count
+        chosen = draw_block(
+            keys, start + lo, m, candidates, num_replicas, lane_bits, bits, thresholds, even
+        )
         if candidates == 1:
             choice = chosen[0]
         else:
@@ -135,7 +146,35 @@ def _select(
     return not bad.any()
 
 
-@njit(parallel=True, **_JIT)
+@njit(inline="always", **JIT_OPTIONS)
+def divide_to_bfloat16(total, divisor, target):  # pragma: no cover - compiled
+    """``target`` (int16 bit view) = bfloat16 of ``total / divisor``, rounded to nearest even as
+    torch's ``copy_`` rounds (``total`` is divided in place); whether a result is NaN/Inf."""
+    for i in range(total.shape[0]):
+        total[i] /= divisor
+    word = total.view(np.uint32)
+    found = False
+    for i in range(total.shape[0]):
+        x = word[i]
+        rounded = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> 16)
+        nan = (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        target[i] = np.int16(np.uint16(0xFFFF) if nan else rounded)
+        found |= (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    return found
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def divide_to_float32(total, divisor, target):  # pragma: no cover - compiled
+    """``target`` = ``total / divisor`` (float32); whether a result is NaN/Inf."""
+    found = False
+    for i in range(total.shape[0]):
+        value = total[i] / divisor
+        target[i] = value
+        found |= not np.isfinite(value)
+    return found
+
+
+@njit(parallel=True, **JIT_OPTIONS)
 def _mean_bfloat16(replicas, out, divisor):  # pragma: no cover - compiled
     """The mean of bfloat16 replicas (int16 bit views) into ``out``; whether it is finite."""
     n = out.shape[0]
@@ -154,24 +193,11 @@ def _mean_bfloat16(replicas, out, divisor):  # pragma: no cover - compiled
                 wide[i] = np.uint32(np.uint16(replica[i])) << np.uint32(16)
             for i in range(m):
                 total[i] += values[i]
-        for i in range(m):
-            total[i] /= divisor
-        word = total.view(np.uint32)
-        target = out[lo:hi]
-        found = False
-        for i in range(m):
-            x = word[i]
-            rounded = np.uint16(
-                (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> 16
-            )
-            nan = (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            target[i] = np.int16(np.uint16(0xFFFF) if nan else rounded)
-            found |= (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)
-        bad[block] = found
+        bad[block] = divide_to_bfloat16(total, divisor, out[lo:hi])
     return not bad.any()
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT_OPTIONS)
 def _mean_float32(replicas, out, divisor):  # pragma: no cover - compiled
     """The mean of float32 replicas into ``out``; whether it is finite."""
     n = out.shape[0]
@@ -186,25 +212,34 @@ def _mean_float32(replicas, out, divisor):  # pragma: no cover - compiled
             replica = replicas[k][lo:hi]
             for i in range(m):
                 total[i] += replica[i]
-        target = out[lo:hi]
-        found = False
-        for i in range(m):
-            value = total[i] / divisor
-            target[i] = value
-            found |= not np.isfinite(value)
-        bad[block] = found
+        bad[block] = divide_to_float32(total, divisor, out[lo:hi])
     return not bad.any()
 
 
-def _arrays(tensors) -> List:
+def as_arrays(tensors) -> List:
+    """The tensors as a numba typed list of numpy arrays (no copies)."""
     arrays = List()
     for tensor in tensors:
         arrays.append(tensor.numpy())
     return arrays
 
 
-def _use_torch_threads() -> None:
+def use_torch_threads() -> None:
+    """Give numba's parallel loops as many threads as torch's intra-op pool."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def draw_arguments(spec: DrawSpec, num_replicas: int) -> tuple:
+    """``spec`` as :func:`draw_block` takes it: ``(keys, lane_bits, bits, thresholds, even)``,
+    ``even`` when the thresholds are ``num_replicas`` equal shares."""
+    shares = tuple(-(-s * UNIFORM_LEVELS // num_replicas) for s in range(1, num_replicas))
+    return (
+        np.asarray(spec.keys, dtype=np.int64),
+        spec.lane_bits,
+        spec.bits,
+        np.asarray(spec.thresholds or (), dtype=np.int32),
+        spec.thresholds == shares,
+    )
 
 
 def select_chunk(
@@ -216,22 +251,21 @@ def select_chunk(
 ) -> bool:
     """Selection of contiguous 1-D integer bit views into ``out_bits``; ``False`` when an input
     element has all of ``nonfinite_mask``'s bits set (0: no check)."""
-    _use_torch_threads()
+    use_torch_threads()
     dtype = out_bits.numpy().dtype
     base = base_bits.numpy() if base_bits is not None else np.empty(0, dtype)
-    thresholds = np.asarray(spec.thresholds or (), dtype=np.int32)
     k = len(replica_bits)
-    even = spec.thresholds == tuple(-(-s * UNIFORM_LEVELS // k) for s in range(1, k))
+    keys, lane_bits, bits, thresholds, even = draw_arguments(spec, k)
     return bool(
         _select(
-            _arrays(replica_bits),
+            as_arrays(replica_bits),
             base,
             out_bits.numpy(),
-            np.asarray(spec.keys, dtype=np.int64),
+            keys,
             spec.start,
             spec.candidates,
-            spec.lane_bits,
-            spec.bits,
+            lane_bits,
+            bits,
             thresholds,
             even,
             np.empty(0, np.uint32 if k <= 32 else np.uint64),  # 32-bit masks: 2x the SIMD lanes
@@ -243,9 +277,9 @@ def select_chunk(
 def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
     """The plain mean of contiguous 1-D bfloat16 or float32 tensors into ``out``; whether every
     output element is finite."""
-    _use_torch_threads()
+    use_torch_threads()
     divisor = np.float32(len(replicas))
     if out.dtype == torch.bfloat16:
         views = [r.view(torch.int16) for r in replicas]
-        return bool(_mean_bfloat16(_arrays(views), out.view(torch.int16).numpy(), divisor))
-    return bool(_mean_float32(_arrays(replicas), out.numpy(), divisor))
+        return bool(_mean_bfloat16(as_arrays(views), out.view(torch.int16).numpy(), divisor))
+    return bool(_mean_float32(as_arrays(replicas), out.numpy(), divisor))

@@ -20,7 +20,7 @@ from .base import StreamTensor, compute_dtype
 if TYPE_CHECKING:
     from .average import WeightedAverage
 
-__all__ = ["AverageStreaming"]
+__all__ = ["AverageStreaming", "RunningSum"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,13 @@ class AverageStreaming:
     def state_bytes(self, dtype: torch.dtype, numel: int) -> int:
         return numel * (dtype.itemsize + (8 if dtype == torch.float64 else 4))
 
-    def start(self, tensor: StreamTensor) -> _RunningSum:
-        return _RunningSum(self.method, tensor)
+    def start(self, tensor: StreamTensor) -> RunningSum:
+        return RunningSum(self.method, tensor)
 
 
-class _RunningSum:
+class RunningSum:
+    """A float32 (float64) running sum of the replicas fed so far; :meth:`finish` divides it."""
+
     def __init__(self, method: WeightedAverage, tensor: StreamTensor) -> None:
         self.method, self.tensor = method, tensor
         self.compute = compute_dtype(torch.empty(0, dtype=tensor.dtype))
@@ -64,7 +66,12 @@ class _RunningSum:
         out = torch.empty(self.tensor.numel, dtype=self.tensor.dtype)
         for begin, end in self.tensor.chunks():
             merged = out[begin:end].copy_(self.sum[begin:end].div_(self.total))
-            if not all_finite(merged):
-                raise AverageNotFinite(self.tensor.name, begin, end, self.method)
+            self.check_output(merged, begin, end)
         del self.sum
         return out
+
+    def check_output(self, merged: torch.Tensor, begin: int, end: int) -> None:
+        """:class:`AverageNotFinite` when ``merged`` (output elements ``begin .. end``) is not
+        finite."""
+        if not all_finite(merged):
+            raise AverageNotFinite(self.tensor.name, begin, end, self.method)

@@ -24,7 +24,7 @@ from .selection_kernel import bit_view
 if TYPE_CHECKING:
     from .selection import ParameterSelection
 
-__all__ = ["SelectionStreaming"]
+__all__ = ["CandidateState", "SelectionStreaming"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class SelectionStreaming:
         size, resample = dtype.itemsize, self.method.resample
         return numel * (size + resample + 1 + (2 * size + 1 if resample else 0))
 
-    def start(self, tensor: StreamTensor) -> _Candidates:
-        return _Candidates(self.method, tensor)
+    def start(self, tensor: StreamTensor) -> CandidateState:
+        return CandidateState(self.method, tensor)
 
 
-class _Candidates:
+class CandidateState:
     """Output + candidates + (with resample) the earliest moved candidate's position per element.
 
     Replica ``k`` wins an element when it is the earliest candidate that moved; each replica
@@ -55,15 +55,9 @@ class _Candidates:
     """
 
     def __init__(self, method: ParameterSelection, tensor: StreamTensor) -> None:
-        from ..candidates import selection_candidates  # imports the methods package
-
         self.method, self.tensor = method, tensor
         self.count = method.resample + 1
-        self.candidates = torch.empty((self.count, tensor.numel), dtype=torch.uint8)
-        for begin, end in tensor.chunks():
-            self.candidates[:, begin:end] = selection_candidates(
-                method, tensor.context(begin), end - begin, tensor.num_replicas
-            )
+        self.candidates = self.draw_candidates()
         if method.resample > 0:  # the plan checked that the base is given (needs_base)
             self.base = tensor.base.reshape(-1).clone()
             self.out = self.base.clone()
@@ -71,6 +65,18 @@ class _Candidates:
             self.won = torch.zeros(tensor.numel, dtype=torch.uint8)
         else:
             self.out = torch.empty(tensor.numel, dtype=tensor.dtype)
+
+    def draw_candidates(self) -> torch.Tensor:
+        """Every element's ``[count, numel]`` candidate replicas (uint8), chunk by chunk."""
+        from ..candidates import selection_candidates  # imports the methods package
+
+        tensor = self.tensor
+        candidates = torch.empty((self.count, tensor.numel), dtype=torch.uint8)
+        for begin, end in tensor.chunks():
+            candidates[:, begin:end] = selection_candidates(
+                self.method, tensor.context(begin), end - begin, tensor.num_replicas
+            )
+        return candidates
 
     def add(self, position: int, flat: torch.Tensor) -> None:
         count = self.count
