@@ -307,6 +307,7 @@ def child_main(spec_path: str) -> None:
         merge_state_dicts,
     )
     from lightning_selmerge.merging.safetensors_io import CheckpointReader
+    from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
     from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
     imported = time.perf_counter()
@@ -342,7 +343,8 @@ def child_main(spec_path: str) -> None:
         # A long-lived process loads the fused kernels once (numba's cache, its thread pool):
         # that one-time cost counts with the imports, not with the merge.
         tiny = [{"w": torch.zeros(8, dtype=torch.bfloat16)} for _ in range(2)]
-        merge_state_dicts(tiny, method=method, base=tiny[0] if method.needs_base else None)
+        warm_up = merge_state_dicts_streaming if task in STREAMING else merge_state_dicts
+        warm_up(tiny, method=method, base=tiny[0] if method.needs_base else None)
         imported = time.perf_counter()
         began = time.perf_counter()
         merge(

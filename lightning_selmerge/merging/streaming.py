@@ -57,7 +57,8 @@ class StreamingMerge:
         plan: ``(name, TensorInfo)`` of each tensor to merge (replica 0's tensors).
         num_replicas: K, the replicas that will be fed.
         method, rules, seed, chunk_numel: as in :func:`merge_state_dicts`.
-        base: the base tensors (needed by selection with resample) by name.
+        base: the base tensors (needed by selection with resample) by name; they are read
+            while the replicas are fed: keep them unchanged until :meth:`result`.
         labels, indices: each replica's name in errors and index in
             :attr:`NonFiniteError.replicas` (default ``replica k`` and ``k``).
         draw_prefix: prepended to a tensor's name to key its random draws (e.g. ``"model."``

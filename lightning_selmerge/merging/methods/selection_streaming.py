@@ -59,7 +59,7 @@ class CandidateState:
         self.count = method.resample + 1
         self.candidates = self.draw_candidates()
         if method.resample > 0:  # the plan checked that the base is given (needs_base)
-            self.base = tensor.base.reshape(-1).clone()
+            self.base = tensor.base.reshape(-1)  # read while replicas are fed, never written
             self.out = self.base.clone()
             # count - (position of the earliest candidate known to have moved); 0: none yet
             self.won = torch.zeros(tensor.numel, dtype=torch.uint8)
