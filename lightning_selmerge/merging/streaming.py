@@ -22,7 +22,7 @@ read that range of each replica again to name the culprits, or to report an over
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Protocol
 
 import torch
@@ -46,7 +46,7 @@ __all__ = [
     "stream_merge",
 ]
 
-#: Bytes of merge state (outputs, sums, candidates, base copies) held at once by the drivers.
+#: Bytes of merge state (outputs, sums, candidates) held at once by the drivers.
 DEFAULT_WINDOW_BYTES = 1 << 30
 
 
@@ -193,6 +193,11 @@ def _windows(
         yield window
 
 
+def _reads_base(name: str, info: TensorInfo, plan: MergePlan) -> bool:
+    chosen = method_of(name, info, plan)
+    return chosen is not None and chosen.needs_base
+
+
 def stream_merge(
     tensors: Sequence[tuple[str, TensorInfo]],
     open_replica: OpenReplica,
@@ -214,34 +219,33 @@ def stream_merge(
     fed. ``plan`` is for these replicas (see :meth:`MergePlan.subset`).
     """
     for window in _windows(tensors, plan, window_bytes):
-        base: dict[str, torch.Tensor] = {}
-        if open_base is not None:
-            with open_base() as reader:
-                for name, info in window:
-                    chosen = method_of(name, info, plan)
-                    if chosen is not None and chosen.needs_base:
-                        base[name] = reader.tensor(name).clone()
+        with ExitStack() as stack:
+            # the base stays open (a memory map, not a copy) while the window's replicas are fed
+            base: dict[str, torch.Tensor] = {}
+            reads_base = [name for name, info in window if _reads_base(name, info, plan)]
+            if open_base is not None and reads_base:
+                base_reader = stack.enter_context(open_base())
+                base = {name: base_reader.tensor(name) for name in reads_base}
+            merge = StreamingMerge.of_plan(
+                window,
+                plan,
+                base=base,
+                chunk_numel=chunk_numel,
+                labels=labels,
+                indices=replicas,
+                draw_prefix=draw_prefix,
+            )
+            del base
+            for k in replicas:
+                with open_replica(k) as reader:
+                    for name, _ in window:
+                        merge.feed_tensor(name, reader.tensor(name))
                         reader.release(name)
-        merge = StreamingMerge.of_plan(
-            window,
-            plan,
-            base=base,
-            chunk_numel=chunk_numel,
-            labels=labels,
-            indices=replicas,
-            draw_prefix=draw_prefix,
-        )
-        del base
-        for k in replicas:
-            with open_replica(k) as reader:
-                for name, _ in window:
-                    merge.feed_tensor(name, reader.tensor(name))
-                    reader.release(name)
-        try:
-            merged = merge.result()
-        except AverageNotFinite as err:
-            _locate_nonfinite(err, open_replica, replicas, labels)
-        del merge
+            try:
+                merged = merge.result()
+            except AverageNotFinite as err:
+                _locate_nonfinite(err, open_replica, replicas, labels)
+            del merge
         for name, _ in window:
             write(name, merged.pop(name))
 

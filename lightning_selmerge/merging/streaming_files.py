@@ -4,8 +4,9 @@ Same inputs, output and guarantees as :func:`~lightning_selmerge.merging.merge_c
 the same bits), but the replicas are read one at a time in replica order (:mod:`.streaming`):
 the tensors are merged in windows of at most ``window_bytes`` of merge state, and for each
 window every replica is opened, its window's tensors fed and their pages released, and closed
-before the next is opened. Memory: the window's state (output, float32 sums or selection
-candidates, a base copy for resample), whatever K is; K memory maps are never open together.
+before the next is opened (the base, when the method reads it, stays mapped for the window).
+Memory: the window's state (output, float32 sums or selection candidates), whatever K is; at
+most two memory maps are open at once.
 """
 
 from __future__ import annotations

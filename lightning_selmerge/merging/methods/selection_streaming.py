@@ -33,15 +33,16 @@ class SelectionStreaming:
 
     Example:
         >>> from lightning_selmerge.merging.methods import ParameterSelection
-        >>> ParameterSelection(resample=1).streaming().state_bytes(torch.float32, 10)
-        150
+        >>> ParameterSelection(resample=1).streaming().state_bytes(torch.float32, 10)  # 4 + 3 each
+        70
     """
 
     method: ParameterSelection
 
     def state_bytes(self, dtype: torch.dtype, numel: int) -> int:
         size, resample = dtype.itemsize, self.method.resample
-        return numel * (size + resample + 1 + (2 * size + 1 if resample else 0))
+        # the output, resample + 1 candidates, and with resample the earliest moved position
+        return numel * (size + resample + 1 + (1 if resample else 0))
 
     def start(self, tensor: StreamTensor) -> CandidateState:
         return CandidateState(self.method, tensor)
