@@ -8,9 +8,9 @@ directories::
 
 ``lightning-selmerge merge --epoch_dir SNAPSHOTS/epoch_002 --out DIR`` merges what a job array of
 replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/``, ...), refusing
-missing replicas unless ``--allow_missing``. Both forms stream the replicas (one open at a time,
-memory flat in K, the same bits as the all-at-once merge) where that is as fast or needed;
-``--streaming true/false`` chooses.
+missing replicas unless ``--allow_missing``; it streams the replicas (one open at a time, memory
+flat in K, the same bits as the all-at-once merge), as the first form does when the replicas
+exceed half the available memory; ``--streaming true/false`` chooses.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from jsonargparse import ArgumentParser
 
 from lightning_selmerge.merging import (
     MergeError,
-    WeightedAverage,
     load_rules,
     merge_checkpoints,
 )
@@ -89,8 +88,8 @@ def merge_parser() -> ArgumentParser:
         type=bool | None,
         default=None,
         help="true: read one replica at a time (memory flat in K, same bits); false: map all at "
-        "once (faster for selection); default: streaming for averages, --epoch_dir, and "
-        "replicas larger than half the available memory",
+        "once (faster); default: streaming for --epoch_dir and for replicas larger than half "
+        "the available memory",
     )
     parser.add_argument(
         "--draw_prefix",
@@ -134,15 +133,14 @@ def merge_parser() -> ArgumentParser:
 def _use_streaming(
     streaming: bool | None, replicas: Sequence[str], method: MergeMethod, rules: Sequence
 ) -> bool:
-    """``--streaming`` as given, else: streaming where it is as fast (averages: measured
-    faster) or where mapping every replica at once would not fit (the replicas' bytes exceed
-    half the available memory). Both give the same bits."""
+    """``--streaming`` as given, else: streaming only where mapping every replica at once
+    might not fit (the replicas' bytes exceed half the available memory); otherwise the
+    all-at-once merge, faster and smaller for every method (docs/performance.md: the average
+    about 2x, at a third of the memory). Both give the same bits."""
     if streaming is not None:
         return streaming
     if without_streaming_form(method, rules):
         return False  # e.g. TIES: it needs every replica at once
-    if all(isinstance(m, WeightedAverage) for m in [method, *(r.method for r in rules)]):
-        return True
     import psutil
 
     total = 0

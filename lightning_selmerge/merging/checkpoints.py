@@ -261,6 +261,7 @@ def merge_checkpoints(
                 "seed": seed,
                 "replicas": [str(p) for p in replicas],
                 "base": None if base is None else str(base),
+                "streaming": False,
             },
         )
         found_bad: dict[int, str] = {}
