@@ -1,7 +1,9 @@
 """The merge streamed through a device's staging buffers gives the in-memory merge's bits.
 
-No accelerator here: the pipeline runs on the CPU device (synchronous copies, no streams), which
-exercises its chunking, staging, offsets, plan, ties, NaN/Inf handling and buffer reuse.
+Without an accelerator the pipeline runs on the CPU device (synchronous copies, no streams), which
+exercises its chunking, staging, offsets, plan, ties, NaN/Inf handling and buffer reuse. On a
+machine with a CUDA GPU the last test also runs the asynchronous path (a side copy stream, events,
+pinned replicas) against the CPU merge's bits.
 """
 
 from __future__ import annotations
@@ -187,3 +189,39 @@ def test_in_training_merge_on_the_cpu_takes_todays_path(monkeypatch):
         )
         assert_same_bits(got, want)
         assert got["steps"] is base["steps"]
+
+
+def pinned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in pinned host memory, tied tensors still tied."""
+    copies: dict[int, torch.Tensor] = {}
+    return {n: copies.setdefault(id(t), t.pin_memory()) for n, t in state.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream and events need CUDA")
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_on_a_gpu_the_staged_merge_has_the_cpu_bits(method):
+    """Chunks small enough that copies into a staging set wait on the merge that last read it,
+    one to three staging sets, the torch and the fused kernels."""
+    from lightning_selmerge.merging.kernels import use_kernels
+
+    replicas, base = states()
+    want = merge_state_dicts(replicas, method=method, base=base, seed=5)
+    replicas, base = [pinned(r) for r in replicas], pinned(base)
+    plan = MergePlan.create(method, (), 5, 4)
+    labels = [f"replica {k}" for k in range(4)]
+    for kernels in ("torch", "fused"):
+        for depth in (1, 2, 3):
+            with use_kernels(kernels):
+                got = device_stream.merge_through_device(
+                    replicas,
+                    labels,
+                    range(4),
+                    plan,
+                    base,
+                    device="cuda",
+                    chunk_numel=96,
+                    depth=depth,
+                )
+            assert all(t.device.type == "cuda" for t in got.values()), (kernels, depth)
+            assert got["head.weight"] is got["emb.weight"]
+            assert_same_bits({n: t.cpu() for n, t in got.items()}, want)
