@@ -132,6 +132,20 @@ def test_a_fused_running_sum_gives_the_torch_states_bits(
     assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_fused_running_sum_starts_from_the_first_replica_with_zeros_bits(dtype):
+    """The fused sum is not zeroed: the first replica sets it. Signed zeros show the difference
+    between setting and adding to zeros (-0 + 0 is +0), so the torch state's bits are the judge."""
+    signed = torch.tensor([-0.0, -0.0, 0.0, -0.0, 1.0, -2.0])
+    replicas = [signed.to(dtype), (-signed).to(dtype).mul(0), signed.to(dtype)]
+    replicas[1][4] = -1.0
+    tensor = _tensor(replicas, None, 0, 4)
+    expected = _stream(WeightedAverage(), tensor, replicas, "torch")
+    merged = _stream(WeightedAverage(), tensor, replicas, "fused")
+    assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+    assert not torch.signbit(merged[:4]).any()  # no -0: the sum started from +0
+
+
 @pytest.mark.parametrize(("num_replicas", "resample"), [(4, 0), (4, 1), (4, 4), (20, 2), (3, 1)])
 def test_the_fused_candidates_are_the_plain_draws(num_replicas, resample):
     method = ParameterSelection(resample=resample)

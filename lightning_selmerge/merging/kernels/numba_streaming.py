@@ -93,8 +93,20 @@ def _fold_selection(candidates, position, piece, base, out, won, nonfinite):  # 
     return not bad.any()
 
 
+@njit(inline="always", **JIT_OPTIONS)
+def _accumulate(sums, values, first):  # pragma: no cover - compiled
+    """``sums += values``; the first replica sets ``sums = values + 0``, the bits of ``0 +
+    values`` (-0 becomes +0, as when adding to zeros), without zeroing the sums first."""
+    if first:
+        for i in range(sums.shape[0]):
+            sums[i] = values[i] + np.float32(0.0)
+    else:
+        for i in range(sums.shape[0]):
+            sums[i] += values[i]
+
+
 @njit(parallel=True, **JIT_OPTIONS)
-def _add_bfloat16(total, piece):  # pragma: no cover - compiled
+def _add_bfloat16(total, piece, first):  # pragma: no cover - compiled
     """``total += float32(piece)`` for bfloat16 ``piece`` (an int16 bit view)."""
     n = total.shape[0]
     for block in prange((n + BLOCK - 1) // BLOCK):
@@ -104,22 +116,17 @@ def _add_bfloat16(total, piece):  # pragma: no cover - compiled
         wide = np.empty(hi - lo, np.uint32)
         for i in range(hi - lo):
             wide[i] = np.uint32(np.uint16(values[i])) << np.uint32(16)
-        sums = total[lo:hi]
-        widened = wide.view(np.float32)
-        for i in range(hi - lo):
-            sums[i] += widened[i]
+        _accumulate(total[lo:hi], wide.view(np.float32), first)
 
 
 @njit(parallel=True, **JIT_OPTIONS)
-def _add_float32(total, piece):  # pragma: no cover - compiled
+def _add_float32(total, piece, first):  # pragma: no cover - compiled
     """``total += piece``, float32."""
     n = total.shape[0]
     for block in prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(n, lo + BLOCK)
-        sums, values = total[lo:hi], piece[lo:hi]
-        for i in range(hi - lo):
-            sums[i] += values[i]
+        _accumulate(total[lo:hi], piece[lo:hi], first)
 
 
 @njit(parallel=True, **JIT_OPTIONS)
@@ -193,13 +200,22 @@ def fold_selection(
     )
 
 
-def add_to_sum(total: torch.Tensor, piece: torch.Tensor) -> None:
-    """``total += piece`` in float32, ``piece`` a contiguous bfloat16 or float32 tensor."""
+def add_to_sum(total: torch.Tensor, piece: torch.Tensor, first: bool = False) -> None:
+    """``total += piece`` in float32, ``piece`` a contiguous bfloat16 or float32 tensor; with
+    ``first``, ``total`` (uninitialised) becomes what adding ``piece`` to zeros gives.
+
+    Example:
+        >>> total = torch.empty(3)
+        >>> add_to_sum(total, torch.tensor([-0.0, 1.5, 2.0]), first=True)
+        >>> add_to_sum(total, torch.tensor([0.5, 0.25, 2.0], dtype=torch.bfloat16))
+        >>> total.tolist(), torch.signbit(total[0]).item()
+        ([0.5, 1.75, 4.0], False)
+    """
     use_torch_threads()
     if piece.dtype == torch.bfloat16:
-        _add_bfloat16(total.numpy(), piece.view(torch.int16).numpy())
+        _add_bfloat16(total.numpy(), piece.view(torch.int16).numpy(), first)
     else:
-        _add_float32(total.numpy(), piece.numpy())
+        _add_float32(total.numpy(), piece.numpy(), first)
 
 
 def divide_sum(total: torch.Tensor, divisor: float, out: torch.Tensor) -> bool:

@@ -92,13 +92,20 @@ class FusedRunningSum(RunningSum):
     one pass."""
 
     def __init__(self, method: WeightedAverage, tensor: StreamTensor, backend: ModuleType) -> None:
-        self.backend = backend
+        self.backend, self.fed = backend, False
         super().__init__(method, tensor)
 
+    def new_sum(self) -> torch.Tensor:
+        """Not zeroed: the first replica fed sets it (one pass over fresh memory, not two)."""
+        return torch.empty(self.tensor.numel, dtype=self.compute)
+
     def add(self, position: int, flat: torch.Tensor) -> None:
-        self.backend.add_to_sum(self.sum, _contiguous(flat))
+        self.backend.add_to_sum(self.sum, _contiguous(flat), first=not self.fed)
+        self.fed = True
 
     def finish(self) -> torch.Tensor:
+        if not self.fed:
+            self.sum.zero_()
         out = torch.empty(self.tensor.numel, dtype=self.tensor.dtype)
         if not self.backend.divide_sum(self.sum, float(self.total), out):
             for begin, end in self.tensor.chunks():

@@ -51,8 +51,12 @@ class RunningSum:
         weights = method.weights if method.weights is not None else [1.0] * tensor.num_replicas
         stacked = torch.tensor(weights, dtype=self.compute)
         self.weights, self.total = stacked.unbind(0), stacked.sum()
-        self.sum = torch.zeros(tensor.numel, dtype=self.compute)
+        self.sum = self.new_sum()
         self.widen = tensor.dtype.itemsize == 1  # float8 takes no part in type promotion
+
+    def new_sum(self) -> torch.Tensor:
+        """The sum before any replica is fed: zeros."""
+        return torch.zeros(self.tensor.numel, dtype=self.compute)
 
     def add(self, position: int, flat: torch.Tensor) -> None:
         for begin, end in self.tensor.chunks():
