@@ -13,7 +13,8 @@ choice for an element whatever the number of ranks, shards or chunks.
   small ``all_reduce`` of the per-element "moved" bit set (bit ``k`` for replica ``k``).
 * **Average** (and every other method) gathers the K values of the chunk so that the sum runs in
   the single-process order: a plain ``all_reduce`` would add in another order and change the
-  last bits. It moves K/2 times the bytes of an all-reduce, once per merge.
+  last bits. It moves K/2 times the bytes of an all-reduce, once per merge. The gathered chunk
+  is merged by a fused kernel where one covers it (:mod:`.kernels`), else by the method's.
 * Integer and bool tensors are gathered, checked equal and copied from replica 0.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import MergeError
+from .kernels.dispatch import fused_merge_chunk
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
 from .plan import MergePlan, check_whole_tensor, prepare_tensor, tie_groups
@@ -209,7 +211,9 @@ def _merge_tensor(
         else:
             everyone = _gather_chunks(chunks, held, group)
             if first.is_floating_point():
-                result = method.merge_chunk(ctx, everyone, base_chunk)
+                result = torch.empty_like(everyone[0])
+                if fused_merge_chunk(method, ctx, everyone, base_chunk, result) is None:
+                    result = method.merge_chunk(ctx, everyone, base_chunk)
             else:
                 result = copy_exact(name, everyone, [f"replica {k}" for k in range(len(everyone))])
         flat_out[begin:end].copy_(result)
