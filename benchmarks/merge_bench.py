@@ -24,10 +24,10 @@ What it measures:
     interpreter or on ``PATH``);
   - ``read floor``: a memory-bandwidth floor, reading the K inputs once through memory maps into
     a float32 accumulator (``acc.copy_(r0); acc.add_(r_k)``, 1M-element chunks), writing nothing;
-  - ``write floor``: writing one output's bytes (a replica file's size) to a new file from a
-    buffer in memory, in 64 MiB ``write()`` calls, and ``fsync``-ing it, computing nothing. Read
-    floor + write floor is what the hardware allows any merge that reads its inputs and writes
-    its result; the report prints the average against both.
+  - ``write floor``: writing one output (replica 0's tensors, copied into memory first)
+    through the merge's own writer in the merge's chunks, and ``fsync``-ing it, computing
+    nothing. Read floor + write floor is what the hardware allows any merge that reads its
+    inputs and writes its result; the report prints the average against both.
 
   "merge s" is the time inside the child from just before the merge call to its return (imports
   and interpreter start-up excluded), plus the time of an ``os.sync()`` the parent runs right

@@ -5,7 +5,6 @@ task: one of our merges, the read or write floor, generating the inputs or compa
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import shutil
@@ -14,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synthetic_checkpoints import MB, generate_files
+from synthetic_checkpoints import generate_files
 
 CHUNK_NUMEL = 1 << 20
-WRITE_PIECE = 64 * MB  # the write floor's write() calls
 
 AVERAGE = "average"
 SELECTION = "selection"
@@ -72,17 +70,26 @@ def _read_floor(replicas: list[str]) -> float:
     return time.perf_counter() - began
 
 
-def _write_floor(size: int, out: Path) -> float:
-    """Seconds to write ``size`` bytes (one merged output's) to a new file in ``WRITE_PIECE``
-    ``write()`` calls from a buffer already in memory, and ``fsync`` it: what any merge pays
-    for its output, computing nothing."""
+def _write_floor(replica: str, out: Path) -> float:
+    """Seconds to write one output (replica 0's tensors, copied into memory before the clock)
+    through the merge's own writer, in the merge's chunks, and ``fsync`` it: what any merge
+    pays for its output, computing nothing."""
+    from lightning_selmerge.merging.safetensors_io import (
+        CheckpointReader,
+        ShardedSafetensorsWriter,
+    )
+
+    reader = CheckpointReader(replica)
+    infos = [(name, reader.info(name)) for name in reader.names()]
+    tensors = {name: reader.tensor(name).reshape(-1).clone() for name, _ in infos}
+    reader.close()
     out.mkdir(parents=True, exist_ok=True)
-    piece = memoryview(bytes(range(256)) * (WRITE_PIECE // 256))
     began = time.perf_counter()
-    with open(out / "model.safetensors", "wb", buffering=0) as handle:
-        for begin in range(0, size, WRITE_PIECE):
-            handle.write(piece[: min(WRITE_PIECE, size - begin)])
-        os.fsync(handle.fileno())
+    writer = ShardedSafetensorsWriter(out, infos)
+    for name, flat in tensors.items():
+        for begin in range(0, flat.numel(), CHUNK_NUMEL):
+            writer.write(name, flat[begin : begin + CHUNK_NUMEL])
+    writer.close()
     return time.perf_counter() - began
 
 
@@ -116,7 +123,7 @@ def child_main(spec_path: str) -> None:
     if task == READ_FLOOR:
         merge_s = _read_floor(spec["replicas"])
     elif task == WRITE_FLOOR:
-        merge_s = _write_floor(os.path.getsize(spec["replicas"][0]), Path(spec["out"]))
+        merge_s = _write_floor(spec["replicas"][0], Path(spec["out"]))
     else:
         method = {
             AVERAGE: WeightedAverage(),

@@ -134,11 +134,28 @@ def test_fused_selection_sees_a_nonfinite_input_it_did_not_select(dtype, bad):
     assert not finite
 
 
-def test_fused_mean_flags_an_output_that_rounds_to_infinity():
-    big = torch.finfo(torch.float32).max
-    replicas = [torch.full((10,), big), torch.full((10,), big)]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_mean_flags_an_output_that_rounds_to_infinity(dtype):
+    big = torch.finfo(dtype).max
+    replicas = [torch.full((10,), big, dtype=dtype), torch.full((10,), big, dtype=dtype)]
     _, finite = _fused(WeightedAverage(), ChunkContext(KeyedRandom(0), "w", 0), replicas, None)
     assert not finite
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_mean_over_many_stripes_gives_the_torch_bits_and_sees_the_last_nan(dtype):
+    """More blocks than stripes, split unevenly, and a partial last block: every element is the
+    torch kernel's, and a NaN in the very last element is seen."""
+    numel = (numba_cpu.STRIPES + 3) * numba_cpu.MEAN_BLOCK + 5
+    generator = torch.Generator().manual_seed(4)
+    replicas = [torch.randn(numel, generator=generator).to(dtype) for _ in range(3)]
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    expected = WeightedAverage().merge_chunk(ctx, replicas, None)
+    merged, finite = _fused(WeightedAverage(), ctx, replicas, None)
+    assert finite and torch.equal(bit_view(merged), bit_view(expected))
+    replicas[1][-1] = float("nan")
+    merged, finite = _fused(WeightedAverage(), ctx, replicas, None)
+    assert not finite and merged[-1].isnan()
 
 
 def _states(num_replicas=4, dtype=torch.bfloat16):

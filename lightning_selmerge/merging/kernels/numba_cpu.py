@@ -4,10 +4,11 @@ Each kernel walks the chunk in blocks of :data:`BLOCK` elements, split over numb
 block's hash words, draws and moved masks live in block-sized arrays that stay in the core's
 cache, and every loop over a block is a plain loop over arrays that LLVM vectorises, so each
 replica's block is read from memory once. What they compute is the torch kernels' bits:
-selection copies bit patterns; the mean adds the float32-widened replicas in order into a zeroed
-float32 sum, divides it by ``K`` and rounds to bfloat16 to nearest even, as ``acc.add_`` /
-``div_`` / ``copy_`` do. Importing this module needs numba; :mod:`.dispatch` imports it only
-when numba is installed.
+selection copies bit patterns; the mean adds the float32-widened replicas in order into a
+float32 sum (as into zeros), divides it by ``K`` and rounds to bfloat16 to nearest even, as
+``acc.add_`` / ``div_`` / ``copy_`` do; the mean walks blocks of :data:`MEAN_BLOCK` in stripes
+and widens in registers (:mod:`.numba_bits`). Importing this module needs numba;
+:mod:`.dispatch` imports it only when numba is installed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from numba.typed import List
 
 from ..keyed_random import UNIFORM_LEVELS
 from .draws import DrawSpec
+from .numba_bits import JIT_OPTIONS, to_bfloat16_bits, widen_bfloat16
 
-__all__ = ["BLOCK", "mean_chunk", "select_chunk"]
+__all__ = ["BLOCK", "MEAN_BLOCK", "mean_chunk", "select_chunk"]
 
 #: Elements per block: a block's draws, choices and moved masks (13 bytes per element) and a
 #: block of each replica stay in a core's L2 cache.
@@ -30,7 +32,10 @@ BLOCK = 4096
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
-JIT_OPTIONS = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+#: Elements per block of the mean: its float32 sums (8 KiB) stay in L1 while the replicas pass.
+MEAN_BLOCK = 2048
+#: Contiguous runs of blocks a mean's chunk is split into over the threads (one sum buffer each).
+STRIPES = 64
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -149,18 +154,13 @@ def _select(
 @njit(inline="always", **JIT_OPTIONS)
 def divide_to_bfloat16(total, divisor, target):  # pragma: no cover - compiled
     """``target`` (int16 bit view) = bfloat16 of ``total / divisor``, rounded to nearest even as
-    torch's ``copy_`` rounds (``total`` is divided in place); whether a result is NaN/Inf."""
+    torch's ``div_`` and ``copy_`` do; whether a result is NaN/Inf."""
+    worst = np.uint16(0)
     for i in range(total.shape[0]):
-        total[i] /= divisor
-    word = total.view(np.uint32)
-    found = False
-    for i in range(total.shape[0]):
-        x = word[i]
-        rounded = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> 16)
-        nan = (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        target[i] = np.int16(np.uint16(0xFFFF) if nan else rounded)
-        found |= (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)
-    return found
+        rounded = to_bfloat16_bits(total[i] / divisor)
+        target[i] = np.int16(rounded)
+        worst = max(worst, rounded & np.uint16(0x7FFF))
+    return worst >= np.uint16(0x7F80)  # all exponent bits set: NaN or Inf
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -176,24 +176,30 @@ def divide_to_float32(total, divisor, target):  # pragma: no cover - compiled
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _mean_bfloat16(replicas, out, divisor):  # pragma: no cover - compiled
-    """The mean of bfloat16 replicas (int16 bit views) into ``out``; whether it is finite."""
+    """The mean of bfloat16 replicas (int16 bit views) into ``out``; whether it is finite. Each
+    thread takes whole stripes (contiguous runs of blocks) with one float32 sum buffer; per
+    block the first replica sets the sums (``0 + x``: -0 becomes +0, as added to zeros) and
+    each later one is widened and added in the same pass, in replica order."""
     n = out.shape[0]
-    blocks = (n + BLOCK - 1) // BLOCK
-    bad = np.zeros(blocks, np.uint8)
-    for block in prange(blocks):
-        lo = block * BLOCK
-        hi = min(n, lo + BLOCK)
-        m = hi - lo
-        total = np.zeros(m, np.float32)
-        wide = np.empty(m, np.uint32)
-        values = wide.view(np.float32)
-        for k in range(len(replicas)):
-            replica = replicas[k][lo:hi]
-            for i in range(m):
-                wide[i] = np.uint32(np.uint16(replica[i])) << np.uint32(16)
-            for i in range(m):
-                total[i] += values[i]
-        bad[block] = divide_to_bfloat16(total, divisor, out[lo:hi])
+    blocks = (n + MEAN_BLOCK - 1) // MEAN_BLOCK
+    stripes = min(blocks, STRIPES)
+    bad = np.zeros(stripes, np.uint8)
+    for stripe in prange(stripes):
+        total = np.empty(MEAN_BLOCK, np.float32)
+        found = False
+        for block in range(stripe * blocks // stripes, (stripe + 1) * blocks // stripes):
+            lo = block * MEAN_BLOCK
+            hi = min(n, lo + MEAN_BLOCK)
+            sums = total[: hi - lo]
+            first = replicas[0][lo:hi]
+            for i in range(hi - lo):
+                sums[i] = np.float32(0.0) + widen_bfloat16(first[i])
+            for k in range(1, len(replicas)):
+                replica = replicas[k][lo:hi]
+                for i in range(hi - lo):
+                    sums[i] += widen_bfloat16(replica[i])
+            found |= divide_to_bfloat16(sums, divisor, out[lo:hi])
+        bad[stripe] = found
     return not bad.any()
 
 

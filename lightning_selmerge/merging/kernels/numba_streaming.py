@@ -16,9 +16,9 @@ import torch
 from numba import njit, prange
 
 from .draws import DrawSpec
+from .numba_bits import JIT_OPTIONS, widen_bfloat16
 from .numba_cpu import (
     BLOCK,
-    JIT_OPTIONS,
     divide_to_bfloat16,
     divide_to_float32,
     draw_arguments,
@@ -112,11 +112,13 @@ def _add_bfloat16(total, piece, first):  # pragma: no cover - compiled
     for block in prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(n, lo + BLOCK)
-        values = piece[lo:hi]
-        wide = np.empty(hi - lo, np.uint32)
-        for i in range(hi - lo):
-            wide[i] = np.uint32(np.uint16(values[i])) << np.uint32(16)
-        _accumulate(total[lo:hi], wide.view(np.float32), first)
+        values, sums = piece[lo:hi], total[lo:hi]
+        if first:  # as _accumulate, widening in registers
+            for i in range(hi - lo):
+                sums[i] = np.float32(0.0) + widen_bfloat16(values[i])
+        else:
+            for i in range(hi - lo):
+                sums[i] += widen_bfloat16(values[i])
 
 
 @njit(parallel=True, **JIT_OPTIONS)
