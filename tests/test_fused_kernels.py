@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_inputs import replicas_off_base
 
 from lightning_selmerge.merging import (
     KeyedRandom,
@@ -32,19 +33,6 @@ from lightning_selmerge.merging.methods.base import ChunkContext
 from lightning_selmerge.merging.methods.selection_kernel import bit_view
 
 SELECTION_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-
-
-def _replicas(num_replicas, numel, dtype, moved_share, seed):
-    """Replicas that leave ``1 - moved_share`` of their elements at the base's bits."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=generator).to(dtype)
-    replicas = []
-    for _ in range(num_replicas):
-        replica = base.clone()
-        moved = torch.rand(numel, generator=generator) < moved_share
-        replica[moved] = torch.randn(int(moved.sum()), generator=generator).to(dtype)
-        replicas.append(replica)
-    return replicas, base
 
 
 def _fused(method, ctx, replicas, base):
@@ -74,7 +62,7 @@ def test_fused_selection_copies_the_torch_kernels_bits(
         probabilities = (raw / raw.sum()).tolist()
         probabilities[-1] = 1.0 - sum(probabilities[:-1])
     method = ParameterSelection(probabilities=probabilities, resample=resample)
-    replicas, base = _replicas(num_replicas, numel, dtype, moved_share, seed)
+    replicas, base = replicas_off_base(num_replicas, numel, dtype, moved_share, seed)
     ctx = ChunkContext(KeyedRandom(seed), "layer.weight", start)
     expected = method.merge_chunk(ctx, replicas, base)
     merged, finite = _fused(method, ctx, replicas, base)
@@ -113,7 +101,7 @@ def test_fused_mean_rounds_like_the_torch_kernel(num_replicas, dtype, numel, sca
 
 
 def test_fused_selection_matches_the_plain_reference():
-    replicas, base = _replicas(5, 700, torch.bfloat16, 0.4, seed=1)
+    replicas, base = replicas_off_base(5, 700, torch.bfloat16, 0.4, seed=1)
     for method in (ParameterSelection(), ParameterSelection(resample=2)):
         ctx = ChunkContext(KeyedRandom(7), "w", 0)
         merged, _ = _fused(method, ctx, replicas, base)
@@ -124,7 +112,7 @@ def test_fused_selection_matches_the_plain_reference():
 @pytest.mark.parametrize("dtype", SELECTION_DTYPES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_fused_selection_sees_a_nonfinite_input_it_did_not_select(dtype, bad):
-    replicas, base = _replicas(4, 3 * numba_cpu.BLOCK, dtype, 1.0, seed=2)
+    replicas, base = replicas_off_base(4, 3 * numba_cpu.BLOCK, dtype, 1.0, seed=2)
     ctx = ChunkContext(KeyedRandom(0), "w", 0)
     method = ParameterSelection()
     merged, _ = _fused(method, ctx, replicas, base)
@@ -288,7 +276,7 @@ def test_the_fused_kernels_use_torchs_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        replicas, base = _replicas(3, 100, torch.float32, 0.5, seed=0)
+        replicas, base = replicas_off_base(3, 100, torch.float32, 0.5, seed=0)
         _fused(ParameterSelection(), ChunkContext(KeyedRandom(0), "w", 0), replicas, base)
         assert numba.get_num_threads() == 1
     finally:

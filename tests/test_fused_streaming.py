@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_inputs import replicas_off_base
 
 from lightning_selmerge.merging import (
     KeyedRandom,
@@ -28,19 +29,6 @@ from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-
-
-def _replicas(num_replicas, numel, dtype, moved_share, seed):
-    """Replicas that leave ``1 - moved_share`` of their elements at the base's bits."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=generator).to(dtype)
-    replicas = []
-    for _ in range(num_replicas):
-        replica = base.clone()
-        moved = torch.rand(numel, generator=generator) < moved_share
-        replica[moved] = torch.randn(int(moved.sum()), generator=generator).to(dtype)
-        replicas.append(replica)
-    return replicas, base
 
 
 def _raise_nonfinite(piece, position, start):
@@ -96,7 +84,7 @@ def test_a_fused_selection_state_gives_the_torch_states_bits(
         probabilities = (raw / raw.sum()).tolist()
         probabilities[-1] = 1.0 - sum(probabilities[:-1])
     method = ParameterSelection(probabilities=probabilities, resample=resample)
-    replicas, base = _replicas(num_replicas, numel, dtype, moved_share, seed)
+    replicas, base = replicas_off_base(num_replicas, numel, dtype, moved_share, seed)
     tensor = _tensor(replicas, base, seed, chunk_numel)
     expected = _stream(method, tensor, replicas, "torch")
     merged = _stream(method, tensor, replicas, "fused")
@@ -149,7 +137,9 @@ def test_a_fused_running_sum_starts_from_the_first_replica_with_zeros_bits(dtype
 @pytest.mark.parametrize(("num_replicas", "resample"), [(4, 0), (4, 1), (4, 4), (20, 2), (3, 1)])
 def test_the_fused_candidates_are_the_plain_draws(num_replicas, resample):
     method = ParameterSelection(resample=resample)
-    replicas, base = _replicas(num_replicas, 2 * numba_cpu.BLOCK + 9, torch.bfloat16, 0.5, 1)
+    replicas, base = replicas_off_base(
+        num_replicas, 2 * numba_cpu.BLOCK + 9, torch.bfloat16, 0.5, 1
+    )
     tensor = _tensor(replicas, base, seed=5, chunk_numel=1000)
     with use_kernels("fused"):
         state = fused_streaming_state(method, tensor)
@@ -159,7 +149,7 @@ def test_the_fused_candidates_are_the_plain_draws(num_replicas, resample):
 
 @pytest.mark.parametrize("method", [ParameterSelection(), ParameterSelection(resample=2)])
 def test_a_fused_selection_state_names_the_first_bad_chunk_of_the_replica(method):
-    replicas, base = _replicas(3, 3000, torch.float32, 0.5, seed=0)
+    replicas, base = replicas_off_base(3, 3000, torch.float32, 0.5, seed=0)
     replicas[1][2500] = float("inf")
     replicas[1][2900] = float("nan")
     tensor = _tensor(replicas, base, seed=0, chunk_numel=1000)
@@ -173,7 +163,7 @@ def test_a_fused_selection_state_names_the_first_bad_chunk_of_the_replica(method
 
 
 def test_states_no_fused_kernel_covers_stay_on_torch():
-    replicas, base = _replicas(3, 10, torch.float32, 0.5, seed=0)
+    replicas, base = replicas_off_base(3, 10, torch.float32, 0.5, seed=0)
     tensor = _tensor(replicas, base, seed=0, chunk_numel=4)
     with use_kernels("fused"):
         assert fused_streaming_state(WeightedAverage(weights=[1.0, 2.0, 3.0]), tensor) is None

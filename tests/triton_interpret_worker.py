@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import torch
+from kernel_inputs import replicas_off_base
 
 from lightning_selmerge.merging import (
     KeyedRandom,
@@ -113,18 +114,6 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _replicas(k, numel, dtype, moved_share, seed, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=generator).to(dtype)
-    replicas = []
-    for _ in range(k):
-        replica = base.clone()
-        moved = torch.rand(numel, generator=generator) < moved_share
-        replica[moved] = torch.randn(int(moved.sum()), generator=generator).to(dtype)
-        replicas.append(replica.to(device))
-    return replicas, base.to(device)
-
-
 def _probabilities(k, seed):
     raw = torch.rand(k, generator=torch.Generator().manual_seed(seed)) + 0.05
     probabilities = (raw / raw.sum()).tolist()
@@ -155,7 +144,7 @@ def run_selection(kernels, case, device="cpu") -> dict[str, Any]:
     k = case["k"]
     probabilities = _probabilities(k, case["seed"]) if case["weighted"] else None
     method = ParameterSelection(probabilities=probabilities, resample=case["resample"])
-    replicas, base = _replicas(k, case["numel"], dtype, case["moved"], case["seed"], device)
+    replicas, base = replicas_off_base(k, case["numel"], dtype, case["moved"], case["seed"], device)
     ctx = ChunkContext(KeyedRandom(case["seed"]), "layers.0.weight", case["start"])
     expected = method.merge_chunk(ctx, replicas, base)
     out, finite = _select(kernels, method, ctx, replicas, base)
@@ -192,7 +181,7 @@ def run_mean(kernels, case, device="cpu") -> dict[str, Any]:
 
 def run_nonfinite(kernels, case, device="cpu") -> dict[str, Any]:
     dtype = _dtype(case["dtype"])
-    replicas, base = _replicas(4, BLOCK + 5, dtype, 0.5, seed=9, device=device)
+    replicas, base = replicas_off_base(4, BLOCK + 5, dtype, 0.5, seed=9, device=device)
     ctx = ChunkContext(KeyedRandom(0), "w", 11)
     if case["method"] == "selection":
         method = ParameterSelection(resample=case["resample"])
