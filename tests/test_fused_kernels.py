@@ -134,7 +134,9 @@ def test_fused_mean_flags_an_output_that_rounds_to_infinity(dtype):
 def test_fused_mean_over_many_stripes_gives_the_torch_bits_and_sees_the_last_nan(dtype):
     """More blocks than stripes, split unevenly, and a partial last block: every element is the
     torch kernel's, and a NaN in the very last element is seen."""
-    numel = (numba_cpu.STRIPES + 3) * numba_cpu.MEAN_BLOCK + 5
+    # three replicas: 6 bytes per element in bfloat16 (small blocks), 12 in float32 (large)
+    block = numba_cpu.MEAN_BLOCK if dtype == torch.bfloat16 else numba_cpu.MEAN_BLOCK_MANY
+    numel = (numba_cpu.STRIPES + 3) * block + 5
     generator = torch.Generator().manual_seed(4)
     replicas = [torch.randn(numel, generator=generator).to(dtype) for _ in range(3)]
     ctx = ChunkContext(KeyedRandom(0), "w", 0)

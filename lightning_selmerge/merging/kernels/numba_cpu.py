@@ -6,9 +6,9 @@ cache, and every loop over a block is a plain loop over arrays that LLVM vectori
 replica's block is read from memory once. What they compute is the torch kernels' bits:
 selection copies bit patterns; the mean adds the float32-widened replicas in order into a
 float32 sum (as into zeros), divides it by ``K`` and rounds to bfloat16 to nearest even, as
-``acc.add_`` / ``div_`` / ``copy_`` do; the mean walks blocks of :data:`MEAN_BLOCK` in stripes
-and widens in registers (:mod:`.numba_bits`). Importing this module needs numba;
-:mod:`.dispatch` imports it only when numba is installed.
+``acc.add_`` / ``div_`` / ``copy_`` do; the mean walks blocks (:data:`MEAN_BLOCK`,
+:data:`MEAN_BLOCK_MANY`) in stripes and widens in registers (:mod:`.numba_bits`). Importing
+this module needs numba; :mod:`.dispatch` imports it only when numba is installed.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 from numba.typed import List
 
 from ..keyed_random import UNIFORM_LEVELS
 from .draws import DrawSpec
 from .numba_bits import JIT_OPTIONS, to_bfloat16_bits, widen_bfloat16
 
-__all__ = ["BLOCK", "MEAN_BLOCK", "mean_chunk", "select_chunk"]
+__all__ = ["BLOCK", "MEAN_BLOCK", "MEAN_BLOCK_MANY", "mean_chunk", "select_chunk"]
 
 #: Elements per block: a block's draws, choices and moved masks (13 bytes per element) and a
 #: block of each replica stay in a core's L2 cache.
@@ -32,8 +33,12 @@ BLOCK = 4096
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
-#: Elements per block of the mean: its float32 sums (8 KiB) stay in L1 while the replicas pass.
+#: Elements per block of the mean with few replica bytes per element (K x itemsize <= 8): its
+#: float32 sums (8 KiB) stay in L1 while the replicas pass.
 MEAN_BLOCK = 2048
+#: ... and with more: long runs of each replica keep the prefetchers streaming
+#: (docs/performance.md).
+MEAN_BLOCK_MANY = 16384
 #: Contiguous runs of blocks a mean's chunk is split into over the threads (one sum buffer each).
 STRIPES = 64
 
@@ -174,51 +179,61 @@ def divide_to_float32(total, divisor, target):  # pragma: no cover - compiled
     return found
 
 
+def as_float32(x):  # pragma: no cover - only its compiled overload runs
+    """An element as float32: bfloat16 given as its int16 bits is widened, float32 kept."""
+    raise NotImplementedError
+
+
+@overload(as_float32, inline="always", jit_options=JIT_OPTIONS)
+def _as_float32(x):
+    if x == types.int16:
+        return lambda x: widen_bfloat16(x)
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+def divide_into(total, divisor, target):  # pragma: no cover - only its compiled overload runs
+    """``target`` = ``total / divisor`` in ``target``'s type (int16: bfloat16 bits); whether a
+    result is NaN/Inf."""
+    raise NotImplementedError
+
+
+@overload(divide_into, inline="always", jit_options=JIT_OPTIONS)
+def _divide_into(total, divisor, target):
+    if target.dtype == types.int16:
+        return lambda total, divisor, target: divide_to_bfloat16(total, divisor, target)
+    if target.dtype == types.float32:
+        return lambda total, divisor, target: divide_to_float32(total, divisor, target)
+    return None
+
+
 @njit(parallel=True, **JIT_OPTIONS)
-def _mean_bfloat16(replicas, out, divisor):  # pragma: no cover - compiled
-    """The mean of bfloat16 replicas (int16 bit views) into ``out``; whether it is finite. Each
-    thread takes whole stripes (contiguous runs of blocks) with one float32 sum buffer; per
-    block the first replica sets the sums (``0 + x``: -0 becomes +0, as added to zeros) and
-    each later one is widened and added in the same pass, in replica order."""
+def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
+    """The mean of the replicas (float32, or bfloat16 as int16 bit views) into ``out``; whether
+    it is finite. Each thread takes whole stripes (contiguous runs of blocks) with one float32
+    sum buffer; per block the first replica sets the sums (``0 + x``: -0 becomes +0, as added
+    to zeros) and each later one is widened and added in the same pass, in replica order."""
     n = out.shape[0]
-    blocks = (n + MEAN_BLOCK - 1) // MEAN_BLOCK
+    blocks = (n + block_size - 1) // block_size
     stripes = min(blocks, STRIPES)
     bad = np.zeros(stripes, np.uint8)
     for stripe in prange(stripes):
-        total = np.empty(MEAN_BLOCK, np.float32)
+        total = np.empty(block_size, np.float32)
         found = False
         for block in range(stripe * blocks // stripes, (stripe + 1) * blocks // stripes):
-            lo = block * MEAN_BLOCK
-            hi = min(n, lo + MEAN_BLOCK)
+            lo = block * block_size
+            hi = min(n, lo + block_size)
             sums = total[: hi - lo]
             first = replicas[0][lo:hi]
             for i in range(hi - lo):
-                sums[i] = np.float32(0.0) + widen_bfloat16(first[i])
+                sums[i] = np.float32(0.0) + as_float32(first[i])
             for k in range(1, len(replicas)):
                 replica = replicas[k][lo:hi]
                 for i in range(hi - lo):
-                    sums[i] += widen_bfloat16(replica[i])
-            found |= divide_to_bfloat16(sums, divisor, out[lo:hi])
+                    sums[i] += as_float32(replica[i])
+            found |= divide_into(sums, divisor, out[lo:hi])
         bad[stripe] = found
-    return not bad.any()
-
-
-@njit(parallel=True, **JIT_OPTIONS)
-def _mean_float32(replicas, out, divisor):  # pragma: no cover - compiled
-    """The mean of float32 replicas into ``out``; whether it is finite."""
-    n = out.shape[0]
-    blocks = (n + BLOCK - 1) // BLOCK
-    bad = np.zeros(blocks, np.uint8)
-    for block in prange(blocks):
-        lo = block * BLOCK
-        hi = min(n, lo + BLOCK)
-        m = hi - lo
-        total = np.zeros(m, np.float32)
-        for k in range(len(replicas)):
-            replica = replicas[k][lo:hi]
-            for i in range(m):
-                total[i] += replica[i]
-        bad[block] = divide_to_float32(total, divisor, out[lo:hi])
     return not bad.any()
 
 
@@ -286,6 +301,7 @@ def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
     use_torch_threads()
     divisor = np.float32(len(replicas))
     if out.dtype == torch.bfloat16:
-        views = [r.view(torch.int16) for r in replicas]
-        return bool(_mean_bfloat16(as_arrays(views), out.view(torch.int16).numpy(), divisor))
-    return bool(_mean_float32(as_arrays(replicas), out.numpy(), divisor))
+        replicas, out = [r.view(torch.int16) for r in replicas], out.view(torch.int16)
+    many = len(replicas) * replicas[0].element_size() > 8
+    block = MEAN_BLOCK_MANY if many else MEAN_BLOCK
+    return bool(_mean(as_arrays(replicas), out.numpy(), divisor, block))

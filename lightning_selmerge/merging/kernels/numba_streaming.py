@@ -16,11 +16,11 @@ import torch
 from numba import njit, prange
 
 from .draws import DrawSpec
-from .numba_bits import JIT_OPTIONS, widen_bfloat16
+from .numba_bits import JIT_OPTIONS
 from .numba_cpu import (
     BLOCK,
-    divide_to_bfloat16,
-    divide_to_float32,
+    as_float32,
+    divide_into,
     draw_arguments,
     draw_block,
     use_torch_threads,
@@ -93,65 +93,35 @@ def _fold_selection(candidates, position, piece, base, out, won, nonfinite):  # 
     return not bad.any()
 
 
-@njit(inline="always", **JIT_OPTIONS)
-def _accumulate(sums, values, first):  # pragma: no cover - compiled
-    """``sums += values``; the first replica sets ``sums = values + 0``, the bits of ``0 +
-    values`` (-0 becomes +0, as when adding to zeros), without zeroing the sums first."""
-    if first:
-        for i in range(sums.shape[0]):
-            sums[i] = values[i] + np.float32(0.0)
-    else:
-        for i in range(sums.shape[0]):
-            sums[i] += values[i]
-
-
 @njit(parallel=True, **JIT_OPTIONS)
-def _add_bfloat16(total, piece, first):  # pragma: no cover - compiled
-    """``total += float32(piece)`` for bfloat16 ``piece`` (an int16 bit view)."""
+def _add(total, piece, first):  # pragma: no cover - compiled
+    """``total += float32(piece)`` (``piece``: float32, or bfloat16 as int16 bits); with
+    ``first``, ``total = 0 + float32(piece)``, the bits of adding to zeros (-0 becomes +0)
+    without zeroing ``total`` first."""
     n = total.shape[0]
     for block in prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         hi = min(n, lo + BLOCK)
         values, sums = piece[lo:hi], total[lo:hi]
-        if first:  # as _accumulate, widening in registers
+        if first:
             for i in range(hi - lo):
-                sums[i] = np.float32(0.0) + widen_bfloat16(values[i])
+                sums[i] = np.float32(0.0) + as_float32(values[i])
         else:
             for i in range(hi - lo):
-                sums[i] += widen_bfloat16(values[i])
+                sums[i] += as_float32(values[i])
 
 
 @njit(parallel=True, **JIT_OPTIONS)
-def _add_float32(total, piece, first):  # pragma: no cover - compiled
-    """``total += piece``, float32."""
-    n = total.shape[0]
-    for block in prange((n + BLOCK - 1) // BLOCK):
-        lo = block * BLOCK
-        hi = min(n, lo + BLOCK)
-        _accumulate(total[lo:hi], piece[lo:hi], first)
-
-
-@njit(parallel=True, **JIT_OPTIONS)
-def _divide_bfloat16(total, out, divisor):  # pragma: no cover - compiled
+def _divide(total, out, divisor):  # pragma: no cover - compiled
+    """``out`` = ``total / divisor`` (``out``: float32, or bfloat16 as int16 bits); whether
+    every result is finite."""
     n = total.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
     bad = np.zeros(blocks, np.uint8)
     for block in prange(blocks):
         lo = block * BLOCK
         hi = min(n, lo + BLOCK)
-        bad[block] = divide_to_bfloat16(total[lo:hi], divisor, out[lo:hi])
-    return not bad.any()
-
-
-@njit(parallel=True, **JIT_OPTIONS)
-def _divide_float32(total, out, divisor):  # pragma: no cover - compiled
-    n = total.shape[0]
-    blocks = (n + BLOCK - 1) // BLOCK
-    bad = np.zeros(blocks, np.uint8)
-    for block in prange(blocks):
-        lo = block * BLOCK
-        hi = min(n, lo + BLOCK)
-        bad[block] = divide_to_float32(total[lo:hi], divisor, out[lo:hi])
+        bad[block] = divide_into(total[lo:hi], divisor, out[lo:hi])
     return not bad.any()
 
 
@@ -215,16 +185,14 @@ def add_to_sum(total: torch.Tensor, piece: torch.Tensor, first: bool = False) ->
     """
     use_torch_threads()
     if piece.dtype == torch.bfloat16:
-        _add_bfloat16(total.numpy(), piece.view(torch.int16).numpy(), first)
-    else:
-        _add_float32(total.numpy(), piece.numpy(), first)
+        piece = piece.view(torch.int16)
+    _add(total.numpy(), piece.numpy(), first)
 
 
 def divide_sum(total: torch.Tensor, divisor: float, out: torch.Tensor) -> bool:
     """``out`` = ``total / divisor`` rounded to ``out``'s dtype (``total`` may be divided in
     place); whether every element of ``out`` is finite."""
     use_torch_threads()
-    scale = np.float32(divisor)
     if out.dtype == torch.bfloat16:
-        return bool(_divide_bfloat16(total.numpy(), out.view(torch.int16).numpy(), scale))
-    return bool(_divide_float32(total.numpy(), out.numpy(), scale))
+        out = out.view(torch.int16)
+    return bool(_divide(total.numpy(), out.numpy(), np.float32(divisor)))
