@@ -8,9 +8,11 @@ directories::
 
 ``lightning-selmerge merge --epoch_dir SNAPSHOTS/epoch_002 --out DIR`` merges what a job array of
 replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/``, ...), refusing
-missing replicas unless ``--allow_missing``; it streams the replicas (one open at a time, memory
-flat in K, the same bits as the all-at-once merge), as the first form does when the replicas
-exceed half the available memory; ``--streaming true/false`` chooses.
+missing replicas unless ``--allow_missing``; it streams the replicas (one open at a time, the
+same bits as the all-at-once merge). The first form maps every replica at once unless
+``--streaming true``: faster, and it also runs where the replicas exceed the memory (their pages
+are the kernel's to drop and read again), where the streaming merge's window of state does not
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from lightning_selmerge.merging import (
     load_rules,
     merge_checkpoints,
 )
-from lightning_selmerge.merging.accumulators import without_streaming_form
 from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
 from lightning_selmerge.merging.methods import (
     MergeMethod,
@@ -87,9 +88,9 @@ def merge_parser() -> ArgumentParser:
         "--streaming",
         type=bool | None,
         default=None,
-        help="true: read one replica at a time (memory flat in K, same bits); false: map all at "
-        "once (faster); default: streaming for --epoch_dir and for replicas larger than half "
-        "the available memory",
+        help="true: read one replica at a time (same bits; each file read in one sequential "
+        "pass); false: map all at once (faster, and works where the replicas exceed memory); "
+        "default: streaming for --epoch_dir, else all at once",
     )
     parser.add_argument(
         "--draw_prefix",
@@ -128,26 +129,6 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def _use_streaming(
-    streaming: bool | None, replicas: Sequence[str], method: MergeMethod, rules: Sequence
-) -> bool:
-    """``--streaming`` as given, else: streaming only where mapping every replica at once
-    might not fit (the replicas' bytes exceed half the available memory); otherwise the
-    all-at-once merge, faster and smaller for every method (docs/performance.md: the average
-    about 2x, at a third of the memory). Both give the same bits."""
-    if streaming is not None:
-        return streaming
-    if without_streaming_form(method, rules):
-        return False  # e.g. TIES: it needs every replica at once
-    import psutil
-
-    total = 0
-    for path in map(Path, replicas):
-        files = path.rglob("*.safetensors") if path.is_dir() else [path]
-        total += sum(f.stat().st_size for f in files if f.is_file())
-    return total > psutil.virtual_memory().available // 2
 
 
 def method_from_args(args: Any) -> MergeMethod:
@@ -229,9 +210,7 @@ def run_merge(argv: Sequence[str]) -> int:
             raise MergeError("no replicas: give replica paths or --epoch_dir SNAPSHOTS/epoch_N")
         elif args.num_replicas is not None or args.allow_missing:
             raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
-        elif (args.draw_prefix and args.streaming is None) or _use_streaming(
-            args.streaming, args.replicas, method, rules
-        ):
+        elif args.streaming or (args.draw_prefix and args.streaming is None):
             out = merge_checkpoints_streaming(
                 args.replicas, args.out, draw_prefix=args.draw_prefix, **common
             )
