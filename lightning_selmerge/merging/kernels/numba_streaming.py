@@ -190,8 +190,8 @@ def add_to_sum(total: torch.Tensor, piece: torch.Tensor, first: bool = False) ->
 
 
 def divide_sum(total: torch.Tensor, divisor: float, out: torch.Tensor) -> bool:
-    """``out`` = ``total / divisor`` rounded to ``out``'s dtype (``total`` may be divided in
-    place); whether every element of ``out`` is finite."""
+    """``out`` = ``total / divisor`` rounded to ``out``'s dtype (``total`` is left as it is);
+    whether every element of ``out`` is finite."""
     use_torch_threads()
     if out.dtype == torch.bfloat16:
         out = out.view(torch.int16)
