@@ -2,8 +2,8 @@
 
 What it measures:
 
-* Builds K synthetic bf16 replicas (default 4, ``--total-gb`` of replicas in all) and their base
-  on ``--device``, shaped like a small decoder (the tensor list of ``merge_bench.py``), with
+* Builds K synthetic replicas (default 4, ``--total-gb`` of replicas in all, ``--dtype``
+  bfloat16 by default) and their base on ``--device``, shaped like a small decoder (the tensor list of ``merge_bench.py``), with
   ``--unchanged`` of each replica's elements left equal to the base.
 * Times ``merge_state_dicts`` for the weighted average, selection and selection + resample(4),
   for each ``--chunk-numel``, best of ``--repeats`` (CUDA: synchronized before and after).
@@ -47,6 +47,7 @@ from lightning_selmerge.merging.kernels import use_kernels  # noqa: E402
 
 #: The fused kernels' package per device type (see lightning_selmerge.merging.kernels.dispatch).
 FUSED_PACKAGE = {"cuda": "triton", "cpu": "numba"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _merge_bench_module():
@@ -60,16 +61,23 @@ def _merge_bench_module():
 
 
 def make_replicas(
-    total_gb: float, k: int, unchanged: float, device: torch.device, seed: int
+    total_gb: float,
+    k: int,
+    unchanged: float,
+    device: torch.device,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    shape = _merge_bench_module().choose_shape(total_gb, k, None, None)
+    # the shape is sized for bf16: scale the budget so that the replicas hold total_gb in all
+    scale = 2 / torch.empty(0, dtype=dtype).element_size()
+    shape = _merge_bench_module().choose_shape(total_gb * scale, k, None, None)
     gen = torch.Generator(device=device).manual_seed(seed)
     base: dict[str, torch.Tensor] = {}
     replicas: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     for name, dims in shape.tensors():
-        base[name] = torch.randn(dims, generator=gen, device=device).to(torch.bfloat16)
+        base[name] = torch.randn(dims, generator=gen, device=device).to(dtype)
         for replica in replicas:
-            noise = torch.randn(dims, generator=gen, device=device).mul_(0.01).to(torch.bfloat16)
+            noise = torch.randn(dims, generator=gen, device=device).mul_(0.01).to(dtype)
             keep = torch.rand(dims, generator=gen, device=device) < unchanged
             replica[name] = torch.where(keep, base[name], base[name] + noise)
     return replicas, base
@@ -109,9 +117,9 @@ def time_merge(replicas, base, method, chunk_numel: int, repeats: int, device, k
 
 
 def bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Every tensor of ``a`` has ``b``'s bits (int16 views: the replicas are bf16)."""
+    """Every tensor of ``a`` has ``b``'s bits."""
     return a.keys() == b.keys() and all(
-        torch.equal(a[n].view(torch.int16).cpu(), b[n].view(torch.int16).cpu()) for n in a
+        torch.equal(a[n].view(torch.uint8).cpu(), b[n].view(torch.uint8).cpu()) for n in a
     )
 
 
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-gb", type=float, default=1.5)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--unchanged", type=float, default=0.3)
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the replicas' dtype")
     parser.add_argument(
         "--chunk-numel", default="1048576,16777216,67108864", help="comma-separated sizes"
     )
@@ -155,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     check_setup(parser, device, args.kernels)
     settings = ["torch", "fused"] if args.kernels == "both" else [args.kernels]
 
-    replicas, base = make_replicas(args.total_gb, args.k, args.unchanged, device, seed=0)
+    dtype = DTYPES[args.dtype]
+    replicas, base = make_replicas(args.total_gb, args.k, args.unchanged, device, 0, dtype)
     numel = sum(t.numel() for t in base.values())
-    replica_gb = numel * 2 * args.k / 1e9
+    replica_gb = numel * dtype.itemsize * args.k / 1e9
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"K={args.k} bf16 replicas, {replica_gb:.3f} GB in all, {len(base)} tensors")
+    print(f"K={args.k} {args.dtype} replicas, {replica_gb:.3f} GB in all, {len(base)} tensors")
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for setting in settings:
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "device": name,
+                    "dtype": args.dtype,
                     "replica_gb": replica_gb,
                     "seconds": results,
                     "torch_over_fused": speedups,

@@ -25,6 +25,7 @@ from lightning_selmerge.merging.kernels import (
     dispatch,
     fused_merge_chunk,
     kernel_setting,
+    numba_bits,
     numba_cpu,
     use_kernels,
 )
@@ -80,18 +81,24 @@ def test_equal_thresholds_count_like_a_multiply_and_shift():
         assert torch.equal(counted, uniforms * num_replicas >> 16), num_replicas
 
 
-@settings(max_examples=25, deadline=None)
+MEAN_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     num_replicas=st.integers(1, 20),
-    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    dtype=st.sampled_from(MEAN_DTYPES),
     numel=st.integers(1, 2 * numba_cpu.BLOCK + 3),
-    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    scale=st.sampled_from(["subnormal", "one", "near the largest"]),
     seed=st.integers(0, 2**16),
 )
 def test_fused_mean_rounds_like_the_torch_kernel(num_replicas, dtype, numel, scale, seed):
+    info = torch.finfo(dtype)
+    # randn stays within 6 sigma here, so the sums of the largest scale stay finite
+    factor = {"subnormal": info.tiny, "one": 1.0, "near the largest": info.max / (6 * 20)}[scale]
     generator = torch.Generator().manual_seed(seed)
     replicas = [
-        (torch.randn(numel, generator=generator) * scale).to(dtype) for _ in range(num_replicas)
+        (torch.randn(numel, generator=generator) * factor).to(dtype) for _ in range(num_replicas)
     ]
     ctx = ChunkContext(KeyedRandom(0), "w", 0)
     expected = WeightedAverage().merge_chunk(ctx, replicas, None)
@@ -122,7 +129,7 @@ def test_fused_selection_sees_a_nonfinite_input_it_did_not_select(dtype, bad):
     assert not finite
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float16's sum cannot
 def test_fused_mean_flags_an_output_that_rounds_to_infinity(dtype):
     big = torch.finfo(dtype).max
     replicas = [torch.full((10,), big, dtype=dtype), torch.full((10,), big, dtype=dtype)]
@@ -130,12 +137,12 @@ def test_fused_mean_flags_an_output_that_rounds_to_infinity(dtype):
     assert not finite
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", MEAN_DTYPES)
 def test_fused_mean_over_many_stripes_gives_the_torch_bits_and_sees_the_last_nan(dtype):
     """More blocks than stripes, split unevenly, and a partial last block: every element is the
     torch kernel's, and a NaN in the very last element is seen."""
-    # three replicas: 6 bytes per element in bfloat16 (small blocks), 12 in float32 (large)
-    block = numba_cpu.MEAN_BLOCK if dtype == torch.bfloat16 else numba_cpu.MEAN_BLOCK_MANY
+    # three replicas: 6 bytes per element in 16 bits (small blocks), 12 in float32 (large)
+    block = numba_cpu.MEAN_BLOCK_MANY if dtype == torch.float32 else numba_cpu.MEAN_BLOCK
     numel = (numba_cpu.STRIPES + 3) * block + 5
     generator = torch.Generator().manual_seed(4)
     replicas = [torch.randn(numel, generator=generator).to(dtype) for _ in range(3)]
@@ -240,13 +247,37 @@ def test_chunks_no_fused_kernel_covers_take_the_torch_kernels():
     tensors = [torch.randn(10) for _ in range(3)]
     weighted = WeightedAverage(weights=[1.0, 2.0, 3.0])  # addcmul_ may fuse; kept on torch
     assert fused_merge_chunk(weighted, ctx, tensors, None, torch.empty(10)) is None
-    halves = [t.half() for t in tensors]  # no float16 mean kernel on CPU
-    assert fused_merge_chunk(WeightedAverage(), ctx, halves, None, torch.empty(10).half()) is None
+    doubles = [t.double() for t in tensors]  # no float64 mean kernel
+    out64 = torch.empty(10, dtype=torch.float64)
+    assert fused_merge_chunk(WeightedAverage(), ctx, doubles, None, out64) is None
     eights = [t.to(torch.float8_e4m3fn) for t in tensors]  # no NaN/Inf bit mask
     out = torch.empty(10, dtype=torch.float8_e4m3fn)
     assert fused_merge_chunk(ParameterSelection(), ctx, eights, None, out) is None
     with use_kernels("torch"):
         assert fused_merge_chunk(ParameterSelection(), ctx, tensors, None, torch.empty(10)) is None
+
+
+def test_float16_means_take_the_torch_kernels_where_the_cpu_cannot_convert_float16(monkeypatch):
+    halves = [torch.randn(10).half() for _ in range(3)]
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    monkeypatch.setattr(numba_cpu, "HOST_UNCOVERED_MEAN_DTYPES", (torch.float16,))
+    assert fused_merge_chunk(WeightedAverage(), ctx, halves, None, torch.empty(10).half()) is None
+    out = torch.empty(10).half()
+    assert fused_merge_chunk(ParameterSelection(), ctx, halves, None, out) is not None
+
+
+def test_float16_conversions_count_as_hardware_only_with_f16c_on_x86(monkeypatch):
+    from numba.core import config
+
+    monkeypatch.setattr(numba_bits.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,-f16c,+sse2")
+    assert not numba_bits.float16_in_hardware()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+f16c")
+    assert numba_bits.float16_in_hardware()
+    monkeypatch.setattr(numba_bits.platform, "machine", lambda: "aarch64")
+    assert numba_bits.float16_in_hardware()
+    monkeypatch.setattr(numba_bits.platform, "machine", lambda: "ppc64le")
+    assert not numba_bits.float16_in_hardware()
 
 
 def test_the_kernel_setting_comes_from_the_environment(monkeypatch):

@@ -94,10 +94,10 @@ def test_a_fused_selection_state_gives_the_torch_states_bits(
 @settings(max_examples=30, deadline=None)
 @given(
     num_replicas=st.integers(2, 20),
-    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     numel=st.integers(1, 2 * numba_cpu.BLOCK + 3),
     chunk_numel=st.sampled_from([5, 1 << 20]),
-    scale=st.sampled_from([1e-3, 1.0, 1e30]),
+    scale=st.sampled_from([1e-6, 1.0, 1e4, 1e30]),  # in float16: subnormal, ..., Inf
     seed=st.integers(0, 2**16),
 )
 def test_a_fused_running_sum_gives_the_torch_states_bits(
@@ -120,7 +120,7 @@ def test_a_fused_running_sum_gives_the_torch_states_bits(
     assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_a_fused_running_sum_starts_from_the_first_replica_with_zeros_bits(dtype):
     """The fused sum is not zeroed: the first replica sets it. Signed zeros show the difference
     between setting and adding to zeros (-0 + 0 is +0), so the torch state's bits are the judge."""
@@ -167,8 +167,8 @@ def test_states_no_fused_kernel_covers_stay_on_torch():
     tensor = _tensor(replicas, base, seed=0, chunk_numel=4)
     with use_kernels("fused"):
         assert fused_streaming_state(WeightedAverage(weights=[1.0, 2.0, 3.0]), tensor) is None
-        halves = _tensor([r.half() for r in replicas], base.half(), seed=0, chunk_numel=4)
-        assert fused_streaming_state(WeightedAverage(), halves) is None
+        doubles = _tensor([r.double() for r in replicas], base.double(), seed=0, chunk_numel=4)
+        assert fused_streaming_state(WeightedAverage(), doubles) is None
         eights = [r.to(torch.float8_e4m3fn) for r in replicas]
         assert fused_streaming_state(ParameterSelection(), _tensor(eights, None, 0, 4)) is None
         no_base = _tensor(replicas, None, seed=0, chunk_numel=4)

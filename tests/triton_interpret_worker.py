@@ -258,7 +258,6 @@ def run_dispatch(kernels) -> dict[str, Any]:
 
     sys.modules[f"{dispatch.__package__}.triton_cpu_test"] = Counted  # type: ignore[assignment]
     dispatch._BACKENDS["cpu"] = ("triton_cpu_test", "triton")
-    dispatch._MEAN_DTYPES["cpu"] = dispatch._MEAN_DTYPES["cuda"]
     result: dict[str, Any] = {}
     methods = {
         "selection": ParameterSelection(),

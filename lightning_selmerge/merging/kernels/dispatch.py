@@ -35,8 +35,10 @@ _override: list[str] = []
 
 #: Per device type: the backend's module and the package it needs.
 _BACKENDS = {"cpu": ("numba_cpu", "numba"), "cuda": ("triton_cuda", "triton")}
+#: The dtypes the plain mean's kernels cover; a backend module may decline some on its host
+#: (its ``HOST_UNCOVERED_MEAN_DTYPES``: float16 on a CPU without float16 conversions).
 _MEAN_DTYPES = {
-    "cpu": (torch.bfloat16, torch.float32),
+    "cpu": (torch.bfloat16, torch.float16, torch.float32),
     "cuda": (torch.bfloat16, torch.float16, torch.float32),
 }
 
@@ -114,7 +116,11 @@ def fused_backend(
         return None
     if not _covered(method, dtype, device_type):
         return None
-    return _backend(device_type, setting, module_name)
+    backend = _backend(device_type, setting, module_name)
+    declined = getattr(backend, "HOST_UNCOVERED_MEAN_DTYPES", ())
+    if isinstance(method, WeightedAverage) and dtype in declined:
+        return None
+    return backend
 
 
 def fused_merge_chunk(

@@ -5,7 +5,7 @@ block's hash words, draws and moved masks live in block-sized arrays that stay i
 cache, and every loop over a block is a plain loop over arrays that LLVM vectorises, so each
 replica's block is read from memory once. What they compute is the torch kernels' bits:
 selection copies bit patterns; the mean adds the float32-widened replicas in order into a
-float32 sum (as into zeros), divides it by ``K`` and rounds to bfloat16 to nearest even, as
+float32 sum (as into zeros), divides it by ``K`` and rounds to the dtype to nearest even, as
 ``acc.add_`` / ``div_`` / ``copy_`` do; the mean walks blocks (:data:`MEAN_BLOCK`,
 :data:`MEAN_BLOCK_MANY`) in stripes and widens in registers (:mod:`.numba_bits`). Importing
 this module needs numba; :mod:`.dispatch` imports it only when numba is installed.
@@ -22,9 +22,24 @@ from numba.typed import List
 
 from ..keyed_random import UNIFORM_LEVELS
 from .draws import DrawSpec
-from .numba_bits import JIT_OPTIONS, to_bfloat16_bits, widen_bfloat16
+from .numba_bits import (
+    JIT_OPTIONS,
+    float16_in_hardware,
+    to_bfloat16_bits,
+    to_float16_bits,
+    widen_bfloat16,
+    widen_float16,
+)
 
-__all__ = ["BLOCK", "MEAN_BLOCK", "MEAN_BLOCK_MANY", "mean_chunk", "select_chunk"]
+__all__ = [
+    "BLOCK",
+    "HOST_UNCOVERED_MEAN_DTYPES",
+    "MEAN_BLOCK",
+    "MEAN_BLOCK_MANY",
+    "mean_array",
+    "mean_chunk",
+    "select_chunk",
+]
 
 #: Elements per block: a block's draws, choices and moved masks (13 bytes per element) and a
 #: block of each replica stay in a core's L2 cache.
@@ -41,6 +56,11 @@ MEAN_BLOCK = 2048
 MEAN_BLOCK_MANY = 16384
 #: Contiguous runs of blocks a mean's chunk is split into over the threads (one sum buffer each).
 STRIPES = 64
+#: The dtypes the dispatch lists for the mean that this CPU's kernels cannot take: float16 where
+#: the CPU has no float16 conversions (:func:`.numba_bits.float16_in_hardware`).
+HOST_UNCOVERED_MEAN_DTYPES: tuple[torch.dtype, ...] = (
+    () if float16_in_hardware() else (torch.float16,)
+)
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -169,6 +189,18 @@ def divide_to_bfloat16(total, divisor, target):  # pragma: no cover - compiled
 
 
 @njit(inline="always", **JIT_OPTIONS)
+def divide_to_float16(total, divisor, target):  # pragma: no cover - compiled
+    """``target`` (uint16 bit view) = float16 of ``total / divisor``, rounded to nearest even as
+    torch's ``div_`` and ``copy_`` do; whether a result is NaN/Inf."""
+    worst = np.uint16(0)
+    for i in range(total.shape[0]):
+        rounded = to_float16_bits(total[i] / divisor)
+        target[i] = rounded
+        worst = max(worst, rounded & np.uint16(0x7FFF))
+    return worst >= np.uint16(0x7C00)  # all exponent bits set: NaN or Inf
+
+
+@njit(inline="always", **JIT_OPTIONS)
 def divide_to_float32(total, divisor, target):  # pragma: no cover - compiled
     """``target`` = ``total / divisor`` (float32); whether a result is NaN/Inf."""
     found = False
@@ -180,7 +212,8 @@ def divide_to_float32(total, divisor, target):  # pragma: no cover - compiled
 
 
 def as_float32(x):  # pragma: no cover - only its compiled overload runs
-    """An element as float32: bfloat16 given as its int16 bits is widened, float32 kept."""
+    """An element as float32: bfloat16 (int16 bits) and float16 (uint16 bits) are widened,
+    float32 kept (:func:`mean_array` gives those views)."""
     raise NotImplementedError
 
 
@@ -188,14 +221,16 @@ def as_float32(x):  # pragma: no cover - only its compiled overload runs
 def _as_float32(x):
     if x == types.int16:
         return lambda x: widen_bfloat16(x)
+    if x == types.uint16:
+        return lambda x: widen_float16(x)
     if x == types.float32:
         return lambda x: x
     return None
 
 
 def divide_into(total, divisor, target):  # pragma: no cover - only its compiled overload runs
-    """``target`` = ``total / divisor`` in ``target``'s type (int16: bfloat16 bits); whether a
-    result is NaN/Inf."""
+    """``target`` = ``total / divisor`` in ``target``'s type (int16: bfloat16 bits, uint16:
+    float16 bits); whether a result is NaN/Inf."""
     raise NotImplementedError
 
 
@@ -203,6 +238,8 @@ def divide_into(total, divisor, target):  # pragma: no cover - only its compiled
 def _divide_into(total, divisor, target):
     if target.dtype == types.int16:
         return lambda total, divisor, target: divide_to_bfloat16(total, divisor, target)
+    if target.dtype == types.uint16:
+        return lambda total, divisor, target: divide_to_float16(total, divisor, target)
     if target.dtype == types.float32:
         return lambda total, divisor, target: divide_to_float32(total, divisor, target)
     return None
@@ -210,10 +247,10 @@ def _divide_into(total, divisor, target):
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
-    """The mean of the replicas (float32, or bfloat16 as int16 bit views) into ``out``; whether
-    it is finite. Each thread takes whole stripes (contiguous runs of blocks) with one float32
-    sum buffer; per block the first replica sets the sums (``0 + x``: -0 becomes +0, as added
-    to zeros) and each later one is widened and added in the same pass, in replica order."""
+    """The mean of the replicas (:func:`mean_array` views) into ``out``; whether it is finite.
+    Each thread takes whole stripes (contiguous runs of blocks) with one float32 sum buffer;
+    per block the first replica sets the sums (``0 + x``: -0 becomes +0, as added to zeros)
+    and each later one is widened and added in the same pass, in replica order."""
     n = out.shape[0]
     blocks = (n + block_size - 1) // block_size
     stripes = min(blocks, STRIPES)
@@ -295,13 +332,28 @@ def select_chunk(
     )
 
 
+def mean_array(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` (contiguous) as the mean kernels take it, without a copy: float32 as it is,
+    bfloat16 as its int16 bits and float16 as its uint16 bits (numba has neither type).
+
+    Example:
+        >>> mean_array(torch.tensor([1.0, -2.0], dtype=torch.float16))
+        array([15360, 49152], dtype=uint16)
+    """
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    if tensor.dtype == torch.float16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
 def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """The plain mean of contiguous 1-D bfloat16 or float32 tensors into ``out``; whether every
-    output element is finite."""
+    """The plain mean of contiguous 1-D bfloat16, float16 or float32 tensors into ``out``;
+    whether every output element is finite."""
     use_torch_threads()
-    divisor = np.float32(len(replicas))
-    if out.dtype == torch.bfloat16:
-        replicas, out = [r.view(torch.int16) for r in replicas], out.view(torch.int16)
+    arrays = List()
+    for replica in replicas:
+        arrays.append(mean_array(replica))
     many = len(replicas) * replicas[0].element_size() > 8
     block = MEAN_BLOCK_MANY if many else MEAN_BLOCK
-    return bool(_mean(as_arrays(replicas), out.numpy(), divisor, block))
+    return bool(_mean(arrays, mean_array(out), np.float32(len(replicas)), block))

@@ -19,14 +19,22 @@ from .draws import DrawSpec
 from .numba_bits import JIT_OPTIONS
 from .numba_cpu import (
     BLOCK,
+    HOST_UNCOVERED_MEAN_DTYPES,
     as_float32,
     divide_into,
     draw_arguments,
     draw_block,
+    mean_array,
     use_torch_threads,
 )
 
-__all__ = ["add_to_sum", "divide_sum", "draw_candidates", "fold_selection"]
+__all__ = [
+    "HOST_UNCOVERED_MEAN_DTYPES",
+    "add_to_sum",
+    "divide_sum",
+    "draw_candidates",
+    "fold_selection",
+]
 
 
 @njit(parallel=True, **JIT_OPTIONS)
@@ -95,7 +103,7 @@ def _fold_selection(candidates, position, piece, base, out, won, nonfinite):  # 
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _add(total, piece, first):  # pragma: no cover - compiled
-    """``total += float32(piece)`` (``piece``: float32, or bfloat16 as int16 bits); with
+    """``total += float32(piece)`` (``piece``: a :func:`~.numba_cpu.mean_array` view); with
     ``first``, ``total = 0 + float32(piece)``, the bits of adding to zeros (-0 becomes +0)
     without zeroing ``total`` first."""
     n = total.shape[0]
@@ -113,7 +121,7 @@ def _add(total, piece, first):  # pragma: no cover - compiled
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _divide(total, out, divisor):  # pragma: no cover - compiled
-    """``out`` = ``total / divisor`` (``out``: float32, or bfloat16 as int16 bits); whether
+    """``out`` = ``total / divisor`` (``out``: a :func:`~.numba_cpu.mean_array` view); whether
     every result is finite."""
     n = total.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
@@ -173,8 +181,8 @@ def fold_selection(
 
 
 def add_to_sum(total: torch.Tensor, piece: torch.Tensor, first: bool = False) -> None:
-    """``total += piece`` in float32, ``piece`` a contiguous bfloat16 or float32 tensor; with
-    ``first``, ``total`` (uninitialised) becomes what adding ``piece`` to zeros gives.
+    """``total += piece`` in float32, ``piece`` a contiguous bfloat16, float16 or float32 tensor;
+    with ``first``, ``total`` (uninitialised) becomes what adding ``piece`` to zeros gives.
 
     Example:
         >>> total = torch.empty(3)
@@ -184,15 +192,11 @@ def add_to_sum(total: torch.Tensor, piece: torch.Tensor, first: bool = False) ->
         ([0.5, 1.75, 4.0], False)
     """
     use_torch_threads()
-    if piece.dtype == torch.bfloat16:
-        piece = piece.view(torch.int16)
-    _add(total.numpy(), piece.numpy(), first)
+    _add(total.numpy(), mean_array(piece), first)
 
 
 def divide_sum(total: torch.Tensor, divisor: float, out: torch.Tensor) -> bool:
     """``out`` = ``total / divisor`` rounded to ``out``'s dtype (``total`` is left as it is);
     whether every element of ``out`` is finite."""
     use_torch_threads()
-    if out.dtype == torch.bfloat16:
-        out = out.view(torch.int16)
-    return bool(_divide(total.numpy(), out.numpy(), np.float32(divisor)))
+    return bool(_divide(total.numpy(), mean_array(out), np.float32(divisor)))
