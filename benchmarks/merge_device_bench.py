@@ -3,8 +3,9 @@
 What it measures:
 
 * Builds K synthetic replicas (default 4, ``--total-gb`` of replicas in all, ``--dtype``
-  bfloat16 by default) and their base on ``--device``, shaped like a small decoder (the tensor list of ``merge_bench.py``), with
-  ``--unchanged`` of each replica's elements left equal to the base.
+  bfloat16 by default) and their base on ``--device``, shaped like a small decoder (the tensor
+  list of ``merge_bench.py``), with ``--unchanged`` of each replica's elements left equal to the
+  base.
 * Times ``merge_state_dicts`` for the weighted average, selection and selection + resample(4),
   for each ``--chunk-numel``, best of ``--repeats`` (CUDA: synchronized before and after).
 * ``--kernels``: which merge kernels (``lightning_selmerge.merging.kernels.use_kernels``): ``auto``

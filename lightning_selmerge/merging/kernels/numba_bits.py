@@ -1,11 +1,15 @@
-"""Bit casts for the numba kernels: bfloat16 and float16 widened and rounded in registers.
+"""Bit casts for the numba kernels: bfloat16 and float16 widened and rounded in registers, and
+replicas passed by address.
 
 numba has no scalar ``view`` and no float16 arithmetic, so a kernel that widened bfloat16 went
 through a scratch array (write the shifted bits, read them back as float32): a store and a load
 per element and replica. These intrinsics are LLVM ``bitcast`` instructions (free in registers)
 and, for float16, ``fpext`` / ``fptrunc`` (one conversion instruction per vector where the CPU
 has them: :func:`float16_in_hardware`), so the widen-and-add and the divide-and-round loops are
-one vectorised pass each. Importing this module needs numba.
+one vectorised pass each. The kernels take their K replicas as an array of data addresses
+(:func:`array_at`): a numba typed list of arrays would compile its own methods in every new
+process, 0.2-0.5 s for each element type, where the kernels themselves load from numba's cache.
+Importing this module needs numba.
 
     >>> import numpy as np
     >>> from numba import njit
@@ -27,12 +31,13 @@ import platform
 
 import numpy as np
 from llvmlite import binding, ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import config
 from numba.extending import intrinsic
 
 __all__ = [
     "JIT_OPTIONS",
+    "array_at",
     "float16_in_hardware",
     "float32_bits",
     "float32_from_bits",
@@ -125,3 +130,22 @@ def to_float16_bits(typingctx, value):  # pragma: no cover - compiled
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _pointer(typingctx, address):  # pragma: no cover - compiled
+    """The integer ``address`` as a ``void *``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(address), codegen
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def array_at(address, numel, like):  # pragma: no cover - compiled
+    """The 1-D array of ``numel`` elements of ``like``'s dtype at ``address`` (no copy); the
+    caller keeps the memory alive and checks that it holds that many."""
+    return carray(_pointer(address), numel, like.dtype)

@@ -13,17 +13,19 @@ this module needs numba; :mod:`.dispatch` imports it only when numba is installe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
 from numba.extending import overload
-from numba.typed import List
 
 from ..keyed_random import UNIFORM_LEVELS
 from .draws import DrawSpec
 from .numba_bits import (
     JIT_OPTIONS,
+    array_at,
     float16_in_hardware,
     to_bfloat16_bits,
     to_float16_bits,
@@ -126,10 +128,11 @@ def _select(
 ):  # pragma: no cover - compiled
     """Selection (``candidates - 1`` resamples) into ``out``; whether no input was NaN/Inf.
 
-    ``word``: an empty array of the unsigned type that holds an element's moved mask (K bits);
-    ``even``: the ``thresholds`` are K equal shares."""
+    ``replicas``: the replicas' addresses (:func:`replica_addresses`); ``word``: an empty array
+    of the unsigned type that holds an element's moved mask (K bits); ``even``: the
+    ``thresholds`` are K equal shares."""
     n = out.shape[0]
-    num_replicas = len(replicas)
+    num_replicas = replicas.shape[0]
     mask = nonfinite[0]
     blocks = (n + BLOCK - 1) // BLOCK
     bad = np.zeros(blocks, np.uint8)
@@ -149,7 +152,7 @@ def _select(
             moved = np.zeros(m, word.dtype)
             origin = base[lo:hi]
             for k in range(num_replicas):
-                replica = replicas[k][lo:hi]
+                replica = array_at(replicas[k], n, out)[lo:hi]
                 flag = one << np.full(1, k, word.dtype)[0]
                 for i in range(m):
                     moved[i] |= flag if replica[i] != origin[i] else zero
@@ -161,10 +164,10 @@ def _select(
                     kept = choice[i]
                     choice[i] = option if (moved[i] >> option) & one else kept
         target = out[lo:hi]
-        target[:] = base[lo:hi] if candidates > 1 else replicas[0][lo:hi]
+        target[:] = base[lo:hi] if candidates > 1 else array_at(replicas[0], n, out)[lo:hi]
         found = False
         for k in range(num_replicas):
-            replica = replicas[k][lo:hi]
+            replica = array_at(replicas[k], n, out)[lo:hi]
             index = np.uint8(k)
             for i in range(m):
                 value, kept = replica[i], target[i]
@@ -247,7 +250,8 @@ def _divide_into(total, divisor, target):
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
-    """The mean of the replicas (:func:`mean_array` views) into ``out``; whether it is finite.
+    """The mean of the replicas (addresses: :func:`replica_addresses`) into ``out`` (a
+    :func:`mean_array` view, whose dtype the replicas are read as); whether it is finite.
     Each thread takes whole stripes (contiguous runs of blocks) with one float32 sum buffer;
     per block the first replica sets the sums (``0 + x``: -0 becomes +0, as added to zeros)
     and each later one is widened and added in the same pass, in replica order."""
@@ -262,11 +266,11 @@ def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
             lo = block * block_size
             hi = min(n, lo + block_size)
             sums = total[: hi - lo]
-            first = replicas[0][lo:hi]
+            first = array_at(replicas[0], n, out)[lo:hi]
             for i in range(hi - lo):
                 sums[i] = np.float32(0.0) + as_float32(first[i])
-            for k in range(1, len(replicas)):
-                replica = replicas[k][lo:hi]
+            for k in range(1, replicas.shape[0]):
+                replica = array_at(replicas[k], n, out)[lo:hi]
                 for i in range(hi - lo):
                     sums[i] += as_float32(replica[i])
             found |= divide_into(sums, divisor, out[lo:hi])
@@ -274,12 +278,30 @@ def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
     return not bad.any()
 
 
-def as_arrays(tensors) -> List:
-    """The tensors as a numba typed list of numpy arrays (no copies)."""
-    arrays = List()
-    for tensor in tensors:
-        arrays.append(tensor.numpy())
-    return arrays
+def replica_addresses(replicas: Sequence[torch.Tensor], out: torch.Tensor) -> np.ndarray:
+    """The replicas' data addresses, as the kernels take them (:func:`.numba_bits.array_at`);
+    each must be a contiguous CPU tensor of ``out``'s dtype and size, since the kernels read
+    ``out.numel()`` elements of that dtype at each address.
+
+    Example:
+        >>> replica_addresses([torch.ones(3)], torch.empty(2))
+        Traceback (most recent call last):
+        ...
+        ValueError: replica 0 is not a contiguous CPU tensor of torch.float32 and 2 elements ...
+    """
+    for k, replica in enumerate(replicas):
+        if not (
+            replica.is_contiguous()
+            and replica.device.type == "cpu"
+            and replica.dtype == out.dtype
+            and replica.numel() == out.numel()
+        ):
+            raise ValueError(
+                f"replica {k} is not a contiguous CPU tensor of {out.dtype} and {out.numel()} "
+                f"elements like the output: {replica.dtype} {tuple(replica.shape)} on "
+                f"{replica.device}"
+            )
+    return np.array([replica.data_ptr() for replica in replicas], dtype=np.int64)
 
 
 def use_torch_threads() -> None:
@@ -316,7 +338,7 @@ def select_chunk(
     keys, lane_bits, bits, thresholds, even = draw_arguments(spec, k)
     return bool(
         _select(
-            as_arrays(replica_bits),
+            replica_addresses(replica_bits, out_bits),
             base,
             out_bits.numpy(),
             keys,
@@ -351,9 +373,7 @@ def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
     """The plain mean of contiguous 1-D bfloat16, float16 or float32 tensors into ``out``;
     whether every output element is finite."""
     use_torch_threads()
-    arrays = List()
-    for replica in replicas:
-        arrays.append(mean_array(replica))
-    many = len(replicas) * replicas[0].element_size() > 8
+    addresses = replica_addresses(replicas, out)
+    many = len(replicas) * out.element_size() > 8
     block = MEAN_BLOCK_MANY if many else MEAN_BLOCK
-    return bool(_mean(arrays, mean_array(out), np.float32(len(replicas)), block))
+    return bool(_mean(addresses, mean_array(out), np.float32(len(replicas)), block))
