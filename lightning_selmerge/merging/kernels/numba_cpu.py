@@ -58,6 +58,8 @@ MEAN_BLOCK = 2048
 MEAN_BLOCK_MANY = 16384
 #: Contiguous runs of blocks a mean's chunk is split into over the threads (one sum buffer each).
 STRIPES = 64
+_BF16_EXPONENT = np.uint16(0x7F80)
+_F16_EXPONENT = np.uint16(0x7C00)
 #: The dtypes the dispatch lists for the mean that this CPU's kernels cannot take: float16 where
 #: the CPU has no float16 conversions (:func:`.numba_bits.float16_in_hardware`).
 HOST_UNCOVERED_MEAN_DTYPES: tuple[torch.dtype, ...] = (
@@ -179,28 +181,32 @@ def _select(
     return not bad.any()
 
 
-@njit(inline="always", **JIT_OPTIONS)
-def divide_to_bfloat16(total, divisor, target):  # pragma: no cover - compiled
-    """``target`` (int16 bit view) = bfloat16 of ``total / divisor``, rounded to nearest even as
-    torch's ``div_`` and ``copy_`` do; whether a result is NaN/Inf."""
-    worst = np.uint16(0)
-    for i in range(total.shape[0]):
-        rounded = to_bfloat16_bits(total[i] / divisor)
-        target[i] = np.int16(rounded)
-        worst = max(worst, rounded & np.uint16(0x7FFF))
-    return worst >= np.uint16(0x7F80)  # all exponent bits set: NaN or Inf
+def half_bits(value, like):  # pragma: no cover - only its compiled overload runs
+    """The float32 ``value`` rounded to nearest even to ``like``'s 16-bit type, as its bits in
+    ``like``'s dtype (int16: bfloat16, uint16: float16)."""
+    raise NotImplementedError
+
+
+@overload(half_bits, inline="always", jit_options=JIT_OPTIONS)
+def _half_bits(value, like):
+    if like.dtype == types.int16:
+        return lambda value, like: np.int16(to_bfloat16_bits(value))
+    if like.dtype == types.uint16:
+        return lambda value, like: to_float16_bits(value)
+    return None
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def divide_to_float16(total, divisor, target):  # pragma: no cover - compiled
-    """``target`` (uint16 bit view) = float16 of ``total / divisor``, rounded to nearest even as
-    torch's ``div_`` and ``copy_`` do; whether a result is NaN/Inf."""
+def divide_to_half(total, divisor, target, exponent):  # pragma: no cover - compiled
+    """``target`` (a 16-bit view: :func:`half_bits`) = ``total / divisor``, rounded to nearest
+    even as torch's ``div_`` and ``copy_`` do; whether a result is NaN/Inf (all the bits of
+    ``exponent``, the dtype's exponent mask, set)."""
     worst = np.uint16(0)
     for i in range(total.shape[0]):
-        rounded = to_float16_bits(total[i] / divisor)
+        rounded = half_bits(total[i] / divisor, target)
         target[i] = rounded
-        worst = max(worst, rounded & np.uint16(0x7FFF))
-    return worst >= np.uint16(0x7C00)  # all exponent bits set: NaN or Inf
+        worst = max(worst, np.uint16(rounded) & np.uint16(0x7FFF))
+    return worst >= exponent
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -240,9 +246,9 @@ def divide_into(total, divisor, target):  # pragma: no cover - only its compiled
 @overload(divide_into, inline="always", jit_options=JIT_OPTIONS)
 def _divide_into(total, divisor, target):
     if target.dtype == types.int16:
-        return lambda total, divisor, target: divide_to_bfloat16(total, divisor, target)
+        return lambda total, divisor, target: divide_to_half(total, divisor, target, _BF16_EXPONENT)
     if target.dtype == types.uint16:
-        return lambda total, divisor, target: divide_to_float16(total, divisor, target)
+        return lambda total, divisor, target: divide_to_half(total, divisor, target, _F16_EXPONENT)
     if target.dtype == types.float32:
         return lambda total, divisor, target: divide_to_float32(total, divisor, target)
     return None
