@@ -129,6 +129,23 @@ def test_fused_selection_sees_a_nonfinite_input_it_did_not_select(dtype, bad):
     assert not finite
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_mean_rounds_every_16_bit_pattern_like_the_torch_kernel(dtype):
+    """Every bit pattern of the dtype (subnormals, Inf, NaN) meets random patterns and the
+    patterns reversed: the same bits as the torch kernel, NaN as NaN wherever it comes out."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    generator = torch.Generator().manual_seed(5)
+    drawn = torch.randint(-(2**15), 2**15, (every.numel(),), generator=generator)
+    replicas = [bits.to(torch.int16).view(dtype) for bits in (every, drawn, every.flip(0))]
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    expected = WeightedAverage().merge_chunk(ctx, replicas, None)
+    merged, finite = _fused(WeightedAverage(), ctx, replicas, None)
+    assert not finite
+    nan = expected.isnan()
+    assert torch.equal(merged.isnan(), nan)
+    assert torch.equal(bit_view(merged)[~nan], bit_view(expected)[~nan])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float16's sum cannot
 def test_fused_mean_flags_an_output_that_rounds_to_infinity(dtype):
     big = torch.finfo(dtype).max
