@@ -171,9 +171,10 @@ def _select(
         for k in range(num_replicas):
             replica = array_at(replicas[k], n, out)[lo:hi]
             index = np.uint8(k)
-            for i in range(m):
-                value, kept = replica[i], target[i]
-                target[i] = value if choice[i] == index else kept
+            if k > 0 or candidates > 1:  # without resample, target holds replica 0 already
+                for i in range(m):
+                    value, kept = replica[i], target[i]
+                    target[i] = value if choice[i] == index else kept
             if mask != 0:
                 for i in range(m):
                     found |= (replica[i] & mask) == mask
