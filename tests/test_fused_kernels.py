@@ -297,6 +297,70 @@ def test_float16_conversions_count_as_hardware_only_with_f16c_on_x86(monkeypatch
     assert not numba_bits.float16_in_hardware()
 
 
+def _count_fused_calls(monkeypatch) -> dict[str, int]:
+    from lightning_selmerge.merging.kernels import numba_streaming
+
+    calls = {"chunks": 0}
+    for module, name in [
+        (numba_cpu, "select_chunk"),
+        (numba_cpu, "mean_chunk"),
+        (numba_streaming, "fold_selection"),
+        (numba_streaming, "add_to_sum"),
+    ]:
+        real = getattr(module, name)
+
+        def counted(*args, real=real, **kwargs):
+            calls["chunks"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", [ParameterSelection(resample=1), WeightedAverage()])
+def test_auto_leaves_a_merge_smaller_than_its_threshold_on_the_torch_kernels(
+    method, monkeypatch, tmp_path
+):
+    """Below ``AUTO_MIN_REPLICA_BYTES`` of replicas ``auto`` never calls a fused kernel (in
+    memory, from files, streaming); at it, it does; ``fused`` does whatever the size."""
+    from safetensors.torch import save_file
+
+    from lightning_selmerge.merging import merge_checkpoints_streaming
+
+    base, replicas = _states(num_replicas=3)
+    size = sum(dispatch.floating_bytes(r.values()) for r in replicas)
+    paths = []
+    for k, state in enumerate([base, *replicas]):
+        paths.append(tmp_path / f"{k}.safetensors")
+        save_file(state, paths[-1])
+    merges = {
+        "in memory": lambda out: merge_state_dicts(replicas, base=base, method=method),
+        "files": lambda out: merge_checkpoints(paths[1:], out, base=paths[0], method=method),
+        "streaming": lambda out: merge_checkpoints_streaming(
+            paths[1:], out, base=paths[0], method=method
+        ),
+    }
+    calls = _count_fused_calls(monkeypatch)
+    for label, merge in merges.items():
+        for threshold, setting, fused in [
+            (size + 1, "auto", False),
+            (size, "auto", True),
+            (size + 1, "fused", True),
+        ]:
+            monkeypatch.setattr(dispatch, "AUTO_MIN_REPLICA_BYTES", threshold)
+            calls["chunks"] = 0
+            with use_kernels(setting):
+                merge(tmp_path / f"{label}-{threshold}-{setting}")
+            assert (calls["chunks"] > 0) == fused, (label, threshold, setting)
+
+
+def test_the_outermost_merge_size_counts():
+    with use_kernels("auto"), dispatch.merge_size(0), dispatch.merge_size(1 << 40):
+        assert dispatch.fused_backend(WeightedAverage(), torch.float32, "cpu") is None
+    with use_kernels("auto"), dispatch.merge_size(1 << 40), dispatch.merge_size(0):
+        assert dispatch.fused_backend(WeightedAverage(), torch.float32, "cpu") is numba_cpu
+
+
 def test_the_kernel_setting_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "Torch")
     assert kernel_setting() == "torch"

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import MergeError
 from .finite import NonFinite, all_finite, check_nonfinite_mode
+from .kernels.dispatch import merge_size
 from .leftovers import backup_path, recover_output, staging_path
 from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor
@@ -307,7 +308,11 @@ class _MergeJob:
         indices: Sequence[int],
         plan: MergePlan,
     ) -> None:
-        with staged_output(self.out, self.overwrite) as staging:
+        floating = sum(info.nbytes for _, info in self.infos if info.dtype.is_floating_point)
+        with (
+            staged_output(self.out, self.overwrite) as staging,
+            merge_size(len(readers) * floating),
+        ):
             self._write(staging, readers, labels, indices, plan)
 
     def _write(

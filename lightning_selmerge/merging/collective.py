@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import MergeError
-from .kernels.dispatch import fused_merge_chunk
+from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
 from .plan import MergePlan, check_whole_tensor, prepare_tensor, tie_groups
@@ -101,7 +101,9 @@ def merge_state_dicts_collective(
     offsets = offsets or {}
 
     merged: dict[str, torch.Tensor] = {}
-    with scratch_scope():
+    # what this rank merges: its slices of all K replicas
+    replica_bytes = sum(floating_bytes(s.values()) for s in states) * num_replicas // len(states)
+    with scratch_scope(), merge_size(replica_bytes):
         for key_name, names in tie_groups(states[0]):  # the same order on every rank
             tensors = [s[key_name] for s in states]
             check_aligned(key_name, tensors, labels)

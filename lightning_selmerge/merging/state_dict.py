@@ -9,7 +9,7 @@ import torch
 
 from .errors import MergeError
 from .finite import NonFinite, all_finite, check_finite, find_nonfinite
-from .kernels.dispatch import fused_merge_chunk
+from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor, tie_groups
@@ -251,7 +251,8 @@ def merge_state_dicts(
             kept, kept_labels, keep, plan, base, device=device, chunk_numel=chunk_numel
         )
 
-    with scratch_scope():
+    replica_bytes = sum(floating_bytes(replica.values()) for replica in replicas)
+    with scratch_scope(), merge_size(replica_bytes):
         return merge_dropping_nonfinite(
             plan,
             attempt,

@@ -30,6 +30,7 @@ import torch
 from .accumulators import AverageNotFinite, make_accumulator, method_of, state_bytes
 from .errors import MergeError
 from .finite import NonFinite, all_finite, check_finite
+from .kernels.dispatch import merge_size
 from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, tie_groups
 from .rules import MergeRule
@@ -218,36 +219,40 @@ def stream_merge(
     every merged tensor in ``tensors``' order. Pages of a replica's tensors are released once
     fed. ``plan`` is for these replicas (see :meth:`MergePlan.subset`).
     """
-    for window in _windows(tensors, plan, window_bytes):
-        with ExitStack() as stack:
-            # the base stays open (a memory map, not a copy) while the window's replicas are fed
-            base: dict[str, torch.Tensor] = {}
-            reads_base = [name for name, info in window if _reads_base(name, info, plan)]
-            if open_base is not None and reads_base:
-                base_reader = stack.enter_context(open_base())
-                base = {name: base_reader.tensor(name) for name in reads_base}
-            merge = StreamingMerge.of_plan(
-                window,
-                plan,
-                base=base,
-                chunk_numel=chunk_numel,
-                labels=labels,
-                indices=replicas,
-                draw_prefix=draw_prefix,
-            )
-            del base
-            for k in replicas:
-                with open_replica(k) as reader:
-                    for name, _ in window:
-                        merge.feed_tensor(name, reader.tensor(name))
-                        reader.release(name)
-            try:
-                merged = merge.result()
-            except AverageNotFinite as err:
-                _locate_nonfinite(err, open_replica, replicas, labels)
-            del merge
-        for name, _ in window:
-            write(name, merged.pop(name))
+    replica_bytes = len(replicas) * sum(
+        info.nbytes for _, info in tensors if info.dtype.is_floating_point
+    )
+    with merge_size(replica_bytes):
+        for window in _windows(tensors, plan, window_bytes):
+            with ExitStack() as stack:
+                # the base stays open (a memory map, not a copy) while the window's replicas are fed
+                base: dict[str, torch.Tensor] = {}
+                reads_base = [name for name, info in window if _reads_base(name, info, plan)]
+                if open_base is not None and reads_base:
+                    base_reader = stack.enter_context(open_base())
+                    base = {name: base_reader.tensor(name) for name in reads_base}
+                merge = StreamingMerge.of_plan(
+                    window,
+                    plan,
+                    base=base,
+                    chunk_numel=chunk_numel,
+                    labels=labels,
+                    indices=replicas,
+                    draw_prefix=draw_prefix,
+                )
+                del base
+                for k in replicas:
+                    with open_replica(k) as reader:
+                        for name, _ in window:
+                            merge.feed_tensor(name, reader.tensor(name))
+                            reader.release(name)
+                try:
+                    merged = merge.result()
+                except AverageNotFinite as err:
+                    _locate_nonfinite(err, open_replica, replicas, labels)
+                del merge
+            for name, _ in window:
+                write(name, merged.pop(name))
 
 
 def _locate_nonfinite(

@@ -5,14 +5,25 @@ the torch kernels of :mod:`..methods`, which stay the reference. See :mod:`.disp
 choice.
 """
 
-from .dispatch import KERNELS_ENV, fused_merge_chunk, kernel_setting, use_kernels
+from .dispatch import (
+    AUTO_MIN_REPLICA_BYTES,
+    KERNELS_ENV,
+    floating_bytes,
+    fused_merge_chunk,
+    kernel_setting,
+    merge_size,
+    use_kernels,
+)
 from .draws import NONFINITE_MASKS, DrawSpec
 
 __all__ = [
+    "AUTO_MIN_REPLICA_BYTES",
     "KERNELS_ENV",
     "NONFINITE_MASKS",
     "DrawSpec",
+    "floating_bytes",
     "fused_merge_chunk",
     "kernel_setting",
+    "merge_size",
     "use_kernels",
 ]

@@ -4,15 +4,16 @@ The torch kernels (:meth:`MergeMethod.merge_chunk`) are the reference and the fa
 kernel takes a chunk when one covers its method, dtype and device and its backend is installed:
 numba on CPUs (``pip install numba``), triton on CUDA GPUs (``pip install triton``).
 ``SELMERGE_KERNELS`` (or :func:`use_kernels`) chooses: ``auto`` (the default: fused where
-installed), ``torch`` (never fused) or ``fused`` (fused where a kernel covers the chunk, and an
-error when its backend is not installed).
+installed, except in a merge of less than :data:`AUTO_MIN_REPLICA_BYTES`, see
+:func:`merge_size`), ``torch`` (never fused) or ``fused`` (fused where a kernel covers the
+chunk, and an error when its backend is not installed).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
 from types import ModuleType
@@ -26,12 +27,26 @@ from ..methods.selection import ParameterSelection
 from ..methods.selection_kernel import bit_view
 from .draws import NONFINITE_MASKS, DrawSpec
 
-__all__ = ["KERNELS_ENV", "fused_backend", "fused_merge_chunk", "kernel_setting", "use_kernels"]
+__all__ = [
+    "AUTO_MIN_REPLICA_BYTES",
+    "KERNELS_ENV",
+    "floating_bytes",
+    "fused_backend",
+    "fused_merge_chunk",
+    "kernel_setting",
+    "merge_size",
+    "use_kernels",
+]
 
 #: The environment variable that chooses the kernels: ``auto``, ``torch`` or ``fused``.
 KERNELS_ENV = "SELMERGE_KERNELS"
 _SETTINGS = ("auto", "torch", "fused")
 _override: list[str] = []
+#: ``auto`` leaves a merge of fewer replica bytes on the torch kernels: loading numba costs a
+#: process 0.35 s and compiling a kernel 4-7 s the first time on a machine, more than the fused
+#: kernels save on such a merge (docs/performance.md).
+AUTO_MIN_REPLICA_BYTES = 1 << 30
+_merge_sizes: list[int] = []
 
 #: Per device type: the backend's module and the package it needs.
 _BACKENDS = {"cpu": ("numba_cpu", "numba"), "cuda": ("triton_cuda", "triton")}
@@ -69,6 +84,36 @@ def use_kernels(setting: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+@contextmanager
+def merge_size(replica_bytes: int) -> Iterator[None]:
+    """Inside the block a merge of ``replica_bytes`` (all K replicas' floating-point tensors)
+    runs: with ``auto``, one of less than :data:`AUTO_MIN_REPLICA_BYTES` takes the torch
+    kernels. The merge drivers say it; the outermost size counts.
+
+    Example:
+        >>> import torch
+        >>> from lightning_selmerge.merging import WeightedAverage
+        >>> with merge_size(1 << 20):
+        ...     fused_backend(WeightedAverage(), torch.float32, "cpu") is None
+        True
+    """
+    _merge_sizes.append(replica_bytes)
+    try:
+        yield
+    finally:
+        _merge_sizes.pop()
+
+
+def floating_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes of the floating-point ``tensors`` (what :func:`merge_size` counts).
+
+    Example:
+        >>> floating_bytes([torch.zeros(4), torch.zeros(4, dtype=torch.int64)])
+        16
+    """
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point())
 
 
 def _backend(device_type: str, setting: str, module_name: str | None) -> ModuleType | None:
@@ -113,6 +158,8 @@ def fused_backend(
     """
     setting = kernel_setting()
     if setting == "torch" or sys.byteorder != "little":
+        return None
+    if setting == "auto" and _merge_sizes and _merge_sizes[0] < AUTO_MIN_REPLICA_BYTES:
         return None
     if not _covered(method, dtype, device_type):
         return None
