@@ -361,6 +361,27 @@ def test_the_outermost_merge_size_counts():
         assert dispatch.fused_backend(WeightedAverage(), torch.float32, "cpu") is numba_cpu
 
 
+def test_a_merge_size_belongs_to_its_thread():
+    import threading
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def small_merge():
+        with dispatch.merge_size(0):
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=small_merge)
+    thread.start()
+    entered.wait()
+    try:
+        with use_kernels("auto"):
+            assert dispatch.fused_backend(WeightedAverage(), torch.float32, "cpu") is numba_cpu
+    finally:
+        leave.set()
+        thread.join()
+
+
 def test_the_kernel_setting_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "Torch")
     assert kernel_setting() == "torch"

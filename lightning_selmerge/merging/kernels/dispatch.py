@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.util import find_spec
 from types import ModuleType
 
@@ -46,7 +47,8 @@ _override: list[str] = []
 #: process 0.35 s and compiling a kernel 4-7 s the first time on a machine, more than the fused
 #: kernels save on such a merge (docs/performance.md).
 AUTO_MIN_REPLICA_BYTES = 1 << 30
-_merge_sizes: list[int] = []
+#: The replica bytes of the outermost merge running in this thread (or task); None outside one.
+_merge_bytes: ContextVar[int | None] = ContextVar("selmerge_merge_bytes", default=None)
 
 #: Per device type: the backend's module and the package it needs.
 _BACKENDS = {"cpu": ("numba_cpu", "numba"), "cuda": ("triton_cuda", "triton")}
@@ -99,11 +101,12 @@ def merge_size(replica_bytes: int) -> Iterator[None]:
         ...     fused_backend(WeightedAverage(), torch.float32, "cpu") is None
         True
     """
-    _merge_sizes.append(replica_bytes)
+    outer = _merge_bytes.get()
+    token = _merge_bytes.set(replica_bytes if outer is None else outer)
     try:
         yield
     finally:
-        _merge_sizes.pop()
+        _merge_bytes.reset(token)
 
 
 def floating_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -159,7 +162,8 @@ def fused_backend(
     setting = kernel_setting()
     if setting == "torch" or sys.byteorder != "little":
         return None
-    if setting == "auto" and _merge_sizes and _merge_sizes[0] < AUTO_MIN_REPLICA_BYTES:
+    merge_bytes = _merge_bytes.get()
+    if setting == "auto" and merge_bytes is not None and merge_bytes < AUTO_MIN_REPLICA_BYTES:
         return None
     if not _covered(method, dtype, device_type):
         return None
