@@ -11,8 +11,8 @@ replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/`
 missing replicas unless ``--allow_missing``; it streams the replicas (one open at a time, the
 same bits as the all-at-once merge). The first form maps every replica at once unless
 ``--streaming true``: faster, and it also runs where the replicas exceed the memory (their pages
-are the kernel's to drop and read again), where the streaming merge's window of state does not
-(docs/performance.md).
+are the kernel's to drop and read again), while the streaming merge needs its window of state
+(256 MiB) on top (docs/performance.md).
 """
 
 from __future__ import annotations
