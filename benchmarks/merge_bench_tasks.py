@@ -114,6 +114,7 @@ def child_main(spec_path: str) -> None:
         merge_checkpoints,
         merge_state_dicts,
     )
+    from lightning_selmerge.merging.kernels.dispatch import AUTO_MIN_REPLICA_BYTES, merge_size
     from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
     from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
@@ -135,7 +136,8 @@ def child_main(spec_path: str) -> None:
         # that one-time cost counts with the imports, not with the merge.
         tiny = [{"w": torch.zeros(8, dtype=torch.bfloat16)} for _ in range(2)]
         warm_up = merge_state_dicts_streaming if task in STREAMING else merge_state_dicts
-        warm_up(tiny, method=method, base=tiny[0] if method.needs_base else None)
+        with merge_size(AUTO_MIN_REPLICA_BYTES):  # auto would leave so small a merge on torch
+            warm_up(tiny, method=method, base=tiny[0] if method.needs_base else None)
         imported = time.perf_counter()
         began = time.perf_counter()
         merge(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+
 import torch
 import torch.distributed as dist
 
 from lightning_selmerge.merging import MergeRule, ParameterSelection, WeightedAverage
 from lightning_selmerge.merging.collective import merge_state_dicts_collective, shard_offset
+from lightning_selmerge.merging.kernels import use_kernels
 from lightning_selmerge.merging.scratch import held_buffer_bytes
 from lightning_selmerge.merging.state_dict import merge_state_dicts
 
@@ -77,8 +81,11 @@ def run(rank: int, world: int, init_file: str, groups: int, num_replicas: int) -
             WeightedAverage(weights=[float(k + 1) for k in range(num_replicas)]),
         ]
         rules = [MergeRule("norm", WeightedAverage())]
-        for method in cases:
-            for chunk in (5, 1 << 20):
+        # auto: this merge is small, so the torch kernels; fused: the gathered chunks take the
+        # fused kernels (the same bits)
+        settings = ["auto", "fused"] if importlib.util.find_spec("numba") else ["auto"]
+        for method, chunk, setting in itertools.product(cases, (5, 1 << 20), settings):
+            with use_kernels(setting):
                 got = merge_state_dicts_collective(
                     local,
                     num_replicas=num_replicas,
@@ -90,18 +97,18 @@ def run(rank: int, world: int, init_file: str, groups: int, num_replicas: int) -
                     seed=7,
                     chunk_numel=chunk,
                 )
-                assert held_buffer_bytes() == 0, "the merge's scratch is freed when it returns"
-                want = slice_of(
-                    merge_state_dicts(replicas, method=method, base=base, rules=rules, seed=7),
-                    shards,
-                    shard,
-                )
-                for name in want:
-                    assert got[name].dtype == want[name].dtype, name
-                    assert torch.equal(
-                        got[name].view(-1).view(torch.uint8),
-                        want[name].reshape(-1).view(torch.uint8),
-                    ), (method, name)
-                assert got["head"] is got["emb"], "tied tensors stay tied"
+            assert held_buffer_bytes() == 0, "the merge's scratch is freed when it returns"
+            want = slice_of(
+                merge_state_dicts(replicas, method=method, base=base, rules=rules, seed=7),
+                shards,
+                shard,
+            )
+            for name in want:
+                assert got[name].dtype == want[name].dtype, name
+                assert torch.equal(
+                    got[name].view(-1).view(torch.uint8),
+                    want[name].reshape(-1).view(torch.uint8),
+                ), (method, setting, name)
+            assert got["head"] is got["emb"], "tied tensors stay tied"
     finally:
         dist.destroy_process_group()

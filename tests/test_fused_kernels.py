@@ -382,6 +382,14 @@ def test_a_merge_size_belongs_to_its_thread():
         thread.join()
 
 
+def test_a_base_unlike_the_replicas_is_refused_before_the_kernel_reads_it():
+    replicas, base = replicas_off_base(3, 100, torch.bfloat16, 0.5, seed=0)
+    ctx = ChunkContext(KeyedRandom(0), "w", 0)
+    out = torch.empty_like(base)
+    with use_kernels("fused"), pytest.raises(ValueError, match="the base is not a contiguous"):
+        fused_merge_chunk(ParameterSelection(resample=1), ctx, replicas, base[:50], out)
+
+
 def test_the_kernel_setting_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "Torch")
     assert kernel_setting() == "torch"

@@ -12,7 +12,7 @@ missing replicas unless ``--allow_missing``; it streams the replicas (one open a
 same bits as the all-at-once merge). The first form maps every replica at once unless
 ``--streaming true``: faster, and it also runs where the replicas exceed the memory (their pages
 are the kernel's to drop and read again), while the streaming merge needs its window of state
-(256 MiB) on top (docs/performance.md).
+(256 MiB, or one tensor's state where that is larger) on top (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -243,16 +243,16 @@ def merge_state_dicts(
 
     def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:
         kept, kept_labels = [replicas[k] for k in keep], [labels[k] for k in keep]
-        if device is None:
-            return _merge_state_dicts(kept, kept_labels, keep, plan, base, chunk_numel)
-        from .device_stream import merge_through_device  # it builds on this module
+        with merge_size(sum(floating_bytes(replica.values()) for replica in kept)):
+            if device is None:
+                return _merge_state_dicts(kept, kept_labels, keep, plan, base, chunk_numel)
+            from .device_stream import merge_through_device  # it builds on this module
 
-        return merge_through_device(
-            kept, kept_labels, keep, plan, base, device=device, chunk_numel=chunk_numel
-        )
+            return merge_through_device(
+                kept, kept_labels, keep, plan, base, device=device, chunk_numel=chunk_numel
+            )
 
-    replica_bytes = sum(floating_bytes(replica.values()) for replica in replicas)
-    with scratch_scope(), merge_size(replica_bytes):
+    with scratch_scope():
         return merge_dropping_nonfinite(
             plan,
             attempt,

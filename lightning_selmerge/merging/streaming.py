@@ -40,6 +40,7 @@ from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names
 
 __all__ = [
     "DEFAULT_WINDOW_BYTES",
+    "STATE_DICT_WINDOW_BYTES",
     "AverageNotFinite",
     "ReplicaReader",
     "StreamingMerge",
@@ -52,6 +53,9 @@ __all__ = [
 #: tighter memory limit: the state is anonymous memory, unlike the mapped replicas' pages
 #: (docs/performance.md).
 DEFAULT_WINDOW_BYTES = 256 << 20
+#: ... of :func:`merge_state_dicts_streaming`, whose ``load(k)`` runs once per replica and
+#: window: a larger window loads each replica fewer times.
+STATE_DICT_WINDOW_BYTES = 1 << 30
 
 
 class StreamingMerge:
@@ -308,7 +312,7 @@ def merge_state_dicts_streaming(
     seed: int = 0,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     nonfinite: NonFinite = "error",
-    window_bytes: int = DEFAULT_WINDOW_BYTES,
+    window_bytes: int = STATE_DICT_WINDOW_BYTES,
     draw_prefix: str = "",
 ) -> dict[str, torch.Tensor]:
     """:func:`merge_state_dicts`, bit for bit, reading the replicas one at a time.

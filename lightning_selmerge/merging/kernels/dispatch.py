@@ -92,7 +92,8 @@ def use_kernels(setting: str) -> Iterator[None]:
 def merge_size(replica_bytes: int) -> Iterator[None]:
     """Inside the block a merge of ``replica_bytes`` (all K replicas' floating-point tensors)
     runs: with ``auto``, one of less than :data:`AUTO_MIN_REPLICA_BYTES` takes the torch
-    kernels. The merge drivers say it; the outermost size counts.
+    kernels. The merge drivers say it; the outermost size counts; chunks merged outside any
+    (``iter_merged_chunks`` or ``StreamingMerge`` called directly) count as a large merge's.
 
     Example:
         >>> import torch
@@ -110,13 +111,20 @@ def merge_size(replica_bytes: int) -> Iterator[None]:
 
 
 def floating_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """The bytes of the floating-point ``tensors`` (what :func:`merge_size` counts).
+    """The bytes of the floating-point ``tensors`` (what :func:`merge_size` counts), tied ones
+    (the same data, shape and dtype) once.
 
     Example:
-        >>> floating_bytes([torch.zeros(4), torch.zeros(4, dtype=torch.int64)])
+        >>> emb = torch.zeros(4)
+        >>> floating_bytes([emb, emb, torch.zeros(4, dtype=torch.int64)])
         16
     """
-    return sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point())
+    seen = {
+        (t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size()
+        for t in tensors
+        if t.is_floating_point()
+    }
+    return sum(seen.values())
 
 
 def _backend(device_type: str, setting: str, module_name: str | None) -> ModuleType | None:
@@ -181,12 +189,13 @@ def fused_merge_chunk(
     base: torch.Tensor | None,
     out: torch.Tensor,
 ) -> bool | None:
-    """Merge the chunk into ``out`` with a fused kernel; ``None`` when none covers it (nothing
+    """Merge the chunk into ``out`` with a fused kernel; ``None`` when none takes it (none
+    covers it, or ``auto`` leaves this merge on the torch kernels: :func:`merge_size`; nothing
     written), else whether the chunk is finite where ``method``'s rule looks: the output for a
     method that :attr:`~MergeMethod.propagates_nonfinite`, else every input element.
 
     The chunks are contiguous 1-D tensors of one dtype on one device; the bits written are
-    those of ``method.merge_chunk``.
+    those of ``method.merge_chunk`` (a NaN output is NaN, its payload may differ).
     """
     first = replicas[0]
     if getattr(method, "resample", 0) > 0 and base is None:

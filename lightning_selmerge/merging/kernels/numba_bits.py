@@ -122,7 +122,7 @@ def widen_float16(typingctx, bits):  # pragma: no cover - compiled
 @intrinsic
 def to_float16_bits(typingctx, value):  # pragma: no cover - compiled
     """The float16 bit pattern (uint16) of the float32 ``value``, rounded to nearest even
-    (``fptrunc``: the instruction torch's ``copy_`` uses on such CPUs, NaN payloads included)."""
+    (``fptrunc``: the instruction torch's ``copy_`` uses on such CPUs; NaN stays NaN)."""
     if value != types.float32:
         return None
 

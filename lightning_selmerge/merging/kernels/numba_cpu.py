@@ -285,10 +285,24 @@ def _mean(replicas, out, divisor, block_size):  # pragma: no cover - compiled
     return not bad.any()
 
 
+def check_like(tensor: torch.Tensor, out: torch.Tensor, what: str) -> None:
+    """Raise :class:`ValueError` unless ``tensor`` is a contiguous CPU tensor of ``out``'s dtype
+    and size: the kernels read ``out.numel()`` elements of that dtype at its address."""
+    if not (
+        tensor.is_contiguous()
+        and tensor.device.type == "cpu"
+        and tensor.dtype == out.dtype
+        and tensor.numel() == out.numel()
+    ):
+        raise ValueError(
+            f"{what} is not a contiguous CPU tensor of {out.dtype} and {out.numel()} elements "
+            f"like the output: {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+        )
+
+
 def replica_addresses(replicas: Sequence[torch.Tensor], out: torch.Tensor) -> np.ndarray:
-    """The replicas' data addresses, as the kernels take them (:func:`.numba_bits.array_at`);
-    each must be a contiguous CPU tensor of ``out``'s dtype and size, since the kernels read
-    ``out.numel()`` elements of that dtype at each address.
+    """The replicas' data addresses (uint64), as the kernels take them
+    (:func:`.numba_bits.array_at`), after :func:`check_like`.
 
     Example:
         >>> replica_addresses([torch.ones(3)], torch.empty(2))
@@ -297,18 +311,8 @@ def replica_addresses(replicas: Sequence[torch.Tensor], out: torch.Tensor) -> np
         ValueError: replica 0 is not a contiguous CPU tensor of torch.float32 and 2 elements ...
     """
     for k, replica in enumerate(replicas):
-        if not (
-            replica.is_contiguous()
-            and replica.device.type == "cpu"
-            and replica.dtype == out.dtype
-            and replica.numel() == out.numel()
-        ):
-            raise ValueError(
-                f"replica {k} is not a contiguous CPU tensor of {out.dtype} and {out.numel()} "
-                f"elements like the output: {replica.dtype} {tuple(replica.shape)} on "
-                f"{replica.device}"
-            )
-    return np.array([replica.data_ptr() for replica in replicas], dtype=np.int64)
+        check_like(replica, out, f"replica {k}")
+    return np.array([replica.data_ptr() for replica in replicas], dtype=np.uint64)
 
 
 def use_torch_threads() -> None:
@@ -340,6 +344,8 @@ def select_chunk(
     element has all of ``nonfinite_mask``'s bits set (0: no check)."""
     use_torch_threads()
     dtype = out_bits.numpy().dtype
+    if base_bits is not None:
+        check_like(base_bits, out_bits, "the base")
     base = base_bits.numpy() if base_bits is not None else np.empty(0, dtype)
     k = len(replica_bits)
     keys, lane_bits, bits, thresholds, even = draw_arguments(spec, k)
