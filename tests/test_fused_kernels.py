@@ -354,6 +354,29 @@ def test_auto_leaves_a_merge_smaller_than_its_threshold_on_the_torch_kernels(
             assert (calls["chunks"] > 0) == fused, (label, threshold, setting)
 
 
+def test_auto_leaves_a_small_collective_average_on_the_torch_kernels(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from lightning_selmerge.merging.collective import merge_state_dicts_collective
+
+    _, replicas = _states(num_replicas=2)
+    size = sum(dispatch.floating_bytes(r.values()) for r in replicas)
+    calls = _count_fused_calls(monkeypatch)
+    init = f"file://{tmp_path / 'init'}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        for threshold, fused in [(size + 1, False), (size, True)]:
+            monkeypatch.setattr(dispatch, "AUTO_MIN_REPLICA_BYTES", threshold)
+            calls["chunks"] = 0
+            with use_kernels("auto"):
+                merge_state_dicts_collective(
+                    dict(enumerate(replicas)), num_replicas=2, method=WeightedAverage()
+                )
+            assert (calls["chunks"] > 0) == fused, threshold
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_outermost_merge_size_counts():
     with use_kernels("auto"), dispatch.merge_size(0), dispatch.merge_size(1 << 40):
         assert dispatch.fused_backend(WeightedAverage(), torch.float32, "cpu") is None
