@@ -18,7 +18,12 @@ from .leftovers import backup_path, recover_output, staging_path
 from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor
 from .rules import MergeRule
-from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
+from .safetensors_io import (
+    CheckpointReader,
+    ShardedSafetensorsWriter,
+    TensorInfo,
+    floating_nbytes,
+)
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
@@ -308,10 +313,9 @@ class _MergeJob:
         indices: Sequence[int],
         plan: MergePlan,
     ) -> None:
-        floating = sum(info.nbytes for _, info in self.infos if info.dtype.is_floating_point)
         with (
             staged_output(self.out, self.overwrite) as staging,
-            merge_size(len(readers) * floating),
+            merge_size(len(readers) * floating_nbytes(self.infos)),
         ):
             self._write(staging, readers, labels, indices, plan)
 

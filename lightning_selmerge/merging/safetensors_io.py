@@ -28,6 +28,7 @@ __all__ = [
     "SafetensorsFile",
     "ShardedSafetensorsWriter",
     "TensorInfo",
+    "floating_nbytes",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -63,6 +64,18 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def floating_nbytes(tensors: Iterable[tuple[str, TensorInfo]]) -> int:
+    """The bytes of the floating-point tensors among ``(name, info)`` pairs: what one replica
+    brings to a merge (see :func:`~.kernels.dispatch.merge_size`).
+
+    Example:
+        >>> floating_nbytes([("w", TensorInfo(torch.bfloat16, (3, 2))),
+        ...                  ("step", TensorInfo(torch.int64, ()))])
+        12
+    """
+    return sum(info.nbytes for _, info in tensors if info.dtype.is_floating_point)
 
 
 _LFS_POINTER = b"version https://git-lfs"

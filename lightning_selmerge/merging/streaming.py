@@ -34,7 +34,7 @@ from .kernels.dispatch import merge_size
 from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite, tie_groups
 from .rules import MergeRule
-from .safetensors_io import TensorInfo
+from .safetensors_io import TensorInfo, floating_nbytes
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names
 
@@ -226,10 +226,7 @@ def stream_merge(
     every merged tensor in ``tensors``' order. Pages of a replica's tensors are released once
     fed. ``plan`` is for these replicas (see :meth:`MergePlan.subset`).
     """
-    replica_bytes = len(replicas) * sum(
-        info.nbytes for _, info in tensors if info.dtype.is_floating_point
-    )
-    with merge_size(replica_bytes):
+    with merge_size(len(replicas) * floating_nbytes(tensors)):
         for window in _windows(tensors, plan, window_bytes):
             with ExitStack() as stack:
                 # the base stays open (a memory map, not a copy) while the window's replicas are fed
