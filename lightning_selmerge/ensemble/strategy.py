@@ -1,14 +1,14 @@
 """``DataOrderEnsemble``: train K replicas one after another inside each Lightning epoch.
 
-The class is the fit's lifecycle; each job has its module: ranks and collectives (the base
-class, :mod:`.parallel`), :mod:`.trainer_checks`, :mod:`.rng`, :mod:`.loader`,
-:mod:`.replica_swap`, :mod:`.checkpoint_format`, :mod:`.replica_merge` and what the monitor is
-told (:mod:`.probe_schedule`).
+The class is the fit's lifecycle; each job has its module: ranks and collectives
+(:mod:`.parallel`, the base class's base), :mod:`.trainer_checks`, :mod:`.rng`, :mod:`.loader`,
+:mod:`.replica_swap`, the checkpoints (:mod:`.ensemble_checkpoints`, :mod:`.checkpoint_format`),
+:mod:`.replica_merge` and what the monitor is told (:mod:`.probe_schedule`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -17,22 +17,16 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from lightning_selmerge.ensemble import device_groups, replica_merge, trainer_checks
-from lightning_selmerge.ensemble.checkpoint_format import (
-    CHECKPOINT_KEY,
-    check_compatible,
-    resume_state,
-    save_atomic,
-    save_rank_directory,
-)
-from lightning_selmerge.ensemble.loader import BY_BATCH_SIZE, ensemble_loader
-from lightning_selmerge.ensemble.parallel import ReplicaMeshStrategy, StartMethod
+from lightning_selmerge.ensemble.checkpoint_format import CHECKPOINT_KEY
+from lightning_selmerge.ensemble.ensemble_checkpoints import EnsembleCheckpoints
+from lightning_selmerge.ensemble.loader import ensemble_loader
+from lightning_selmerge.ensemble.parallel import StartMethod
 from lightning_selmerge.ensemble.probe_schedule import ProbeSchedule
 from lightning_selmerge.ensemble.replica_store import (
     Offload,
@@ -41,15 +35,14 @@ from lightning_selmerge.ensemble.replica_store import (
     cpu_state_copy,
 )
 from lightning_selmerge.ensemble.replica_swap import ReplicaSwap
-from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
+from lightning_selmerge.ensemble.rng import seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
 from lightning_selmerge.merging import MergeMethod, MergeRule, NonFinite
-from lightning_selmerge.merging.leftovers import recover_output
 
 __all__ = ["CHECKPOINT_KEY", "DataOrderEnsemble", "ReplicaState", "cpu_state_copy"]
 
 
-class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
+class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
     """Train ``num_replicas`` copies of the module, each on its own data order, in one fit.
 
     In every epoch the train loader yields replica 0's order (``DataOrderSampler.order(epoch,
@@ -141,9 +134,6 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
     """
 
     strategy_name = "data_order_ensemble"
-    #: set by ``SelectionMergeCallback``: the latest merge (whole on global rank 0; ``None``
-    #: before the first), which a weights-only checkpoint stores as ``state_dict``.
-    weights_only_state: Callable[[], dict[str, torch.Tensor] | None] | None = None
 
     def __init__(
         self,
@@ -340,82 +330,6 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
             module_state = cpu_state_copy(dict(module_state), store.pin_memory, store.shared)
         self._swap.reset(module_state, self._layout.local_replicas)
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def ensemble_state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the ensemble exactly (saved in checkpoints)."""
-        return {
-            **self._identity(),
-            **self._swap.state_dict(live_as_module=not self.is_distributed),
-            "rng": rng_states(),
-            "rng_base": self._rng_base,
-        }
-
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        if self.is_distributed:  # every rank's optimizer states are in its rank file
-            return {}
-        return super().optimizer_state(optimizer)
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if self.is_distributed and self._fitting():
-            return  # restored from the rank file with the live replica
-        super().load_optimizer_state_dict(checkpoint)
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
-    ) -> None:
-        # a full checkpoint (not weights-only) of a fit that started training
-        full = "optimizer_states" in checkpoint and self._swap.initial is not None
-        if "optimizer_states" not in checkpoint and self.weights_only_state is not None:
-            merged = self.weights_only_state()  # a collective when sharded: every rank is here
-            if merged is not None:  # the merge, not the replica live now (no resume state)
-                checkpoint["state_dict"] = merged
-        if not self.is_distributed:
-            if full:
-                checkpoint[CHECKPOINT_KEY] = self.ensemble_state_dict()
-            local = "://" not in str(filepath)  # remote ("s3://...") paths go to checkpoint_io
-            if local and type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
-                if self.is_global_zero:
-                    save_atomic(checkpoint, Path(filepath))
-                return
-            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-            return
-        state = self.ensemble_state_dict if full else None
-        save_rank_directory(self, checkpoint, filepath, state, self._identity())
-
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
-        path = Path(str(checkpoint_path))
-        if "://" not in str(checkpoint_path) and not path.exists():
-            recover_output(path)  # a per-rank directory a killed save left half swapped
-        if path.is_dir():
-            checkpoint = self.checkpoint_io.load_checkpoint(
-                path / "checkpoint.pt", weights_only=False
-            )
-        else:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None or not self._fitting():
-            return checkpoint
-        self._check_compatible(saved, checkpoint_path)
-        # checked against this fit's value when the loader is set up; checkpoints before it
-        # was recorded grouped fixed batches by the DataLoader's batch_size
-        self._resumed_step_samples = saved.get("fixed_step_samples", BY_BATCH_SIZE)
-        self._to_restore = resume_state(saved, path, self.global_rank)
-        return checkpoint
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is not None and self._fitting():
-            if saved.get("per_rank_files"):
-                return  # each rank loads its live replica from its rank file at train start
-            if saved["live"] is not None:
-                # resuming: the module continues as the live replica, not as the merged model
-                checkpoint = {**checkpoint, "state_dict": saved["live"]}
-        super().load_model_state_dict(checkpoint, strict=strict)
-
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        if self.is_global_zero:
-            self.checkpoint_io.remove_checkpoint(filepath)  # files and directories alike
-
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
         # before super().setup: configure_optimizers may already set up the train loader
@@ -476,28 +390,6 @@ class DataOrderEnsemble(ProbeSchedule, ReplicaMeshStrategy):
         self._swap.make_live(self.replica_of(batch_idx))
 
     # -- internals ------------------------------------------------------------------------
-    def _fitting(self) -> bool:
-        module = self._lightning_module
-        return (
-            module is not None
-            and module._trainer is not None
-            and module.trainer.state.fn == TrainerFn.FITTING
-        )
-
-    def _identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed (checked by :meth:`_check_compatible`)."""
-        return {
-            "num_replicas": self.num_replicas,
-            "seed": self.seed,
-            "fixed_batches": self.fixed_batches,
-            "fixed_step_samples": self._fixed_step_samples,
-            "layout": self._layout.to_dict(),
-        }
-
-    def _check_compatible(self, saved: Mapping[str, Any], path: _PATH) -> None:
-        settings = {name: getattr(self, name) for name in ("num_replicas", "seed", "fixed_batches")}
-        check_compatible(saved, path, self._layout, self.shard_size, settings)
-
     def _load(self, state: ReplicaState) -> None:
         """Load a replica's state into the live module (every switch and resume comes here)."""
         self._swap.load(state)
