@@ -167,6 +167,57 @@ def test_staging_buffers_are_reused_whatever_the_number_of_tensors(monkeypatch, 
     assert set(made) == {64 * 4}  # one chunk of float32: the largest chunk staged
 
 
+class _Recorder:
+    """A stream or event of the staging pipeline that logs what it is asked to do."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: _Recorder) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+    def wait_event(self, event: _Recorder) -> None:
+        self.log.append(f"{self.name} waits for {event.name}")
+
+    def record(self, stream: _Recorder) -> None:
+        self.log.append(f"{self.name} recorded on {stream.name}")
+
+    def __enter__(self) -> None:
+        self.log.append(f"copies on {self.name}")
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_copy_into_a_new_buffer_waits_for_the_compute_streams_queued_work():
+    """A new staging buffer may be memory that kernels still queued on the compute stream read
+    (the caching allocator hands back blocks freed there): the copy stream waits for the compute
+    stream before writing a set with a new buffer, and only then (reused sets wait for the merge
+    that last read them)."""
+    log: list[str] = []
+    pipeline = device_stream.StagingPipeline("cpu", depth=2, inputs=3, nbytes=64)
+    pipeline._async = True  # the CUDA pipeline's ordering, with streams and events that log
+    pipeline._compute, pipeline._copy = _Recorder("compute", log), _Recorder("copy", log)
+    pipeline._copied = [_Recorder(f"copied[{s}]", log) for s in range(2)]
+    pipeline._merged = [_Recorder(f"merged[{s}]", log) for s in range(2)]
+    pipeline._merged_recorded = [False, False]
+
+    def stage(slot: int, inputs: int) -> list[str]:
+        log.clear()
+        pipeline.stage(slot, [torch.arange(4.0)] * inputs)
+        pipeline.ready(slot)
+        pipeline.release(slot)
+        return log[: log.index("copies on copy") + 1]
+
+    assert stage(0, 2) == ["copy waits for compute", "copies on copy"]
+    assert stage(1, 2) == ["copy waits for compute", "copies on copy"]
+    assert stage(0, 2) == ["copy waits for merged[0]", "copies on copy"]
+    # a chunk with a base: set 0 gets a third buffer
+    assert stage(0, 3) == ["copy waits for compute", "copy waits for merged[0]", "copies on copy"]
+    assert stage(0, 3) == ["copy waits for merged[0]", "copies on copy"]
+    assert pipeline.allocations == 5
+
+
 def test_exact_on_keeps_arithmetic_that_may_round_differently_on_the_cpu():
     assert exact_on(ParameterSelection(probabilities=[0.3, 0.7], resample=2), "cuda")
     assert exact_on(WeightedAverage(), torch.device("cuda", 1))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+import warnings
 
 import pytest
 import torch
@@ -454,3 +456,29 @@ def test_a_draw_spec_names_one_key_per_candidate_when_draws_are_not_shared():
     spec = DrawSpec.of(ParameterSelection(resample=2), ctx, num_replicas=20)
     assert spec.keys == tuple(ctx.rng.key("w", j) for j in range(3))
     assert spec.thresholds == tuple(ParameterSelection().thresholds(20))
+
+
+def test_a_backend_that_fails_to_import_leaves_auto_on_the_torch_kernels(monkeypatch):
+    """An installed numba that cannot be imported (e.g. built for another numpy): ``auto``
+    warns once and merges with the torch kernels; ``fused`` names the import error."""
+    name = f"{dispatch.__package__}._unloadable_kernels"
+    monkeypatch.setitem(dispatch._BACKENDS, "cpu", ("_unloadable_kernels", "numpy"))
+    monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    monkeypatch.setattr(dispatch, "_unimportable", {})
+    replicas, base = replicas_off_base(3, 5000, torch.bfloat16, 0.5, seed=0)
+    states = [{"w": r} for r in replicas]
+    method = ParameterSelection(resample=1)
+    with use_kernels("torch"):
+        want = merge_state_dicts(states, method=method, base={"w": base})
+    with use_kernels("auto"), dispatch.merge_size(1 << 40):
+        with pytest.warns(RuntimeWarning, match="importing numpy failed.*torch kernels"):
+            got = merge_state_dicts(states, method=method, base={"w": base})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # tried once: no second warning
+            assert dispatch.fused_backend(method, torch.bfloat16, "cpu") is None
+    assert torch.equal(got["w"], want["w"])
+    with (
+        use_kernels("fused"),
+        pytest.raises(MergeError, match="cannot be loaded: ModuleNotFoundError"),
+    ):
+        merge_state_dicts(states, method=method, base={"w": base})

@@ -25,6 +25,7 @@ else:  # pragma: no cover - no triton wheel for this platform
     triton = pytest.importorskip("triton")
 
 from triton_interpret_worker import (
+    BLOCK,
     _states,
     mean_cases,
     nonfinite_cases,
@@ -154,11 +155,55 @@ def test_the_module_imports_without_triton(monkeypatch):
         module.mean_chunk([torch.zeros(2)] * 2, torch.empty(2))
 
 
-def _compile(kernel, signature, constexprs):
+MEAN_SIGNATURE = {
+    "table": "*i64",
+    "flags": "*i32",
+    "first": "i32",
+    "numel": "i32",
+    "num_replicas": "i32",
+    "KIND": "constexpr",
+    "MASKED": "constexpr",
+    "ALIGNED": "constexpr",
+    "BLOCK": "constexpr",
+}
+SELECT_SIGNATURE = {
+    "table": "*i64",
+    "flags": "*i32",
+    "first": "i32",
+    "numel": "i32",
+    "start": "i64",
+    "num_replicas": "i32",
+    "candidates": "i32",
+    "bits": "i32",
+    "num_thresholds": "i32",
+    "SHARED": "constexpr",
+    "LANE_BITS": "constexpr",
+    "RESAMPLE": "constexpr",
+    "MASK": "constexpr",
+    "MASKED": "constexpr",
+    "ALIGNED": "constexpr",
+    "BLOCK": "constexpr",
+}
+
+
+def _select_constexprs(shared, resample, mask):
+    return {
+        "SHARED": shared,
+        "LANE_BITS": 16,
+        "RESAMPLE": resample,
+        "MASK": mask,
+        "BLOCK": triton_cuda.BLOCK,
+    }
+
+
+def _compile(kernel, signature, constexprs, aligned_out=False):
+    """The kernel's PTX for sm_90; ``aligned_out``: as Triton launches it with an ``out`` on a
+    16-byte boundary (it specialises pointer arguments so)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    attrs = {(1,): [["tt.divisibility", 16]]} if aligned_out else {}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": triton_cuda._NUM_WARPS, "enable_fp_fusion": False}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
@@ -170,19 +215,11 @@ def test_compiled_for_sm90_they_round_like_torchs_cuda_ops(tmp_path, monkeypatch
     """IEEE division (``div.rn``, not ``div.full``), adds that keep subnormals (no ``.ftz``), and
     float16 rounded by ``cvt.rn``: the instructions torch's CUDA ``add_``/``div_``/``copy_`` use."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    mean_signature = {
-        "table": "*i64",
-        "flags": "*i32",
-        "numel": "i32",
-        "num_replicas": "i32",
-        "KIND": "constexpr",
-        "BLOCK": "constexpr",
-    }
     for kind, out in ((0, "*i16"), (1, "*fp16"), (2, "*fp32")):
         ptx = _compile(
             triton_cuda._mean_kernel,
-            {**mean_signature, "out": out},
-            {"KIND": kind, "BLOCK": triton_cuda.BLOCK},
+            {**MEAN_SIGNATURE, "out": out},
+            {"KIND": kind, "MASKED": True, "ALIGNED": False, "BLOCK": triton_cuda.BLOCK},
         )
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "add.rn.f32" in ptx and ".ftz" not in ptx  # .rn: never fused into an fma
@@ -191,31 +228,46 @@ def test_compiled_for_sm90_they_round_like_torchs_cuda_ops(tmp_path, monkeypatch
     for bits, mask, shared in (("i16", 0x7F80, False), ("i64", 0x7FF0000000000000, True)):
         ptx = _compile(
             triton_cuda._select_kernel,
-            {
-                "table": "*i64",
-                "out": f"*{bits}",
-                "flags": "*i32",
-                "numel": "i32",
-                "start": "i64",
-                "num_replicas": "i32",
-                "candidates": "i32",
-                "bits": "i32",
-                "num_thresholds": "i32",
-                "SHARED": "constexpr",
-                "LANE_BITS": "constexpr",
-                "RESAMPLE": "constexpr",
-                "MASK": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {
-                "SHARED": shared,
-                "LANE_BITS": 16,
-                "RESAMPLE": True,
-                "MASK": mask,
-                "BLOCK": triton_cuda.BLOCK,
-            },
+            {**SELECT_SIGNATURE, "out": f"*{bits}"},
+            {**_select_constexprs(shared, True, mask), "MASKED": True, "ALIGNED": False},
         )
         assert "shr.u64" in ptx and "mul.lo.s64" in ptx  # SplitMix64: logical shifts, wrapping
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="this process interprets the kernels"
+)
+def test_whole_aligned_blocks_move_16_bytes_per_load_and_store(tmp_path, monkeypatch):
+    """A chunk's whole blocks, every pointer on a 16-byte boundary: each thread loads and stores
+    16 bytes at a time (``.v4.b32``), as a copy at the card's bandwidth does; the masked or
+    unaligned launch loads element by element."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    def moves(kernel, signature, constexprs, masked, aligned):
+        ptx = _compile(
+            kernel, signature, {**constexprs, "MASKED": masked, "ALIGNED": aligned}, True
+        )
+        return ("ld.global.v4.b32" in ptx, "st.global.v4.b32" in ptx)
+
+    mean = (triton_cuda._mean_kernel, {**MEAN_SIGNATURE, "out": "*i16"})
+    mean_constexprs = {"KIND": 0, "BLOCK": triton_cuda.BLOCK}
+    assert moves(*mean, mean_constexprs, masked=False, aligned=True) == (True, True)
+    assert moves(*mean, mean_constexprs, masked=True, aligned=True) == (False, False)
+    assert moves(*mean, mean_constexprs, masked=False, aligned=False) == (False, True)
+    select = (triton_cuda._select_kernel, {**SELECT_SIGNATURE, "out": "*i16"})
+    for resample in (False, True):
+        constexprs = _select_constexprs(False, resample, 0x7F80)
+        assert moves(*select, constexprs, masked=False, aligned=True) == (True, True)
+        assert moves(*select, constexprs, masked=True, aligned=True)[0] is False
+
+
+def test_the_cases_take_every_launch():
+    """Whole blocks alone, a partial block alone, both; 16-byte aligned and unaligned inputs."""
+    for cases in (selection_cases(), mean_cases()):
+        shapes = {(c["numel"] >= BLOCK, c["numel"] % BLOCK > 0) for c in cases.values()}
+        assert {(True, True), (True, False)} <= shapes
+        assert {c.get("misaligned", False) for c in cases.values()} == {False, True}
+    assert any(c["numel"] < BLOCK for c in selection_cases().values())
 
 
 @needs_gpu

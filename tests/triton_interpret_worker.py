@@ -32,7 +32,8 @@ from lightning_selmerge.merging.methods.selection_kernel import bit_view
 BLOCK = 1024  # triton_cuda.BLOCK, checked in main()
 SELECTION_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 MEAN_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-_NUMELS = [BLOCK + 37, 77, 2 * BLOCK - 1]
+# whole blocks and a partial one (two launches), a partial block alone, whole blocks alone
+_NUMELS = [BLOCK + 37, 77, 2 * BLOCK - 1, 2 * BLOCK]
 _STARTS = [3, 1_000_003, 2**33 + 5]  # odd offsets, one past int32
 
 
@@ -49,10 +50,11 @@ def selection_cases() -> dict[str, dict[str, Any]]:
                     "resample": resample,
                     "weighted": weighted,
                     "dtype": str(dtype),
-                    "numel": _NUMELS[index % 3],
+                    "numel": _NUMELS[index % len(_NUMELS)],
                     "start": _STARTS[(index // 3) % 3],
                     "moved": (0.3, 1.0, 0.0)[(index // 9) % 3] if resample else 0.5,
                     "seed": index,
+                    "misaligned": index % 5 == 2,
                 }
                 cases[f"K{k}-r{resample}-{'w' if weighted else 'u'}-{dtype}"] = case
                 index += 1
@@ -85,11 +87,17 @@ def selection_cases() -> dict[str, dict[str, Any]]:
 
 def mean_cases() -> dict[str, dict[str, Any]]:
     """K x dtype, values spread from subnormal to large so that every rounding path shows."""
-    return {
-        f"K{k}-{dtype}": {"k": k, "dtype": str(dtype), "numel": BLOCK + 37, "seed": k}
-        for k in (1, 2, 3, 5, 8, 20)
-        for dtype in MEAN_DTYPES
-    }
+    cases = {}
+    for k in (1, 2, 3, 5, 8, 20):
+        for index, dtype in enumerate(MEAN_DTYPES):
+            cases[f"K{k}-{dtype}"] = {
+                "k": k,
+                "dtype": str(dtype),
+                "numel": (BLOCK + 37, 2 * BLOCK)[(k + index) % 2],
+                "seed": k,
+                "misaligned": (k + index) % 3 == 0,
+            }
+    return cases
 
 
 def nonfinite_cases() -> dict[str, dict[str, Any]]:
@@ -112,6 +120,12 @@ def nonfinite_cases() -> dict[str, dict[str, Any]]:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
+
+
+def _misaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in a view one element into a new buffer (its data pointer not on a
+    16-byte boundary, as a chunk inside a tensor may be): the kernels' unaligned launches."""
+    return torch.cat([tensor[:1], tensor])[1:]
 
 
 def _probabilities(k, seed):
@@ -145,6 +159,8 @@ def run_selection(kernels, case, device="cpu") -> dict[str, Any]:
     probabilities = _probabilities(k, case["seed"]) if case["weighted"] else None
     method = ParameterSelection(probabilities=probabilities, resample=case["resample"])
     replicas, base = replicas_off_base(k, case["numel"], dtype, case["moved"], case["seed"], device)
+    if case.get("misaligned"):
+        replicas, base = [_misaligned(r) for r in replicas], _misaligned(base)
     ctx = ChunkContext(KeyedRandom(case["seed"]), "layers.0.weight", case["start"])
     expected = method.merge_chunk(ctx, replicas, base)
     out, finite = _select(kernels, method, ctx, replicas, base)
@@ -168,6 +184,8 @@ def run_mean(kernels, case, device="cpu") -> dict[str, Any]:
     dtype = _dtype(case["dtype"])
     generator = torch.Generator().manual_seed(case["seed"])
     replicas = [_spread(case["numel"], dtype, generator).to(device) for _ in range(case["k"])]
+    if case.get("misaligned"):
+        replicas = [_misaligned(r) for r in replicas]
     expected = WeightedAverage().merge_chunk(ChunkContext(KeyedRandom(0), "w", 0), replicas, None)
     out = torch.empty_like(replicas[0])
     finite = kernels.mean_chunk(replicas, out)
@@ -287,10 +305,28 @@ def run_dispatch(kernels) -> dict[str, Any]:
     return result
 
 
+def _index_zero_dim_arrays() -> None:
+    """Triton before 3.7 interprets a loop bound (``range(num_replicas)``) with ``int()`` of a
+    one-element array, which numpy 2.4 refuses; 3.7 squeezes it first. Do as 3.7 does."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes = True
+    interpreter._patch_lang_tensor = patched
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    _index_zero_dim_arrays()
     from lightning_selmerge.merging.kernels import triton_cuda
 
     assert triton_cuda.BLOCK == BLOCK, (triton_cuda.BLOCK, BLOCK)

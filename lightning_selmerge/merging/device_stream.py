@@ -110,11 +110,16 @@ class StagingPipeline:
     def stage(self, slot: int, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copy ``pieces`` (flat, one dtype) into set ``slot``; views valid after :meth:`ready`."""
         dtype, nbytes = pieces[0].dtype, pieces[0].numel() * pieces[0].element_size()
+        allocated = self.allocations
         views = [self._buffer(slot, j)[:nbytes].view(dtype) for j in range(len(pieces))]
         if not self._async:
             for view, piece in zip(views, pieces):
                 view.copy_(piece)
         else:
+            if self.allocations > allocated:
+                # the caching allocator may have given a new buffer memory that kernels still
+                # queued on the compute stream read (a block they freed): copy after them
+                self._copy.wait_stream(self._compute)
             if self._merged_recorded[slot]:
                 self._copy.wait_event(self._merged[slot])
             with self._copy:

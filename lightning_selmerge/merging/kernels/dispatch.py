@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -50,6 +51,8 @@ AUTO_MIN_REPLICA_BYTES = 1 << 30
 #: The replica bytes of the outermost merge running in this thread (or task); None outside one.
 _merge_bytes: ContextVar[int | None] = ContextVar("selmerge_merge_bytes", default=None)
 
+#: The kernel modules whose import failed (with installed packages), and why: tried once.
+_unimportable: dict[str, str] = {}
 #: Per device type: the backend's module and the package it needs.
 _BACKENDS = {"cpu": ("numba_cpu", "numba"), "cuda": ("triton_cuda", "triton")}
 #: The dtypes the plain mean's kernels cover; a backend module may decline some on its host
@@ -140,10 +143,28 @@ def _backend(device_type: str, setting: str, module_name: str | None) -> ModuleT
         return None
     full_name = f"{__package__}.{module_name or default_module}"
     module = sys.modules.get(full_name)
-    if module is None:
+    if module is None and full_name not in _unimportable:
         from importlib import import_module
 
-        module = import_module(full_name)
+        try:
+            module = import_module(full_name)
+        except ImportError as error:  # e.g. a numba built for another numpy
+            _unimportable[full_name] = f"{type(error).__name__}: {error}"
+            if setting != "fused":
+                warnings.warn(
+                    f"the fused {device_type} merge kernels are off: importing {package} failed "
+                    f"({_unimportable[full_name]}); merging with the torch kernels (same bits, "
+                    f"slower). Reinstall {package} to use them.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    if module is None:
+        if setting == "fused":
+            raise MergeError(
+                f"{KERNELS_ENV}=fused, but the fused {device_type} kernels cannot be loaded: "
+                f"{_unimportable[full_name]}. Reinstall {package} (or unset {KERNELS_ENV})."
+            )
+        return None
     return module
 
 

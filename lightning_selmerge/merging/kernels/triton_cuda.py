@@ -8,6 +8,12 @@ replicas in order into a zeroed float32 sum, divides it by ``K`` with IEEE divis
 The replicas are not stacked or copied: their data pointers go to the kernel in one small int64
 table (with the hash keys and thresholds), and the kernel casts each entry to a pointer.
 
+A chunk's whole blocks take one launch without masks and, when every pointer is 16-byte aligned
+(as a CUDA allocation and a chunk at a multiple of :data:`BLOCK` are), with that said to the
+compiler, so that each thread reads and writes 16 bytes at a time; a last partial block takes a
+second, masked launch. (A masked load of an unspecialised length, or a pointer of unknown
+alignment, compiles to one load per element.)
+
 bfloat16's rounding and both half types' NaN are written out in integer operations, so that
 Triton's interpreter (``TRITON_INTERPRET=1``, which the tests run on CPU tensors) computes the
 bits a GPU does. A NaN mean is stored as ``0x7FFF`` (a chunk flagged non-finite is never kept:
@@ -52,6 +58,25 @@ def _jit(*runtime_ints: str):
 
 
 @_jit()
+def _replica_block(table, k, like, offs, inside, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements ``offs`` of the tensor at ``table[k]`` (of ``like``'s type; 0 outside)."""
+    pointer = tl.load(table + k).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    if MASKED:
+        return tl.load(pointer + offs, mask=inside, other=0)
+    return tl.load(pointer + offs)
+
+
+@_jit()
+def _store_block(out, offs, values, inside, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(out + offs, values, mask=inside)
+    else:
+        tl.store(out + offs, values)
+
+
+@_jit()
 def _candidate(
     table,
     key_at,
@@ -86,11 +111,12 @@ def _candidate(
     return count
 
 
-@_jit("numel", "start", "num_replicas", "candidates", "bits", "num_thresholds")
+@_jit("first", "numel", "start", "num_replicas", "candidates", "bits", "num_thresholds")
 def _select_kernel(
     table,
     out,
     flags,
+    first,
     numel,
     start,
     num_replicas,
@@ -101,10 +127,13 @@ def _select_kernel(
     LANE_BITS: tl.constexpr,
     RESAMPLE: tl.constexpr,
     MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Selection of one block into ``out`` (an integer bit view); its NaN/Inf flag to flags."""
-    pid = tl.program_id(0)
+    """Selection of block ``first + program`` into ``out`` (an integer bit view); its NaN/Inf
+    flag to ``flags``."""
+    pid = tl.program_id(0) + first
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     element = offs + start
@@ -118,13 +147,10 @@ def _select_kernel(
         thr_at = key_at + 1
     bad = tl.zeros([BLOCK], tl.int1)
     if RESAMPLE:
-        origin = tl.load(
-            tl.load(table + num_replicas).to(tl.pointer_type(bits_ty)) + offs, mask=inside
-        )
+        origin = _replica_block(table, num_replicas, out, offs, inside, MASKED, ALIGNED)
         moved = tl.zeros([BLOCK], tl.uint64)
         for k in range(num_replicas):
-            replica = tl.load(table + k).to(tl.pointer_type(bits_ty))
-            x = tl.load(replica + offs, mask=inside, other=0)
+            x = _replica_block(table, k, out, offs, inside, MASKED, ALIGNED)
             moved |= (x != origin).to(tl.uint64) << k
             if MASK != 0:
                 bad |= (x & MASK) == MASK
@@ -145,6 +171,7 @@ def _select_kernel(
             )
             hit = ((moved >> option.to(tl.uint64)) & 1) != 0
             choice = tl.where(hit & (choice == num_replicas), option, choice)
+        # each element's own replica: a gather, from lines the loop above just read
         source = tl.load(table + choice, mask=inside, other=0).to(tl.pointer_type(bits_ty))
         result = tl.load(source + offs, mask=inside)
     else:
@@ -153,26 +180,35 @@ def _select_kernel(
         )
         result = tl.zeros([BLOCK], bits_ty)
         for k in range(num_replicas):
-            replica = tl.load(table + k).to(tl.pointer_type(bits_ty))
-            x = tl.load(replica + offs, mask=inside, other=0)
+            x = _replica_block(table, k, out, offs, inside, MASKED, ALIGNED)
             result = tl.where(choice == k, x, result)
             if MASK != 0:
                 bad |= (x & MASK) == MASK
-    tl.store(out + offs, result, mask=inside)
+    _store_block(out, offs, result, inside, MASKED)
     tl.store(flags + pid, tl.max(bad.to(tl.int32), axis=0))
 
 
-@_jit("numel", "num_replicas")
-def _mean_kernel(table, out, flags, numel, num_replicas, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """The mean of one block into ``out`` (int16 bits for bfloat16); its NaN/Inf flag."""
-    pid = tl.program_id(0)
+@_jit("first", "numel", "num_replicas")
+def _mean_kernel(
+    table,
+    out,
+    flags,
+    first,
+    numel,
+    num_replicas,
+    KIND: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The mean of block ``first + program`` into ``out`` (int16 bits for bfloat16); its NaN/Inf
+    flag to ``flags``."""
+    pid = tl.program_id(0) + first
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    value_ty = out.dtype.element_ty
     total = tl.zeros([BLOCK], tl.float32)
     for k in range(num_replicas):
-        replica = tl.load(table + k).to(tl.pointer_type(value_ty))
-        x = tl.load(replica + offs, mask=inside, other=0)
+        x = _replica_block(table, k, out, offs, inside, MASKED, ALIGNED)
         if KIND == 0:  # bfloat16 bits: widening is a shift
             x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
         total += x.to(tl.float32)
@@ -191,7 +227,7 @@ def _mean_kernel(table, out, flags, numel, num_replicas, KIND: tl.constexpr, BLO
     else:
         result = mean
         bad = (mean.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
-    tl.store(out + offs, result, mask=inside)
+    _store_block(out, offs, result, inside, MASKED)
     tl.store(flags + pid, tl.max((bad & inside).to(tl.int32), axis=0))
 
 
@@ -227,9 +263,43 @@ def _launch_guard(tensor: torch.Tensor):
 
 
 def _table(entries: Sequence[int], device: torch.device) -> torch.Tensor:
-    """The launch's int64 table on ``device`` (freed after the launch: the caching allocator
-    reuses it only after the kernel, which runs on the same stream)."""
-    return torch.tensor(list(entries), dtype=torch.int64, device=device)
+    """The launch's int64 table on ``device``, copied from page-locked memory without waiting
+    for the device (freed after the launch: the caching allocators reuse the device block only
+    after the kernel, on the same stream, and the host block only after the copy)."""
+    table = torch.tensor(list(entries), dtype=torch.int64)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _launch(
+    kernel, table: torch.Tensor, inputs: Sequence[torch.Tensor], out: torch.Tensor, *args, **kw
+) -> bool:
+    """``kernel(table, out, flags, first, numel, *args, **kw)`` over every block of ``out``: the
+    whole blocks unmasked, the last partial one masked, ``ALIGNED`` when every pointer is
+    16-byte aligned. Whether a block flagged a NaN/Inf."""
+    numel = out.numel()
+    whole, partial = divmod(numel, BLOCK)
+    aligned = all(t.data_ptr() % 16 == 0 for t in (*inputs, out))
+    flags = torch.empty(whole + (partial > 0), dtype=torch.int32, device=out.device)
+    with _launch_guard(out):
+        for first, blocks, masked in ((0, whole, False), (whole, int(partial > 0), True)):
+            if blocks:
+                kernel[(blocks,)](
+                    table,
+                    out,
+                    flags,
+                    first,
+                    numel,
+                    *args,
+                    MASKED=masked,
+                    ALIGNED=aligned,
+                    BLOCK=BLOCK,
+                    num_warps=_NUM_WARPS,
+                    enable_fp_fusion=False,  # no multiply-adds to fuse; said so that none ever is
+                    **kw,
+                )
+    return bool(flags.any())
 
 
 def _check_same_place(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> None:
@@ -266,29 +336,23 @@ def select_chunk(
     if numel == 0:
         return True
     shared = spec.thresholds is None
-    device = out_bits.device
-    grid = triton.cdiv(numel, BLOCK)
-    flags = torch.empty(grid, dtype=torch.int32, device=device)
-    with _launch_guard(out_bits):
-        _select_kernel[(grid,)](
-            _table(selection_table(spec, [t.data_ptr() for t in inputs]), device),
-            out_bits,
-            flags,
-            numel,
-            spec.start,
-            num_replicas,
-            spec.candidates,
-            spec.bits,
-            0 if shared else len(spec.thresholds),
-            SHARED=shared,
-            LANE_BITS=spec.lane_bits,
-            RESAMPLE=resample,
-            MASK=nonfinite_mask,
-            BLOCK=BLOCK,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,  # no multiply-adds to fuse; said so that none ever is
-        )
-    return not bool(flags.any())
+    table = _table(selection_table(spec, [t.data_ptr() for t in inputs]), out_bits.device)
+    flagged = _launch(
+        _select_kernel,
+        table,
+        inputs,
+        out_bits,
+        spec.start,
+        num_replicas,
+        spec.candidates,
+        spec.bits,
+        0 if shared else len(spec.thresholds),
+        SHARED=shared,
+        LANE_BITS=spec.lane_bits,
+        RESAMPLE=resample,
+        MASK=nonfinite_mask,
+    )
+    return not flagged
 
 
 def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
@@ -304,19 +368,5 @@ def mean_chunk(replicas: list[torch.Tensor], out: torch.Tensor) -> bool:
         return True
     if out.dtype == torch.bfloat16:  # the kernel reads and writes bfloat16 as int16 bits
         out = out.view(torch.int16)
-    device = out.device
-    grid = triton.cdiv(numel, BLOCK)
-    flags = torch.empty(grid, dtype=torch.int32, device=device)
-    with _launch_guard(out):
-        _mean_kernel[(grid,)](
-            _table([r.data_ptr() for r in replicas], device),
-            out,
-            flags,
-            numel,
-            len(replicas),
-            KIND=kind,
-            BLOCK=BLOCK,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,  # no multiply-adds to fuse; said so that none ever is
-        )
-    return not bool(flags.any())
+    table = _table([r.data_ptr() for r in replicas], out.device)
+    return not _launch(_mean_kernel, table, replicas, out, len(replicas), KIND=kind)
