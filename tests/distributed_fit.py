@@ -1,12 +1,14 @@
 """A DataOrderEnsemble fit on several gloo ranks; run by tests/test_device_groups.py.
 
 ``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]
-[--offload-disk] [--record-steps]``: Lightning's subprocess launcher re-runs this script once
-per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices, layout, offsets);
-rank 0 writes ``OUT/merged.pt`` (the whole merge). With ``--resume=STEP`` the fit saves
-checkpoints every 3 steps, and a second fit resumes from the one at STEP and writes
-``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds ``steps``: what
-``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in ``configure_optimizers``.
+[--offload-disk] [--record-steps] [--metric]``: Lightning's subprocess launcher re-runs this
+script once per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices,
+layout, offsets); rank 0 writes ``OUT/merged.pt`` (the whole merge). With ``--resume=STEP``
+the fit saves checkpoints every 3 steps, and a second fit resumes from the one at STEP and
+writes ``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds ``steps``:
+what ``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in
+``configure_optimizers``. With ``--metric`` the module also logs a torchmetrics mean of the
+loss (``val_mean``) and syncs ``val_loss`` over the ranks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ def trainer(devices: int, k: int, shard: int, callbacks: list, offload_dir: str 
     )
 
 
+class MetricNet(Net):
+    """Logs ``val_loss`` synced over the ranks and the same mean as a torchmetrics metric."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import MeanMetric
+
+        self.val_mean = MeanMetric()
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        loss = self.loss(batch)
+        self.log("val_loss", loss, sync_dist=True)
+        self.val_mean.update(loss, weight=len(batch[0]))
+        self.log("val_mean", self.val_mean)
+
+
 class StepsNet(Net):
     """Records the schedule lengths a module sees in ``configure_optimizers``."""
 
@@ -78,6 +96,8 @@ def main() -> None:
             )
         )
     module = StepsNet() if "--record-steps" in sys.argv else Net()
+    if "--metric" in sys.argv:
+        module = MetricNet()
     fit = trainer(devices, k, shard, callbacks, offload_dir)
     fit.fit(module, loader, val)
     strategy = fit.strategy

@@ -138,7 +138,7 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
 
     The inactive replicas are offloaded to disk, one directory per rank.
     """
-    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6", "--offload-disk")
+    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6", "--offload-disk", "--metric")
     ranks = result["ranks"]
     assert [(sorted(r["replicas"]), r["shard_rank"]) for r in ranks] == [
         ([0], 0),
@@ -168,6 +168,24 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
     assert_bits_equal(result["resumed"], result["merged"])
     offloaded = sorted(p.name for p in (tmp_path / "offload").iterdir())
     assert offloaded == [f"rank_{r:05d}" for r in range(4)]
+    # each replica is validated over its two shard ranks' halves of the data, a torchmetrics
+    # metric synced over those two ranks only (the other group holds the other replica), and
+    # the merge over every rank: the whole validation set, as one process would see it
+    merged_net = Net()
+    merged_net.load_state_dict(result["merged"])
+    x, y = make_data(64).tensors[1:]
+    with torch.no_grad():
+        losses = [merged_net.loss((None, x[i : i + 16], y[i : i + 16])) for i in range(0, 64, 16)]
+    whole_set = float(torch.stack(losses).mean())
+    for rank in ranks:
+        metrics = rank["metrics"]
+        assert metrics["val_loss"] == pytest.approx(whole_set, rel=1e-5)
+        assert metrics["val_mean"] == pytest.approx(whole_set, rel=1e-5)
+        for k in range(2):
+            assert metrics[f"replica_{k}/val_mean"] == pytest.approx(
+                metrics[f"replica_{k}/val_loss"], rel=1e-5
+            )
+        assert metrics["replica_0/val_loss"] != pytest.approx(metrics["replica_1/val_loss"])
 
 
 def test_layout_errors_name_the_fix() -> None:

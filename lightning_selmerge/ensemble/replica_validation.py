@@ -3,7 +3,9 @@
 Used to score each replica next to the merged model: ``validation_step`` runs as in the
 validation loop (same loaders, batch limits, device transfer and precision), and the values it
 passes to ``self.log`` are reduced per epoch the way Lightning reduces them, without touching
-Lightning's own results.
+Lightning's own results. On several ranks a ``torchmetrics`` metric is synced over the ranks
+that validate the same replica (its shard ranks), not over every rank: the other replica groups
+hold other replicas.
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ class _Captured:
             pick = max if self.reduce_fx == "max" else min
             self.best = value if math.isnan(self.best) else pick(self.best, value)
 
-    def result(self) -> float:
+    def result(self, group: Any = None) -> float:
+        """The epoch's value; a metric synced over ``group`` (the default: its own setting)."""
         if self.metric is not None:
-            value = float(self.metric.compute())
+            kept = self.metric.process_group
+            if group is not None:
+                self.metric.process_group = group
+            try:
+                value = float(self.metric.compute())
+            finally:
+                self.metric.process_group = kept
             self.metric.reset()
             return value
         if self.reduce_fx == "mean":
@@ -85,7 +94,7 @@ def validate_current_weights(trainer: Trainer, pl_module: LightningModule) -> di
     The module's ``on_validation_epoch_start`` and ``on_validation_epoch_end`` run before and
     after the batches, and what they log is captured too. Names get Lightning's
     ``/dataloader_idx_{i}`` suffix when there are several loaders. ``torchmetrics`` objects passed
-    to ``self.log`` are computed and reset.
+    to ``self.log`` are computed (synced over the replica's shard ranks) and reset.
     """
     loaders = trainer.val_dataloaders
     if loaders is None:
@@ -133,4 +142,17 @@ def validate_current_weights(trainer: Trainer, pl_module: LightningModule) -> di
             pl_module.on_validation_epoch_end()
     finally:
         del pl_module.log
-    return {name: entry.result() for name, entry in captured.items()}
+    group = _replica_ranks(trainer)
+    return {name: entry.result(group) for name, entry in captured.items()}
+
+
+def _replica_ranks(trainer: Trainer) -> Any:
+    """The process group of the ranks validating this rank's replica (its shard ranks), or
+    ``None`` outside a device mesh."""
+    strategy = trainer.strategy
+    mesh = (
+        getattr(strategy, "device_mesh", None)
+        if getattr(strategy, "is_distributed", False)
+        else None
+    )
+    return None if mesh is None else mesh["shard"].get_group()

@@ -117,7 +117,9 @@ class _HFModule(LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch).logits
         per_sample = self._per_sample(logits, batch["labels"])
-        self.log("val_loss", _mean_valid(per_sample), prog_bar=True, batch_size=len(per_sample))
+        # on several ranks each validates a slice of the data: the merge's value is their mean
+        loss = _mean_valid(per_sample)
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(per_sample), sync_dist=True)
         self._validation_metrics(logits, batch["labels"])
 
     def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
