@@ -35,7 +35,7 @@ def run_distributed(out: Path, devices: int, k: int, shard: int, batch: int, *fl
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [torch.load(out / f"rank_{r}.pt", weights_only=False) for r in range(devices)]
-    result = {"ranks": ranks, "merged": torch.load(out / "merged.pt")}
+    result = {"ranks": ranks, "merged": torch.load(out / "merged.pt"), "stderr": proc.stderr}
     if (out / "resumed.pt").exists():
         result["resumed"] = torch.load(out / "resumed.pt")
     return result
@@ -118,6 +118,8 @@ def test_two_replica_groups_of_two_replicas_match_the_sequential_run(tmp_path: P
 
     # resumed from the checkpoint at step 3 (inside replica 0 of each group): the same merge
     assert_bits_equal(result["resumed"], result["merged"])
+    # a rank's file in the staging directory is not another run's leftover
+    assert "unfinished temporary files" not in result["stderr"]
     ckpt = tmp_path / "ckpt" / "step=3.ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "checkpoint.pt",

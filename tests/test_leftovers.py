@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from lightning_selmerge.cli import main as cli
 from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
 from lightning_selmerge.merging import MergeError, WeightedAverage, merge_checkpoints
+from lightning_selmerge.merging.leftovers import clean_stale_files
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -158,3 +159,18 @@ def test_stale_checkpoint_temp_files_and_offload_dirs_are_cleaned_by_the_next_fi
     assert live_offload.exists() and str(live_offload) not in messages
     own = [p for p in tmpdir.iterdir() if p not in (live_offload,)]
     assert len(own) == 1 and own[0].name.startswith(f"selmerge-replicas-{HOST}-")
+
+
+def test_a_live_process_of_this_host_is_at_work_and_another_hosts_unknown(tmp_path: Path) -> None:
+    """Beside a checkpoint, a temporary file of a live process on this host (another rank of the
+    same run, say) is neither removed nor warned about; one of another host may be dead or not,
+    and is named."""
+    live = tmp_path / f".last.ckpt.tmp-0123abcd-{HOST}-1"  # pid 1 is alive
+    elsewhere = tmp_path / ".last.ckpt.tmp-0123abcd-ffffff-4242"
+    for path in (live, elsewhere):
+        path.write_bytes(b"\0" * 100)
+    with pytest.warns(UserWarning) as record:
+        assert clean_stale_files(tmp_path) == []
+    messages = " ".join(str(w.message) for w in record)
+    assert str(elsewhere) in messages and str(live) not in messages
+    assert live.exists() and elsewhere.exists()

@@ -65,14 +65,16 @@ def resume_state(saved: dict[str, Any], path: Path, rank: int) -> dict[str, Any]
     return saved
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path, clean: bool = True) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename onto ``path``.
 
     A process killed at any point leaves the previous file intact (Lightning's own atomic save
-    stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems).
+    stages in ``$TMPDIR``, which is a copy, not a rename, across filesystems). ``clean``: first
+    remove the unfinished saves of killed runs in ``path``'s directory.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_files(path.parent, once=True)  # unfinished saves of killed runs
+    if clean:
+        clean_stale_files(path.parent, once=True)
     tmp = staging_path(path)
     try:
         with open(tmp, "wb") as handle:
@@ -113,14 +115,15 @@ def save_rank_directory(
     staging = Path(strategy.broadcast(str(staging_path(path))))
     staging.mkdir(parents=True, exist_ok=True)
     if ensemble_state is not None:
-        save_atomic(ensemble_state(), rank_file(staging, strategy.global_rank))
+        # staging is this save's own new directory: the other ranks' files there are at work
+        save_atomic(ensemble_state(), rank_file(staging, strategy.global_rank), clean=False)
         checkpoint[CHECKPOINT_KEY] = {
             **identity,
             "world_size": strategy.world_size,
             "per_rank_files": True,
         }
     if strategy.is_global_zero:
-        save_atomic(checkpoint, staging / "checkpoint.pt")
+        save_atomic(checkpoint, staging / "checkpoint.pt", clean=False)
     strategy.barrier()
     if strategy.is_global_zero:  # the previous checkpoint stays until this one is complete
         publish_directory(staging, path, overwrite=True)

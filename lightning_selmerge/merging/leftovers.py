@@ -171,7 +171,8 @@ _CLEANED: set[Path] = set()
 
 def clean_stale_files(directory: str | Path, once: bool = False) -> list[Path]:
     """Remove the unfinished atomic-save files (``.NAME.tmp-...``, not directories) of dead
-    processes in ``directory``; warn about those of unknown owners. Returns what was removed.
+    processes in ``directory``; warn about those of unknown owners (another host's, or of no
+    recorded owner); a live process of this host is simply at work. Returns what was removed.
     With ``once``, a directory already cleaned by this process is not looked at again."""
     directory = Path(directory)
     if once and directory.resolve() in _CLEANED:
@@ -185,11 +186,12 @@ def clean_stale_files(directory: str | Path, once: bool = False) -> list[Path]:
         if not path.is_file():
             continue
         match = _SIDE.match(path.name)
-        if match and match["kind"] == "tmp" and _dead(match["host"], match["pid"]):
-            removed.append(path)
-        elif (match and match["kind"] == "tmp") or (
-            not match and (loose := _SIDE_ANY.match(path.name)) and loose["kind"] == "tmp"
-        ):
+        if match and match["kind"] == "tmp":
+            if _dead(match["host"], match["pid"]):
+                removed.append(path)
+            elif match["host"] != HOST:
+                unknown.append(path)
+        elif not match and (loose := _SIDE_ANY.match(path.name)) and loose["kind"] == "tmp":
             unknown.append(path)
     if removed:
         text = _describe(removed)
