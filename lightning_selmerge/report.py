@@ -15,7 +15,7 @@ Example::
 
     from lightning_selmerge.report import write_report
 
-    for path in write_report("runs/demo/lightning_logs/version_0"):
+    for path in write_report("runs/demo/version_0"):
         print(path)   # .../report/loss_by_position.png, validation.png, spearman.png, summary.md
 """
 
@@ -59,30 +59,42 @@ def _event_dirs(logdir: Path) -> list[Path]:
     return sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
 
 
-def load_scalars(logdir: str | Path) -> RunScalars:
-    """All scalars of the newest run under ``logdir`` (the directory whose events are newest)."""
+def _read_run(directory: Path) -> RunScalars:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    run = RunScalars(directory)
+    for tag in accumulator.Tags()["scalars"]:
+        points = {e.step: float(e.value) for e in accumulator.Scalars(tag)}  # last write wins
+        run.series[tag] = sorted(points.items())
+    return run
+
+
+def load_scalars(logdir: str | Path) -> RunScalars:
+    """All scalars of the newest run under ``logdir`` that logged any (the directory whose
+    events are newest; a fit that stopped before its first log leaves an empty one)."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise ReportError(
             f"{logdir} is not a directory: give the logger's directory of a fit run, e.g. "
-            "runs/demo/version_0 (lightning-selmerge fit prints it)."
+            "runs/demo/version_0 (the TensorBoardLogger's version directory)."
         )
     dirs = _event_dirs(logdir)
     if not dirs:
         raise ReportError(
             f"no TensorBoard event files under {logdir}: give the logger's directory (e.g. "
-            "runs/lightning_logs/version_0) of a fit run with a TensorBoardLogger."
+            "runs/demo/version_0) of a fit run with a TensorBoardLogger."
         )
-    newest = max(dirs, key=lambda d: max(p.stat().st_mtime for p in d.glob("events.out.*")))
-    accumulator = EventAccumulator(str(newest), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    run = RunScalars(newest)
-    for tag in accumulator.Tags()["scalars"]:
-        points = {e.step: float(e.value) for e in accumulator.Scalars(tag)}  # last write wins
-        run.series[tag] = sorted(points.items())
-    return run
+    dirs.sort(key=lambda d: max(p.stat().st_mtime for p in d.glob("events.out.*")), reverse=True)
+    for directory in dirs:
+        run = _read_run(directory)
+        if run.series:
+            return run
+    raise ReportError(
+        f"no scalars in the TensorBoard logs under {logdir} ({len(dirs)} run(s)): each fit "
+        "stopped before its first log; give the directory of a fit that ran."
+    )
 
 
 def _position_curves(run: RunScalars) -> dict[str, torch.Tensor]:

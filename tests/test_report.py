@@ -91,3 +91,25 @@ def test_best_replica_follows_the_metric_direction(
     assert main(argv + (["--mode", mode] if mode else [])) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert f"merged minus best replica: {0.8 - best:+.4f}" in summary
+
+
+def test_a_newer_run_that_logged_nothing_is_passed_over(
+    logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A fit that failed in setup leaves a newer version directory with an empty events file:
+    the report is of the newest run that logged scalars, and a tree of empty runs is named."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    tree = tmp_path / "runs"
+    shutil.copytree(logdir, tree)
+    good = load_scalars(tree).directory
+    empty = good.parent / "version_99"
+    SummaryWriter(str(empty)).close()
+    assert list(empty.glob("events.out.tfevents.*"))
+    assert load_scalars(tree).directory == good
+    only_empty = tmp_path / "failed"
+    SummaryWriter(str(only_empty / "version_0")).close()
+    assert main(["report", str(only_empty)]) == 2
+    assert "no scalars in the TensorBoard logs" in capsys.readouterr().err
