@@ -318,6 +318,34 @@ def test_causal_lm_makes_an_encoder_causal(
     assert caplog.text.count("setting is_decoder=True") == 2
 
 
+def test_an_encoders_tokenizer_ends_responses_with_its_separator(tmp_path: Path) -> None:
+    """A BERT checkpoint fine-tuned as a causal LM: its tokenizer has [CLS] and [SEP] but no
+    BOS or EOS; [SEP] becomes EOS (responses end with it, the config's eos_token_id is it) and
+    [CLS] BOS, as in Hugging Face's encoder-decoder recipe."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    from lightning_selmerge.hf.preprocess import sft_features
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hi", "there", "yo"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokens = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]"}
+    tokenizer = BertTokenizerFast(tokenizer_object=backend, sep_token="[SEP]", **tokens)
+    assert tokenizer.eos_token is None and tokenizer.bos_token is None
+    encoder = SequenceClassificationModule(config=BERT).model
+    encoder.config.bos_token_id = encoder.config.eos_token_id = None  # as BERT checkpoints
+    encoder.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module = CausalLMModule(model_name_or_path=str(tmp_path))
+    assert (module.tokenizer.eos_token, module.tokenizer.bos_token) == ("[SEP]", "[CLS]")
+    assert module.model.config.eos_token_id == 3 and module.model.config.bos_token_id == 2
+    rows = {"prompt": ["hi there"], "response": ["yo"]}
+    features = sft_features(rows, module.tokenizer, "prompt", "response", "{prompt}", 16)
+    assert features["input_ids"] == [[2, 4, 5, 6, 3]]
+    assert features["labels"] == [[-100, -100, -100, 6, 3]]
+
+
 @pytest.mark.parametrize("module_class", [SequenceClassificationModule, CausalLMModule])
 def test_a_pretrained_checkpoint_trains_in_train_mode_with_its_own_dropout(
     tmp_path: Path, module_class: type

@@ -28,6 +28,7 @@ __all__ = [
     "byte_tokenizer",
     "check_model_source",
     "ensure_pad_token",
+    "ensure_sequence_tokens",
     "load_tokenizer",
     "parse_dtype",
 ]
@@ -118,6 +119,34 @@ def load_tokenizer(owner: str, name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise _load_error(owner, "tokenizer", name_or_path, err) from err
+
+
+def ensure_sequence_tokens(owner: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give an encoder's tokenizer (BERT: ``[CLS] ... [SEP]``, no BOS or EOS) made a causal LM's
+    its ``[SEP]`` as EOS and its ``[CLS]`` as BOS, as Hugging Face's encoder-decoder recipe does:
+    a response then ends with EOS (generation stops there) and the model's config gets the ids.
+
+    Example:
+        >>> from transformers import BertTokenizerFast
+        >>> from tokenizers import Tokenizer, models
+        >>> vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+        >>> tok = BertTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "[UNK]")),
+        ...                         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        ...                         sep_token="[SEP]")
+        >>> ensure_sequence_tokens("CausalLMModule", tok)
+        >>> tok.eos_token, tok.bos_token
+        ('[SEP]', '[CLS]')
+    """
+    if tokenizer.eos_token is not None or tokenizer.sep_token is None:
+        return
+    tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
+    rank_zero_info(
+        f"{owner}: {type(tokenizer).__name__} has no EOS token; using its separator "
+        f"{tokenizer.sep_token!r} as EOS and {tokenizer.bos_token!r} as BOS (a causal LM's "
+        "responses end with EOS)."
+    )
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

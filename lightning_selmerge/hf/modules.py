@@ -27,6 +27,7 @@ from lightning_selmerge.hf.loading import (
     byte_tokenizer,
     check_model_source,
     ensure_pad_token,
+    ensure_sequence_tokens,
     load_tokenizer,
 )
 from lightning_selmerge.hf.optim import adamw_with_warmup, check_schedule
@@ -77,6 +78,8 @@ class _HFModule(LightningModule):
             if tokenizer_source is None
             else load_tokenizer(owner, tokenizer_source)
         )
+        if self.causal:
+            ensure_sequence_tokens(owner, self.tokenizer)
         ensure_pad_token(self.tokenizer)
         self.model = build_model(
             owner,

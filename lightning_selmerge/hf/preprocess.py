@@ -56,8 +56,9 @@ def sft_features(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
-            f"{type(tokenizer).__name__} has no EOS token, which ends every response; set "
-            "tokenizer.eos_token."
+            f"{type(tokenizer).__name__} has no EOS token (nor a separator to use as one), "
+            "which ends every response: give a tokenizer that has one (tokenizer_name_or_path), "
+            "or set tokenizer.eos_token in Python before the fit."
         )
     bos = tokenizer.bos_token_id
     prefix = [bos] if bos is not None and bos != eos else []
