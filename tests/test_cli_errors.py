@@ -104,6 +104,21 @@ def test_merge_and_report_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "logdir" in one_error(capsys, "report")
 
 
+@pytest.mark.parametrize(
+    ("args", "form"),
+    [
+        (["--method", "average", "--weights", "1", "3"], "--weights '[1,1,2]' (got --weights 1)"),
+        (["--probabilities=0.5"], "--probabilities '[0.5,0.25,0.25]' (got --probabilities 0.5)"),
+    ],
+)
+def test_a_list_option_given_bare_values_names_its_form(
+    args: list[str], form: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["merge", "a.safetensors", "b.safetensors", "--out", "merged", *args]) == 2
+    assert f"takes a list, one value per replica: {form}" in one_error(capsys, "merge")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_the_real_command_exits_2_without_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lightning_selmerge", *FIT, "--data.init_args.data_files=x.csv"],

@@ -94,9 +94,9 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--draw_prefix",
-        default="",
+        default=None,
         help="prefix of tensor names in the random draws (e.g. 'model.' to match an in-process "
-        "ensemble whose LightningModule holds the HF model as self.model)",
+        "ensemble whose LightningModule holds the HF model as self.model; default: none)",
     )
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--base", default=None, help="pre-trained checkpoint (needed by resample)")
@@ -108,18 +108,21 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     for name, (parameter, methods) in _method_options().items():
+        takers = f"{', '.join(methods)}: "
         parser.add_argument(
             f"--{name}",
             type=parameter.type | None,
             default=None,
-            help=f"{', '.join(methods)}: {parameter.help}",
+            help=takers + parameter.help.removeprefix(takers),
         )
     parser.add_argument(
         "--rules",
         default=None,
         help="YAML list of {pattern, method, ...}: per-tensor methods, first wins",
     )
-    parser.add_argument("--shard_size", type=int, default=5 * 2**30, help="max bytes per shard")
+    parser.add_argument(
+        "--shard_size", type=int, default=5 * 2**30, help="max bytes per shard (default: 5 GiB)"
+    )
     parser.add_argument("--chunk_numel", type=int, default=1 << 20, help="elements merged at once")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
@@ -173,7 +176,24 @@ class _BytesBar:
             self.bar.close()
 
 
+def _check_list_options(argv: Sequence[str]) -> None:
+    """A list option given bare values (``--weights 1 3``): name the form it takes."""
+    lists = [f"--{n}" for n, (p, _) in _method_options().items() if "Sequence" in str(p.type)]
+    for i, token in enumerate(argv):
+        name, equals, value = token.partition("=")
+        if name not in lists:
+            continue
+        value = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+        if not value.lstrip().startswith("["):
+            example = "[0.5,0.25,0.25]" if name == "--probabilities" else "[1,1,2]"
+            raise MergeError(
+                f"{name} takes a list, one value per replica: {name} '{example}' "
+                f"(got {name} {value})"
+            )
+
+
 def run_merge(argv: Sequence[str]) -> int:
+    _check_list_options(argv)
     args = merge_parser().parse_args(list(argv))
     bar = _BytesBar(enabled=not args.quiet)
     try:
@@ -203,7 +223,7 @@ def run_merge(argv: Sequence[str]) -> int:
                 args.out,
                 num_replicas=args.num_replicas,
                 allow_missing=args.allow_missing,
-                draw_prefix=args.draw_prefix,
+                draw_prefix=args.draw_prefix or "",
                 **common,
             )
         elif not args.replicas:
@@ -212,7 +232,7 @@ def run_merge(argv: Sequence[str]) -> int:
             raise MergeError("--num_replicas and --allow_missing go with --epoch_dir")
         elif args.streaming or (args.draw_prefix and args.streaming is None):
             out = merge_checkpoints_streaming(
-                args.replicas, args.out, draw_prefix=args.draw_prefix, **common
+                args.replicas, args.out, draw_prefix=args.draw_prefix or "", **common
             )
         elif args.draw_prefix:
             raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")

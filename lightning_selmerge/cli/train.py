@@ -58,6 +58,10 @@ class SelmergeCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand is not None:  # before the seed is set: seed_everything=True is refused
             self.replica_job = prepare_replica_job(subcommand, self.config[subcommand])
+        if self.replica_job is not None:  # a job's first start has no last.ckpt to resume yet
+            warnings.filterwarnings("ignore", r'.*ckpt_path="last"\) is set, but there is no last')
+        if subcommand not in (None, "fit"):  # a checkpoint scored elsewhere: its dirpath moved
+            warnings.filterwarnings("ignore", "The dirpath has changed from")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -76,6 +80,8 @@ def run_lightning(argv: Sequence[str]) -> int:
     with warnings.catch_warnings(), quiet_lightning_tips():
         # argv is the command line less --debug: LightningCLI's "given both" warning is moot
         warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        # Lightning 2.6 on torch 2.13's pytree, at every fit: nothing a user can act on
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         SelmergeCLI(
             LightningModule,
             LightningDataModule,
