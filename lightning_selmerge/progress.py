@@ -44,18 +44,28 @@ def integer_metrics(metrics: Mapping[str, Any], counters: frozenset[str] = COUNT
     return out
 
 
+def _bar_metrics(metrics: Mapping[str, Any], trainer: Any) -> dict:
+    """:func:`integer_metrics`, and a named version whole (Lightning keeps the last four
+    characters of a text version: a replica job's ``replica_003`` would show as ``_003``)."""
+    out = integer_metrics(metrics)
+    version = getattr(trainer.logger, "version", None)
+    if "v_num" in out and isinstance(version, str):
+        out["v_num"] = version
+    return out
+
+
 class SelmergeRichProgressBar(RichProgressBar):
     """Lightning's ``RichProgressBar`` with integer counters (:func:`integer_metrics`)."""
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict:
-        return integer_metrics(super().get_metrics(trainer, pl_module))
+        return _bar_metrics(super().get_metrics(trainer, pl_module), trainer)
 
 
 class SelmergeTQDMProgressBar(TQDMProgressBar):
     """Lightning's ``TQDMProgressBar`` with integer counters (:func:`integer_metrics`)."""
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict:
-        return integer_metrics(super().get_metrics(trainer, pl_module))
+        return _bar_metrics(super().get_metrics(trainer, pl_module), trainer)
 
 
 def default_progress_bar() -> ProgressBar:

@@ -134,3 +134,18 @@ def test_the_cli_progress_bar_shows_integer_counters(tmp_path: Path) -> None:
         enable_progress_bar=True,
     )
     assert shown["v_num"] == "0" and shown["replica"] == "1"
+
+
+def test_a_named_version_shows_whole_in_the_bar(tmp_path: Path) -> None:
+    """A replica job logs to version ``replica_003``: the bar shows it, not Lightning's last four
+    characters (``_003``)."""
+    shown = {}
+
+    class Peek(SelmergeTQDMProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            super().on_train_batch_end(trainer, pl_module, *args)
+            shown.update(self.get_metrics(trainer, pl_module))
+
+    logger = TensorBoardLogger(tmp_path, version="replica_003")
+    fit(Net(), 2, callbacks=[Peek()], logger=logger, enable_progress_bar=True)
+    assert shown["v_num"] == "replica_003"
