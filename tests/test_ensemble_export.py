@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,15 +31,14 @@ class TinyLM(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def test_merged_model_is_saved_each_epoch_with_save_pretrained(tmp_path: Path) -> None:
-    module = TinyLM()
-    merge = SelectionMergeCallback(seed=4, save_dir=str(tmp_path / "merged"))
+def _export_fit(module: TinyLM, save_dir: Path, epochs: int) -> None:
+    merge = SelectionMergeCallback(seed=4, save_dir=str(save_dir))
     trainer = Trainer(
         strategy=DataOrderEnsemble(num_replicas=2, seed=0),
         callbacks=[merge],
         accelerator="cpu",
         devices=1,
-        max_epochs=2,
+        max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -46,6 +46,14 @@ def test_merged_model_is_saved_each_epoch_with_save_pretrained(tmp_path: Path) -
     )
     ids = torch.randint(0, 32, (24, 12), generator=torch.Generator().manual_seed(1))
     trainer.fit(module, DataLoader(TensorDataset(ids), batch_size=6))
+
+
+def test_merged_model_is_saved_each_epoch_with_save_pretrained(tmp_path: Path) -> None:
+    module = TinyLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _export_fit(module, tmp_path / "merged", epochs=2)
+    assert not [w for w in caught if "earlier, longer run" in str(w.message)]  # nothing earlier
 
     exported = sorted(p.name for p in (tmp_path / "merged").iterdir())
     assert exported == ["epoch_000", "epoch_001"]  # no temporary directories left behind
@@ -58,3 +66,14 @@ def test_merged_model_is_saved_each_epoch_with_save_pretrained(tmp_path: Path) -
     assert not torch.equal(
         first.transformer.h[0].mlp.c_fc.weight, final["transformer.h.0.mlp.c_fc.weight"]
     )
+
+
+def test_a_shorter_rerun_names_the_later_epochs_an_earlier_run_left(tmp_path: Path) -> None:
+    _export_fit(TinyLM(), tmp_path / "merged", epochs=3)
+    with pytest.warns(UserWarning, match=r"also holds epoch_002, merged models of an earlier"):
+        _export_fit(TinyLM(), tmp_path / "merged", epochs=2)
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "epoch_000",
+        "epoch_001",
+        "epoch_002",
+    ]

@@ -83,7 +83,8 @@ class SelectionMergeCallback(Callback):
         validate_replicas: also validate each replica (K extra validation passes).
         save_dir: after each merge, save the merged model under ``save_dir/epoch_{e:03d}`` with
             ``save_pretrained`` (the module must hold a Hugging Face ``PreTrainedModel``; a
-            ``tokenizer`` attribute is saved too).
+            ``tokenizer`` attribute is saved too). A rerun replaces the epochs it reaches; the
+            fit warns at its end of later epochs an earlier, longer run left there.
         log_replica_loss: log ``replica_{k}/train_loss`` and ``replica_{k}/train_loss_step``.
         nonfinite: a replica holding NaN or Inf (it diverged) stops the fit with a
             :class:`~lightning_selmerge.merging.NonFiniteError` naming the replica and the tensor
@@ -151,6 +152,7 @@ class SelectionMergeCallback(Callback):
         self._full_merged: dict[str, torch.Tensor] | None = None
         self._replica_metrics: dict[int, dict[str, float]] = {}
         self._stopped_in: int | None = None  # epoch of the last batch, if not its last batch
+        self._last_export = -1  # the epoch of the latest merge saved to save_dir
         self._loss_sums = torch.zeros(0, 2, dtype=torch.float64)  # per replica: sum, count
 
     # -- merging --------------------------------------------------------------------------
@@ -174,6 +176,7 @@ class SelectionMergeCallback(Callback):
             full = self._full_merged_state(strategy)  # a collective when sharded
             if trainer.is_global_zero:
                 self._export(pl_module, full, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
+            self._last_export = trainer.current_epoch
 
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -334,6 +337,8 @@ class SelectionMergeCallback(Callback):
             strategy.load_module_state(self.merged_state)
         else:
             strategy.load_module_state(strategy.initial_state.module)
+        if self.save_dir is not None and trainer.is_global_zero:
+            _warn_later_exports(self.save_dir, self._last_export)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -387,6 +392,21 @@ class SelectionMergeCallback(Callback):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _warn_later_exports(save_dir: Path, last_epoch: int) -> None:
+    """Warn of ``save_dir``'s exports past ``last_epoch``: an earlier, longer run's."""
+    later = sorted(
+        path.name
+        for path in save_dir.glob("epoch_*")
+        if path.is_dir() and path.name[6:].isdigit() and int(path.name[6:]) > last_epoch
+    )
+    if later:
+        rank_zero_warn(
+            f"SelectionMergeCallback: {save_dir} also holds {', '.join(later)}, merged models "
+            f"of an earlier, longer run (this fit saved up to epoch_{last_epoch:03d}); give each "
+            "run its own save_dir, or delete them."
+        )
 
 
 def _method(
