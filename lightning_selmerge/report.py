@@ -11,6 +11,10 @@ Reads the scalars that :class:`~lightning_selmerge.ensemble.SelectionMergeCallba
 * ``spearman.png``: Spearman rho(first-epoch position, loss) per probe, per model;
 * ``summary.md``: the last values of all of these in two tables.
 
+The K runs of replica jobs (``lightning-selmerge fit --replica k``: versions ``replica_000``,
+``replica_001``, ... of one logger) are reported together, as one run whose models are the
+replicas; the merge, made after the jobs, is not in their logs.
+
 Example::
 
     from lightning_selmerge.report import write_report
@@ -36,6 +40,7 @@ __all__ = ["ReportError", "RunScalars", "load_scalars", "signed", "write_report"
 
 _SEGMENT = re.compile(r"^(?P<prefix>.+?)/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$")
 _REPLICA_METRIC = re.compile(r"^replica_(?P<k>\d+)/(?P<metric>.+)$")
+_REPLICA_JOB = re.compile(r"^replica_(?P<k>\d{3,})$")
 _HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall", re.IGNORECASE)
 
 
@@ -49,6 +54,8 @@ class RunScalars:
 
     directory: Path
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: the K runs of replica jobs, combined (their merge is not logged)
+    replica_jobs: bool = False
 
     def last(self, tag: str) -> float:
         values = self.series.get(tag)
@@ -90,11 +97,39 @@ def load_scalars(logdir: str | Path) -> RunScalars:
     for directory in dirs:
         run = _read_run(directory)
         if run.series:
-            return run
+            jobs = _replica_jobs(directory, dirs)
+            return _combined(directory.parent, jobs) if len(jobs) > 1 else run
     raise ReportError(
         f"no scalars in the TensorBoard logs under {logdir} ({len(dirs)} run(s)): each fit "
         "stopped before its first log; give the directory of a fit that ran."
     )
+
+
+def _replica_jobs(newest: Path, dirs: list[Path]) -> dict[int, Path]:
+    """Replica job runs beside ``newest`` (``replica_NNN`` siblings; ``dirs`` newest first), by
+    replica: ``newest``'s alone when it is not a replica job's."""
+    if not _REPLICA_JOB.match(newest.name):
+        return {}
+    jobs: dict[int, Path] = {}
+    for directory in dirs:
+        match = _REPLICA_JOB.match(directory.name)
+        if match and directory.parent == newest.parent:
+            jobs.setdefault(int(match["k"]), directory)
+    return dict(sorted(jobs.items()))
+
+
+def _combined(directory: Path, jobs: dict[int, Path]) -> RunScalars:
+    """The replica jobs' scalars as one run's: ``imbalance/X`` of job k as
+    ``imbalance/replica_k/X``, any other tag as ``replica_k/tag``."""
+    run = RunScalars(directory, replica_jobs=True)
+    for k, job in jobs.items():
+        for tag, values in _read_run(job).series.items():
+            if tag.startswith("imbalance/"):
+                name = f"imbalance/replica_{k}/{tag.removeprefix('imbalance/')}"
+            else:
+                name = f"replica_{k}/{tag}"
+            run.series[name] = values
+    return run
 
 
 def _position_curves(run: RunScalars) -> dict[str, torch.Tensor]:
@@ -147,6 +182,37 @@ def _write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _validation_table(
+    run: RunScalars, metric: str, replicas: dict[str, list[tuple[int, float]]], mode: str
+) -> list[str]:
+    """The summary's validation section: the merge (when logged), each replica, their mean."""
+    replica_last = {name: values[-1][1] for name, values in replicas.items()}
+    mean = sum(replica_last.values()) / len(replica_last)
+    lines = [f"## Validation `{metric}` (last epoch)", "", "| model | value |", "| --- | ---: |"]
+    if metric not in run.series:
+        return [
+            *lines,
+            *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
+            f"| mean of replicas | {mean:.4f} |",
+            "",
+            "The merge is not in these logs: replica jobs are merged after they end.",
+            "",
+        ]
+    merged = run.last(metric)
+    best, sign = (max, "positive") if mode == "max" else (min, "negative")
+    return [
+        *lines,
+        f"| merged | {merged:.4f} |",
+        *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
+        f"| mean of replicas | {mean:.4f} |",
+        "",
+        f"Merged minus mean of replicas: {signed(merged - mean)}; merged minus best "
+        f"replica: {signed(merged - best(replica_last.values()))} ({sign} = the merge is "
+        f"better: {'higher' if mode == 'max' else 'lower'} is better).",
+        "",
+    ]
 
 
 def write_report(
@@ -211,32 +277,16 @@ def write_report(
         lines.append("")
 
     replicas = _replica_metrics(run, metric)
-    if replicas and metric in run.series:
-        series = {"merged": run.series[metric], **replicas}
+    if replicas and (metric in run.series or run.replica_jobs):
+        merged = {"merged": run.series[metric]} if metric in run.series else {}
+        series = {**merged, **replicas}
         if f"replica_mean/{metric}" in run.series:
             series["replica_mean"] = run.series[f"replica_mean/{metric}"]
-        fig = plot_series(series, f"Validation {metric}: merged vs replicas", metric)
+        title = f"Validation {metric}" + (": merged vs replicas" if merged else "")
+        fig = plot_series(series, title, metric)
         _save(fig, out / "validation.png")
         written.append(out / "validation.png")
-        merged = run.last(metric)
-        replica_last = {name: values[-1][1] for name, values in replicas.items()}
-        mean = sum(replica_last.values()) / len(replica_last)
-        best, sign = (max, "positive") if mode == "max" else (min, "negative")
-        lines += [
-            f"## Validation `{metric}` (last epoch)",
-            "",
-            "| model | value |",
-            "| --- | ---: |",
-            f"| merged | {merged:.4f} |",
-            *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
-            f"| mean of replicas | {mean:.4f} |",
-            "",
-            f"Merged minus mean of replicas: {signed(merged - mean)}; merged minus best "
-            f"replica: {signed(merged - best(replica_last.values()))} ({sign} = the merge is "
-            "better: "
-            f"{'higher' if mode == 'max' else 'lower'} is better).",
-            "",
-        ]
+        lines += _validation_table(run, metric, replicas, mode)
     if not written:
         raise ReportError(
             f"{run.directory} has no imbalance/* or replica_k/{metric} scalars: train with "

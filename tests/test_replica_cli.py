@@ -75,6 +75,13 @@ def test_demo_config_runs_as_replica_jobs(
     assert load_file(out / "model.safetensors")
     # a requeued job resumes from its own last.ckpt (here: the fit is already complete)
     assert fit("--num_replicas", "2", "--snapshot_dir", "snaps", "--ckpt_path", "last") == 0
+    # the report takes the K jobs' runs together: one row (and curve) per replica
+    assert main(["report", "runs/demo", "--out", "report"]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    for k in range(2):
+        assert f"| replica_{k} | " in summary
+    assert "| merged |" not in summary and "replica jobs are merged after they end" in summary
+    assert (tmp_path / "report" / "loss_by_position.png").is_file()
 
 
 @pytest.mark.parametrize(
