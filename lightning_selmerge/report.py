@@ -197,7 +197,9 @@ def _validation_table(
             *(f"| {name} | {value:.4f} |" for name, value in replica_last.items()),
             f"| mean of replicas | {mean:.4f} |",
             "",
-            "The merge is not in these logs: replica jobs are merged after they end.",
+            "The merge is not in these logs: replica jobs are merged after they end. Score a "
+            "merge with `lightning-selmerge validate --config CONFIG "
+            "--model.init_args.config=null --model.init_args.model_name_or_path=MERGED_DIR`.",
             "",
         ]
     merged = run.last(metric)
