@@ -58,6 +58,14 @@ def _jit(*runtime_ints: str):
 
 
 @_jit()
+def _this_block(first, numel, BLOCK: tl.constexpr):
+    """This program's block (``first`` + its id), its elements' int64 offsets, which are inside."""
+    pid = tl.program_id(0) + first
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return pid, offs, offs < numel
+
+
+@_jit()
 def _replica_block(table, k, like, offs, inside, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
     """Elements ``offs`` of the tensor at ``table[k]`` (of ``like``'s type; 0 outside)."""
     pointer = tl.load(table + k).to(tl.pointer_type(like.dtype.element_ty))
@@ -133,9 +141,7 @@ def _select_kernel(
 ):
     """Selection of block ``first + program`` into ``out`` (an integer bit view); its NaN/Inf
     flag to ``flags``."""
-    pid = tl.program_id(0) + first
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < numel
+    pid, offs, inside = _this_block(first, numel, BLOCK)
     element = offs + start
     bits_ty = out.dtype.element_ty
     # table: replicas' pointers, the base's (resample only), keys, thresholds
@@ -203,9 +209,7 @@ def _mean_kernel(
 ):
     """The mean of block ``first + program`` into ``out`` (int16 bits for bfloat16); its NaN/Inf
     flag to ``flags``."""
-    pid = tl.program_id(0) + first
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < numel
+    pid, offs, inside = _this_block(first, numel, BLOCK)
     total = tl.zeros([BLOCK], tl.float32)
     for k in range(num_replicas):
         x = _replica_block(table, k, out, offs, inside, MASKED, ALIGNED)
