@@ -29,9 +29,23 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def run(tmp: Path | None = None, ckpt_path: str | None = None, **strategy_kwargs):
+class SpanNet(Net):
+    """A per-replica schedule spanning the fit, its length from ``steps_per_replica()`` in
+    ``configure_optimizers`` as the docs advise (which sets the train loader up before Lightning
+    has read a checkpoint's position in the epoch)."""
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.Adam(self.parameters(), lr=0.05)
+        total = self.trainer.strategy.steps_per_replica()
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(
+    tmp: Path | None = None, ckpt_path: str | None = None, span: bool = False, **strategy_kwargs
+):
     """K=3, 3 epochs, dropout (so the RNG matters), step scheduler, resample merge, validation."""
-    module = Net(scheduler=True, dropout=0.2)
+    module = SpanNet(dropout=0.2) if span else Net(scheduler=True, dropout=0.2)
     callbacks: list[Callback] = [SelectionMergeCallback(resample=1, seed=7)]
     kwargs = {}
     if tmp is not None:
@@ -69,6 +83,24 @@ def test_resume_mid_epoch_is_bit_identical(uninterrupted, step: int) -> None:
     assert_same(module.state_dict(), final)  # the final merge, bit for bit
     for got, want in zip(strategy.replica_states(), replicas):
         assert_same(got, want)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_span(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("span_ckpts")
+    module, _, _ = run(tmp, span=True)
+    return tmp, module.state_dict()
+
+
+@pytest.mark.parametrize("step", [20, 45])
+def test_resume_mid_epoch_is_exact_when_configure_optimizers_reads_the_loader(
+    uninterrupted_span, step: int
+) -> None:
+    tmp, final = uninterrupted_span
+    (ckpt,) = tmp.glob(f"*-step={step}.ckpt")
+    module, trainer, _ = run(ckpt_path=str(ckpt), span=True)
+    assert trainer.global_step == EPOCHS * 24
+    assert_same(module.state_dict(), final)
 
 
 def test_checkpoint_state_dict_is_the_merged_model(uninterrupted) -> None:

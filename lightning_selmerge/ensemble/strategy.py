@@ -371,6 +371,11 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        # steps_per_replica() (or estimated_stepping_batches) in configure_optimizers sets the
+        # train loader up before Lightning reads a checkpoint's position in the epoch, and
+        # Lightning applies that position only where it builds the loader: apply it now
+        fit_loop = self.lightning_module.trainer.fit_loop
+        getattr(fit_loop, "_load_combined_loader_states", lambda: None)()
         saved, self._to_restore = self._to_restore, None
         if saved is None:
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
