@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_selmerge.ensemble import device_groups
 from lightning_selmerge.ensemble.replica_store import ReplicaState, ReplicaStore, cpu_state_copy
+from lightning_selmerge.ensemble.shared_lr import SharedFactors, mixed_optimizers
 
 __all__ = ["ReplicaSwap", "SwapHost"]
 
@@ -81,6 +82,7 @@ class ReplicaSwap:
         self.active = 0
         self.live_is_replica = True
         self.initial: ReplicaState | None = None
+        self.shared_lr = SharedFactors()  # shared schedules' changes, where step ones act too
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -94,6 +96,7 @@ class ReplicaSwap:
         """A new fit: the live module, as it is, is every replica's start; ``first`` is live."""
         self.store.clear()
         self.store.share({})
+        self.shared_lr = SharedFactors()
         self.active = first
         self.live_is_replica = True
         self.initial = self.capture()
@@ -109,6 +112,7 @@ class ReplicaSwap:
             self.store[replica] = None if state is None else ReplicaState.from_dict(state)
         self.active = int(saved["active"])
         self.live_is_replica = saved["live"] is not None
+        self.shared_lr.load_state_dict(saved.get("shared_lr"))  # absent before it was recorded
         if load_live and self.live_is_replica:
             self._load(ReplicaState.from_dict(saved["live"]))
 
@@ -132,6 +136,7 @@ class ReplicaSwap:
                 for k in range(self.store.num_replicas)
             ],
             "initial": self.initial_state.to_dict(),
+            "shared_lr": self.shared_lr.state_dict(),
         }
 
     # -- frozen parameters ----------------------------------------------------------------
@@ -161,6 +166,20 @@ class ReplicaSwap:
         configs = self.host.lr_scheduler_configs
         return [cfg.scheduler for cfg in configs if manual or cfg.interval == "step"]
 
+    def mixed_optimizers(self) -> dict[int, tuple[torch.optim.Optimizer, list[Any]]]:
+        """The optimizers whose learning rate shared (epoch-interval) schedules and the swapped
+        ones both set (:mod:`.shared_lr`)."""
+        swapped = self.step_schedulers()
+        ids = {id(sched) for sched in swapped}
+        shared = [c.scheduler for c in self.host.lr_scheduler_configs if id(c.scheduler) not in ids]
+        return mixed_optimizers(self.host.optimizers, swapped, shared)
+
+    def store_live(self) -> None:
+        """Store the live replica, with what shared schedules changed in its learning rates."""
+        self.shared_lr.observe(self.mixed_optimizers())
+        self.store[self.active] = self.capture()
+        self.shared_lr.stored(self.active)
+
     def capture(self) -> ReplicaState:
         """CPU copies of the live replica's state (frozen parameters: the shared tensors)."""
         return ReplicaState.capture(
@@ -185,8 +204,10 @@ class ReplicaSwap:
 
     def switch_to(self, target: int) -> None:
         """Store the live replica (if the module holds one) and load replica ``target``."""
-        if self.live_is_replica:
-            self.store[self.active] = self.capture()
+        mixed = self.mixed_optimizers()
+        self.shared_lr.observe(mixed)  # also when the module holds the merge: the optimizer
+        if self.live_is_replica:  # went on holding the last replica's learning rates
+            self.store_live()
         state = self.store[target]
         if state is None:  # the replica's first batch: start from the initial state
             initial = self.initial_state
@@ -198,18 +219,23 @@ class ReplicaSwap:
             )
         self.store[target] = None  # live from now on; the optimizer may alias its tensors
         self._load(state)
+        self.shared_lr.apply(mixed, target)
         self.active = target
         self.live_is_replica = True
 
     def load(self, state: ReplicaState) -> None:
         """Load ``state`` into the module, optimizers, swapped schedulers and precision plugin;
-        the learning rates of epoch-interval (shared) schedules stay the live ones."""
+        the learning rates of epoch-interval (shared) schedules stay the live ones, except where
+        step-interval ones act too (:meth:`switch_to` scales those: :mod:`.shared_lr`)."""
         host = self.host
         host.load_module_state(state.module)
         swapped = {id(sched) for sched in self.step_schedulers()}
         shared = [c.scheduler for c in host.lr_scheduler_configs if id(c.scheduler) not in swapped]
+        mixed = {id(opt) for opt, _ in self.mixed_optimizers().values()}  # scaled by the caller
         shared_lrs = {
-            id(sched.optimizer): [g["lr"] for g in sched.optimizer.param_groups] for sched in shared
+            id(sched.optimizer): [g["lr"] for g in sched.optimizer.param_groups]
+            for sched in shared
+            if id(sched.optimizer) not in mixed
         }
         for opt, opt_state in zip(host.optimizers, state.optimizers):
             if host.sharded:
@@ -236,7 +262,7 @@ class ReplicaSwap:
     def release_live(self) -> None:
         """Store the live replica so the module may hold other weights (e.g. the merged ones)."""
         if self.live_is_replica and self.initial is not None:
-            self.store[self.active] = self.capture()
+            self.store_live()
             self.live_is_replica = False
 
     def reset(self, module_state: Mapping[str, torch.Tensor], replicas: Sequence[int]) -> None:

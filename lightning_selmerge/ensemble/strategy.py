@@ -92,8 +92,10 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
     ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica groups.
     Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule, and a
     ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
-    per replica, and so is a mixed-precision loss scaler (fp16's ``GradScaler``: each replica
-    backs off from its own overflows). Under manual optimization
+    per replica (on one optimizer with both, e.g. a warmup and a plateau decay, a replica's
+    learning rate is its own step schedule's times the shared one's), and so is a
+    mixed-precision loss scaler (fp16's ``GradScaler``: each replica backs off from its own
+    overflows). Under manual optimization
     (``automatic_optimization = False``) every LR scheduler is per replica, swapped with it:
     step it during the replica's batches (``training_step`` or ``on_train_batch_end``); a step
     in an epoch-end hook reaches only the replica live then.

@@ -1,0 +1,103 @@
+"""The learning rate of an optimizer that a shared (epoch-interval) LR schedule and per-replica
+(step-interval) schedules both set: the replica's own schedule times the shared one's.
+
+Every replica sees the same epoch schedule, but its step schedule is its own. Only the live
+optimizer is stepped, so a shared schedule's step at an epoch's end scales the live replica's
+learning rate alone; :class:`SharedFactors` carries that change to every replica. The live
+learning rate over what the replica's step schedule last set (``get_last_lr()``) is what shared
+schedules changed since; the running product of those changes is :attr:`SharedFactors.now`, each
+stored replica keeps the product it was stored at, and a replica loaded again has its stored
+learning rate scaled by what changed since.
+
+Example:
+    >>> import torch
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    >>> warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
+    >>> factors = SharedFactors()
+    >>> opt.param_groups[0]["lr"] *= 0.1  # a shared schedule's step at an epoch's end
+    >>> factors.observe({0: (opt, [warmup])})
+    >>> factors.now, factors.scale(0, replica=3)  # replica 3, stored before the step
+    ({0: [0.1]}, [0.1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["SharedFactors", "mixed_optimizers"]
+
+#: optimizer index -> (the optimizer, its step-interval schedulers in the order Lightning steps
+#: them), for the optimizers that shared schedules set too
+Mixed = Mapping[int, tuple[torch.optim.Optimizer, Sequence[Any]]]
+
+
+def mixed_optimizers(
+    optimizers: Sequence[torch.optim.Optimizer], swapped: Sequence[Any], shared: Sequence[Any]
+) -> dict[int, tuple[torch.optim.Optimizer, list[Any]]]:
+    """The optimizers that both ``swapped`` (per-replica) and ``shared`` schedulers set."""
+    out = {}
+    shared_ids = {id(sched.optimizer) for sched in shared}
+    for index, opt in enumerate(optimizers):
+        own = [sched for sched in swapped if sched.optimizer is opt]
+        if own and id(opt) in shared_ids:
+            out[index] = (opt, own)
+    return out
+
+
+class SharedFactors:
+    """Per optimizer group, the product of the shared schedules' changes so far (:attr:`now`)
+    and, per stored replica, the product it was stored at."""
+
+    def __init__(self) -> None:
+        self.now: dict[int, list[float]] = {}
+        self.at_store: dict[int, dict[int, list[float]]] = {}
+
+    def observe(self, mixed: Mixed) -> None:
+        """Fold what shared schedules changed in the live learning rates since the replica's
+        last step (or load) into :attr:`now`; from here on that is the new baseline."""
+        for index, (opt, own) in mixed.items():
+            last = own[-1].get_last_lr()
+            live = [group["lr"] for group in opt.param_groups]
+            factors = self.now.setdefault(index, [1.0] * len(live))
+            for g, (lr, before) in enumerate(zip(live, last)):
+                if before != 0 and lr != before:
+                    factors[g] *= lr / before
+            _set_last_lrs(own, live)
+
+    def stored(self, replica: int) -> None:
+        """Replica ``replica`` is stored now (its learning rates hold :attr:`now`)."""
+        self.at_store[replica] = {i: list(f) for i, f in self.now.items()}
+
+    def scale(self, index: int, replica: int) -> list[float]:
+        """What shared schedules changed optimizer ``index``'s groups by since ``replica`` was
+        stored (since the fit's start when it never was)."""
+        now = self.now.get(index, [])
+        then = self.at_store.get(replica, {}).get(index, [1.0] * len(now))
+        return [a / b for a, b in zip(now, then)]
+
+    def apply(self, mixed: Mixed, replica: int) -> None:
+        """Scale the just-loaded ``replica``'s learning rates by :meth:`scale`."""
+        for index, (opt, own) in mixed.items():
+            for group, factor in zip(opt.param_groups, self.scale(index, replica)):
+                group["lr"] *= factor
+            _set_last_lrs(own, [group["lr"] for group in opt.param_groups])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"now": self.now, "at_store": self.at_store}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        state = state or {}
+        self.now = {int(i): list(f) for i, f in state.get("now", {}).items()}
+        self.at_store = {
+            int(k): {int(i): list(f) for i, f in per.items()}
+            for k, per in state.get("at_store", {}).items()
+        }
+
+
+def _set_last_lrs(schedulers: Sequence[Any], lrs: list[float]) -> None:
+    """What each scheduler reports as its last learning rates (``get_last_lr()``)."""
+    for sched in schedulers:
+        sched._last_lr = list(lrs)

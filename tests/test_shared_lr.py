@@ -1,0 +1,80 @@
+"""A step-interval (per-replica) and an epoch-interval (shared) LR schedule on one optimizer:
+each replica's learning rate is its own schedule's times the shared one's, and a resume keeps it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ensemble_support import Net, fit
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+K, EPOCHS, LR, GAMMA = 3, 3, 1e-2, 0.5
+
+
+class WarmupAndDecay(Net):
+    """A warmup per replica (4 steps, from 0.1 x LR) and a decay per epoch (x 0.5)."""
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.SGD(self.parameters(), lr=LR)
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+        decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=GAMMA)
+        return [opt], [
+            {"scheduler": warmup, "interval": "step"},
+            {"scheduler": decay, "interval": "epoch"},
+        ]
+
+
+class LearningRates(Callback):
+    """(epoch, replica, learning rate) at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        replica = trainer.strategy.active_replica
+        self.seen.append((trainer.current_epoch, replica, optimizer.param_groups[0]["lr"]))
+
+
+def run(tmp: Path | None = None, ckpt_path: str | None = None):
+    rates = LearningRates()
+    callbacks = [SelectionMergeCallback(seed=1), rates]
+    kwargs = {}
+    if tmp is not None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=5, save_top_k=-1))
+        kwargs["enable_checkpointing"] = True
+    module = WarmupAndDecay()
+    strategy = DataOrderEnsemble(num_replicas=K, seed=3)
+    trainer, _ = fit(
+        module, K, EPOCHS, callbacks, strategy=strategy, ckpt_path=ckpt_path,
+        limit_train_batches=4, **kwargs,
+    )  # fmt: skip
+    return module, trainer, rates.seen
+
+
+def test_each_replica_warms_up_on_its_own_and_decays_with_the_epochs() -> None:
+    _, _, seen = run()
+    steps = {k: 0 for k in range(K)}
+    for epoch, replica, lr in seen:
+        warmup = 0.1 + 0.9 * min(steps[replica], 4) / 4  # LinearLR's factor at this step
+        assert lr == pytest.approx(LR * warmup * GAMMA**epoch, rel=1e-9), (epoch, replica)
+        steps[replica] += 1
+    assert steps == {k: EPOCHS * 4 for k in range(K)}
+
+
+@pytest.mark.parametrize("step", [15, 25])  # epoch 1, inside replica 0 / epoch 2, replica 0
+def test_a_resume_keeps_each_replicas_learning_rate(tmp_path: Path, step: int) -> None:
+    final, _, seen = run(tmp_path)
+    (ckpt,) = tmp_path.glob(f"*-step={step}.ckpt")
+    resumed, trainer, after = run(ckpt_path=str(ckpt))
+    assert trainer.global_step == EPOCHS * K * 4
+    assert after == seen[step:]
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
