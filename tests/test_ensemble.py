@@ -565,6 +565,17 @@ def test_steps_per_replica_follows_each_fit_of_a_reused_trainer() -> None:
         assert module.per_replica == strategy.batches_per_replica == -(-samples // BATCH)
 
 
+@pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_over_steps_is_refused(averaging: str) -> None:
+    """EMA or SWA of the live module would average the K replicas' weights in turn."""
+    import lightning.pytorch.callbacks as callbacks
+
+    kwargs = {"swa_lrs": 0.01} if averaging == "StochasticWeightAveraging" else {}
+    callback = getattr(callbacks, averaging)(**kwargs)
+    with pytest.raises(MisconfigurationException, match=f"{averaging} averages the live"):
+        fit(Net(), 2, callbacks=[SelectionMergeCallback(), callback])
+
+
 def test_the_tuners_are_refused() -> None:
     from lightning.pytorch.callbacks import LearningRateFinder
 

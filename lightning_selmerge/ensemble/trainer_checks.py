@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import (
     BatchSizeFinder,
     GradientAccumulationScheduler,
     LearningRateFinder,
+    StochasticWeightAveraging,
+    WeightAveraging,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -70,8 +72,8 @@ def check_offload(offload: object) -> None:
 
 
 def check_trainer(trainer: Any) -> None:
-    """Refuse the tuners, mid-epoch validation, a fractional ``limit_train_batches`` and
-    ``overfit_batches`` (checked when a fit starts)."""
+    """Refuse the tuners, weight averaging over steps (EMA, SWA), mid-epoch validation, a
+    fractional ``limit_train_batches`` and ``overfit_batches`` (checked when a fit starts)."""
     tuners = [c for c in trainer.callbacks if isinstance(c, (BatchSizeFinder, LearningRateFinder))]
     if tuners:
         raise MisconfigurationException(
@@ -79,6 +81,17 @@ def check_trainer(trainer: Any) -> None:
             "scale_batch_size) runs a few steps of one model, which the ensemble would split "
             "between replicas and reset at each replica's start; tune with a plain strategy "
             "(one model), then fit the ensemble with the values found."
+        )
+    averaging = [
+        c for c in trainer.callbacks if isinstance(c, (WeightAveraging, StochasticWeightAveraging))
+    ]
+    if averaging:
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: {type(averaging[0]).__name__} averages the live module's "
+            "weights over the steps, which the ensemble spends on K replicas in turn: its "
+            "average would mix them, and the module it validates is no merge; drop it "
+            "(SelectionMergeCallback merges the replicas), or average one model with a plain "
+            "strategy."
         )
     interval = trainer.val_check_interval
     if not (isinstance(interval, float) and interval == 1.0):
