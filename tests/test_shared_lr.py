@@ -78,3 +78,50 @@ def test_a_resume_keeps_each_replicas_learning_rate(tmp_path: Path, step: int) -
     assert after == seen[step:]
     for name, tensor in final.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+class Backbone(Net):
+    """``BackboneFinetuning``'s layout: a frozen ``backbone`` unfrozen at an epoch's start (a new
+    optimizer group), the head training from the start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(self.net[0], self.net[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        head = [p for p in self.net[3].parameters()]
+        return torch.optim.SGD(head, lr=LR)
+
+
+def test_backbone_finetuning_unfreezes_every_replica_alike() -> None:
+    """Its new group reaches every replica as added, and its learning rate, raised at each
+    later epoch's start on the live optimizer, reaches every replica."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    rates, module = GroupRates(), Backbone()
+    initial = {n: t.clone() for n, t in module.backbone.state_dict().items()}
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda e: 1.5)
+    _, strategy = fit(
+        module, K, EPOCHS, [SelectionMergeCallback(seed=1), unfreeze, rates],
+        limit_train_batches=4,
+    )  # fmt: skip
+    by_epoch: dict[int, set[tuple[float, ...]]] = {}
+    for epoch, _, lrs in rates.seen:
+        by_epoch.setdefault(epoch, set()).add(lrs)
+    assert [len(by_epoch[e]) for e in range(EPOCHS)] == [1] * EPOCHS  # every replica alike
+    (first,), (second,), (third,) = (by_epoch[e] for e in range(EPOCHS))
+    assert len(first) == 1 and len(second) == len(third) == 2  # the backbone's group from epoch 1
+    assert third[1] > second[1]  # raised again at epoch 2's start
+    for replica in strategy.replica_states():  # each replica trained its backbone
+        assert not torch.equal(replica["net.0.weight"], initial["0.weight"])
+
+
+class GroupRates(Callback):
+    """(epoch, replica, every group's learning rate) at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, tuple[float, ...]]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        lrs = tuple(group["lr"] for group in optimizer.param_groups)
+        self.seen.append((trainer.current_epoch, trainer.strategy.active_replica, lrs))

@@ -38,6 +38,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_selmerge.ensemble import device_groups
+from lightning_selmerge.ensemble.added_groups import AddedGroups
 from lightning_selmerge.ensemble.replica_store import ReplicaState, ReplicaStore, cpu_state_copy
 from lightning_selmerge.ensemble.shared_lr import SharedFactors, mixed_optimizers
 
@@ -83,6 +84,8 @@ class ReplicaSwap:
         self.live_is_replica = True
         self.initial: ReplicaState | None = None
         self.shared_lr = SharedFactors()  # shared schedules' changes, where step ones act too
+        self.added_groups = AddedGroups()  # optimizer groups added during the fit
+        self._restoring = False
 
     @property
     def initial_state(self) -> ReplicaState:
@@ -97,6 +100,7 @@ class ReplicaSwap:
         self.store.clear()
         self.store.share({})
         self.shared_lr = SharedFactors()
+        self.added_groups = AddedGroups()
         self.active = first
         self.live_is_replica = True
         self.initial = self.capture()
@@ -113,8 +117,13 @@ class ReplicaSwap:
         self.active = int(saved["active"])
         self.live_is_replica = saved["live"] is not None
         self.shared_lr.load_state_dict(saved.get("shared_lr"))  # absent before it was recorded
+        self.added_groups.load_state_dict(saved.get("added_groups"))
         if load_live and self.live_is_replica:
-            self._load(ReplicaState.from_dict(saved["live"]))
+            self._restoring = True  # the saved learning rates, not the fresh optimizer's
+            try:
+                self._load(ReplicaState.from_dict(saved["live"]))
+            finally:
+                self._restoring = False
 
     def state_dict(self, live_as_module: bool) -> dict[str, Any]:
         """``active``, ``live`` (``None`` when the module holds no replica), ``replicas`` and
@@ -137,6 +146,7 @@ class ReplicaSwap:
             ],
             "initial": self.initial_state.to_dict(),
             "shared_lr": self.shared_lr.state_dict(),
+            "added_groups": self.added_groups.state_dict(),
         }
 
     # -- frozen parameters ----------------------------------------------------------------
@@ -224,25 +234,29 @@ class ReplicaSwap:
         self.live_is_replica = True
 
     def load(self, state: ReplicaState) -> None:
-        """Load ``state`` into the module, optimizers, swapped schedulers and precision plugin;
-        the learning rates of epoch-interval (shared) schedules stay the live ones, except where
-        step-interval ones act too (:meth:`switch_to` scales those: :mod:`.shared_lr`)."""
+        """Load ``state`` into the module, optimizers, swapped schedulers and precision plugin.
+
+        Under automatic optimization an optimizer that no step-interval scheduler sets keeps its
+        live learning rates: only what all replicas share changes them (epoch-interval
+        schedules, callbacks at an epoch's start such as ``BackboneFinetuning``). Where a
+        step-interval scheduler acts too, :meth:`switch_to` scales the replica's own
+        (:mod:`.shared_lr`). A resumed replica (:meth:`restore`) gets its saved ones.
+        """
         host = self.host
         host.load_module_state(state.module)
-        swapped = {id(sched) for sched in self.step_schedulers()}
-        shared = [c.scheduler for c in host.lr_scheduler_configs if id(c.scheduler) not in swapped]
-        mixed = {id(opt) for opt, _ in self.mixed_optimizers().values()}  # scaled by the caller
+        own = {id(sched.optimizer) for sched in self.step_schedulers()}
         shared_lrs = {
-            id(sched.optimizer): [g["lr"] for g in sched.optimizer.param_groups]
-            for sched in shared
-            if id(sched.optimizer) not in mixed
+            id(opt): [g["lr"] for g in opt.param_groups]
+            for opt in host.optimizers
+            if host.lightning_module.automatic_optimization
+            and id(opt) not in own
+            and not self._restoring
         }
-        for opt, opt_state in zip(host.optimizers, state.optimizers):
+        for index, (opt, opt_state) in enumerate(zip(host.optimizers, state.optimizers)):
             if host.sharded:
                 device_groups.load_optimizer_state(opt, opt_state)
-            else:
-                opt.load_state_dict(opt_state)
-            # epoch-interval schedules are shared: keep the live learning rates
+            else:  # a state from before a group was added (BackboneFinetuning) gets it
+                opt.load_state_dict(self.added_groups.complete(index, opt, opt_state))
             for group, lr in zip(opt.param_groups, shared_lrs.get(id(opt), [])):
                 group["lr"] = lr
         schedulers = self.step_schedulers()

@@ -61,7 +61,8 @@ class SharedFactors:
         for index, (opt, own) in mixed.items():
             last = own[-1].get_last_lr()
             live = [group["lr"] for group in opt.param_groups]
-            factors = self.now.setdefault(index, [1.0] * len(live))
+            factors = self.now.setdefault(index, [])
+            factors += [1.0] * (len(live) - len(factors))  # a group added during the fit
             for g, (lr, before) in enumerate(zip(live, last)):
                 if before != 0 and lr != before:
                     factors[g] *= lr / before
@@ -75,7 +76,8 @@ class SharedFactors:
         """What shared schedules changed optimizer ``index``'s groups by since ``replica`` was
         stored (since the fit's start when it never was)."""
         now = self.now.get(index, [])
-        then = self.at_store.get(replica, {}).get(index, [1.0] * len(now))
+        then = self.at_store.get(replica, {}).get(index, [])
+        then = then + [1.0] * (len(now) - len(then))  # groups added since: from their start
         return [a / b for a, b in zip(now, then)]
 
     def apply(self, mixed: Mixed, replica: int) -> None:
