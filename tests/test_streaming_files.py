@@ -258,11 +258,59 @@ def test_records_must_agree(tmp_path):
     found = find_epoch_snapshots(epoch)
     assert found.num_replicas == 3 and found.seed == 7 and found.missing == []
     with pytest.raises(
-        MergeError, match="disagree on num_replicas: num_replicas=4 in --num_replicas"
+        MergeError, match="--num_replicas 4, but the records of .* say num_replicas=3: give"
     ):
         find_epoch_snapshots(epoch, num_replicas=4)
     (epoch / "replica_002" / "selmerge.json").write_text(json.dumps({"replica": 1}))
     with pytest.raises(MergeError, match="says replica 1 but sits in replica_002"):
+        find_epoch_snapshots(epoch)
+
+
+@pytest.mark.parametrize(
+    ("key", "values"),
+    [("initial_fingerprint", ("c20e", "8fc1")), ("fixed_batches", (False, True))],
+)
+def test_replicas_from_other_initial_weights_or_batches_are_refused(tmp_path, key, values):
+    """Jobs of an array started at once each find no snapshot to check against: the merge is
+    where replicas trained from other initial weights (another seed_everything) show."""
+    epoch, _ = write_epoch(
+        tmp_path,
+        k=3,
+        as_dirs=(0, 1, 2),
+        record=lambda r: {"num_replicas": 3, "seed": 0, key: values[r == 1]},
+    )
+    with pytest.raises(MergeError, match=f"disagree on {key}: .* in replica_001"):
+        find_epoch_snapshots(epoch)
+
+
+def test_a_base_of_other_initial_weights_is_refused(tmp_path):
+    record = {"num_replicas": 2, "initial_fingerprint": "a"}
+    epoch, _ = write_epoch(tmp_path, k=2, as_dirs=(0, 1), record=lambda r: record)
+    (tmp_path / "b").mkdir()
+    base, _ = synthetic_files(tmp_path / "b", 1)
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    base.rename(initial / "model.safetensors")
+    (initial / "selmerge.json").write_text(json.dumps({"initial_fingerprint": "b"}))
+    with pytest.raises(MergeError, match="--base .* initial weights of another run"):
+        merge_epoch(epoch, tmp_path / "o", base=initial)
+    (initial / "selmerge.json").write_text(json.dumps({"initial_fingerprint": "a"}))
+    assert merge_epoch(epoch, tmp_path / "o", base=initial).is_dir()
+
+
+def test_a_file_snapshots_record_is_checked(tmp_path):
+    """A safetensors snapshot carries its record in its metadata (replica jobs of a module that
+    is not a Hugging Face model write those): it is checked like a directory's."""
+    epoch, _ = write_epoch(tmp_path, k=3)
+    for r in range(3):
+        path = epoch / f"replica_{r:03d}.safetensors"
+        record = {"replica": r, "num_replicas": 3 if r != 2 else 5, "seed": 0}
+        save_file(load_dir(path), path, metadata={"selmerge": json.dumps(record)})
+    with pytest.raises(MergeError, match="disagree on num_replicas: .*num_replicas=5 in replica"):
+        find_epoch_snapshots(epoch)
+    path = epoch / "replica_002.safetensors"
+    save_file(load_dir(path), path, metadata={"selmerge": json.dumps({"replica": 0})})
+    with pytest.raises(MergeError, match="says replica 0 but sits in replica_002"):
         find_epoch_snapshots(epoch)
 
 

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.snapshots import METADATA_KEY
 from lightning_selmerge.merging.ties import storage_key
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
 
 RECORD_NAME = "selmerge.json"
 RECORD_FORMAT = "lightning_selmerge.replica_snapshot"
-#: safetensors metadata key holding a file snapshot's record
-METADATA_KEY = "selmerge"
 #: where a save_pretrained snapshot's tensors sit in the LightningModule (``self.model``): a
 #: record's ``draw_prefix``, so that the merge draws under the names the in-process merge uses
 PRETRAINED_PREFIX = "model."

@@ -8,9 +8,11 @@ Layout (written by replica jobs, one per replica ``k`` of ``K``)::
     snapshot_dir/epoch_002/selmerge.json               # optional, the same for the whole epoch
 
 A record is a JSON object ``{"num_replicas": K, "replica": k, "seed": s, "epoch": e}``, optionally
-with ``"draw_prefix"`` (see :func:`merge_epoch`). Every record found must agree: the same
-``num_replicas``, ``seed``, ``epoch`` and ``draw_prefix``, and a replica directory's ``replica``
-equal to its own index. A missing replica is refused (naming it) unless
+with ``"draw_prefix"`` (see :func:`merge_epoch`), ``"fixed_batches"`` and ``"initial_fingerprint"``
+(of the weights every replica started from); a file snapshot holds its record in its safetensors
+metadata (key :data:`METADATA_KEY`). Every record found must agree: the same ``num_replicas``,
+``seed``, ``epoch``, ``draw_prefix``, ``fixed_batches`` and initial weights, and a snapshot's
+``replica`` equal to its own index. A missing replica is refused (naming it) unless
 ``allow_missing``; the replicas present are then merged as the only inputs (per-replica weights
 and probabilities follow their replicas, see :meth:`MergeMethod.subset`).
 """
@@ -24,17 +26,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from .errors import MergeError
 from .methods import MergeMethod, ParameterSelection
 from .rules import MergeRule
 
-__all__ = ["RECORD_NAME", "EpochSnapshots", "find_epoch_snapshots", "merge_epoch", "replica_name"]
+__all__ = [
+    "METADATA_KEY",
+    "RECORD_NAME",
+    "EpochSnapshots",
+    "find_epoch_snapshots",
+    "merge_epoch",
+    "replica_name",
+]
 
 #: The optional record a replica job writes beside its snapshot(s).
 RECORD_NAME = "selmerge.json"
+#: The safetensors metadata key of a file snapshot's record.
+METADATA_KEY = "selmerge"
 _REPLICA = re.compile(r"^replica_(\d{3,})(\.safetensors)?$")
 _EPOCH = re.compile(r"^epoch_(\d{3,})$")
-_RECORD_KEYS = ("num_replicas", "seed", "epoch", "draw_prefix")
+_RECORD_KEYS = (
+    "num_replicas",
+    "seed",
+    "epoch",
+    "draw_prefix",
+    "fixed_batches",
+    "initial_fingerprint",
+)
 
 
 def replica_name(replica: int) -> str:
@@ -60,11 +80,20 @@ class EpochSnapshots:
     #: the prefix the replicas' names carry inside the training module (e.g. ``"model."`` for a
     #: Hugging Face directory saved from ``self.model``), which keys the in-process merge's draws
     draw_prefix: str | None = None
+    #: the fingerprint of the weights every replica started from (replica jobs record it)
+    initial_fingerprint: str | None = None
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_text())
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+            if text is None:
+                return {}
+            record = json.loads(text)
+        else:
+            record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise MergeError(f"{path} is not a readable JSON record: {err}") from err
     if not isinstance(record, dict):
@@ -109,11 +138,12 @@ def find_epoch_snapshots(
     if (epoch_dir / RECORD_NAME).is_file():
         records["the epoch record"] = _read_record(epoch_dir / RECORD_NAME)
     for index, path in paths.items():
-        if path.is_dir() and (path / RECORD_NAME).is_file():
-            record = _read_record(path / RECORD_NAME)
+        source = path / RECORD_NAME if path.is_dir() else path
+        if source.is_file():
+            record = _read_record(source)
             if "replica" in record and record["replica"] != index:
                 raise MergeError(
-                    f"{path / RECORD_NAME} says replica {record['replica']} but sits in "
+                    f"{source} says replica {record['replica']} but sits in "
                     f"{path.name}: the snapshot was written to the wrong place"
                 )
             records[path.name] = record
@@ -125,6 +155,12 @@ def find_epoch_snapshots(
         for where, record in records.items():
             if record.get(key) is not None:
                 values.setdefault(record[key], []).append(where)
+        if len(values) > 1 and key == "num_replicas" and num_replicas is not None:
+            others = [v for v in values if v != num_replicas]
+            raise MergeError(
+                f"--num_replicas {num_replicas}, but the records of {epoch_dir} say "
+                f"num_replicas={others[0]}: give --num_replicas {others[0]}, or leave it out"
+            )
         if len(values) > 1:
             listing = "; ".join(f"{key}={v} in {', '.join(w)}" for v, w in values.items())
             raise MergeError(
@@ -166,7 +202,24 @@ def find_epoch_snapshots(
         agreed["epoch"],
         records,
         agreed["draw_prefix"],
+        agreed["initial_fingerprint"],
     )
+
+
+def _check_base(found: EpochSnapshots, base: Any) -> None:
+    """Refuse a ``base`` snapshot recording other initial weights than the replicas'."""
+    if found.initial_fingerprint is None or not isinstance(base, (str, Path)):
+        return
+    source = Path(base) / RECORD_NAME if Path(base).is_dir() else Path(base)
+    if not source.is_file() or source.suffix not in (".json", ".safetensors"):
+        return
+    recorded = _read_record(source).get("initial_fingerprint")
+    if recorded is not None and recorded != found.initial_fingerprint:
+        raise MergeError(
+            f"--base {base} holds the initial weights of another run ({recorded}) than the "
+            f"replicas of {found.epoch_dir} started from ({found.initial_fingerprint}): give "
+            "the base their jobs wrote (SNAPSHOT_DIR/initial)"
+        )
 
 
 def merge_by_path_hint(epoch_dir: str | Path) -> str:
@@ -212,6 +265,7 @@ def merge_epoch(
     from .streaming_files import merge_checkpoints_streaming
 
     found = find_epoch_snapshots(epoch_dir, num_replicas=num_replicas, allow_missing=allow_missing)
+    _check_base(found, kwargs.get("base"))
     present = sorted(found.paths)
     method = method if method is not None else ParameterSelection()
     unstreamable = without_streaming_form(method, rules)
