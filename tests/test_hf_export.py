@@ -78,3 +78,24 @@ def test_saving_prints_no_shard_progress_bar_and_keeps_the_users_setting(
         assert hf_logging.is_progress_bar_enabled() is bars_on
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_an_export_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    """On a shared cluster directory the merge may run as another user: the exported directory
+    gets the umask's permissions, not a private temporary directory's (0700)."""
+    import stat
+
+    from lightning_selmerge.ensemble.replica_snapshots import write_snapshot
+
+    module = CausalLMModule(config=TINY)
+    previous = os.umask(0o022)
+    try:
+        out = module.save_pretrained(tmp_path / "merged")
+        state = {f"model.{n}": t for n, t in module.model.state_dict().items()}
+        snapshot = write_snapshot(
+            tmp_path / "replica_000", state, {"replica": 0}, module.model, module.tokenizer
+        )
+    finally:
+        os.umask(previous)
+    for directory in (out, snapshot):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.leftovers import staging_path
 from lightning_selmerge.merging.snapshots import METADATA_KEY
 from lightning_selmerge.merging.ties import storage_key
 
@@ -138,6 +138,7 @@ def write_snapshot(
     temporary name renamed when complete: an existing snapshot is replaced whole or not at all.
 
     Example:
+        >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "replica_000"
         >>> write_snapshot(out, {"w": torch.ones(2)}, {"replica": 0}).name
         'replica_000.safetensors'
@@ -156,7 +157,8 @@ def write_snapshot(
             tmp.unlink(missing_ok=True)
             raise
         return path
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp_dir = staging_path(target)  # made with the umask's permissions (mkdtemp: owner only)
+    tmp_dir.mkdir()
     try:
         inner = {name[len(PRETRAINED_PREFIX) :]: tensor for name, tensor in state.items()}
         from lightning_selmerge.hf.export import write_pretrained_files

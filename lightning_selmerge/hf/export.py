@@ -9,7 +9,6 @@ loads with ``AutoModel*.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.leftovers import staging_path
 
 __all__ = ["save_pretrained", "write_pretrained_files"]
 
@@ -52,7 +52,8 @@ def save_pretrained(
             f"{target} already exists: choose another directory or pass overwrite=True."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_path(target)  # made with the umask's permissions (mkdtemp: owner only)
+    staging.mkdir()
     try:
         write_pretrained_files(model, tokenizer, staging, state_dict)
         publish_directory(staging, target, overwrite=True)
