@@ -62,7 +62,7 @@ def test_demo_config_runs_as_replica_jobs(
         record = json.loads((epoch / f"replica_{replica:03d}" / "selmerge.json").read_text())
         assert (record["replica"], record["num_replicas"], record["seed"]) == (replica, 2, 0)
         logs = tmp_path / "runs" / "demo" / f"replica_{replica:03d}"  # one TensorBoard tree
-        assert (logs / "checkpoints" / "last.ckpt").is_file()
+        assert sorted(p.name for p in (logs / "checkpoints").iterdir()) == ["last.ckpt"]
         saved = yaml.safe_load((logs / "config.yaml").read_text())
         assert saved["trainer"]["strategy"]["class_path"].endswith("DataOrderEnsemble")
     assert (tmp_path / "snaps" / "initial" / "config.json").is_file()
@@ -82,6 +82,33 @@ def test_demo_config_runs_as_replica_jobs(
         assert f"| replica_{k} | " in summary
     assert "| merged |" not in summary and "replica jobs are merged after they end" in summary
     assert (tmp_path / "report" / "loss_by_position.png").is_file()
+
+
+def test_the_jobs_merge_note_is_a_command_that_merges_as_the_callback_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A method given as an object becomes its name and parameters, nonfinite="drop" becomes
+    --drop_nonfinite; the printed flags parse into the callback's method."""
+    from lightning_selmerge.cli.merge import merge_parser, method_from_args
+    from lightning_selmerge.merging import TaskArithmetic
+
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(DEMO.read_text())
+    callback = config["trainer"]["callbacks"][0]["init_args"]
+    callback.pop("resample", None)
+    callback["method"] = {
+        "class_path": "lightning_selmerge.merging.TaskArithmetic",
+        "init_args": {"scale": 0.5},
+    }
+    callback["nonfinite"] = "drop"
+    (tmp_path / "ta.yaml").write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", "ta.yaml", *TINY, "--replica", "0", "--num_replicas", "2"]
+    assert main([*args, "--snapshot_dir", "s"]) == 0
+    note = next(line for line in capsys.readouterr().err.splitlines() if "replica job:" in line)
+    command = note.split("lightning-selmerge merge ", 1)[1].split()
+    assert "--drop_nonfinite" in command and "Namespace" not in note
+    parsed = merge_parser().parse_args(command)
+    assert method_from_args(parsed) == TaskArithmetic(scale=0.5)
 
 
 @pytest.mark.parametrize(

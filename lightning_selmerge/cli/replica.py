@@ -165,17 +165,41 @@ def _merge_note(callback: Any, settings: ReplicaSettings) -> str:
             "each epoch, which independent replica jobs cannot do; train in one process with "
             "DataOrderEnsemble, or set sync_replicas: false."
         )
-    flags = [f"--method {args.get('method', 'selection')}"]
-    flags += [f"--{key} {args.get(key)}" for key in ("resample", "seed") if args.get(key)]
-    for key in ("weights", "probabilities"):
-        if args.get(key) is not None:
-            flags.append(f"--{key} '{list(args.get(key))}'")
+    method = args.get("method", "selection")
+    method_args = _init_args(method) if isinstance(method, Namespace) else Namespace()
+    flags = [f"--method {_method_name(method)}"]
+    for key, value in [*vars(method_args).items(), *((k, args.get(k)) for k in _CALLBACK_FLAGS)]:
+        if value is None or (key == "seed" and not value):
+            continue
+        shown = f"'{list(value)}'" if isinstance(value, (list, tuple)) else value
+        flags.append(f"--{key} {shown}")
+    if args.get("nonfinite") == "drop":
+        flags.append("--drop_nonfinite")
+    if args.get("rules"):
+        flags.append("--rules RULES.yaml (the callback's rules, as a YAML list)")
     base = f"{settings.snapshot_dir}/initial"
     return (
         "replica job: SelectionMergeCallback dropped (a job holds one replica); merge an epoch "
         f"of the K jobs as it would with: lightning-selmerge merge --epoch_dir "
         f"{settings.snapshot_dir}/epoch_NNN --base {base} {' '.join(flags)} --out merged"
     )
+
+
+#: SelectionMergeCallback's arguments that are the merge command's flags of the same name
+_CALLBACK_FLAGS = ("resample", "weights", "probabilities", "seed")
+
+
+def _method_name(method: Any) -> str:
+    """The registered name of a configured method (a name, or ``class_path`` + ``init_args``)."""
+    from lightning_selmerge.merging.methods import method_class, method_names
+
+    if not isinstance(method, Namespace):
+        return str(method)
+    class_path = str(method.get("class_path", ""))
+    for name in method_names():  # the class, by whichever module path re-exports it
+        if class_path.rsplit(".", 1)[-1] == method_class(name).__qualname__:
+            return name
+    return class_path
 
 
 def _version_loggers(trainer: Namespace, settings: ReplicaSettings) -> None:
@@ -240,5 +264,6 @@ def replica_trainer(trainer_init: Any, settings: ReplicaSettings) -> dict[str, A
     )
     callbacks = [job, *(trainer_init.get("callbacks") or [])]
     if settings.checkpoint:
-        callbacks.append(ModelCheckpoint(save_last=True))
+        # last.ckpt only: the default top-1 checkpoint would be a second full training state
+        callbacks.append(ModelCheckpoint(save_last=True, save_top_k=0))
     return {"strategy": strategy, "callbacks": callbacks}
