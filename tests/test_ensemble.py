@@ -619,3 +619,18 @@ def test_fixed_batches_resumed_with_another_step_size_is_refused(tmp_path) -> No
     # the same settings resume
     again = DataOrderEnsemble(num_replicas=2, seed=3, fixed_batches=True)
     fit(Net(), 2, epochs=2, strategy=again, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_a_train_loader_sampler_that_does_more_than_order_is_named_when_replaced() -> None:
+    from torch.utils.data import WeightedRandomSampler
+
+    data = make_data()
+    weighted = WeightedRandomSampler([1.0] * len(data), num_samples=16)
+    trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), [])
+    with pytest.warns(UserWarning, match="train loader's WeightedRandomSampler is replaced"):
+        trainer.fit(Net(), DataLoader(data, batch_size=BATCH, sampler=weighted))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), [])
+        trainer.fit(Net(), DataLoader(data, batch_size=BATCH, shuffle=True))
+    assert not [w for w in caught if "is replaced" in str(w.message)]

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble.device_groups import ReplicaLayout
@@ -219,6 +228,32 @@ def resumable_loader(
     return loader
 
 
+#: the samplers a DataLoader builds from ``shuffle`` (and Lightning's on several ranks):
+#: replacing them loses nothing (each replica's order is its own permutation of the dataset)
+_PLAIN_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)
+
+
+def _warn_replaced_sampler(dataloader: DataLoader) -> None:
+    """Warn when the train loader's own sampler or batch sampler does more than order it."""
+    batch_sampler = dataloader.batch_sampler
+    custom = [
+        type(obj).__name__
+        for obj in (dataloader.sampler, batch_sampler)
+        if obj is not None
+        and type(obj) not in _PLAIN_SAMPLERS
+        and not isinstance(obj, BatchSampler)
+    ]
+    if isinstance(batch_sampler, BatchSampler) and type(batch_sampler) is not BatchSampler:
+        custom.append(type(batch_sampler).__name__)
+    if custom:
+        rank_zero_warn(
+            f"DataOrderEnsemble: the train loader's {', '.join(dict.fromkeys(custom))} is "
+            "replaced: each replica trains on its own permutation of the whole dataset in "
+            "batches of batch_size (weights, num_samples or a custom batching are not used). "
+            "To sample otherwise, subset or repeat the dataset itself."
+        )
+
+
 def ensemble_loader(
     dataloader: object,
     trainer: Any,
@@ -234,6 +269,7 @@ def ensemble_loader(
     :func:`fixed_step_samples`). Its batch sampler yields this rank's replicas' batches."""
     batch_size, drop_last = train_batch_size(dataloader)
     assert isinstance(dataloader, DataLoader)
+    _warn_replaced_sampler(dataloader)
     step_samples = None  # with fixed_batches: the samples of one optimizer step, fixed
     if fixed_batches:
         resumed = resumed_step_samples
