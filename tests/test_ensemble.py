@@ -634,3 +634,22 @@ def test_a_train_loader_sampler_that_does_more_than_order_is_named_when_replaced
         trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2, seed=3), [])
         trainer.fit(Net(), DataLoader(data, batch_size=BATCH, shuffle=True))
     assert not [w for w in caught if "is replaced" in str(w.message)]
+
+
+def test_an_ensemble_without_a_merge_says_so() -> None:
+    with pytest.warns(UserWarning, match="without SelectionMergeCallback: the replicas are not"):
+        fit(Net(), 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Net(), 2, callbacks=[SelectionMergeCallback()])
+    assert not [w for w in caught if "without SelectionMergeCallback" in str(w.message)]
+
+
+def test_a_lazy_parameter_not_initialised_at_train_start_is_named() -> None:
+    class Lazy(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[0] = torch.nn.LazyLinear(8)
+
+    with pytest.raises(MisconfigurationException, match="net.0.weight .a lazy module"):
+        fit(Lazy(), 2, callbacks=[SelectionMergeCallback()])

@@ -269,3 +269,13 @@ def test_a_temporary_offload_directory_is_removed_with_the_strategy(
     del trainer, strategy
     gc.collect()
     assert not directory.exists()
+
+
+def test_validating_before_the_first_merge_is_named() -> None:
+    """every_n_epochs=2 with validation every epoch: epoch 0's metrics are a replica's."""
+    with pytest.warns(UserWarning, match="validating in epoch 0, before the first merge"):
+        fit(Net(), 2, 2, [SelectionMergeCallback(every_n_epochs=2)], val=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Net(), 2, 2, [SelectionMergeCallback()], val=True)
+    assert not [w for w in caught if "before the first merge" in str(w.message)]

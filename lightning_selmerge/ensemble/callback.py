@@ -278,7 +278,15 @@ class SelectionMergeCallback(Callback):
             logger.log_metrics(metrics, step=step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.merged_state is None or trainer.state.fn != TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.merged_state is None and fitting and not trainer.sanity_checking:
+            rank_zero_warn(
+                f"SelectionMergeCallback: validating in epoch {trainer.current_epoch}, before "
+                f"the first merge (every_n_epochs={self.every_n_epochs}): the metrics, and a "
+                "checkpoint that monitors them, are of the replica the module holds now, not of "
+                "a merge; validate when it merges (check_val_every_n_epoch=every_n_epochs)."
+            )
+        if self.merged_state is None or not fitting:
             return
         strategy = _ensemble(trainer)
         self._live_state = strategy.module_state()

@@ -338,6 +338,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         # (estimated_stepping_batches, steps_per_replica), which must see these settings
         if trainer.state.fn == TrainerFn.FITTING:
             trainer_checks.check_trainer(trainer)
+            trainer_checks.warn_without_merge(trainer, self.num_replicas)
             self.batch_sampler = None  # steps_per_replica() must not read an earlier fit's
             local = len(self._layout.local_replicas)  # the replicas this rank trains
             self._per_replica_limit = trainer_checks.per_replica_limit(trainer, local)
@@ -378,6 +379,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         # Lightning applies that position only where it builds the loader: apply it now
         fit_loop = self.lightning_module.trainer.fit_loop
         getattr(fit_loop, "_load_combined_loader_states", lambda: None)()
+        trainer_checks.check_initialized(self.lightning_module)
         saved, self._to_restore = self._to_restore, None
         if saved is None:
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = [
     "accumulation",
@@ -68,6 +69,33 @@ def check_offload(offload: object) -> None:
         raise ValueError(
             f"DataOrderEnsemble: offload={offload!r}; use 'cpu' (inactive replicas in CPU "
             "memory) or 'disk' (in safetensors files under offload_dir)."
+        )
+
+
+def check_initialized(module: Any) -> None:
+    """Refuse lazy parameters not materialised by train start: every replica starts from the
+    module's weights there, so they must exist."""
+    from torch.nn.parameter import UninitializedParameter
+
+    lazy = [n for n, p in module.named_parameters() if isinstance(p, UninitializedParameter)]
+    if lazy:
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: {lazy[0]} (a lazy module's parameter) is not initialised at "
+            "train start, where every replica copies the module's weights; run one forward pass "
+            "before the fit (e.g. on an example batch in LightningModule.setup), or keep "
+            "num_sanity_val_steps > 0 with a validation loader."
+        )
+
+
+def warn_without_merge(trainer: Any, num_replicas: int) -> None:
+    """Warn when no ``SelectionMergeCallback`` merges the replicas."""
+    names = {cls.__name__ for callback in trainer.callbacks for cls in type(callback).__mro__}
+    if "SelectionMergeCallback" not in names:
+        rank_zero_warn(
+            "DataOrderEnsemble without SelectionMergeCallback: the replicas are not merged, and "
+            f"the module ends the fit holding replica {num_replicas - 1}'s weights (validation "
+            "scores the replica live then); add SelectionMergeCallback() to merge them, or read "
+            "them with trainer.strategy.replica_states()."
         )
 
 
