@@ -174,3 +174,31 @@ def test_a_live_process_of_this_host_is_at_work_and_another_hosts_unknown(tmp_pa
     messages = " ".join(str(w.message) for w in record)
     assert str(elsewhere) in messages and str(live) not in messages
     assert live.exists() and elsewhere.exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_output_that_is_holds_or_sits_in_an_input_is_refused(
+    tmp_path: Path, streaming: bool
+) -> None:
+    """--overwrite onto an input would delete it (or mix the output into it)."""
+    from lightning_selmerge.merging import merge_checkpoints_streaming
+
+    merge = merge_checkpoints_streaming if streaming else merge_checkpoints
+    paths = replicas(tmp_path)
+    before = {p: p.read_bytes() for p in paths}
+    for out, relation in [(paths[0], "is"), (tmp_path, "holds")]:
+        with pytest.raises(MergeError, match=f"output .* {relation} the input"):
+            merge(paths, out, method=WeightedAverage(), overwrite=True)
+    model = tmp_path / "m"
+    merge(paths, model, method=WeightedAverage())
+    with pytest.raises(MergeError, match="is inside the input"):
+        merge(paths, model / "again", method=WeightedAverage(), base=model)
+    assert {p: p.read_bytes() for p in paths} == before
+
+
+def test_overwriting_a_file_leaves_no_backup(tmp_path: Path) -> None:
+    paths = replicas(tmp_path)
+    out = tmp_path / "afile"
+    out.write_text("x")
+    merge_checkpoints(paths, out, method=WeightedAverage(), overwrite=True)
+    assert out.is_dir() and not list(tmp_path.glob(".afile.*"))

@@ -101,7 +101,10 @@ def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
         except BaseException:
             os.replace(backup, out)
             raise
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_dir():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:  # an output path that held a file
+            backup.unlink(missing_ok=True)
     else:
         os.replace(staging, out)
 
@@ -121,9 +124,21 @@ def _find_nonfinite_files(
     return found
 
 
-def claim_output(out: Path, overwrite: bool) -> None:
+def claim_output(out: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
     """Recover what a killed merge into ``out`` left behind; refuse an existing ``out`` unless
-    ``overwrite``."""
+    ``overwrite``, and an ``out`` that is, holds or sits inside one of ``inputs`` (replacing it
+    would delete an input)."""
+    where = out.resolve()
+    for given in (Path(i) for i in inputs if i is not None):
+        source = given.resolve()
+        if where == source or where in source.parents or source in where.parents:
+            relation = (
+                "is" if where == source else "holds" if where in source.parents else "is inside"
+            )
+            raise MergeError(
+                f"output {out} {relation} the input {given}: writing it would replace or mix "
+                "with an input; choose an output path outside the inputs"
+            )
     recover_output(out)
     if out.exists() and not overwrite:
         raise MergeError(
@@ -235,7 +250,7 @@ def merge_checkpoints(
     out = Path(out)
     check_nonfinite_mode(nonfinite)
     plan = MergePlan.create(method, rules, seed, len(replicas))
-    claim_output(out, overwrite)
+    claim_output(out, overwrite, [*replicas, base if isinstance(base, (str, Path)) else None])
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 
     with ExitStack() as stack:
