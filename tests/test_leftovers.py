@@ -202,3 +202,35 @@ def test_overwriting_a_file_leaves_no_backup(tmp_path: Path) -> None:
     out.write_text("x")
     merge_checkpoints(paths, out, method=WeightedAverage(), overwrite=True)
     assert out.is_dir() and not list(tmp_path.glob(".afile.*"))
+
+
+@pytest.mark.parametrize(
+    ("method", "streaming"),
+    [
+        ("ties", False),  # TIES has no streaming form
+        *((m, s) for m in ("dare", "task_arithmetic", "task_arithmetic_select") for s in (0, 1)),
+    ],
+)
+def test_a_base_holding_nan_is_refused_where_task_vectors_are_taken(
+    tmp_path: Path, method: str, streaming: bool
+) -> None:
+    from lightning_selmerge.merging import (
+        Dare,
+        TaskArithmetic,
+        TiesMerging,
+        merge_checkpoints_streaming,
+    )
+
+    merge = merge_checkpoints_streaming if streaming else merge_checkpoints
+    chosen = {
+        "ties": TiesMerging(),
+        "dare": Dare(),
+        "task_arithmetic": TaskArithmetic(),
+        "task_arithmetic_select": TaskArithmetic(combine="selection"),
+    }[method]
+    paths = replicas(tmp_path)
+    base = tmp_path / "base.safetensors"
+    save_file({"w": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, base)
+    with pytest.raises(MergeError, match=r"tensor 'w': the base holds NaN or Inf \(flat index 1\)"):
+        merge(paths, tmp_path / "m", method=chosen, base=base)
+    assert not (tmp_path / "m").exists()

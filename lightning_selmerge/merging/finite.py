@@ -61,6 +61,24 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.max())) and bool(torch.isfinite(values.min()))
 
 
+def check_base_finite(name: str, base: torch.Tensor | None, start: int = 0) -> None:
+    """Refuse a base (pre-trained) tensor holding NaN/Inf where a method computes with it.
+
+    Example:
+        >>> check_base_finite("w", torch.tensor([1.0, float("nan")]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_selmerge.merging.errors.MergeError: tensor 'w': the base holds NaN or Inf (flat...
+    """
+    if base is None or all_finite(base):
+        return
+    where = int((~torch.isfinite(base.reshape(-1))).nonzero()[0]) + start
+    raise MergeError(
+        f"tensor {name!r}: the base holds NaN or Inf (flat index {where}): task vectors "
+        "(replica - base) would carry it into the merge; give a finite base checkpoint"
+    )
+
+
 def check_finite(
     name: str,
     tensors: Sequence[torch.Tensor],

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .errors import MergeError
-from .finite import NonFinite, all_finite, check_finite, find_nonfinite
+from .finite import NonFinite, all_finite, check_base_finite, check_finite, find_nonfinite
 from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod
@@ -84,6 +84,8 @@ def iter_merged_chunks(
             target = buffer[: end - begin] if buffer is not None else None
         ctx = ChunkContext(rng, name, offset + begin, prepared)
         base_part = flat_base[begin:end] if flat_base is not None else None
+        if labels is not None and method.computes_with_base:
+            check_base_finite(name, base_part, offset + begin)
         fused = torch.empty_like(parts[0]) if target is None else target
         finite = fused_merge_chunk(method, ctx, parts, base_part, fused)
         if finite is not None:  # one fused pass merged the chunk and looked for NaN/Inf

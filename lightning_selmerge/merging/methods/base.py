@@ -137,6 +137,9 @@ class MergeMethod(ABC):
     name: ClassVar[str] = ""
     #: Whether :meth:`merge_chunk` needs the base (pre-trained) tensor.
     needs_base: bool = False
+    #: Whether it computes with the base's values (task vectors), not only compares bits with
+    #: them (resample): a NaN/Inf in the base then reaches the merge, and is refused.
+    computes_with_base: ClassVar[bool] = False
     #: Whether a NaN or Inf in any replica always makes the merged chunk non-finite, so that a
     #: finite output proves finite inputs (the NaN/Inf check then reads the output only).
     propagates_nonfinite: bool = False

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AverageNotFinite
-from ..finite import all_finite
+from ..finite import all_finite, check_base_finite
 from .base import StreamTensor, compute_dtype
 from .task_vectors import CHOICE_STREAM, keyed_choice, with_base
 
@@ -57,6 +57,7 @@ class _RunningTaskVector:
     def __init__(self, method: TaskArithmetic | Dare, tensor: StreamTensor) -> None:
         self.method, self.tensor = method, tensor
         self.base = tensor.base.reshape(-1)  # the plan checked that the base is given
+        check_base_finite(tensor.name, self.base)
         self.compute = compute_dtype(self.base)
         self.dare = hasattr(method, "drop_rate")
         self.select = method.combine == "selection"

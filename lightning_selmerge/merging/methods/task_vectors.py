@@ -63,6 +63,7 @@ class TaskVectorMethod(MergeMethod):
         metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
     )
     needs_base = True
+    computes_with_base = True
     #: the accepted values of ``combine``.
     combines: ClassVar[tuple[str, ...]] = ("mean", "selection")
 
