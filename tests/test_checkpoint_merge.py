@@ -293,3 +293,28 @@ def test_corrupt_safetensors_files_are_named(tmp_path, damage, match):
     if damage != "truncate":
         assert "tensor 'w'" in str(raised.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_outputs_other_files_describe_the_replicas(tmp_path, hf_replicas, streaming):
+    """Config and the like from the first replica (it describes the merged weights: here a vocab
+    the fine-tune grew), each file it lacks from the base (a tokenizer), Sentence-Transformers
+    folders copied, a folder holding weights named as not merged."""
+    from lightning_selmerge.merging import merge_checkpoints_streaming
+
+    base, dirs = hf_replicas
+    for replica in dirs:
+        config = json.loads((replica / "config.json").read_text())
+        (replica / "config.json").write_text(json.dumps({**config, "note": "fine-tuned"}))
+        (replica / "1_Pooling").mkdir()
+        (replica / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (base / "tokenizer.json").write_text("{}")
+    (dirs[0] / "2_Dense").mkdir()
+    save_file({"w": torch.zeros(2)}, dirs[0] / "2_Dense" / "model.safetensors")
+    merge = merge_checkpoints_streaming if streaming else merge_checkpoints
+    with pytest.warns(UserWarning, match="2_Dense holds weights .* that are not merged"):
+        out = merge(dirs, tmp_path / "m", method=ParameterSelection(resample=1), base=base)
+    assert json.loads((out / "config.json").read_text())["note"] == "fine-tuned"
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert (out / "1_Pooling" / "config.json").is_file()
+    assert GPT2LMHeadModel.from_pretrained(out).config.note == "fine-tuned"

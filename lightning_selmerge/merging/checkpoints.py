@@ -25,6 +25,7 @@ from .safetensors_io import (
     floating_nbytes,
 )
 from .scratch import scratch_scope
+from .side_files import copy_side_files, side_file_sources
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "staged_output",
 ]
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 PROVENANCE_NAME = "selmerge.json"
 #: ``progress(done_bytes, total_bytes)``: the merged output's bytes written so far and in all.
 MergeProgress = Callable[[int, int], object]
@@ -57,29 +57,6 @@ def _aligned_infos(
                     "dtype"
                 )
     return [(name, readers[0].info(name)) for name in names]
-
-
-def _side_files(source: Path) -> list[Path]:
-    """Config, tokenizer and other small files of a model directory (not its weights, nor
-    weight indexes: they name the inputs' files); none for a file."""
-    if not source.is_dir():
-        return []
-    weights = (*_WEIGHT_SUFFIXES, ".index.json")
-    return [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.endswith(weights)]
-
-
-def _copy_side_files(source: Path, target: Path) -> None:
-    for item in _side_files(source):
-        shutil.copy2(item, target / item.name)
-
-
-def _side_file_source(base: str | Path | None, first_replica: str | Path) -> Path:
-    """Where the output's config and tokenizer files come from: the base when it is a model
-    directory with such files, else the first replica (a base given as one ``.safetensors``
-    file has none, so the output still loads with ``from_pretrained``)."""
-    if base is not None and _side_files(Path(base)):
-        return Path(base)
-    return Path(first_replica)
 
 
 def publish_directory(staging: Path, out: Path, overwrite: bool) -> None:
@@ -271,7 +248,7 @@ def merge_checkpoints(
             out=out,
             infos=infos,
             base_reader=base_reader,
-            side_files=_side_file_source(base, replicas[0]),
+            side_files=side_file_sources(base, replicas[0]),
             chunk_numel=chunk_numel,
             max_shard_bytes=max_shard_bytes,
             overwrite=overwrite,
@@ -314,7 +291,7 @@ class _MergeJob:
     out: Path
     infos: Sequence[tuple[str, TensorInfo]]
     base_reader: CheckpointReader | None
-    side_files: Path
+    side_files: list[Path]
     chunk_numel: int
     max_shard_bytes: int
     overwrite: bool
@@ -393,6 +370,6 @@ class _MergeJob:
             writer.close()
         finally:
             writer.abort()
-        _copy_side_files(self.side_files, staging)
+        copy_side_files(self.side_files, staging)
         text = json.dumps(self.provenance, indent=2) + "\n"
         (staging / PROVENANCE_NAME).write_text(text)

@@ -22,8 +22,6 @@ import torch
 from .checkpoints import (
     PROVENANCE_NAME,
     MergeProgress,
-    _copy_side_files,
-    _side_file_source,
     check_base_checkpoint,
     claim_output,
     staged_output,
@@ -34,6 +32,7 @@ from .methods import MergeMethod
 from .plan import MergePlan, merge_dropping_nonfinite
 from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
+from .side_files import copy_side_files, side_file_sources
 from .state_dict import DEFAULT_CHUNK_NUMEL
 from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
 
@@ -204,7 +203,7 @@ def merge_checkpoints_streaming(
                 writer.close()
             finally:
                 writer.abort()
-            _copy_side_files(_side_file_source(base, replicas[0]), staging)
+            copy_side_files(side_file_sources(base, replicas[0]), staging)
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
     merge_dropping_nonfinite(plan, attempt, nonfinite=nonfinite, labels=labels, find_bad=find_bad)

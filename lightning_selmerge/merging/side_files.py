@@ -1,0 +1,66 @@
+"""The files a merged model directory gets besides its weights: config, tokenizer, generation
+config, and the subfolders of a Sentence-Transformers layout (``1_Pooling/``, ...).
+
+They describe the weights, so they come from the first replica (its architecture is every
+replica's: a fine-tuned head, added tokens), each file or folder it lacks from the base; weight
+files and weight indexes are not copied (the merge writes its own).
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> root = Path(tempfile.mkdtemp())
+    >>> replica, base, out = root / "r0", root / "base", root / "out"
+    >>> for d in (replica, base, out):
+    ...     d.mkdir()
+    >>> _ = (replica / "config.json").write_text('{"num_labels": 3}')
+    >>> _ = (replica / "model.safetensors").write_text("weights")
+    >>> _ = (base / "config.json").write_text('{"num_labels": 2}')
+    >>> _ = (base / "tokenizer.json").write_text("{}")
+    >>> copy_side_files([replica, base], out)
+    >>> sorted(p.name for p in out.iterdir()), (out / "config.json").read_text()
+    (['config.json', 'tokenizer.json'], '{"num_labels": 3}')
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["WEIGHT_SUFFIXES", "copy_side_files", "side_file_sources"]
+
+#: Files holding weights (or an index of them): never copied beside the merged weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_NOT_COPIED = (*WEIGHT_SUFFIXES, ".index.json")
+
+
+def side_file_sources(base: str | Path | None, first_replica: str | Path) -> list[Path]:
+    """Where the output's other files come from, in order of precedence."""
+    sources = [Path(first_replica)]
+    if base is not None:
+        sources.append(Path(base))
+    return [source for source in sources if source.is_dir()]
+
+
+def copy_side_files(sources: Sequence[Path], target: Path) -> None:
+    """Copy each file and folder of ``sources`` that ``target`` does not have yet (the first
+    source wins), weights aside; a folder holding weights is copied whole with a warning: they
+    are not merged (a Sentence-Transformers ``2_Dense/``)."""
+    for source in sources:
+        for item in sorted(source.iterdir()):
+            destination = target / item.name
+            if destination.exists() or item.name.startswith("."):
+                continue
+            if item.is_file() and not item.name.endswith(_NOT_COPIED):
+                shutil.copy2(item, destination)
+            elif item.is_dir():
+                unmerged = [p for p in item.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES)]
+                if unmerged:
+                    warnings.warn(
+                        f"{item} holds weights ({unmerged[0].name}) that are not merged: the "
+                        f"output's {item.name}/ is a copy of {source}'s; merge that folder's "
+                        "files as a merge of their own to combine them too",
+                        stacklevel=3,
+                    )
+                shutil.copytree(item, destination)
