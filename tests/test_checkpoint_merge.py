@@ -318,3 +318,31 @@ def test_the_outputs_other_files_describe_the_replicas(tmp_path, hf_replicas, st
     assert (out / "tokenizer.json").read_text() == "{}"
     assert (out / "1_Pooling" / "config.json").is_file()
     assert GPT2LMHeadModel.from_pretrained(out).config.note == "fine-tuned"
+
+
+@pytest.mark.parametrize(
+    ("holds", "hint"),
+    [
+        ("adapter_model.safetensors", "it is a PEFT adapter: fold each replica's adapter"),
+        ("pytorch_model.bin", "save it again with safetensors"),
+    ],
+)
+def test_a_directory_of_another_format_names_what_to_do(tmp_path, holds, hint):
+    for k in range(2):
+        (tmp_path / f"r{k}").mkdir()
+        (tmp_path / f"r{k}" / holds).write_bytes(b"\0" * 8)
+    with pytest.raises(MergeError, match=hint):
+        merge_checkpoints([tmp_path / "r0", tmp_path / "r1"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_rule_matching_no_tensor_is_named(tmp_path, hf_replicas, streaming):
+    from lightning_selmerge.merging import MergeRule, merge_checkpoints_streaming
+
+    _, dirs = hf_replicas
+    merge = merge_checkpoints_streaming if streaming else merge_checkpoints
+    rules = [MergeRule("layernorm", WeightedAverage()), MergeRule("ln_", WeightedAverage())]
+    with pytest.warns(UserWarning, match="rule 1 .pattern 'layernorm'. matches no tensor"):
+        merge(dirs, tmp_path / "m", method=ParameterSelection(), rules=rules)
+    assert (tmp_path / "m").is_dir()

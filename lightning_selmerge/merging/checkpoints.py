@@ -54,7 +54,7 @@ def _aligned_infos(
                 raise MergeError(
                     f"tensor {name!r}: {theirs.dtype} {theirs.shape} in {label} but {mine.dtype} "
                     f"{mine.shape} in {labels[0]}: the checkpoints must share architecture and "
-                    "dtype"
+                    "dtype (save them in one dtype, e.g. model.to(torch.bfloat16).save_pretrained)"
                 )
     return [(name, readers[0].info(name)) for name in names]
 
@@ -99,6 +99,15 @@ def _find_nonfinite_files(
             if index in found:
                 break
     return found
+
+
+def check_shard_size(max_shard_bytes: int) -> None:
+    """Refuse a shard size that is not a positive number of bytes."""
+    if max_shard_bytes < 1:
+        raise MergeError(
+            f"max_shard_bytes (--shard_size) must be a positive number of bytes, got "
+            f"{max_shard_bytes} (default 5 GiB: {5 * 2**30})"
+        )
 
 
 def claim_output(out: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
@@ -167,7 +176,8 @@ def check_base_checkpoint(
         if found is not None and found != info:
             raise MergeError(
                 f"tensor {name!r} has another shape or dtype in the base checkpoint {base}: "
-                f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas"
+                f"{found.dtype} {found.shape} there, {info.dtype} {info.shape} in the replicas "
+                "(save the base in the replicas' dtype: model.to(dtype).save_pretrained)"
             )
 
 
@@ -226,6 +236,7 @@ def merge_checkpoints(
     """
     out = Path(out)
     check_nonfinite_mode(nonfinite)
+    check_shard_size(max_shard_bytes)
     plan = MergePlan.create(method, rules, seed, len(replicas))
     claim_output(out, overwrite, [*replicas, base if isinstance(base, (str, Path)) else None])
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
@@ -236,6 +247,7 @@ def merge_checkpoints(
         for reader in readers:
             stack.callback(reader.close)
         infos = _aligned_infos(readers, labels)
+        plan.warn_unmatched_rules(name for name, _ in infos)
         base_reader = None
         if base is not None:
             base_reader = CheckpointReader(base)

@@ -19,7 +19,8 @@ A streaming driver (replicas read one at a time) uses the same plan; a method's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -86,6 +87,21 @@ class MergePlan:
     def method_for(self, name: str) -> MergeMethod:
         """The method of the first rule matching ``name``, else the default method."""
         return method_for(name, self.rules, self.method)
+
+    def warn_unmatched_rules(self, names: Iterable[str]) -> None:
+        """Warn of each rule no tensor of ``names`` matches (a mistyped pattern merges nothing
+        the way it says)."""
+        names = list(names)
+        if not names:
+            return
+        for position, rule in enumerate(self.rules, start=1):
+            if not any(rule.matches(name) for name in names):
+                where = rule.source or f"rule {position}"
+                warnings.warn(
+                    f"merge rule {where} (pattern {rule.pattern!r}) matches no tensor of the "
+                    f"replicas (e.g. {names[0]!r}): check its pattern (re.search on the names)",
+                    stacklevel=3,
+                )
 
     def needs_base(self, name: str) -> bool:
         """Whether floating-point tensor ``name`` needs the base weights."""

@@ -219,6 +219,22 @@ class SafetensorsFile:
         self._closed = True
 
 
+def _directory_hint(path: Path) -> str:
+    """What the directory holds instead, and what to do with it."""
+    if (path / "adapter_model.safetensors").is_file():
+        return (
+            "; it is a PEFT adapter: fold each replica's adapter into its model "
+            "(model.merge_and_unload(), then save_pretrained) and merge those (docs/lora.md), "
+            "or merge the adapter_model.safetensors files themselves"
+        )
+    if any(path.glob("pytorch_model*.bin")):
+        return (
+            "; it holds pytorch_model*.bin: load it and save it again with safetensors "
+            "(AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
+        )
+    return ""
+
+
 class CheckpointReader:
     """A checkpoint as tensor names: a ``.safetensors`` file or a Hugging Face model directory
     (``model.safetensors``, or shards listed in ``model.safetensors.index.json``)."""
@@ -257,7 +273,8 @@ class CheckpointReader:
         if (path / SINGLE_NAME).is_file():
             return [path / SINGLE_NAME]
         raise MergeError(
-            f"no safetensors weights in directory {path}: expected {SINGLE_NAME} or {INDEX_NAME}"
+            f"no safetensors weights in directory {path}: expected {SINGLE_NAME} or "
+            f"{INDEX_NAME}{_directory_hint(path)}"
         )
 
     def names(self) -> list[str]:

@@ -23,6 +23,7 @@ from .checkpoints import (
     PROVENANCE_NAME,
     MergeProgress,
     check_base_checkpoint,
+    check_shard_size,
     claim_output,
     staged_output,
 )
@@ -132,6 +133,7 @@ def merge_checkpoints_streaming(
     """
     out = Path(out)
     check_nonfinite_mode(nonfinite)
+    check_shard_size(max_shard_bytes)
     if not replicas:
         raise MergeError("no replicas to merge")
     plan = MergePlan.create(method, rules, seed, len(replicas))
@@ -141,6 +143,7 @@ def merge_checkpoints_streaming(
         raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
     labels = [f"replica {k} ({path})" for k, path in zip(indices, replicas)]
     tensors = read_plan(replicas, labels)
+    plan.warn_unmatched_rules(name for name, _ in tensors)
     base_infos = None
     if base is not None:
         with _open(base) as reader:
