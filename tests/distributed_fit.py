@@ -113,6 +113,7 @@ def main() -> None:
             # a state only rank 0 writes: the other ranks take part in the gathers, keep nothing
             "full_on_rank_0": sorted(strategy.full_state(callbacks[0].merged_state, rank=0)),
             "steps": getattr(module, "steps", None),
+            "threads": torch.get_num_threads(),
         },
         out_dir / f"rank_{rank}.pt",
     )

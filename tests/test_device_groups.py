@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def run_distributed(out: Path, devices: int, k: int, shard: int, batch: int, *fl
     """Run tests/distributed_fit.py on ``devices`` gloo ranks; load what the ranks wrote."""
     out.mkdir(parents=True, exist_ok=True)
     env = child_env(TESTS.parent, TESTS)
+    env.pop("OMP_NUM_THREADS", None)  # each rank's thread count is the strategy's to set
     args = [str(out), str(devices), str(k), str(shard), str(batch), *flags]
     proc = subprocess.run(
         [sys.executable, str(TESTS / "distributed_fit.py"), *args],
@@ -95,6 +97,8 @@ def test_two_replica_groups_of_two_replicas_match_the_sequential_run(tmp_path: P
     result = run_distributed(tmp_path, 2, 4, 1, 8, "--resume=3")
     ranks = result["ranks"]
     assert [sorted(r["replicas"]) for r in ranks] == [[0, 1], [2, 3]]
+    # every rank computes with as many threads (a thread count changes float sums' bits)
+    assert len({r["threads"] for r in ranks}) == 1
     assert ranks[0]["full_on_rank_0"] == sorted(result["merged"])
     assert ranks[1]["full_on_rank_0"] == []
     replicas = full_replicas(ranks)
@@ -270,3 +274,14 @@ def test_resuming_with_another_layout_is_refused() -> None:
     strategy = DataOrderEnsemble(num_replicas=4)  # one device: 1 group x shard_size 1
     with pytest.raises(MisconfigurationException, match="2 replica group\\(s\\) x shard_size=2"):
         strategy._check_compatible(saved, "step=3.ckpt")
+
+
+def test_a_padded_evaluation_split_is_named() -> None:
+    from lightning_selmerge.ensemble.trainer_checks import warn_padded_evaluation
+
+    with pytest.warns(UserWarning, match="61 evaluation samples split over shard_size=2"):
+        warn_padded_evaluation(torch.utils.data.DataLoader(make_data(61)), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_padded_evaluation(torch.utils.data.DataLoader(make_data(60)), 2)
+        warn_padded_evaluation(torch.utils.data.DataLoader(make_data(61)), 1)

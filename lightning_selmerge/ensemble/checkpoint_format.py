@@ -150,7 +150,7 @@ def check_compatible(
             f"{saved_layout['replica_groups']} replica group(s) x shard_size="
             f"{saved_layout['shard_size']} but this run has {layout.replica_groups} x "
             f"shard_size={shard_size}; resume with the same devices x num_nodes and shard_size "
-            "(merge the saved replicas instead to change the layout)."
+            "(or start a new fit from the checkpoint's merged model: its state_dict)."
         )
     for name, value in settings.items():
         if saved[name] != value:

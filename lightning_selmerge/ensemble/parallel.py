@@ -23,6 +23,7 @@ from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
+    _set_num_threads_if_needed,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.seed import reset_seed
@@ -173,6 +174,9 @@ class ReplicaMeshStrategy(ParallelStrategy):
         )
         if not self.is_distributed:
             return
+        # Lightning's launcher sets the CPU thread count on the launching rank only, after
+        # starting the others: give every rank the same (a thread count changes float sums)
+        _set_num_threads_if_needed(num_processes=self.num_processes)
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device

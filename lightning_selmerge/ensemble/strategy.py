@@ -357,6 +357,8 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING:
+            trainer_checks.warn_padded_evaluation(dataloader, self.shard_size)
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
         loader, self._fixed_step_samples = ensemble_loader(

@@ -87,6 +87,23 @@ def check_initialized(module: Any) -> None:
         )
 
 
+def warn_padded_evaluation(dataloader: object, shard_size: int) -> None:
+    """Warn when an evaluation loader split over ``shard_size`` ranks is padded (Lightning's
+    DistributedSampler repeats samples up to a multiple of the ranks)."""
+    dataset = getattr(dataloader, "dataset", None)
+    try:
+        count = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if shard_size > 1 and count % shard_size:
+        rank_zero_warn(
+            f"DataOrderEnsemble: {count} evaluation samples split over shard_size={shard_size} "
+            f"ranks: the split pads them to a multiple of {shard_size}, so "
+            f"{shard_size - count % shard_size} sample(s) count twice in the metrics; give a "
+            f"number of samples divisible by {shard_size} for exact values."
+        )
+
+
 def warn_without_merge(trainer: Any, num_replicas: int) -> None:
     """Warn when no ``SelectionMergeCallback`` merges the replicas."""
     names = {cls.__name__ for callback in trainer.callbacks for cls in type(callback).__mro__}
