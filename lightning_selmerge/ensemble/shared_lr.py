@@ -35,14 +35,15 @@ Mixed = Mapping[int, tuple[torch.optim.Optimizer, Sequence[Any]]]
 
 
 def mixed_optimizers(
-    optimizers: Sequence[torch.optim.Optimizer], swapped: Sequence[Any], shared: Sequence[Any]
+    optimizers: Sequence[torch.optim.Optimizer], swapped: Sequence[Any]
 ) -> dict[int, tuple[torch.optim.Optimizer, list[Any]]]:
-    """The optimizers that both ``swapped`` (per-replica) and ``shared`` schedulers set."""
+    """The optimizers that ``swapped`` (per-replica) schedulers set: what else changes their
+    learning rate between steps (``shared`` schedulers, a callback at an epoch's start) is
+    every replica's."""
     out = {}
-    shared_ids = {id(sched.optimizer) for sched in shared}
     for index, opt in enumerate(optimizers):
         own = [sched for sched in swapped if sched.optimizer is opt]
-        if own and id(opt) in shared_ids:
+        if own:
             out[index] = (opt, own)
     return out
 

@@ -2,8 +2,8 @@
 config, and the subfolders of a Sentence-Transformers layout (``1_Pooling/``, ...).
 
 They describe the weights, so they come from the first replica (its architecture is every
-replica's: a fine-tuned head, added tokens), each file or folder it lacks from the base; weight
-files and weight indexes are not copied (the merge writes its own).
+replica's: a fine-tuned head, added tokens), each file or module folder it lacks from the base;
+weight files and weight indexes are not copied (the merge writes its own).
 
 Example:
     >>> import tempfile
@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ __all__ = ["WEIGHT_SUFFIXES", "copy_side_files", "side_file_sources"]
 #: Files holding weights (or an index of them): never copied beside the merged weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED = (*WEIGHT_SUFFIXES, ".index.json")
+#: a Sentence-Transformers module folder (``1_Pooling``, ``2_Normalize``)
+_MODULE_FOLDER = re.compile(r"^\d+_")
 
 
 def side_file_sources(base: str | Path | None, first_replica: str | Path) -> list[Path]:
@@ -44,9 +47,10 @@ def side_file_sources(base: str | Path | None, first_replica: str | Path) -> lis
 
 
 def copy_side_files(sources: Sequence[Path], target: Path) -> None:
-    """Copy each file and folder of ``sources`` that ``target`` does not have yet (the first
-    source wins), weights aside; a folder holding weights is copied whole with a warning: they
-    are not merged (a Sentence-Transformers ``2_Dense/``)."""
+    """Copy each file of ``sources`` that ``target`` does not have yet (the first source wins),
+    weights aside, and each Sentence-Transformers module folder (``1_Pooling/``: a number, an
+    underscore); other folders (``checkpoint-500/``, ``runs/``) are not the model's. A module
+    folder holding weights (``2_Dense/``) is not copied, with a warning: they are not merged."""
     for source in sources:
         for item in sorted(source.iterdir()):
             destination = target / item.name
@@ -54,13 +58,14 @@ def copy_side_files(sources: Sequence[Path], target: Path) -> None:
                 continue
             if item.is_file() and not item.name.endswith(_NOT_COPIED):
                 shutil.copy2(item, destination)
-            elif item.is_dir():
+            elif item.is_dir() and _MODULE_FOLDER.match(item.name):
                 unmerged = [p for p in item.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES)]
                 if unmerged:
                     warnings.warn(
-                        f"{item} holds weights ({unmerged[0].name}) that are not merged: the "
-                        f"output's {item.name}/ is a copy of {source}'s; merge that folder's "
-                        "files as a merge of their own to combine them too",
+                        f"{item} holds weights ({unmerged[0].name}) that this merge does not "
+                        f"merge: the output has no {item.name}/; merge that folder's files as a "
+                        "merge of their own and put the result there",
                         stacklevel=3,
                     )
+                    continue
                 shutil.copytree(item, destination)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import MergeError
 from .methods import MergeMethod, ParameterSelection
@@ -94,7 +94,7 @@ def _read_record(path: Path) -> dict[str, Any]:
             record = json.loads(text)
         else:
             record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise MergeError(f"{path} is not a readable JSON record: {err}") from err
     if not isinstance(record, dict):
         raise MergeError(f"{path} must hold a JSON object like {{num_replicas, replica, seed}}")
