@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_selmerge.merging.checkpoints import publish_directory
+from lightning_selmerge.merging.errors import MergeError
 from lightning_selmerge.merging.leftovers import staging_path
-from lightning_selmerge.merging.snapshots import METADATA_KEY
+from lightning_selmerge.merging.snapshots import METADATA_KEY, RECORD_NAME
+from lightning_selmerge.merging.snapshots import read_record as snapshot_record
 from lightning_selmerge.merging.ties import storage_key
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "write_snapshot",
 ]
 
-RECORD_NAME = "selmerge.json"
 RECORD_FORMAT = "lightning_selmerge.replica_snapshot"
 #: where a save_pretrained snapshot's tensors sit in the LightningModule (``self.model``): a
 #: record's ``draw_prefix``, so that the merge draws under the names the in-process merge uses
@@ -196,19 +196,12 @@ def find_snapshot(target: Path) -> Path | None:
 
 def read_record(snapshot: Path) -> dict[str, Any] | None:
     """The record of a snapshot directory, safetensors file or ``selmerge.json`` (``None`` when
-    it has none)."""
+    it has none): :func:`lightning_selmerge.merging.snapshots.read_record`, its errors as
+    :class:`SnapshotMismatch`."""
     try:
-        if snapshot.is_dir():
-            snapshot = snapshot / RECORD_NAME
-        if snapshot.suffix == ".safetensors":
-            with safe_open(str(snapshot), framework="pt") as handle:
-                text = (handle.metadata() or {}).get(METADATA_KEY)
-            return None if text is None else json.loads(text)
-        if snapshot.is_file():
-            return json.loads(snapshot.read_text())
-    except (OSError, ValueError) as err:
-        raise SnapshotMismatch(f"cannot read the snapshot record {snapshot}: {err}") from err
-    return None
+        return snapshot_record(snapshot)
+    except MergeError as err:
+        raise SnapshotMismatch(f"cannot read the snapshot record: {err}") from err
 
 
 def _records(snapshot_dir: Path) -> dict[Path, dict[str, Any]]:

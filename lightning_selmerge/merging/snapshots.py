@@ -38,6 +38,7 @@ __all__ = [
     "EpochSnapshots",
     "find_epoch_snapshots",
     "merge_epoch",
+    "read_record",
     "replica_name",
 ]
 
@@ -84,20 +85,30 @@ class EpochSnapshots:
     initial_fingerprint: str | None = None
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def read_record(snapshot: str | Path) -> dict[str, Any] | None:
+    """The record of a snapshot: a directory's ``selmerge.json``, a ``.safetensors`` file's
+    metadata, or a ``.json`` record itself (``None`` when there is none).
+
+    Raises:
+        MergeError: a record that cannot be read or is not a JSON object.
+    """
+    snapshot = Path(snapshot)
+    source = snapshot / RECORD_NAME if snapshot.is_dir() else snapshot
+    if not source.is_file() or source.suffix not in (".json", ".safetensors"):
+        return None
     try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
+        if source.suffix == ".safetensors":
+            with safe_open(str(source), framework="pt") as handle:
                 text = (handle.metadata() or {}).get(METADATA_KEY)
             if text is None:
-                return {}
+                return None
             record = json.loads(text)
         else:
-            record = json.loads(path.read_text())
+            record = json.loads(source.read_text())
     except (OSError, ValueError, SafetensorError) as err:
-        raise MergeError(f"{path} is not a readable JSON record: {err}") from err
+        raise MergeError(f"{source} is not a readable JSON record: {err}") from err
     if not isinstance(record, dict):
-        raise MergeError(f"{path} must hold a JSON object like {{num_replicas, replica, seed}}")
+        raise MergeError(f"{source} must hold a JSON object like {{num_replicas, replica, seed}}")
     return record
 
 
@@ -135,15 +146,15 @@ def find_epoch_snapshots(
         )
 
     records: dict[str, dict[str, Any]] = {}
-    if (epoch_dir / RECORD_NAME).is_file():
-        records["the epoch record"] = _read_record(epoch_dir / RECORD_NAME)
+    epoch_record = read_record(epoch_dir / RECORD_NAME)
+    if epoch_record is not None:
+        records["the epoch record"] = epoch_record
     for index, path in paths.items():
-        source = path / RECORD_NAME if path.is_dir() else path
-        if source.is_file():
-            record = _read_record(source)
+        record = read_record(path)
+        if record is not None:
             if "replica" in record and record["replica"] != index:
                 raise MergeError(
-                    f"{source} says replica {record['replica']} but sits in "
+                    f"{path} says replica {record['replica']} but sits in "
                     f"{path.name}: the snapshot was written to the wrong place"
                 )
             records[path.name] = record
@@ -210,10 +221,7 @@ def _check_base(found: EpochSnapshots, base: Any) -> None:
     """Refuse a ``base`` snapshot recording other initial weights than the replicas'."""
     if found.initial_fingerprint is None or not isinstance(base, (str, Path)):
         return
-    source = Path(base) / RECORD_NAME if Path(base).is_dir() else Path(base)
-    if not source.is_file() or source.suffix not in (".json", ".safetensors"):
-        return
-    recorded = _read_record(source).get("initial_fingerprint")
+    recorded = (read_record(base) or {}).get("initial_fingerprint")
     if recorded is not None and recorded != found.initial_fingerprint:
         raise MergeError(
             f"--base {base} holds the initial weights of another run ({recorded}) than the "
