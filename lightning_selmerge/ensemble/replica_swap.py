@@ -83,7 +83,7 @@ class ReplicaSwap:
         self.active = 0
         self.live_is_replica = True
         self.initial: ReplicaState | None = None
-        self.shared_lr = SharedFactors()  # shared schedules' changes, where step ones act too
+        self.shared_lr = SharedFactors()  # shared rate changes, where step schedulers act too
         self.added_groups = AddedGroups()  # optimizer groups added during the fit
         self._restoring = False
 
@@ -185,7 +185,7 @@ class ReplicaSwap:
         return mixed_optimizers(self.host.optimizers, self.step_schedulers())
 
     def store_live(self) -> None:
-        """Store the live replica, with what shared schedules changed in its learning rates."""
+        """Store the live replica, with what shared changes made to its learning rates."""
         self.shared_lr.observe(self.mixed_optimizers())
         self.store[self.active] = self.capture()
         self.shared_lr.stored(self.active)
@@ -214,10 +214,10 @@ class ReplicaSwap:
 
     def switch_to(self, target: int) -> None:
         """Store the live replica (if the module holds one) and load replica ``target``."""
-        mixed = self.mixed_optimizers()
-        self.shared_lr.observe(mixed)  # also when the module holds the merge: the optimizer
-        if self.live_is_replica:  # went on holding the last replica's learning rates
+        if self.live_is_replica:
             self.store_live()
+        else:  # the module holds the merge; the optimizer went on holding the last replica's
+            self.shared_lr.observe(self.mixed_optimizers())  # learning rates
         state = self.store[target]
         if state is None:  # the replica's first batch: start from the initial state
             initial = self.initial_state
@@ -229,7 +229,7 @@ class ReplicaSwap:
             )
         self.store[target] = None  # live from now on; the optimizer may alias its tensors
         self._load(state)
-        self.shared_lr.apply(mixed, target)
+        self.shared_lr.apply(self.mixed_optimizers(), target)
         self.active = target
         self.live_is_replica = True
 
@@ -253,12 +253,12 @@ class ReplicaSwap:
             and not self._restoring
         }
         for index, (opt, opt_state) in enumerate(zip(host.optimizers, state.optimizers)):
+            # a state from before a group was added (BackboneFinetuning) gets it
+            opt_state = self.added_groups.complete(index, opt, opt_state)
             if host.sharded:
-                device_groups.load_optimizer_state(
-                    opt, self.added_groups.complete(index, opt, opt_state)
-                )
-            else:  # a state from before a group was added (BackboneFinetuning) gets it
-                opt.load_state_dict(self.added_groups.complete(index, opt, opt_state))
+                device_groups.load_optimizer_state(opt, opt_state)
+            else:
+                opt.load_state_dict(opt_state)
             for group, lr in zip(opt.param_groups, shared_lrs.get(id(opt), [])):
                 group["lr"] = lr
         schedulers = self.step_schedulers()

@@ -1,13 +1,12 @@
-"""The learning rate of an optimizer that a shared (epoch-interval) LR schedule and per-replica
-(step-interval) schedules both set: the replica's own schedule times the shared one's.
+"""The learning rate of an optimizer that per-replica (step-interval) schedulers set, when it
+also changes between steps for every replica (an epoch-interval schedule, a callback at an
+epoch's start such as ``BackboneFinetuning``): the replica's own schedule times the shared changes.
 
-Every replica sees the same epoch schedule, but its step schedule is its own. Only the live
-optimizer is stepped, so a shared schedule's step at an epoch's end scales the live replica's
-learning rate alone; :class:`SharedFactors` carries that change to every replica. The live
-learning rate over what the replica's step schedule last set (``get_last_lr()``) is what shared
-schedules changed since; the running product of those changes is :attr:`SharedFactors.now`, each
-stored replica keeps the product it was stored at, and a replica loaded again has its stored
-learning rate scaled by what changed since.
+Only the live optimizer is touched, so such a change scales the live replica's learning rate
+alone; :class:`SharedFactors` carries it to every replica. The live learning rate over what the
+replica's step schedule last set (``get_last_lr()``) is what changed since; the running product
+of those changes is :attr:`SharedFactors.now`, each stored replica keeps the product it was
+stored at, and a replica loaded again has its stored learning rate scaled by what changed since.
 
 Example:
     >>> import torch
@@ -30,7 +29,7 @@ import torch
 __all__ = ["SharedFactors", "mixed_optimizers"]
 
 #: optimizer index -> (the optimizer, its step-interval schedulers in the order Lightning steps
-#: them), for the optimizers that shared schedules set too
+#: them), for the optimizers step-interval schedulers set
 Mixed = Mapping[int, tuple[torch.optim.Optimizer, Sequence[Any]]]
 
 
@@ -38,7 +37,7 @@ def mixed_optimizers(
     optimizers: Sequence[torch.optim.Optimizer], swapped: Sequence[Any]
 ) -> dict[int, tuple[torch.optim.Optimizer, list[Any]]]:
     """The optimizers that ``swapped`` (per-replica) schedulers set: what else changes their
-    learning rate between steps (``shared`` schedulers, a callback at an epoch's start) is
+    learning rate between steps (an epoch-interval schedule, a callback at an epoch's start) is
     every replica's."""
     out = {}
     for index, opt in enumerate(optimizers):
@@ -49,16 +48,16 @@ def mixed_optimizers(
 
 
 class SharedFactors:
-    """Per optimizer group, the product of the shared schedules' changes so far (:attr:`now`)
-    and, per stored replica, the product it was stored at."""
+    """Per optimizer group, the product of the shared changes so far (:attr:`now`) and, per
+    stored replica, the product it was stored at."""
 
     def __init__(self) -> None:
         self.now: dict[int, list[float]] = {}
         self.at_store: dict[int, dict[int, list[float]]] = {}
 
     def observe(self, mixed: Mixed) -> None:
-        """Fold what shared schedules changed in the live learning rates since the replica's
-        last step (or load) into :attr:`now`; from here on that is the new baseline."""
+        """Fold what changed in the live learning rates since the replica's last step (or load)
+        into :attr:`now`; from here on that is the new baseline."""
         for index, (opt, own) in mixed.items():
             last = own[-1].get_last_lr()
             live = [group["lr"] for group in opt.param_groups]
@@ -74,7 +73,7 @@ class SharedFactors:
         self.at_store[replica] = {i: list(f) for i, f in self.now.items()}
 
     def scale(self, index: int, replica: int) -> list[float]:
-        """What shared schedules changed optimizer ``index``'s groups by since ``replica`` was
+        """What shared changes scaled optimizer ``index``'s groups by since ``replica`` was
         stored (since the fit's start when it never was)."""
         now = self.now.get(index, [])
         then = self.at_store.get(replica, {}).get(index, [])
