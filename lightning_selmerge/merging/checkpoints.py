@@ -110,12 +110,15 @@ def check_shard_size(max_shard_bytes: int) -> None:
         )
 
 
-def claim_output(out: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
+def claim_output(
+    out: Path, overwrite: bool, replicas: Sequence[str | Path] = (), base: Any = None
+) -> None:
     """Recover what a killed merge into ``out`` left behind; refuse an existing ``out`` unless
-    ``overwrite``, and an ``out`` that is, holds or sits inside one of ``inputs`` (replacing it
-    would delete an input)."""
+    ``overwrite``, and an ``out`` that is, holds or sits inside a replica or the base (a path;
+    replacing it would delete an input)."""
     where = out.resolve()
-    for given in (Path(i) for i in inputs if i is not None):
+    inputs = [*replicas, *([base] if isinstance(base, (str, Path)) else [])]
+    for given in map(Path, inputs):
         source = given.resolve()
         if where == source or where in source.parents or source in where.parents:
             relation = (
@@ -238,7 +241,7 @@ def merge_checkpoints(
     check_nonfinite_mode(nonfinite)
     check_shard_size(max_shard_bytes)
     plan = MergePlan.create(method, rules, seed, len(replicas))
-    claim_output(out, overwrite, [*replicas, base if isinstance(base, (str, Path)) else None])
+    claim_output(out, overwrite, replicas, base)
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 
     with ExitStack() as stack:

@@ -137,7 +137,7 @@ def merge_checkpoints_streaming(
     if not replicas:
         raise MergeError("no replicas to merge")
     plan = MergePlan.create(method, rules, seed, len(replicas))
-    claim_output(out, overwrite, [*replicas, base if isinstance(base, (str, Path)) else None])
+    claim_output(out, overwrite, replicas, base)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
         raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
