@@ -20,6 +20,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -494,4 +495,7 @@ def test_sequence_classification_ensemble_fit_exports_the_merge(tmp_path: Path) 
     module = SequenceClassificationModule(config=TINY, num_labels=3, learning_rate=1e-3)
     fit = _fit_and_check_export(tmp_path, module, dm, AutoModelForSequenceClassification)
     assert 0.0 <= float(fit.callback_metrics["val_acc"]) <= 1.0
+    exported = AutoConfig.from_pretrained(tmp_path / "merged" / "epoch_000")
+    assert exported.id2label == {0: "ai", 1: "food", 2: "sports"}  # not LABEL_0..2
+    assert exported.label2id == {"ai": 0, "food": 1, "sports": 2}
     assert "replica_0/val_acc" in fit.callback_metrics

@@ -146,6 +146,56 @@ def test_records_say_which_run_and_replica(job_snapshots: Path) -> None:
         read_record(job_snapshots / "initial.safetensors")["initial_fingerprint"]
     }
     assert all(r["epoch"] == 1 and r["global_step"] == 2 * 8 for r in records)
+    recipe = records[0]["recipe"]
+    assert all(r["recipe"] == recipe for r in records)
+    assert recipe["module"] == "ensemble_support.Net"
+    assert recipe["data"] == {"size": len(make_data()), "batch_size": BATCH, "drop_last": False}
+    (group,) = recipe["optimizers"][0]["groups"]
+    assert group["lr"] == group["initial_lr"] == 0.05
+    assert group["num_parameters"] == sum(p.numel() for p in Net().parameters())
+    (scheduler,) = recipe["lr_schedulers"]
+    assert scheduler["class"] == "torch.optim.lr_scheduler.StepLR"
+    assert scheduler["interval"] == "step"
+    assert scheduler["settings"]["step_size"] == 3 and scheduler["settings"]["gamma"] == 0.5
+    assert recipe["trainer"]["max_epochs"] == EPOCHS
+
+
+class SlowerDecay(Net):
+    """The run's module with another LR schedule (gamma 0.9 instead of 0.5)."""
+
+    def configure_optimizers(self) -> dict:
+        config = super().configure_optimizers()
+        config["lr_scheduler"]["scheduler"].gamma = 0.9
+        return config
+
+
+def test_a_job_with_other_settings_is_refused_at_its_start(job_snapshots: Path) -> None:
+    """A job started after others (here with another batch size) is refused before training."""
+    train, val = loaders()
+    job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=job_snapshots)
+    with pytest.raises(SnapshotMismatch, match=r"other settings .*data\.batch_size: 8 vs 4"):
+        job_trainer(job).fit(module(), DataLoader(train.dataset, batch_size=4), val)
+
+
+def test_jobs_started_at_once_with_other_settings_are_refused_at_the_merge(
+    job_snapshots: Path, tmp_path: Path
+) -> None:
+    """Jobs that ran side by side cannot check each other: the merge compares their recipes."""
+    from lightning_selmerge.merging import MergeError
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    odd = tmp_path / "odd"
+    net = SlowerDecay(scheduler=True, dropout=0.3)
+    seed_everything(FIT_SEED)
+    job_trainer(ReplicaJob(K, 2, seed=ORDER_SEED, snapshot_dir=odd), epochs=1).fit(net, *loaders())
+    epoch = tmp_path / "epoch_000"
+    epoch.mkdir()
+    for replica in range(K):
+        source = snapshot(odd if replica == 2 else job_snapshots, 0, replica)
+        (epoch / source.name).write_bytes(source.read_bytes())
+    with pytest.raises(MergeError, match=r"different settings.*settings\.gamma: 0\.5 vs 0\.9"):
+        merge_epoch(epoch, tmp_path / "merged", base=job_snapshots / "initial.safetensors")
+    assert not (tmp_path / "merged").exists()
 
 
 class SeenBatches(Callback):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import replica_snapshots as snapshots
 from lightning_selmerge.ensemble.loader import ResumableLoader, resumable_loader
+from lightning_selmerge.ensemble.recipe import training_recipe
 from lightning_selmerge.ensemble.replica_job_checks import check_replica_args, check_trainer
 from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
@@ -138,6 +139,7 @@ class ReplicaJob(Callback):
         self.batch_sampler: EnsembleBatchSampler | None = None
         self._rng_base = 0
         self._initial_fingerprint: str | None = None
+        self._recipe: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self._wrapped: Any = None  # the strategy whose process_dataloader is wrapped
         self._stopped_in: int | None = None
@@ -191,6 +193,7 @@ class ReplicaJob(Callback):
         if restored is not None:
             self._rng_base = int(restored["rng_base"])
             self._initial_fingerprint = restored.get("initial_fingerprint")
+            self._recipe = restored.get("recipe")
             set_rng_states(restored["rng"])
             self._complete_epoch = restored.get("complete_epoch")
             if self._complete_epoch is not None:
@@ -202,7 +205,12 @@ class ReplicaJob(Callback):
         problem = None
         if trainer.is_global_zero:
             self._initial_fingerprint = snapshots.state_fingerprint(state)
-            run = {**self._identity(), "initial_fingerprint": self._initial_fingerprint}
+            self._recipe = self._training_recipe(trainer, pl_module)
+            run = {
+                **self._identity(),
+                "initial_fingerprint": self._initial_fingerprint,
+                "recipe": self._recipe,
+            }
             try:
                 snapshots.check_snapshot_dir(self.snapshot_dir, run)
             except snapshots.SnapshotMismatch as err:
@@ -251,6 +259,7 @@ class ReplicaJob(Callback):
             "rng_base": self._rng_base,
             "rng": rng_states(),
             "initial_fingerprint": self._initial_fingerprint,
+            "recipe": self._recipe,
             "complete_epoch": self._complete_epoch,
         }
 
@@ -343,7 +352,19 @@ class ReplicaJob(Callback):
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
             "initial_fingerprint": self._initial_fingerprint,
+            "recipe": self._recipe,
         }
+
+    def _training_recipe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        sampler = self.batch_sampler  # built with the train loader, before on_train_start
+        data = None
+        if sampler is not None:
+            data = {
+                "size": len(sampler.sampler),
+                "batch_size": sampler.batch_size,
+                "drop_last": bool(sampler.drop_last),
+            }
+        return training_recipe(trainer, pl_module, data)
 
     def _write(
         self,

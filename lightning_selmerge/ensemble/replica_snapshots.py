@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.errors import MergeError
 from lightning_selmerge.merging.leftovers import staging_path
-from lightning_selmerge.merging.snapshots import METADATA_KEY, RECORD_NAME
+from lightning_selmerge.merging.snapshots import METADATA_KEY, RECORD_NAME, recipe_differences
 from lightning_selmerge.merging.snapshots import read_record as snapshot_record
 from lightning_selmerge.merging.ties import storage_key
 
@@ -221,7 +221,8 @@ def _records(snapshot_dir: Path) -> dict[Path, dict[str, Any]]:
 
 def check_snapshot_dir(snapshot_dir: str | Path, run: Mapping[str, Any]) -> None:
     """Refuse a ``snapshot_dir`` holding snapshots whose records disagree with ``run`` (its
-    ``num_replicas``, ``seed``, ``fixed_batches`` and, when given, ``initial_fingerprint``).
+    ``num_replicas``, ``seed``, ``fixed_batches`` and, when given, ``initial_fingerprint`` and
+    ``recipe``, see :mod:`~lightning_selmerge.ensemble.recipe`).
 
     Raises:
         SnapshotMismatch: naming the snapshot, the values and the fix.
@@ -243,6 +244,16 @@ def check_snapshot_dir(snapshot_dir: str | Path, run: Mapping[str, Any]) -> None
             raise SnapshotMismatch(
                 f"ReplicaJob: {path} in the snapshot_dir was written by another run: {what}. "
                 "Use a new snapshot_dir for this run, or the settings of the run that wrote it."
+            )
+        differences = ""
+        if run.get("recipe") is not None and record.get("recipe") is not None:
+            differences = recipe_differences(record["recipe"], run["recipe"])
+        if differences:
+            raise SnapshotMismatch(
+                f"ReplicaJob: {path} in the snapshot_dir was written by a job with other "
+                f"settings ({differences}; recorded vs this job's). The K jobs of a run share "
+                "one config (only the replica index differs): start this job with the "
+                "recorded settings, or use a new snapshot_dir."
             )
 
 

@@ -348,7 +348,8 @@ class ClassificationDataModule(_TextDataModule):
 
     String labels are mapped to ids by their position in ``label_names``, or in the sorted
     distinct labels of the training and validation rows; int labels are used as they are. After
-    :meth:`setup`, :attr:`label_names` holds the class names (``None`` for unnamed int labels).
+    :meth:`setup`, :attr:`label_names` holds the class names (``None`` for unnamed int labels),
+    and the module's model config names its classes with them (``id2label``, ``label2id``).
     Texts are tokenised with the tokenizer's special tokens and truncated to ``max_length``;
     batches are right-padded, whatever the tokenizer's ``padding_side``.
 
@@ -437,6 +438,7 @@ class ClassificationDataModule(_TextDataModule):
         ids, self.label_names = label_ids(owner, values, self.label_names)
         self._num_classes = len(self.label_names) if self.label_names is not None else max(ids) + 1
         self._check_num_labels()
+        self._name_model_labels()
         out = []
         start = 0
         for table in tables:
@@ -467,6 +469,18 @@ class ClassificationDataModule(_TextDataModule):
                 f"{type(self).__name__}: the data has {classes} classes{names} but the module "
                 f"was built with num_labels={expected}; set the module's num_labels={classes}."
             )
+
+    def _name_model_labels(self) -> None:
+        """Give the module's model config the class names (``id2label``/``label2id``, as
+        transformers' text-classification example does), so its exports and pipelines name the
+        classes instead of ``LABEL_k``; ids the data does not use keep their names."""
+        config = getattr(getattr(self._module(), "model", None), "config", None)
+        if self.label_names is None or not hasattr(config, "id2label"):
+            return
+        id2label = dict(config.id2label)
+        id2label.update(enumerate(self.label_names))
+        config.id2label = id2label
+        config.label2id = {name: i for i, name in id2label.items()}
 
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")

@@ -8,13 +8,14 @@ Layout (written by replica jobs, one per replica ``k`` of ``K``)::
     snapshot_dir/epoch_002/selmerge.json               # optional, the same for the whole epoch
 
 A record is a JSON object ``{"num_replicas": K, "replica": k, "seed": s, "epoch": e}``, optionally
-with ``"draw_prefix"`` (see :func:`merge_epoch`), ``"fixed_batches"`` and ``"initial_fingerprint"``
-(of the weights every replica started from); a file snapshot holds its record in its safetensors
-metadata (key :data:`METADATA_KEY`). Every record found must agree: the same ``num_replicas``,
-``seed``, ``epoch``, ``draw_prefix``, ``fixed_batches`` and initial weights, and a snapshot's
-``replica`` equal to its own index. A missing replica is refused (naming it) unless
-``allow_missing``; the replicas present are then merged as the only inputs (per-replica weights
-and probabilities follow their replicas, see :meth:`MergeMethod.subset`).
+with ``"draw_prefix"`` (see :func:`merge_epoch`), ``"fixed_batches"``, ``"initial_fingerprint"``
+(of the weights every replica started from) and ``"recipe"`` (the training settings, any JSON);
+a file snapshot holds its record in its safetensors metadata (key :data:`METADATA_KEY`). Every
+record found must agree: the same ``num_replicas``, ``seed``, ``epoch``, ``draw_prefix``,
+``fixed_batches``, initial weights and recipe, and a snapshot's ``replica`` equal to its own
+index. A missing replica is refused (naming it) unless ``allow_missing``; the replicas present
+are then merged as the only inputs (per-replica weights and probabilities follow their replicas,
+see :meth:`MergeMethod.subset`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "find_epoch_snapshots",
     "merge_epoch",
     "read_record",
+    "recipe_differences",
     "replica_name",
 ]
 
@@ -83,6 +85,40 @@ class EpochSnapshots:
     draw_prefix: str | None = None
     #: the fingerprint of the weights every replica started from (replica jobs record it)
     initial_fingerprint: str | None = None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        items = value.items()
+    elif isinstance(value, list) and value:
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def recipe_differences(first: Any, second: Any, limit: int = 4) -> str:
+    """The settings two training recipes (records' ``"recipe"``) disagree on, as
+    ``"key: a vs b"`` (the first ``limit`` of them; ``""`` when they agree).
+
+    >>> recipe_differences({"lr": 1e-4, "betas": [0.9, 0.99]}, {"lr": 3e-4, "betas": [0.9, 0.99]})
+    'lr: 0.0001 vs 0.0003'
+    """
+    a, b = _flatten(first), _flatten(second)
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "(not set)"
+
+    differ = [
+        f"{key or 'recipe'}: {shown(a, key)} vs {shown(b, key)}"
+        for key in sorted(a.keys() | b.keys())
+        if key not in a or key not in b or a[key] != b[key]
+    ]
+    more = f" (and {len(differ) - limit} more)" if len(differ) > limit else ""
+    return "; ".join(differ[:limit]) + more
 
 
 def read_record(snapshot: str | Path) -> dict[str, Any] | None:
@@ -186,6 +222,7 @@ def find_epoch_snapshots(
             f"epoch {int(match.group(1))}"
         )
 
+    _check_recipes(epoch_dir, records)
     k = agreed["num_replicas"]
     count = k if k is not None else max(paths) + 1
     beyond = [i for i in paths if i >= count]
@@ -215,6 +252,23 @@ def find_epoch_snapshots(
         agreed["draw_prefix"],
         agreed["initial_fingerprint"],
     )
+
+
+def _check_recipes(epoch_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Refuse replicas whose jobs recorded different training recipes."""
+    recipes = {where: r["recipe"] for where, r in records.items() if r.get("recipe") is not None}
+    if not recipes:
+        return
+    (first, recipe), *others = recipes.items()
+    for where, other in others:
+        differences = recipe_differences(recipe, other)
+        if differences:
+            raise MergeError(
+                f"the replicas of {epoch_dir} were trained with different settings, {first} vs "
+                f"{where}: {differences}. The K jobs of a run share one config (only the "
+                "replica index differs): rerun the odd ones; to merge them anyway, "
+                + merge_by_path_hint(epoch_dir)
+            )
 
 
 def _check_base(found: EpochSnapshots, base: Any) -> None:

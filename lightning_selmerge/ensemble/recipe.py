@@ -1,0 +1,111 @@
+"""The training recipe a replica job records beside its snapshots, so that K jobs of one run
+started with different settings (another learning rate, batch size, dataset, schedule) are caught
+at the next job's start and at the merge instead of being merged silently.
+
+A recipe is plain JSON: the module's class and its JSON-valued ``hparams`` (strings holding a
+path separator left out: jobs may read the same files from different places), every optimizer's
+class and parameter-group settings (without the implementation switches ``foreach``, ``fused``,
+``capturable`` and ``differentiable``), every LR scheduler's class, interval, frequency and
+settings, the train data's size, batch size and ``drop_last``, and the trainer's
+``max_epochs``, ``max_steps``, ``accumulate_grad_batches``, gradient clipping and precision.
+What may differ between jobs is left out: devices, strategy, paths, loggers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+
+__all__ = ["plain_settings", "training_recipe"]
+
+#: optimizer switches that choose an implementation, not the update
+_IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
+#: scheduler state that counts progress (identical at every fresh start) or only reports
+_SCHEDULER_PROGRESS = frozenset({"last_epoch", "verbose", "best", "num_bad_epochs"})
+
+
+def plain_settings(value: Any) -> Any:
+    """``value`` with only what JSON holds exactly: finite numbers, bools, ``None``, strings
+    without a path separator, and lists and string-keyed dicts of those (the rest is dropped;
+    ``None`` when nothing is left).
+
+    Example:
+        >>> plain_settings({"lr": 1e-3, "betas": (0.9, 0.999), "path": "/data/x", "fn": print})
+        {'lr': 0.001, 'betas': [0.9, 0.999]}
+    """
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return None if "/" in value or "\\" in value else value
+    if isinstance(value, (list, tuple)):
+        items = [plain_settings(item) for item in value]
+        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+    if isinstance(value, Mapping):
+        kept = {}
+        for key, item in value.items():
+            plain = plain_settings(item)
+            if isinstance(key, str) and (plain is not None or item is None):
+                kept[key] = plain
+        return kept or None
+    return None
+
+
+def _qualified_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _optimizer(optimizer: Any) -> dict[str, Any]:
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {
+            k: v for k, v in group.items() if k != "params" and k not in _IMPLEMENTATION_SWITCHES
+        }
+        settings = plain_settings(settings) or {}
+        settings["num_parameters"] = sum(p.numel() for p in group["params"])
+        groups.append(settings)
+    return {"class": _qualified_name(optimizer), "groups": groups}
+
+
+def _scheduler(config: Any) -> dict[str, Any]:
+    scheduler = config.scheduler
+    state = {
+        k: v
+        for k, v in scheduler.state_dict().items()
+        if not k.startswith("_") and k not in _SCHEDULER_PROGRESS
+    }
+    return {
+        "class": _qualified_name(scheduler),
+        "interval": config.interval,
+        "frequency": config.frequency,
+        "settings": plain_settings(state),
+    }
+
+
+def training_recipe(
+    trainer: Trainer, pl_module: LightningModule, data: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The recipe of a fit at its start (call it from ``on_train_start``), as plain JSON;
+    ``data`` describes the train data (its size, batch size, ``drop_last``)."""
+    recipe = {
+        "module": _qualified_name(pl_module),
+        "hparams": plain_settings(dict(pl_module.hparams)),
+        "optimizers": [_optimizer(optimizer) for optimizer in trainer.optimizers],
+        "lr_schedulers": [_scheduler(config) for config in trainer.lr_scheduler_configs],
+        "data": plain_settings(data),
+        "trainer": {
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "gradient_clip_algorithm": trainer.gradient_clip_algorithm,
+            "precision": str(trainer.precision),
+        },
+    }
+    return json.loads(json.dumps(recipe))  # tuples as lists: as a record reads back
