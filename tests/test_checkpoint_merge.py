@@ -323,6 +323,21 @@ def test_the_outputs_other_files_describe_the_replicas(tmp_path, hf_replicas, st
     assert GPT2LMHeadModel.from_pretrained(out).config.note == "fine-tuned"
 
 
+def test_tokenizer_files_come_as_one_set(tmp_path, hf_replicas):
+    """A replica's tokenizer is taken whole: the base's older special_tokens_map.json would
+    contradict the replica's added tokens."""
+    base, dirs = hf_replicas
+    (base / "tokenizer.json").write_text('{"base": true}')
+    (base / "special_tokens_map.json").write_text('{"pad_token": "<base>"}')
+    (base / "generation_config.json").write_text("{}")
+    for replica in dirs:
+        (replica / "tokenizer.json").write_text('{"added": ["<tool>"]}')
+    out = merge_checkpoints(dirs, tmp_path / "m", method=ParameterSelection(), base=base)
+    assert (out / "tokenizer.json").read_text() == '{"added": ["<tool>"]}'
+    assert not (out / "special_tokens_map.json").exists()
+    assert (out / "generation_config.json").is_file()  # other files still fall back to the base
+
+
 @pytest.mark.parametrize(
     ("holds", "hint"),
     [

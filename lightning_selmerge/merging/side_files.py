@@ -3,7 +3,9 @@ config, and the subfolders of a Sentence-Transformers layout (``1_Pooling/``, ..
 
 They describe the weights, so they come from the first replica (its architecture is every
 replica's: a fine-tuned head, added tokens), each file or module folder it lacks from the base;
-weight files and weight indexes are not copied (the merge writes its own).
+weight files and weight indexes are not copied (the merge writes its own). The tokenizer's files
+are one set: all from the first source that has any (a base's ``special_tokens_map.json`` beside
+a replica's ``tokenizer.json`` could contradict its added tokens).
 
 Example:
     >>> import tempfile
@@ -36,6 +38,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 _NOT_COPIED = (*WEIGHT_SUFFIXES, ".index.json")
 #: a Sentence-Transformers module folder (``1_Pooling``, ``2_Normalize``)
 _MODULE_FOLDER = re.compile(r"^\d+_")
+#: the files of a tokenizer, which one source gives as a set
+_TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt"
+    r"|.*\.model|.*\.tiktoken|chat_template\..*)$"
+)
 
 
 def side_file_sources(base: str | Path | None, first_replica: str | Path) -> list[Path]:
@@ -50,11 +57,18 @@ def copy_side_files(sources: Sequence[Path], target: Path) -> None:
     """Copy each file of ``sources`` that ``target`` does not have yet (the first source wins),
     weights aside, and each Sentence-Transformers module folder (``1_Pooling/``: a number, an
     underscore); other folders (``checkpoint-500/``, ``runs/``) are not the model's. A module
-    folder holding weights (``2_Dense/``) is not copied, with a warning: they are not merged."""
+    folder holding weights (``2_Dense/``) is not copied, with a warning: they are not merged.
+    Tokenizer files come as a set from the first source holding any."""
+    tokenizer_source = next(
+        (s for s in sources for p in s.iterdir() if p.is_file() and _TOKENIZER_FILE.match(p.name)),
+        None,
+    )
     for source in sources:
         for item in sorted(source.iterdir()):
             destination = target / item.name
             if destination.exists() or item.name.startswith("."):
+                continue
+            if _TOKENIZER_FILE.match(item.name) and source != tokenizer_source:
                 continue
             if item.is_file() and not item.name.endswith(_NOT_COPIED):
                 shutil.copy2(item, destination)
