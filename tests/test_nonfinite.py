@@ -145,9 +145,24 @@ def test_a_view_that_starts_where_another_does_is_still_checked() -> None:
 
 def test_average_that_overflows_from_finite_replicas_is_refused() -> None:
     huge = [{"w": torch.full((4,), 3e38)}, {"w": torch.full((4,), 3e38)}]
-    with pytest.raises(MergeError, match="overflowed"):
+    with pytest.raises(MergeError, match="overflowed torch.float32 .*cast the replicas to float64"):
         merge_state_dicts(huge, method=WeightedAverage())
     assert torch.equal(merge_state_dicts(huge)["w"], huge[0]["w"])  # selection copies
+
+
+def test_a_float16_task_vector_sum_that_overflows_names_a_wider_dtype_and_the_scale() -> None:
+    from lightning_selmerge.merging.methods import TaskArithmetic
+
+    base = {"w": torch.zeros(4, dtype=torch.float16)}
+    replicas = [{"w": torch.full((4,), 60000.0, dtype=torch.float16)} for _ in range(2)]
+    fix = r"overflowed torch.float16 .*cast the replicas to float32 \(or bfloat16\) .*scale$"
+    with pytest.raises(MergeError, match=fix):
+        merge_state_dicts(replicas, base=base, method=TaskArithmetic(scale=1.0))
+    wide = [{"w": r["w"].float()} for r in replicas]  # the fix works
+    merged = merge_state_dicts(
+        wide, base={"w": base["w"].float()}, method=TaskArithmetic(scale=1.0)
+    )
+    assert torch.equal(merged["w"], torch.full((4,), 120000.0))
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 
 class MergeError(ValueError):
     """Bad merge input: the message names the tensor or replica at fault and how to fix it."""
@@ -32,6 +34,19 @@ class AverageNotFinite(MergeError):
     def __init__(self, name: str, start: int, stop: int, method: object) -> None:
         super().__init__(
             f"tensor {name!r}: {method} is not finite near flat index {start}: a replica holds "
-            "NaN/Inf, or the sum overflowed (cast the replicas to float64 before merging)"
+            "NaN/Inf, or the result overflowed its dtype"
         )
         self.name, self.start, self.stop, self.method = name, start, stop, method
+
+
+def overflow_fix(dtype: torch.dtype, method: object = None) -> str:
+    """How to merge finite replicas whose merge by ``method`` overflowed ``dtype``.
+
+    >>> overflow_fix(torch.float16)
+    'cast the replicas to float32 (or bfloat16) before merging'
+    """
+    wider = "float32 (or bfloat16)" if dtype == torch.float16 else "float64"
+    scaled = getattr(method, "computes_with_base", False)
+    return f"cast the replicas to {wider} before merging" + (
+        ", or lower the method's scale" if scaled else ""
+    )

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, overflow_fix
 from .finite import NonFinite, all_finite, check_base_finite, check_finite, find_nonfinite
 from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
@@ -107,7 +107,7 @@ def iter_merged_chunks(
 def _overflowed(name: str, method: MergeMethod, merged: torch.Tensor, near: int) -> None:
     raise MergeError(
         f"tensor {name!r}: {method} of finite replicas overflowed {merged.dtype} near "
-        f"flat index {near}: cast the replicas to float64 before merging"
+        f"flat index {near}: {overflow_fix(merged.dtype, method)}"
     )
 
 

@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from .accumulators import AverageNotFinite, make_accumulator, method_of, state_bytes
-from .errors import MergeError
+from .errors import MergeError, overflow_fix
 from .finite import NonFinite, all_finite, check_finite
 from .kernels.dispatch import merge_size
 from .methods import MergeMethod
@@ -268,6 +268,7 @@ def _locate_nonfinite(
     for position, k in enumerate(replicas):
         with open_replica(k) as reader:
             piece = reader.tensor(err.name).reshape(-1)[err.start : err.stop].clone()
+            dtype = piece.dtype
             reader.release(err.name)
         if not all_finite(piece):
             bad.append(position)
@@ -281,8 +282,8 @@ def _locate_nonfinite(
             [replicas[p] for p in bad],
         )
     raise MergeError(
-        f"tensor {err.name!r}: {err.method} of finite replicas overflowed near flat index "
-        f"{err.start}: cast the replicas to float64 before merging"
+        f"tensor {err.name!r}: {err.method} of finite replicas overflowed {dtype} near flat "
+        f"index {err.start}: {overflow_fix(dtype, err.method)}"
     ) from None
 
 
