@@ -191,6 +191,7 @@ def test_chunk_context_offsets_reproduce_a_split_tensor():
         (ParameterSelection([1.5, -0.5]), "out of range"),
         (ParameterSelection([1.0]), "1 probabilities for 2 replicas"),
         (ParameterSelection(resample=-1), "resample must be an integer >= 0"),
+        (ParameterSelection(resample=255), "resample=255 is above 254"),
     ],
 )
 def test_bad_method_parameters_are_named(method, match):

@@ -228,3 +228,17 @@ def test_replicas_are_fed_in_order_and_all_of_them():
     merge.feed({"w": torch.ones(3)})
     with pytest.raises(MergeError, match="more than 2 replicas"):
         merge.feed({"w": torch.ones(3)})
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+def test_the_most_resamples_give_the_all_at_once_bits(kernels):
+    """resample = 254, the limit: candidate 0's streaming priority (resample + 1) still fits a
+    byte (at 255 it wrapped to 0, and 255 is refused now)."""
+    from lightning_selmerge.merging.kernels import use_kernels
+    from lightning_selmerge.merging.methods import MAX_RESAMPLE
+
+    base, replicas = make_states(3, torch.float32, unmoved=0.95, numel=2000)
+    method = ParameterSelection(resample=MAX_RESAMPLE)
+    with use_kernels(kernels):
+        streamed = merge_state_dicts_streaming(replicas, method=method, base=base, seed=1)
+    assert_same_bits(streamed, merge_state_dicts(replicas, method=method, base=base, seed=1))

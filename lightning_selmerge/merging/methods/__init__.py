@@ -26,12 +26,13 @@ from .base import (
 )
 from .dare import Dare
 from .registry import build_method, method_class, method_names, register_method
-from .selection import ParameterSelection, candidates_at
+from .selection import MAX_RESAMPLE, ParameterSelection, candidates_at
 from .selection_kernel import bit_view, moved_bits
 from .task_arithmetic import TaskArithmetic
 from .ties_merge import TiesMerging
 
 __all__ = [
+    "MAX_RESAMPLE",
     "ChunkContext",
     "Dare",
     "MergeMethod",

@@ -15,7 +15,11 @@ from .base import ChunkContext, MergeMethod, check_weights
 from .registry import register_method
 from .selection_streaming import SelectionStreaming
 
-__all__ = ["ParameterSelection", "candidates_at"]
+__all__ = ["MAX_RESAMPLE", "ParameterSelection", "candidates_at"]
+
+#: the most re-draws a selection merge takes: a candidate's position (and the streaming merge's
+#: priority ``resample + 1 - position``) is a byte
+MAX_RESAMPLE = 254
 
 
 @register_method("selection")
@@ -49,7 +53,10 @@ class ParameterSelection(MergeMethod):
     )
     resample: int = field(
         default=0,
-        metadata={"help": "re-draw an element whose replica left it at the base, up to N times"},
+        metadata={
+            "help": "re-draw an element whose replica left it at the base, up to N times "
+            f"(N <= {MAX_RESAMPLE})"
+        },
     )
     _thresholds: dict[int, list[int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -80,6 +87,12 @@ class ParameterSelection(MergeMethod):
         resample = self.resample
         if not isinstance(resample, int) or isinstance(resample, bool) or resample < 0:
             raise MergeError(f"resample must be an integer >= 0, got {resample!r}")
+        if resample > MAX_RESAMPLE:
+            raise MergeError(
+                f"resample={resample} is above {MAX_RESAMPLE}, the most a merge keeps (a "
+                "candidate's position is a byte); with that many re-draws an element lands on "
+                f"the base only when nearly no replica moved it: use resample <= {MAX_RESAMPLE}"
+            )
         if self.probabilities is None:
             return
         check_weights(self.probabilities, None, "probabilities")
