@@ -192,6 +192,8 @@ def test_chunk_context_offsets_reproduce_a_split_tensor():
         (ParameterSelection([1.0]), "1 probabilities for 2 replicas"),
         (ParameterSelection(resample=-1), "resample must be an integer >= 0"),
         (ParameterSelection(resample=255), "resample=255 is above 254"),
+        (WeightedAverage([1e308, 1e308]), "overflow when summed"),
+        (WeightedAverage([5e-324, 5e-324]), "each must be 0 or at least"),
     ],
 )
 def test_bad_method_parameters_are_named(method, match):

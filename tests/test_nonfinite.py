@@ -237,3 +237,31 @@ def test_cli_refuses_nonfinite_and_drops_on_request(tmp_path: Path, capsys) -> N
     captured = capsys.readouterr()
     assert "dropped replica 0" in captured.err and "merged 3 replicas" in captured.out
     assert all_finite(load_file(tmp_path / "out" / "model.safetensors")["b.weight"])
+
+
+@pytest.mark.parametrize(
+    ("method", "streaming"),
+    [
+        ("task_arithmetic_selection", False),
+        ("task_arithmetic_selection", True),
+        ("ties", False),  # TIES needs every replica at once: no streaming form
+        ("dare", False),
+        ("dare", True),
+    ],
+)
+def test_task_vector_merges_that_overflow_finite_replicas_are_refused(method, streaming):
+    """Methods that draw or trim (not every replica added in) check their inputs for NaN/Inf;
+    their output can still overflow: refused, not written as Inf."""
+    from lightning_selmerge.merging.methods import Dare, TaskArithmetic, TiesMerging
+    from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
+
+    methods = {
+        "task_arithmetic_selection": TaskArithmetic(combine="selection"),
+        "ties": TiesMerging(density=1.0, scale=3.0),
+        "dare": Dare(drop_rate=0.9),
+    }
+    base = {"w": torch.zeros(64, dtype=torch.float16)}
+    replicas = [{"w": torch.full((64,), 30000.0, dtype=torch.float16)} for _ in range(4)]
+    merge = merge_state_dicts_streaming if streaming else merge_state_dicts
+    with pytest.raises(MergeError, match="of finite replicas overflowed torch.float16"):
+        merge(replicas, base=base, method=methods[method], seed=0)

@@ -235,3 +235,46 @@ def test_a_merge_frees_its_scratch_buffers_when_it_returns(states, method, tmp_p
         merge_state_dicts(replicas, base=base, method=method, chunk_numel=64)
         assert held_buffer_bytes() == held  # reused, not grown
     assert held_buffer_bytes() == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_replicas_tied_unlike_the_first_are_refused(streaming):
+    """A merge reads one name of each tie group: a replica whose head is untied (here holding
+    other values) would be ignored, and the result would depend on the replicas' order."""
+    from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
+
+    tied = torch.zeros(4)
+    replicas = [
+        {"wte.weight": tied, "lm_head.weight": tied},
+        {"wte.weight": torch.ones(4), "lm_head.weight": torch.full((4,), 100.0)},
+    ]
+    merge = merge_state_dicts_streaming if streaming else merge_state_dicts
+    message = "replica 1 ties its tensors unlike replica 0 .lm_head.weight and wte.weight are tied"
+    for order in (replicas, replicas[::-1]):
+        with pytest.raises(MergeError, match="ties its tensors unlike"):
+            merge(order, method=WeightedAverage())
+    with pytest.raises(MergeError, match=message):
+        merge(replicas, method=WeightedAverage())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_parameters_that_require_grad_merge_to_plain_tensors(kernels, streaming):
+    """``dict(model.named_parameters())`` as replicas and base: the fused kernels read them
+    through numpy (which refuses tensors that require grad), and no output may carry an autograd
+    graph back to the replicas."""
+    from lightning_selmerge.merging.kernels import use_kernels
+    from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 4) for _ in range(3)]
+    replicas = [dict(m.named_parameters()) for m in models]
+    plain = [{n: t.detach().clone() for n, t in r.items()} for r in replicas]
+    merge = merge_state_dicts_streaming if streaming else merge_state_dicts
+    for method in (WeightedAverage(), ParameterSelection(resample=1)):
+        with use_kernels(kernels):
+            got = merge(replicas, method=method, base=replicas[0], seed=3)
+            expected = merge(plain, method=method, base=plain[0], seed=3)
+        for name, tensor in got.items():
+            assert not tensor.requires_grad and tensor.grad_fn is None, name
+            assert torch.equal(tensor, expected[name]), name

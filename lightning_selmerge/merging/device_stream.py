@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .methods import MergeMethod, ParameterSelection, WeightedAverage
-from .plan import MergePlan, tie_groups
+from .plan import MergePlan, check_same_ties, tie_groups
 from .state_dict import (
     DEFAULT_CHUNK_NUMEL,
     check_aligned,
@@ -171,14 +171,18 @@ def _entries(
 ) -> list[_Entry]:
     check_same_names([set(r) for r in replicas], labels)
     entries = []
-    for key_name, names in tie_groups(replicas[0]):
-        tensors = [r[key_name] for r in replicas]
+    groups = tie_groups(replicas[0])
+    for replica, label in zip(replicas[1:], labels[1:]):
+        check_same_ties(groups, replica, (labels[0], label))
+    for key_name, names in groups:
+        tensors = [r[key_name].detach() for r in replicas]  # parameters: no autograd graph
         check_aligned(key_name, tensors, labels)
         method = plan.method_for(key_name)
         base_tensor = out = prepared = None
         if tensors[0].is_floating_point():
             base_tensor = plan.base_for(key_name, base, "base=<pre-trained state dict>")
             if base_tensor is not None:
+                base_tensor = base_tensor.detach()
                 check_aligned(key_name, [tensors[0], base_tensor], [labels[0], "base"])
             if exact_on(method, device):
                 first = tensors[0]

@@ -34,7 +34,13 @@ from .methods import MergeMethod, ParameterSelection
 from .methods.base import require_base
 from .rules import MergeRule, method_for
 
-__all__ = ["MergePlan", "merge_dropping_nonfinite", "prepare_tensor", "tie_groups"]
+__all__ = [
+    "MergePlan",
+    "check_same_ties",
+    "merge_dropping_nonfinite",
+    "prepare_tensor",
+    "tie_groups",
+]
 
 T = TypeVar("T")
 
@@ -168,6 +174,42 @@ def tie_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]
         [('bias', ['bias']), ('embed.weight', ['lm_head.weight', 'embed.weight'])]
     """
     return sorted(ties.tie_groups(state).items())
+
+
+def _tied(groups: Sequence[tuple[str, list[str]]]) -> set[frozenset[str]]:
+    return {frozenset(names) for _, names in groups if len(names) > 1}
+
+
+def check_same_ties(
+    groups: Sequence[tuple[str, list[str]]],
+    state: Mapping[str, torch.Tensor],
+    labels: tuple[str, str],
+) -> None:
+    """Refuse a replica (``state``, ``labels[1]``) whose tied tensors are not those of
+    ``groups``, the first replica's (``labels[0]``): a merge reads one name of each group.
+
+    Example:
+        >>> w = torch.zeros(2)
+        >>> groups = tie_groups({"head": w, "embed": w})
+        >>> check_same_ties(groups, {"head": w, "embed": w.clone()}, ("replica 0", "replica 1"))
+        Traceback (most recent call last):
+        ...
+        lightning_selmerge.merging.errors.MergeError: replica 1 ties its tensors unlike ...
+    """
+    first, other = _tied(groups), _tied(tie_groups(state))
+    if first == other:
+        return
+    mine, theirs = sorted(map(sorted, first - other)), sorted(map(sorted, other - first))
+    where = (
+        f"{' and '.join(mine[0])} are tied in {labels[0]}, not in {labels[1]}"
+        if mine
+        else f"{' and '.join(theirs[0])} are tied in {labels[1]}, not in {labels[0]}"
+    )
+    raise MergeError(
+        f"{labels[1]} ties its tensors unlike {labels[0]} ({where}): merge replicas of one "
+        "model, tied alike (a copy that untied them: call model.tie_weights() before taking the "
+        "state dict, or save with save_pretrained, which keeps one name per tie)"
+    )
 
 
 def merge_dropping_nonfinite(

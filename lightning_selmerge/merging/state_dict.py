@@ -12,7 +12,13 @@ from .finite import NonFinite, all_finite, check_base_finite, check_finite, find
 from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod
-from .plan import MergePlan, merge_dropping_nonfinite, prepare_tensor, tie_groups
+from .plan import (
+    MergePlan,
+    check_same_ties,
+    merge_dropping_nonfinite,
+    prepare_tensor,
+    tie_groups,
+)
 from .rules import MergeRule
 from .scratch import scratch_scope
 
@@ -52,7 +58,7 @@ def iter_merged_chunks(
     for NaN/Inf in the same pass and :class:`NonFiniteError` names the replica, the tensor and the
     element; ``indices`` are the replicas' indices it reports (default ``0..K-1``). A method that
     :attr:`~MergeMethod.propagates_nonfinite` has only its output chunk checked (the inputs
-    only when that is not finite).
+    only when that is not finite); a task-vector method's output is checked too, for overflow.
 
     ``prepared``: what :func:`~.plan.prepare_tensor` computed from the whole tensor, for a
     method that :attr:`~MergeMethod.needs_whole_tensor`; computed here from ``replicas`` when
@@ -98,7 +104,9 @@ def iter_merged_chunks(
         if labels is not None and not method.propagates_nonfinite:
             check_finite(name, parts, labels, offset + begin, indices)
         merged = method.merge_chunk(ctx, parts, base_part, target)
-        if labels is not None and method.propagates_nonfinite and not all_finite(merged):
+        # a task-vector method can overflow finite inputs (scaled sums); a selection cannot
+        may_overflow = method.propagates_nonfinite or method.computes_with_base
+        if labels is not None and may_overflow and not all_finite(merged):
             check_finite(name, parts, labels, offset + begin, indices)
             _overflowed(name, method, merged, offset + begin)
         yield merged
@@ -274,14 +282,18 @@ def _merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     check_same_names([set(r) for r in replicas], labels)
     merged: dict[str, torch.Tensor] = {}
-    for key_name, names in tie_groups(replicas[0]):
-        tensors = [r[key_name] for r in replicas]
+    groups = tie_groups(replicas[0])
+    for replica, label in zip(replicas[1:], labels[1:]):
+        check_same_ties(groups, replica, (labels[0], label))
+    for key_name, names in groups:
+        tensors = [r[key_name].detach() for r in replicas]  # parameters: no autograd graph
         check_aligned(key_name, tensors, labels)
         if not tensors[0].is_floating_point():
             result = copy_exact(key_name, tensors, labels)
         else:
             base_tensor = plan.base_for(key_name, base, "base=<pre-trained state dict>")
             if base_tensor is not None:
+                base_tensor = base_tensor.detach()
                 check_aligned(key_name, [tensors[0], base_tensor], [labels[0], "base"])
             result = merge_tensor(
                 key_name,

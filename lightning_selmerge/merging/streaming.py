@@ -32,7 +32,7 @@ from .errors import MergeError, overflow_fix
 from .finite import NonFinite, all_finite, check_finite
 from .kernels.dispatch import merge_size
 from .methods import MergeMethod
-from .plan import MergePlan, merge_dropping_nonfinite, tie_groups
+from .plan import MergePlan, check_same_ties, merge_dropping_nonfinite, tie_groups
 from .rules import MergeRule
 from .safetensors_io import TensorInfo, floating_nbytes
 from .scratch import scratch_scope
@@ -294,7 +294,7 @@ class _StateReader:
         self.state = state
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self.state[name]
+        return self.state[name].detach()  # parameters: no autograd graph
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         pass
@@ -351,6 +351,7 @@ def merge_state_dicts_streaming(
     def open_replica(k: int) -> Iterator[ReplicaReader]:
         state = load(k)
         check_same_names([names, set(state)], [labels[0], labels[k]])
+        check_same_ties(groups, state, (labels[0], labels[k]))
         yield _StateReader(state)
 
     def attempt(plan: MergePlan, keep: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -232,6 +233,13 @@ def check_weights(values: Sequence[float] | None, num_replicas: int | None, what
         )
     if any(not math.isfinite(v) for v in values):
         raise MergeError(f"{what} must be finite numbers, got {list(values)}")
+    if not math.isfinite(sum(abs(v) for v in values)):
+        raise MergeError(f"{what} {list(values)} overflow when summed: scale them down")
+    if any(0 < abs(v) < sys.float_info.min for v in values):
+        raise MergeError(
+            f"{what} {list(values)}: each must be 0 or at least {sys.float_info.min:.3g} in "
+            "magnitude (smaller ones lose their precision): scale them up"
+        )
 
 
 def compute_dtype(like: torch.Tensor) -> torch.dtype:

@@ -110,7 +110,7 @@ class _RunningTaskVector:
             merged = out[begin:end].copy_(
                 with_base(base.to(self.compute), mixed, method.scale, base)
             )
-            if method.propagates_nonfinite and not all_finite(merged):
+            if not all_finite(merged):  # NaN/Inf in a replica, or finite ones overflowed
                 raise AverageNotFinite(self.tensor.name, begin, end, method)
         del self.mixed
         return out
