@@ -271,6 +271,7 @@ def _corrupt_header(path, edit):
         ("offsets", "needs 60 bytes but its data_offsets span 56"),
         ("no_dtype", "malformed header entry"),
         ("shape", "malformed header entry"),
+        ("dtype_list", "malformed header entry"),
     ],
 )
 def test_corrupt_safetensors_files_are_named(tmp_path, damage, match):
@@ -285,6 +286,8 @@ def test_corrupt_safetensors_files_are_named(tmp_path, damage, match):
         _corrupt_header(bad, lambda h: h["w"].update(data_offsets=[0, 56]))
     elif damage == "no_dtype":
         _corrupt_header(bad, lambda h: h["w"].pop("dtype"))
+    elif damage == "dtype_list":
+        _corrupt_header(bad, lambda h: h["w"].update(dtype=["F32"]))
     else:
         _corrupt_header(bad, lambda h: h["w"].update(shape=[3, -5]))
     with pytest.raises(MergeError, match=match) as raised:
@@ -364,3 +367,41 @@ def test_a_rule_matching_no_tensor_is_named(tmp_path, hf_replicas, streaming):
     with pytest.warns(UserWarning, match="rule 1 .pattern 'layernorm'. matches no tensor"):
         merge(dirs, tmp_path / "m", method=ParameterSelection(), rules=rules)
     assert (tmp_path / "m").is_dir()
+
+
+def _sharded(directory, shards, weight_map):
+    directory.mkdir()
+    for file, tensors in shards.items():
+        save_file(tensors, directory / file)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "weight_map, match",
+    [
+        ([], "its weight_map must map tensor names to shard files"),
+        (None, "its weight_map must map tensor names to shard files"),
+        ({"w": 5}, "its weight_map must map tensor names to shard files"),
+        ({"w": "a.safetensors", "v": "a.safetensors"}, "puts tensor 'v' in a.safetensors"),
+    ],
+)
+def test_malformed_or_stale_indexes_are_named(tmp_path, weight_map, match):
+    shards = {"a.safetensors": {"w": torch.ones(2)}}
+    directory = _sharded(tmp_path / "r", shards, weight_map)
+    with pytest.raises(MergeError, match=match):
+        CheckpointReader(directory)
+
+
+def test_the_index_says_which_shard_holds_a_tensor(tmp_path):
+    """A tensor left in two shards (a stale shard): the one the index names is read."""
+    shards = {
+        "a.safetensors": {"w": torch.full((2,), 7.0)},
+        "b.safetensors": {"w": torch.ones(2), "v": torch.zeros(1)},
+    }
+    directory = _sharded(tmp_path / "r", shards, {"w": "a.safetensors", "v": "b.safetensors"})
+    reader = CheckpointReader(directory)
+    try:
+        assert torch.equal(reader.tensor("w"), torch.full((2,), 7.0))
+    finally:
+        reader.close()

@@ -278,3 +278,36 @@ def test_parameters_that_require_grad_merge_to_plain_tensors(kernels, streaming)
         for name, tensor in got.items():
             assert not tensor.requires_grad and tensor.grad_fn is None, name
             assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex32])
+def test_complex_buffers_are_copied_and_must_agree(dtype, streaming):
+    """A rotary table kept as a complex buffer (Llama's freqs_cis): copied from replica 0, and
+    one that differs is named (complex32 raised torch's NotImplementedError before)."""
+    import warnings
+
+    from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
+
+    merge = merge_state_dicts_streaming if streaming else merge_state_dicts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        table = torch.polar(torch.ones(6), torch.arange(6.0)).to(dtype)
+        replicas = [{"w": torch.full((3,), float(k)), "freqs_cis": table.clone()} for k in range(2)]
+        merged = merge(replicas, method=WeightedAverage())
+        assert torch.equal(merged["freqs_cis"].view(torch.uint8), table.view(torch.uint8))
+        replicas[1]["freqs_cis"] = table * 2
+        with pytest.raises(MergeError, match="freqs_cis.*integer, bool and complex tensors"):
+            merge(replicas, method=WeightedAverage())
+
+
+def test_float8_e8m0_scales_are_finite_up_to_their_range():
+    """e8m0 (MX block scales) reaches 2**127; float16 (the other float8s' comparison type) does
+    not: a finite 2**17 was called +Inf."""
+    from lightning_selmerge.merging import all_finite
+
+    scales = torch.tensor([2.0**17, 2.0**-20, 2.0**127]).to(torch.float8_e8m0fnu)
+    assert all_finite(scales)
+    assert not all_finite(torch.tensor([1.0, float("nan")]).to(torch.float8_e8m0fnu))
+    replicas = [{"s": scales}, {"s": scales.clone()}]
+    assert torch.equal(merge_state_dicts(replicas)["s"].view(torch.uint8), scales.view(torch.uint8))

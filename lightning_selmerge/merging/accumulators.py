@@ -20,6 +20,7 @@ from .methods import MergeMethod, ReplicaAccumulator, StreamingForm, StreamTenso
 from .plan import MergePlan
 from .rules import MergeRule
 from .safetensors_io import TensorInfo
+from .state_dict import copied_tensor_differs, same_bits
 
 __all__ = [
     "AverageNotFinite",
@@ -74,18 +75,16 @@ class _Accumulator:
 
 
 class _ExactCopy(_Accumulator):
-    """Integer/bool (and empty) tensors: replica 0's, after checking every replica equals it."""
+    """Integer, bool, complex and empty tensors: replica 0's, checked equal in every replica."""
 
     value: torch.Tensor
 
     def _feed(self, position: int, flat: torch.Tensor) -> None:
         if position == 0:
             self.value = flat.clone()
-        elif not torch.equal(flat, self.value):
-            raise MergeError(
-                f"non-float tensor {self.name!r} ({self.info.dtype}) differs between "
-                f"{self.labels[0]} and {self.labels[position]}: integer and bool buffers are "
-                "copied, never merged, so they must be equal"
+        elif not same_bits(flat, self.value):
+            raise copied_tensor_differs(
+                self.name, self.info.dtype, self.labels[0], self.labels[position]
             )
 
     def _result(self) -> torch.Tensor:

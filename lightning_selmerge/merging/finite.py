@@ -41,9 +41,16 @@ def check_nonfinite_mode(nonfinite: str) -> None:
         raise MergeError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
 
 
+#: the 1-byte float whose range float16 does not hold (an exponent alone: 2**-127 .. 2**127)
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
 def _comparable(tensor: torch.Tensor) -> torch.Tensor:
-    # float8 has no reduction/isfinite kernels on CPU; float16 holds all its values exactly
-    return tensor.to(torch.float16) if tensor.element_size() == 1 else tensor
+    # float8 has no reduction/isfinite kernels on CPU; float16 holds the values of the others
+    # exactly, float32 those of e8m0
+    if tensor.element_size() != 1:
+        return tensor
+    return tensor.to(torch.float32 if tensor.dtype == _E8M0 else torch.float16)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -157,7 +157,9 @@ class SafetensorsFile:
             dtype_name = entry["dtype"]  # type: ignore[index]
             shape = tuple(entry["shape"])  # type: ignore[index]
             begin, end = entry["data_offsets"]  # type: ignore[index]
-            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+            valid = isinstance(dtype_name, str) and all(
+                isinstance(v, int) and v >= 0 for v in (*shape, begin, end)
+            )
         except (TypeError, KeyError, ValueError):
             valid = False
         if not valid:
@@ -243,10 +245,22 @@ class CheckpointReader:
         self.path = Path(path)
         self._files: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = {}
+        self._index: dict[str, Path] = {}  # a sharded checkpoint's index: name -> shard
         for file in self._weight_files():
             reader = self._files[file] = SafetensorsFile(file)
             for name in reader.names():
-                self._where[name] = file
+                if self._where.setdefault(name, file) != file and name not in self._index:
+                    raise MergeError(
+                        f"tensor {name!r} is in two shards of {self.path} "
+                        f"({self._where[name].name}, {file.name}) and not in its index"
+                    )
+        for name, shard in self._index.items():  # the index says which shard holds a name
+            if name not in self._files[shard].names():
+                raise MergeError(
+                    f"{self.path / INDEX_NAME} puts tensor {name!r} in {shard.name}, which does "
+                    "not hold it: the checkpoint is incomplete or its index is stale"
+                )
+            self._where[name] = shard
 
     def _weight_files(self) -> list[Path]:
         path = self.path
@@ -263,9 +277,18 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 raise MergeError(f"{index} is not a valid safetensors index: {err}") from err
-            files = sorted({path / shard for shard in weight_map.values()})
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise MergeError(
+                    f"{index} is not a valid safetensors index: its weight_map must map tensor "
+                    'names to shard files, e.g. {"lm_head.weight": "model-00002-of-00002.'
+                    'safetensors"}'
+                )
+            self._index = {name: path / shard for name, shard in weight_map.items()}
+            files = sorted(set(self._index.values()))
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise MergeError(f"{index} lists shards that are missing: {missing}")

@@ -190,14 +190,28 @@ def check_same_names(names: Sequence[set[str]], labels: Sequence[str]) -> None:
 
 
 def copy_exact(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> torch.Tensor:
-    """Integer and bool tensors are never merged: they must agree, and replica 0's is kept."""
+    """Integer, bool and complex tensors are never merged: they must agree, bit for bit, and
+    replica 0's is kept."""
     for label, tensor in zip(labels[1:], tensors[1:]):
-        if not torch.equal(tensor, tensors[0]):
-            raise MergeError(
-                f"non-float tensor {name!r} ({tensors[0].dtype}) differs between {labels[0]} and "
-                f"{label}: integer and bool buffers are copied, never merged, so they must be equal"
-            )
+        if not same_bits(tensor, tensors[0]):
+            raise copied_tensor_differs(name, tensors[0].dtype, labels[0], label)
     return tensors[0].clone()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bytes (``torch.equal`` has no complex32 kernel)."""
+    return a.dtype == b.dtype and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+def copied_tensor_differs(name: str, dtype: torch.dtype, first: str, other: str) -> MergeError:
+    """The error for a tensor that is copied, not merged, and differs between two replicas."""
+    return MergeError(
+        f"non-float tensor {name!r} ({dtype}) differs between {first} and {other}: integer, "
+        "bool and complex tensors (buffers such as step counts or rotary tables) are copied, "
+        "never merged, so they must be equal"
+    )
 
 
 def merge_state_dicts(
