@@ -413,6 +413,39 @@ def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
             assert torch.equal(tensor, record.merged[epoch][f"model.{name}"]), (epoch, name)
 
 
+def test_rules_written_for_the_modules_names_apply_to_the_snapshots(
+    gpt2_run: tuple[Path, RecordEpochs], tmp_path: Path
+) -> None:
+    """A rule anchored on the in-process names (``^model\\.``) applies to the save_pretrained
+    snapshots, whose names lack the prefix: the merge of the epoch equals the ensemble's."""
+    from lightning_selmerge.merging import MergeRule, WeightedAverage
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    snapshot_dir, _ = gpt2_run
+    rules = [MergeRule(r"^model\.transformer\.(h\.0\.ln|ln_f)", WeightedAverage())]
+    merge = SelectionMergeCallback(
+        resample=1, seed=MERGE_SEED, rules=rules, validate_replicas=False
+    )
+    record = RecordEpochs(merge)
+    strategy = DataOrderEnsemble(num_replicas=2, seed=ORDER_SEED)
+    ensemble_trainer(strategy, [merge, record], max_epochs=1).fit(gpt2(), token_loader())
+    out = merge_epoch(
+        snapshot_dir / "epoch_000",
+        tmp_path / "merged",
+        method=ParameterSelection(resample=1),
+        rules=rules,
+        base=snapshot_dir / "initial",
+        seed=MERGE_SEED,
+    )
+    merged = load_file(out / "model.safetensors")
+    replicas = record.replicas[0]
+    name = "transformer.ln_f.weight"
+    mean = (replicas[0][f"model.{name}"] + replicas[1][f"model.{name}"]) / 2
+    assert torch.equal(merged[name], mean)  # the rule applied
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, record.merged[0][f"model.{name}"]), name
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_replica_job_on_two_ranks(strategy: str, tmp_path: Path) -> None:
     """Rank r trains batches r, r + 2, ... of replica k's order (as a replica sharded over 2

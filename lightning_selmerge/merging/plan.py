@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -61,6 +61,10 @@ class MergePlan:
     rules: tuple[MergeRule, ...]
     seed: int
     num_replicas: int
+    #: what the names carry in the training module and not in the files merged (a draw prefix,
+    #: e.g. ``"model."``): a rule applies to a name it matches with or without it, so rules
+    #: written for the in-process merge's names and rules written for the files' both work
+    rule_prefix: str = ""
     rng: KeyedRandom = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,7 @@ class MergePlan:
         rules: Sequence[MergeRule],
         seed: int,
         num_replicas: int,
+        rule_prefix: str = "",
     ) -> MergePlan:
         """The plan for ``num_replicas`` replicas; raises :class:`MergeError` for a method that
         cannot merge them (a rule's error names the rule and its file)."""
@@ -81,6 +86,7 @@ class MergePlan:
             tuple(rules),
             int(seed),
             num_replicas,
+            rule_prefix,
         )
         plan.method.validate(num_replicas)
         seen = {id(plan.method)}
@@ -90,9 +96,14 @@ class MergePlan:
                 rule.validate(num_replicas)
         return plan
 
+    def with_rule_prefix(self, prefix: str) -> MergePlan:
+        """This plan, its rules also matching ``prefix`` + each name (see :attr:`rule_prefix`)."""
+        return self if prefix == self.rule_prefix else replace(self, rule_prefix=prefix)
+
     def method_for(self, name: str) -> MergeMethod:
-        """The method of the first rule matching ``name``, else the default method."""
-        return method_for(name, self.rules, self.method)
+        """The method of the first rule matching ``name`` (or :attr:`rule_prefix` + ``name``),
+        else the default method."""
+        return method_for(name, self.rules, self.method, self.rule_prefix)
 
     def warn_unmatched_rules(self, names: Iterable[str]) -> None:
         """Warn of each rule no tensor of ``names`` matches (a mistyped pattern merges nothing
@@ -101,7 +112,8 @@ class MergePlan:
         if not names:
             return
         for position, rule in enumerate(self.rules, start=1):
-            if not any(rule.matches(name) for name in names):
+            prefix = self.rule_prefix
+            if not any(rule.matches(name) or rule.matches(prefix + name) for name in names):
                 where = rule.source or f"rule {position}"
                 warnings.warn(
                     f"merge rule {where} (pattern {rule.pattern!r}) matches no tensor of the "
@@ -143,7 +155,11 @@ class MergePlan:
     def subset(self, keep: Sequence[int]) -> MergePlan:
         """The plan for the replicas ``keep`` only: per-replica parameters follow them."""
         return MergePlan.create(
-            self.method.subset(keep), [r.subset(keep) for r in self.rules], self.seed, len(keep)
+            self.method.subset(keep),
+            [r.subset(keep) for r in self.rules],
+            self.seed,
+            len(keep),
+            self.rule_prefix,
         )
 
 

@@ -136,7 +136,7 @@ def merge_checkpoints_streaming(
     check_shard_size(max_shard_bytes)
     if not replicas:
         raise MergeError("no replicas to merge")
-    plan = MergePlan.create(method, rules, seed, len(replicas))
+    plan = MergePlan.create(method, rules, seed, len(replicas), rule_prefix=draw_prefix)
     claim_output(out, overwrite, replicas, base)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
