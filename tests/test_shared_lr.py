@@ -138,3 +138,26 @@ class GroupRates(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         lrs = tuple(group["lr"] for group in optimizer.param_groups)
         self.seen.append((trainer.current_epoch, trainer.strategy.active_replica, lrs))
+
+
+def test_a_step_scheduler_that_did_not_step_is_not_taken_for_a_shared_change() -> None:
+    """Two step schedulers on one optimizer, the last with ``frequency: 2``: after a step where
+    only the first stepped, the live rate is its rate, not a shared change (the last one's stale
+    rate was taken as the baseline, so the warmup's step looked shared)."""
+    from lightning_selmerge.ensemble.shared_lr import SharedFactors
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
+    every_other = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda step: 0.9)
+    factors = SharedFactors()
+    mixed = {0: (opt, [warmup, every_other])}
+    factors.observe(mixed)
+    for step in range(4):
+        warmup.step()
+        if step % 2:
+            every_other.step()
+        factors.observe(mixed)
+        assert factors.now == {0: [1.0]}, step
+    opt.param_groups[0]["lr"] *= 0.5  # a shared change (an epoch schedule, a callback)
+    factors.observe(mixed)
+    assert factors.now == {0: [0.5]}

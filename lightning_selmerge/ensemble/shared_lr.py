@@ -54,19 +54,32 @@ class SharedFactors:
     def __init__(self) -> None:
         self.now: dict[int, list[float]] = {}
         self.at_store: dict[int, dict[int, list[float]]] = {}
+        # per optimizer, the rates every step scheduler last reported as set here: one that
+        # reports another rate has stepped since
+        self._baseline: dict[int, list[float]] = {}
+
+    def _set_baseline(self, index: int, own: Sequence[Any], live: list[float]) -> None:
+        _set_last_lrs(own, live)
+        self._baseline[index] = list(live)
 
     def observe(self, mixed: Mixed) -> None:
         """Fold what changed in the live learning rates since the replica's last step (or load)
         into :attr:`now`; from here on that is the new baseline."""
         for index, (opt, own) in mixed.items():
-            last = own[-1].get_last_lr()
             live = [group["lr"] for group in opt.param_groups]
             factors = self.now.setdefault(index, [])
             factors += [1.0] * (len(live) - len(factors))  # a group added during the fit
-            for g, (lr, before) in enumerate(zip(live, last)):
+            baseline = self._baseline.get(index, [])
+            for g, lr in enumerate(live):
+                reported = [r[g] for r in (sched.get_last_lr() for sched in own) if g < len(r)]
+                if not reported:  # a group added since the schedulers were built
+                    continue
+                before = _set_by_schedulers(
+                    reported, baseline[g] if g < len(baseline) else None, lr
+                )
                 if before != 0 and lr != before:
                     factors[g] *= lr / before
-            _set_last_lrs(own, live)
+            self._set_baseline(index, own, live)
 
     def stored(self, replica: int) -> None:
         """Replica ``replica`` is stored now (its learning rates hold :attr:`now`)."""
@@ -85,7 +98,7 @@ class SharedFactors:
         for index, (opt, own) in mixed.items():
             for group, factor in zip(opt.param_groups, self.scale(index, replica)):
                 group["lr"] *= factor
-            _set_last_lrs(own, [group["lr"] for group in opt.param_groups])
+            self._set_baseline(index, own, [group["lr"] for group in opt.param_groups])
 
     def state_dict(self) -> dict[str, Any]:
         return {"now": self.now, "at_store": self.at_store}
@@ -97,6 +110,19 @@ class SharedFactors:
             int(k): {int(i): list(f) for i, f in per.items()}
             for k, per in state.get("at_store", {}).items()
         }
+
+
+def _set_by_schedulers(reported: list[float], baseline: float | None, live: float) -> float:
+    """The rate the step schedulers set since the baseline (before any shared change): the live
+    one when a scheduler reports it, else the last in Lightning's stepping order to report a
+    rate other than the baseline (one with ``frequency > 1`` may not have stepped), else the
+    baseline."""
+    if live in reported:
+        return live
+    if baseline is None:  # none known (a resumed fit's first observation)
+        return reported[-1]
+    stepped = [rate for rate in reported if rate != baseline]
+    return stepped[-1] if stepped else baseline
 
 
 def _set_last_lrs(schedulers: Sequence[Any], lrs: list[float]) -> None:
