@@ -112,3 +112,23 @@ def run(rank: int, world: int, init_file: str, groups: int, num_replicas: int) -
             assert got["head"] is got["emb"], "tied tensors stay tied"
     finally:
         dist.destroy_process_group()
+
+
+def run_tied_unlike(rank: int, world: int, init_file: str) -> None:
+    """Rank 0 holds a replica whose head is tied to its embedding, rank 1 one whose head is a
+    copy: every rank refuses (each would read other names, and the collectives would pair
+    other tensors)."""
+    import pytest
+
+    from lightning_selmerge.merging import MergeError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        replicas, _ = full_replicas(world)
+        state = replicas[rank]
+        if rank == 1:
+            state["head"] = state["emb"].clone()
+        with pytest.raises(MergeError, match="ties its tensors unlike this rank"):
+            merge_state_dicts_collective({rank: state}, num_replicas=world, seed=0)
+    finally:
+        dist.destroy_process_group()

@@ -23,3 +23,12 @@ def test_collective_merge_is_bit_identical_to_single_process(tmp_path, world, gr
         nprocs=world,
         start_method="spawn",
     )
+
+
+def test_ranks_holding_replicas_tied_unlike_are_refused(tmp_path):
+    mp.start_processes(
+        collective_worker.run_tied_unlike,
+        args=(2, str(tmp_path / "init")),
+        nprocs=2,
+        start_method="spawn",
+    )

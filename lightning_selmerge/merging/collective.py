@@ -162,11 +162,12 @@ def _check_layout(
     group: dist.ProcessGroup | None,
 ) -> list[list[int]]:
     """The replicas each rank holds, after checking they cover 0..K-1 once, as many per rank,
-    and that every rank holds the same slices of the same tensors."""
+    and that every rank holds the same slices of the same tensors, tied alike."""
     signature = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in sorted(states[0].items()))
+    tied = sorted(names for _, names in tie_groups(states[0]) if len(names) > 1)
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (indices, signature), group=group)
-    held = [list(ks) for ks, _ in gathered]
+    dist.all_gather_object(gathered, (indices, signature, tied), group=group)
+    held = [list(ks) for ks, _, _ in gathered]
     everything = sorted(k for ks in held for k in ks)
     if everything != list(range(num_replicas)) or len({len(ks) for ks in held}) != 1:
         raise MergeError(
@@ -174,7 +175,12 @@ def _check_layout(
             "exactly one rank of the group, the same number on every rank"
         )
     ours = {n: (s, d) for n, s, d in signature}
-    for rank, (_, theirs_signature) in enumerate(gathered):
+    for rank, (_, theirs_signature, theirs_tied) in enumerate(gathered):
+        if sorted(map(sorted, theirs_tied)) != sorted(map(sorted, tied)):
+            raise MergeError(
+                f"rank {rank} of the merge group ties its tensors unlike this rank ({theirs_tied} "
+                f"vs {tied}): every rank must hold replicas of one model, tied alike"
+            )
         if theirs_signature != signature:
             theirs = {n: (s, d) for n, s, d in theirs_signature}
             diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
