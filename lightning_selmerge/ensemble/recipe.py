@@ -68,7 +68,8 @@ def _optimizer(optimizer: Any) -> dict[str, Any]:
             k: v for k, v in group.items() if k != "params" and k not in _IMPLEMENTATION_SWITCHES
         }
         settings = plain_settings(settings) or {}
-        settings["num_parameters"] = sum(p.numel() for p in group["params"])
+        # how many tensors it trains (their sizes would depend on sharding: FSDP's local views)
+        settings["num_tensors"] = len(group["params"])
         groups.append(settings)
     return {"class": _qualified_name(optimizer), "groups": groups}
 
