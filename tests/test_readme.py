@@ -56,15 +56,23 @@ def fill(arg: str, placeholders: dict[str, str]) -> str:
     return arg
 
 
+def callbacks_yaml() -> str:
+    """The README's ``my_callbacks.yaml``, the layered config that restates the callbacks."""
+    (block,) = [b for b in blocks("yaml") if b.startswith("# my_callbacks.yaml")]
+    return block
+
+
 @pytest.fixture
 def placeholders(tmp_path: Path) -> dict[str, str]:
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=300)
     config.bos_token_id = config.eos_token_id = 1
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "local_model")
+    (tmp_path / "my_callbacks.yaml").write_text(callbacks_yaml())
     return {
         "/path/to/local/model": str(tmp_path / "local_model"),
         "/path/to/train.jsonl": str(ROOT / "examples/data/chatterbot_pairs.jsonl"),
         "$MINILM": minilm(),
+        "my_callbacks.yaml": str(tmp_path / "my_callbacks.yaml"),
     }
 
 
@@ -111,3 +119,55 @@ def test_generation_snippet_runs_on_a_saved_model(tmp_path: Path) -> None:
     printed: list[str] = []
     exec(code, {"print": lambda value: printed.append(value)})
     assert len(printed) == 1 and isinstance(printed[0], str)
+
+
+def printed_callbacks(argv: list[str], capsys: pytest.CaptureFixture) -> list[tuple[str, dict]]:
+    """(class name, init_args) of each callback ``fit ARGV --print_config`` prints."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *argv, "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    return [(c["class_path"].rsplit(".", 1)[-1], c["init_args"]) for c in printed]
+
+
+def test_callbacks_are_changed_as_the_readme_says(
+    placeholders: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Only the last callback is reachable by flags; a layered config replaces the list."""
+    monkeypatch.chdir(ROOT)
+    demo = ["--config", "configs/demo.yaml"]
+    (merge, monitor) = printed_callbacks(
+        [*demo, "--trainer.callbacks.init_args.probe_size=7"], capsys
+    )
+    assert merge[1]["resample"] == 1 and monitor[0] == "PositionLossMonitor"
+    assert monitor[1]["probe_size"] == 7
+    for refused in (
+        "--trainer.callbacks.init_args.resample=3",
+        "--trainer.callbacks.0.init_args.resample=3",
+    ):
+        assert main(["fit", *demo, refused, "--print_config"]) == 2
+    layered = [*demo, "--config", placeholders["my_callbacks.yaml"]]
+    expected = yaml.safe_load(callbacks_yaml())["trainer"]["callbacks"]
+    callbacks = printed_callbacks(layered, capsys)
+    assert [name for name, _ in callbacks] == [c["class_path"] for c in expected]
+    for (_, args), given in zip(callbacks, expected):
+        assert args.items() >= given["init_args"].items()
+    # an item of the same class at the same position of a list of the same length keeps the
+    # earlier item's settings; in a list of another length it starts from the defaults
+    expected[0]["init_args"].pop("save_dir")
+    for kept in (expected, expected[:1]):
+        trimmed = tmp_path / "trimmed.yaml"
+        trimmed.write_text(yaml.safe_dump({"trainer": {"callbacks": kept}}))
+        callbacks = printed_callbacks([*demo, "--config", str(trimmed)], capsys)
+        assert [name for name, _ in callbacks] == [c["class_path"] for c in kept]
+        assert callbacks[0][1]["resample"] == 3
+        assert callbacks[0][1]["save_dir"] == ("runs/demo/merged" if len(kept) == 2 else None)
+    appended = [*demo, "--trainer.callbacks+=ModelCheckpoint"]
+    appended += ["--trainer.callbacks.init_args.save_last=true"]
+    names = printed_callbacks(appended, capsys)
+    assert [n for n, _ in names] == [
+        "SelectionMergeCallback",
+        "PositionLossMonitor",
+        "ModelCheckpoint",
+    ]
+    assert names[2][1]["save_last"] is True and names[0][1]["save_dir"] == "runs/demo/merged"
