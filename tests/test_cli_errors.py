@@ -16,6 +16,8 @@ from lightning_selmerge.cli import main
 from lightning_selmerge.cli.errors import is_user_mistake, user_message
 from lightning_selmerge.ensemble import DataOrderEnsemble
 from lightning_selmerge.hf import SFTDataModule
+from lightning_selmerge.merging import MergeError
+from lightning_selmerge.report import ReportError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -96,12 +98,42 @@ def test_debug_raises_the_typed_exception(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_merge_and_report_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["merge", "a.safetensors", "b.safetensors", "--out", "merged"]) == 2
-    assert "a.safetensors does not exist" in capsys.readouterr().err
+    assert "a.safetensors does not exist" in one_error(capsys, "merge")
     assert not (tmp_path / "merged").exists()
     assert main(["report", "runs/nothing"]) == 2
     assert "runs/nothing is not a directory" in one_error(capsys, "report")
     assert main(["report"]) == 2
     assert "logdir" in one_error(capsys, "report")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "sentence"),
+    [
+        (["merge", "a.safetensors", "b.safetensors", "--out", "m"], MergeError, "does not exist"),
+        (["merge", "r0.safetensors", "--out", "m"], MergeError, "needs at least 2 replicas"),
+        (["merge", "--out", "m"], MergeError, "no replicas: give replica paths or --epoch_dir"),
+        (["report", "runs/nothing"], ReportError, "runs/nothing is not a directory"),
+    ],
+)
+def test_merge_and_report_take_the_hint_and_debug_like_fit(
+    argv: list[str],
+    error: type[Exception],
+    sentence: str,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One line and the hint, exit 2; with --debug or SELMERGE_DEBUG=1 the typed exception."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and sentence in err[0], err
+    assert err[0].startswith(f"lightning-selmerge {argv[0]}: error: ")
+    assert err[1] == "(add --debug or set SELMERGE_DEBUG=1 to see the traceback)"
+    with pytest.raises(error, match=sentence):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("SELMERGE_DEBUG", "1")
+    with pytest.raises(error, match=sentence):
+        main(argv)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,13 @@ def test_cli_reports_a_full_disk_clearly(replicas, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("lightning-selmerge merge: error: [Errno 28] merging into")
     assert "No space left on device" in err and "nothing was written" in err
+    assert err.splitlines()[-1] == "(add --debug or set SELMERGE_DEBUG=1 to see the traceback)"
     assert "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == []
+    fill_disk_after(monkeypatch, writes=2)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        cli(["merge", *map(str, replicas), "--out", str(out), "--quiet", "--debug"])
+    assert raised.value.errno == errno.ENOSPC
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -76,7 +76,7 @@ def test_cli_prints_no_bar_when_the_merge_is_refused(tmp_path: Path, capsys) -> 
     paths = save_replicas(tmp_path)
     assert cli(["merge", *map(str, paths), "--resample", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "merging" not in err and len(err.strip().splitlines()) == 1
+    assert "merging" not in err and len(err.strip().splitlines()) == 2  # the error, the hint
     assert cli(["merge", *map(str, paths), "--method", "nope", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "merging" not in err and "usage" not in err and len(err.strip().splitlines()) == 2

@@ -9,8 +9,10 @@ Subcommands:
 
 Lightning (and transformers) are imported only by the subcommands that need them. A user
 mistake (a bad config value, a missing file, a bad merge input) prints one line naming the
-problem and exits with status 2; ``--debug`` or ``SELMERGE_DEBUG=1`` shows its traceback
-instead (:mod:`.errors`). Called from Python, the library raises the typed exception.
+problem, then a line naming ``--debug``, and exits with status 2; a merge that fails on the
+machine's side (a full disk: :class:`OSError`) does the same with status 1. ``--debug`` or
+``SELMERGE_DEBUG=1`` shows the traceback instead, for every subcommand (:mod:`.errors`). Called
+from Python, the library raises the typed exception.
 """
 
 from __future__ import annotations
@@ -72,14 +74,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[command](rest)
     except Exception as err:
-        if debug or not is_user_mistake(err):
+        if is_user_mistake(err):
+            status = 2
+        elif command == "merge" and isinstance(err, OSError):
+            status = 1  # a full disk, say: the merge left the output as it was and says so
+        else:
+            raise
+        if debug:
             raise
         message = user_message(err)
         if isinstance(err, argparse.ArgumentError):
             message += f" (options: lightning-selmerge {command} --help)"
         print(f"lightning-selmerge {command}: error: {message}", file=sys.stderr)
         print(f"(add {DEBUG_FLAG} or set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
-        return 2
+        return status
 
 
 if __name__ == "__main__":

@@ -238,12 +238,6 @@ def run_merge(argv: Sequence[str]) -> int:
             raise MergeError("--draw_prefix needs the streaming merge: add --streaming true")
         else:
             out = merge_checkpoints(args.replicas, args.out, **common)
-    except MergeError as err:
-        print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"lightning-selmerge merge: error: {err}", file=sys.stderr)
-        return 1
     finally:
         bar.close()
     provenance = json.loads((Path(out) / PROVENANCE_NAME).read_text())

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser
 
-from lightning_selmerge.report import ReportError, write_report
+from lightning_selmerge.report import write_report
 
 __all__ = ["report_parser", "run_report"]
 
@@ -34,11 +33,7 @@ def report_parser() -> ArgumentParser:
 
 def run_report(argv: Sequence[str]) -> int:
     args = report_parser().parse_args(list(argv))
-    try:
-        written = write_report(args.logdir, args.out, metric=args.metric, mode=args.mode)
-    except ReportError as err:
-        print(f"lightning-selmerge report: error: {err}", file=sys.stderr)
-        return 2
+    written = write_report(args.logdir, args.out, metric=args.metric, mode=args.mode)
     for path in written:
         print(path)
     summary = next(p for p in written if p.name == "summary.md")
