@@ -59,6 +59,20 @@ def _method_options() -> dict[str, tuple[MethodParameter, list[str]]]:
     return options
 
 
+def _option_help(name: str, methods: Sequence[str]) -> str:
+    """The help of option ``--name``: each method's own, the methods with the same text grouped,
+    e.g. ``dare, ties: mean|selection (default: mean); task_arithmetic: sum|selection ...``."""
+    by_text: dict[str, list[str]] = {}
+    for method in methods:
+        (parameter,) = [p for p in method_class(method).parameters() if p.name == name]
+        by_text.setdefault(parameter.help, []).append(method)
+    parts = []
+    for text, takers in by_text.items():
+        prefix = f"{', '.join(takers)}: "
+        parts.append(prefix + text.removeprefix(prefix))
+    return "; ".join(parts)
+
+
 def merge_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="lightning-selmerge merge",
@@ -108,12 +122,8 @@ def merge_parser() -> ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     for name, (parameter, methods) in _method_options().items():
-        takers = f"{', '.join(methods)}: "
         parser.add_argument(
-            f"--{name}",
-            type=parameter.type | None,
-            default=None,
-            help=takers + parameter.help.removeprefix(takers),
+            f"--{name}", type=parameter.type | None, default=None, help=_option_help(name, methods)
         )
     parser.add_argument(
         "--rules",

@@ -45,10 +45,16 @@ class TaskArithmetic(TaskVectorMethod):
         tensor([0.5000, 1.0000])
     """
 
-    combine: str = field(
-        default="sum",
+    weights: Sequence[float] | None = field(
+        default=None,
         kw_only=True,
-        metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
+        metadata={
+            "help": "one weight per replica, e.g. [1,-0.5] (default: all 1); negative ones "
+            "with combine sum only (subtracting a task vector)"
+        },
+    )
+    combine: str = field(
+        default="sum", kw_only=True, metadata={"help": "sum|selection (default: sum)"}
     )
     combines = ("sum", "selection")
 

@@ -52,15 +52,13 @@ class TaskVectorMethod(MergeMethod):
     weights: Sequence[float] | None = field(
         default=None,
         kw_only=True,
-        metadata={"help": "one weight per replica, e.g. [1,1,2] (default: all 1)"},
+        metadata={"help": "one non-negative weight per replica, e.g. [1,1,2] (default: all 1)"},
     )
     scale: float = field(
         default=1.0, kw_only=True, metadata={"help": "lambda: the combined task vector's factor"}
     )
     combine: str = field(
-        default="mean",
-        kw_only=True,
-        metadata={"help": "task_arithmetic: sum|selection; ties, dare: mean|selection"},
+        default="mean", kw_only=True, metadata={"help": "mean|selection (default: mean)"}
     )
     needs_base = True
     computes_with_base = True

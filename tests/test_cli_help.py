@@ -1,0 +1,64 @@
+"""What ``--help`` says matches what the commands do."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from jsonargparse import ArgumentParser
+
+from lightning_selmerge.cli.merge import merge_parser
+from lightning_selmerge.merging import MergeError
+from lightning_selmerge.merging.methods import build_method, method_class, method_names
+
+
+def option_help(parser: ArgumentParser, option: str) -> str:
+    """The help text ``--help`` shows for ``option`` (before jsonargparse's type and default)."""
+    (action,) = [a for a in parser._actions if option in a.option_strings]
+    return str(action.help)
+
+
+MERGE = merge_parser()
+
+
+def takers(name: str) -> list[str]:
+    return [m for m in method_names() if name in {p.name for p in method_class(m).parameters()}]
+
+
+METHOD_OPTIONS = sorted({p.name for m in method_names() for p in method_class(m).parameters()})
+
+
+@pytest.mark.parametrize("name", METHOD_OPTIONS)
+def test_each_method_option_shows_every_takers_own_help(name: str) -> None:
+    shown = option_help(MERGE, f"--{name}")
+    for method in takers(name):
+        (parameter,) = [p for p in method_class(method).parameters() if p.name == name]
+        group = re.search(rf"(?:^|; )([a-z_, ]*\b{method}\b[a-z_, ]*): ", shown)
+        assert group, (method, shown)
+        own = parameter.help.removeprefix(f"{group[1]}: ")
+        assert f"{group[1]}: {own}" in shown, (method, shown)
+
+
+def test_weights_help_says_which_methods_take_negative_weights() -> None:
+    shown = option_help(MERGE, "--weights")
+    assert "average, dare, ties: one non-negative weight per replica" in shown
+    assert "task_arithmetic: one weight per replica" in shown
+    assert "negative ones with combine sum only" in shown
+    # as the help says: task_arithmetic (combine sum) takes them, the others refuse them
+    build_method("task_arithmetic", {"weights": [1.0, -0.5]}).validate(2)
+    for method, params in [
+        ("average", {}),
+        ("dare", {}),
+        ("ties", {}),
+        ("task_arithmetic", {"combine": "selection"}),
+    ]:
+        with pytest.raises(MergeError, match="negative|>= 0"):
+            build_method(method, {**params, "weights": [1.0, -0.5]}).validate(2)
+
+
+def test_combine_help_names_each_methods_choices_and_default() -> None:
+    shown = option_help(MERGE, "--combine")
+    assert "dare, ties: mean|selection (default: mean)" in shown
+    assert "task_arithmetic: sum|selection (default: sum)" in shown
+    assert build_method("task_arithmetic", {}).combine == "sum"
+    assert build_method("ties", {}).combine == build_method("dare", {}).combine == "mean"
