@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from jsonargparse import ArgumentParser
+from safetensors.torch import save_file
 
+from lightning_selmerge.cli import main
 from lightning_selmerge.cli.merge import merge_parser
 from lightning_selmerge.merging import MergeError
+from lightning_selmerge.merging.checkpoints import PROVENANCE_NAME
 from lightning_selmerge.merging.methods import build_method, method_class, method_names
 
 
@@ -62,3 +68,28 @@ def test_combine_help_names_each_methods_choices_and_default() -> None:
     assert "task_arithmetic: sum|selection (default: sum)" in shown
     assert build_method("task_arithmetic", {}).combine == "sum"
     assert build_method("ties", {}).combine == build_method("dare", {}).combine == "mean"
+
+
+def test_replica_paths_are_required_unless_epoch_dir() -> None:
+    (replicas,) = [a for a in MERGE._actions if a.dest == "replicas"]
+    assert not replicas.required and "required unless --epoch_dir" in str(replicas.help)
+    positional = MERGE.format_help().split("positional arguments:")[1].split("options:")[0]
+    assert "(required)" not in positional
+
+
+@pytest.mark.parametrize(
+    ("flags", "streams"),
+    [([], False), (["--draw_prefix", "model."], True), (["--streaming", "true"], True)],
+)
+def test_streaming_default_is_as_the_help_says(
+    flags: list[str], streams: bool, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shown = option_help(MERGE, "--streaming")
+    assert "default: streaming for --epoch_dir and for replica paths with --draw_prefix" in shown
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"r{k}.safetensors")
+        save_file({"w": torch.full((4,), float(k))}, paths[-1])
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, paths), "--out", str(out), "--quiet", *flags]) == 0
+    assert json.loads((out / PROVENANCE_NAME).read_text())["streaming"] is streams

@@ -10,9 +10,10 @@ directories::
 replica jobs wrote for one epoch (``replica_000.safetensors`` or ``replica_000/``, ...), refusing
 missing replicas unless ``--allow_missing``; it streams the replicas (one open at a time, the
 same bits as the all-at-once merge). The first form maps every replica at once unless
-``--streaming true``: faster, and it also runs where the replicas exceed the memory (their pages
-are the kernel's to drop and read again), while the streaming merge needs its window of state
-(256 MiB, or one tensor's state where that is larger) on top (docs/performance.md).
+``--streaming true`` or ``--draw_prefix`` (which only the streaming merge takes) is given:
+faster, and it also runs where the replicas exceed the memory (their pages are the kernel's to
+drop and read again), while the streaming merge needs its window of state (256 MiB, or one
+tensor's state where that is larger) on top (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def merge_parser() -> ArgumentParser:
         exit_on_error=False,  # lightning-selmerge prints a parse error on one line
     )
     parser.add_argument(
-        "replicas", nargs="*", help="replica checkpoints (files or HF dirs); or give --epoch_dir"
+        "replicas",
+        nargs="*",
+        default=[],  # not "(required)" in --help: --epoch_dir takes their place
+        help="replica checkpoints (files or HF dirs); required unless --epoch_dir",
     )
     parser.add_argument(
         "--epoch_dir",
@@ -104,7 +108,8 @@ def merge_parser() -> ArgumentParser:
         default=None,
         help="true: read one replica at a time (same bits; each file read in one sequential "
         "pass); false: map all at once (faster, and works where the replicas exceed memory); "
-        "default: streaming for --epoch_dir, else all at once",
+        "default: streaming for --epoch_dir and for replica paths with --draw_prefix, else all "
+        "at once",
     )
     parser.add_argument(
         "--draw_prefix",
