@@ -24,6 +24,7 @@ def option_help(parser: ArgumentParser, option: str) -> str:
     return str(action.help)
 
 
+ROOT = Path(__file__).resolve().parent.parent
 MERGE = merge_parser()
 
 
@@ -93,3 +94,39 @@ def test_streaming_default_is_as_the_help_says(
     out = tmp_path / "merged"
     assert main(["merge", *map(str, paths), "--out", str(out), "--quiet", *flags]) == 0
     assert json.loads((out / PROVENANCE_NAME).read_text())["streaming"] is streams
+
+
+REPLICA_FLAGS = ("--replica", "--num_replicas", "--snapshot_dir")
+
+
+def lightning_help(command: str, capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_replica_flags_are_listed_for_fit_only(command: str, capsys: pytest.CaptureFixture) -> None:
+    shown = lightning_help(command, capsys)
+    for flag in REPLICA_FLAGS:
+        assert (f"{flag} " in shown) is (command == "fit"), (command, flag)
+
+
+def test_validate_takes_a_config_fit_saved_and_refuses_replica_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/demo.yaml", "--print_config"])
+    saved = tmp_path / "config.yaml"  # what a fit saves beside its logs
+    saved.write_text(capsys.readouterr().out)
+    assert "replica: null" in saved.read_text()
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "--config", str(saved), "--print_config"])
+    assert done.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "--config", str(saved), "--replica", "0"])
+    assert done.value.code == 2
+    assert "--replica is for 'fit'" in capsys.readouterr().err

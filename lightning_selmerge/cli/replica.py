@@ -23,6 +23,7 @@ The same config that trains the in-process ensemble trains replica k of K as its
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Mapping
@@ -61,25 +62,38 @@ def refuse(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def add_replica_arguments(parser: Any) -> None:
+def add_replica_arguments(parser: Any, shown: bool = True) -> None:
+    """``--replica``, ``--num_replicas``, ``--snapshot_dir``: in ``--help`` when ``shown`` (fit's
+    parser); the other subcommands take them unlisted, so that a config a fit saved (with their
+    ``null`` values) loads there, and refuse a value (:func:`prepare_replica_job`)."""
+
+    def helps(text: str) -> str:
+        return text if shown else argparse.SUPPRESS
+
     parser.add_argument(
         "--replica",
         type=int | None,
         default=None,
-        help="train replica k (0 .. K-1) of the ensemble as its own fit (default: "
-        f"${SLURM_TASK} when --num_replicas or --snapshot_dir is given)",
+        help=helps(
+            "train replica k (0 .. K-1) of the ensemble as its own fit (default: "
+            f"${SLURM_TASK} when --num_replicas or --snapshot_dir is given)"
+        ),
     )
     parser.add_argument(
         "--num_replicas",
         type=int | None,
         default=None,
-        help="K, the replicas of the run (default: the config's DataOrderEnsemble num_replicas)",
+        help=helps(
+            "K, the replicas of the run (default: the config's DataOrderEnsemble num_replicas)"
+        ),
     )
     parser.add_argument(
         "--snapshot_dir",
         type=str | None,
         default=None,
-        help="replica jobs write snapshot_dir/epoch_{e:03d}/replica_{k:03d} after each epoch",
+        help=helps(
+            "replica jobs write snapshot_dir/epoch_{e:03d}/replica_{k:03d} after each epoch"
+        ),
     )
 
 

@@ -45,13 +45,20 @@ class SelmergeCLI(LightningCLI):
     (a rerun of a config is the common case, not a mistake). Unless a progress bar is configured
     (or ``enable_progress_bar`` is false), the Trainer gets one that shows counters as integers
     (:mod:`lightning_selmerge.progress`). ``--replica``, ``--num_replicas`` and
-    ``--snapshot_dir`` make ``fit`` a replica job (:mod:`.replica`).
+    ``--snapshot_dir``, options of ``fit`` only, make it a replica job (:mod:`.replica`).
     """
 
     replica_job: ReplicaSettings | None = None
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        add_replica_arguments(parser)
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        """The subcommand's parser with the replica-job flags, listed in ``fit --help`` only:
+        only ``fit`` trains (another subcommand refuses a value, and takes a fit's saved
+        config, whose values are null)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        add_replica_arguments(parser, shown=subcommand == "fit")
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
