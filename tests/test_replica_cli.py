@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lightning_selmerge.cli import main
+from lightning_selmerge.cli.replica import ReplicaJobRefused
 from lightning_selmerge.merging import ParameterSelection, merge_checkpoints
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -34,10 +35,12 @@ def fit(*args: str) -> int:
 
 
 def refused(capsys: pytest.CaptureFixture, *args: str, command: str = "fit") -> str:
-    with pytest.raises(SystemExit) as done:
-        main([command, "--config", str(DEMO), *TINY, *args])
-    assert done.value.code == 2
-    return capsys.readouterr().err
+    """The error line of a refused replica job, after checking the hint line that follows."""
+    assert main([command, "--config", str(DEMO), *TINY, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "(add --debug or set SELMERGE_DEBUG=1 to see the traceback)", err
+    assert err[-2].startswith(f"lightning-selmerge {command}: error: "), err
+    return err[-2]
 
 
 def test_demo_config_runs_as_replica_jobs(
@@ -131,8 +134,7 @@ def test_bad_replica_flags(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    err = refused(capsys, *args)
-    assert message in err and len(err.strip().splitlines()) <= 2
+    assert message in refused(capsys, *args)
     assert not (tmp_path / "s").exists()
 
 
@@ -143,10 +145,11 @@ def test_sync_replicas_is_refused(
     config = yaml.safe_load(DEMO.read_text())
     config["trainer"]["callbacks"][0]["init_args"]["sync_replicas"] = True
     (tmp_path / "sync.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", "sync.yaml", *TINY, "--replica", "0", "--snapshot_dir", "s"])
-    assert done.value.code == 2
+    args = ["fit", "--config", "sync.yaml", *TINY, "--replica", "0", "--snapshot_dir", "s"]
+    assert main(args) == 2
     assert "sync_replicas=True) resets every replica" in capsys.readouterr().err
+    with pytest.raises(ReplicaJobRefused, match="sync_replicas=True"):
+        main([*args, "--debug"])
 
 
 def test_replica_flags_are_for_fit_only(
@@ -154,7 +157,7 @@ def test_replica_flags_are_for_fit_only(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     err = refused(capsys, "--replica", "0", "--snapshot_dir", "s", command="validate")
-    assert "--replica is for 'fit'" in err
+    assert "--replica is for 'fit' (a replica job trains); not for 'validate'" in err
 
 
 def test_snapshot_dir_of_another_run_is_refused(

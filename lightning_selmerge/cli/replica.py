@@ -39,7 +39,13 @@ from lightning_selmerge.ensemble.replica_snapshots import (
     check_snapshot_dir,
 )
 
-__all__ = ["ReplicaSettings", "add_replica_arguments", "prepare_replica_job", "replica_trainer"]
+__all__ = [
+    "ReplicaJobRefused",
+    "ReplicaSettings",
+    "add_replica_arguments",
+    "prepare_replica_job",
+    "replica_trainer",
+]
 
 SLURM_TASK = "SLURM_ARRAY_TASK_ID"
 
@@ -56,10 +62,14 @@ class ReplicaSettings:
     checkpoint: bool  # add ModelCheckpoint(save_last=True)
 
 
+class ReplicaJobRefused(ValueError):
+    """The replica-job flags, the config or the environment cannot make a replica job; the
+    command line prints it as any mistake in the input (one line and the ``--debug`` hint,
+    exit status 2, under the subcommand's name)."""
+
+
 def refuse(message: str) -> NoReturn:
-    """One or two lines on stderr, exit status 2."""
-    print(f"lightning-selmerge fit: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise ReplicaJobRefused(message)
 
 
 def add_replica_arguments(parser: Any, shown: bool = True) -> None:
@@ -239,7 +249,7 @@ def prepare_replica_job(
     subcommand: str | None, config: Namespace, environ: Mapping[str, str] = os.environ
 ) -> ReplicaSettings | None:
     """The replica job the flags ask for (``None``: an ordinary fit), with ``config`` adjusted
-    (loggers versioned, merge callback dropped); bad flags exit with status 2."""
+    (loggers versioned, merge callback dropped); bad flags raise :class:`ReplicaJobRefused`."""
     names = ("replica", "num_replicas", "snapshot_dir")
     flags = [name for name in names if config.get(name) is not None]
     if not flags:
