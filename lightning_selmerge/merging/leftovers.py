@@ -1,10 +1,13 @@
 """Temporary names this library writes, and the recovery of those a killed process left behind.
 
-Everything written atomically is first written under a temporary name that records its owner,
-the writing process: ``.{NAME}.tmp-{id}-{host}-{pid}`` beside ``NAME`` (merge outputs, exports,
-checkpoints), ``.{NAME}.old-{same suffix}`` for the previous output while ``--overwrite``
-swaps it, and ``selmerge-replicas-{host}-{pid}-*`` under ``$TMPDIR`` for ``offload="disk"``
-without an ``offload_dir``. ``host`` is a short hash of the host name, ``pid`` the process id.
+Merge outputs, exports and checkpoints are first written under a temporary name that records
+its owner, the writing process: ``.{NAME}.tmp-{id}-{host}-{pid}`` beside ``NAME``,
+``.{NAME}.old-{same suffix}`` for the previous output while ``--overwrite`` swaps it, and
+``selmerge-replicas-{host}-{pid}-*`` under ``$TMPDIR`` for ``offload="disk"`` without an
+``offload_dir``. ``host`` is a short hash of the host name, ``pid`` the process id. (A replica
+job's snapshot file, ``.replica_kkk.safetensors.tmp-{id}``, records no owner: the next start of
+that replica's job removes it by name, see
+:func:`~lightning_selmerge.ensemble.replica_snapshots.remove_stale_temporaries`.)
 
 The next run in the same place cleans up after an owner that is certainly dead (same host, no
 such process); it recovers an output the swap left half done (see :func:`recover_output`).
