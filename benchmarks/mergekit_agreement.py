@@ -9,6 +9,10 @@ files mergekit is run twice: as is (it computes in bfloat16) and with ``dtype: f
 repository root::
 
     python benchmarks/mergekit_agreement.py [--mergekit-bin PATH] [--k 3] [--json out.json]
+
+It needs mergekit (``pip install -e .[bench]``): ``--mergekit-bin``, else the
+``mergekit-pytorch`` beside this Python, else the one on ``PATH``; without one it exits with a
+line saying so.
 """
 
 from __future__ import annotations
@@ -65,6 +69,28 @@ def make_files(root: Path, k: int, dtype: torch.dtype) -> tuple[Path, list[Path]
     return root / "base.safetensors", replicas
 
 
+INSTALL = "install mergekit (pip install -e .[bench]) or pass --mergekit-bin PATH"
+
+
+def find_mergekit(explicit: str | None) -> str:
+    """The ``mergekit-pytorch`` to run (see the module's docstring); exits with one line when
+    there is none."""
+    if explicit is not None:
+        if shutil.which(explicit) is None:
+            sys.exit(
+                f"mergekit_agreement: --mergekit-bin {explicit} is not an executable: {INSTALL}"
+            )
+        return explicit
+    beside = Path(sys.executable).parent / "mergekit-pytorch"
+    found = str(beside) if beside.is_file() else shutil.which("mergekit-pytorch")
+    if found is None:
+        sys.exit(
+            "mergekit_agreement: mergekit-pytorch is neither beside this Python nor on PATH: "
+            + INSTALL
+        )
+    return found
+
+
 def run_mergekit(bin_: str, root: Path, base: Path, replicas: list[Path], case, compute) -> Path:
     name, shared, weights, each = case
     models = [
@@ -104,11 +130,14 @@ def compare(a: Path, b: Path) -> tuple[bool, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--mergekit-bin", default=str(Path(sys.executable).parent / "mergekit-pytorch")
+        "--mergekit-bin",
+        default=None,
+        help="mergekit's mergekit-pytorch (default: the one beside this Python, else on PATH)",
     )
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    mergekit = find_mergekit(args.mergekit_bin)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, computes in ((torch.float32, [None]), (torch.bfloat16, [None, "float32"])):
@@ -121,7 +150,7 @@ def main() -> None:
                     replicas, root / "ours", method=method, base=base, overwrite=True
                 )
                 for compute in computes:
-                    theirs = run_mergekit(args.mergekit_bin, root, base, replicas, case, compute)
+                    theirs = run_mergekit(mergekit, root, base, replicas, case, compute)
                     identical, diff, differ = compare(mine, theirs)
                     row = {
                         "files": str(dtype).split(".")[-1],

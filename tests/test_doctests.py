@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def test_module_examples_run(name, monkeypatch):
     assert result.failed == 0, name
     if ">>>" in source:
         assert result.attempted > 0, f"{name} has >>> examples that doctest does not find"
+
+
+def test_the_merge_callbacks_method_examples_name_real_classes():
+    from lightning_selmerge import merging
+    from lightning_selmerge.ensemble import SelectionMergeCallback
+
+    doc = SelectionMergeCallback.__doc__ or ""
+    method_doc = doc.split("method:", 1)[1].split("resample, weights", 1)[0]
+    named = re.findall(r"``(\w+)\(", method_doc)
+    assert named
+    for name in named:
+        assert hasattr(merging, name), f"SelectionMergeCallback's docstring names {name}"

@@ -67,7 +67,7 @@ class SelectionMergeCallback(Callback):
     Fig. 3), on one device or on several replica groups.
 
     Args:
-        method: a merge method (``ParameterSelection(resample=1)``, ``TiesMerge(...)``; in a
+        method: a merge method (``ParameterSelection(resample=1)``, ``TiesMerging(...)``; in a
             LightningCLI YAML a ``class_path`` with ``init_args``), or a registered name
             (``"selection"``, ``"average"``, ...; see
             :func:`~lightning_selmerge.merging.methods.method_names`). Methods that need the base
