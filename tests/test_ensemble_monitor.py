@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selmerge.data import DataOrderSampler, IndexedDataset
@@ -130,3 +131,94 @@ def test_monitor_alone_attributes_each_batch_to_its_replica() -> None:
     for name in names:
         assert float(with_merge.callback_metrics[name]) == float(trainer.callback_metrics[name])
     assert "imbalance/merged/spearman" in with_merge.callback_metrics
+
+
+class MetricsRecorder(Logger):
+    """Every (step, metrics) the trainer logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((int(step or 0), dict(metrics)))
+
+
+def test_the_merge_is_probed_at_the_epochs_that_merged_and_the_last_one() -> None:
+    """every_n_epochs=2 over 3 epochs: merges at epoch 1 and (the fit ends there) epoch 2, each
+    probed once; an earlier merge is not logged as a later epoch's, and the final merge is
+    made at the last batch like the others, so it is probed too."""
+    recorder = MetricsRecorder()
+    monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
+    merger = SelectionMergeCallback(seed=1, every_n_epochs=2)
+    trainer = Trainer(
+        strategy=DataOrderEnsemble(num_replicas=K, seed=3),
+        callbacks=[monitor, merger],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=3,
+        logger=recorder,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = Classifier()
+    trainer.fit(module, DataLoader(dataset(), batch_size=BATCH))
+    steps_per_epoch = K * N // BATCH
+    merged = [step for step, m in recorder.logged if "imbalance/merged/spearman" in m]
+    replica = [step for step, m in recorder.logged if "imbalance/replica_0/spearman" in m]
+    assert replica == [steps_per_epoch * (e + 1) for e in range(3)]
+    assert merged == replica[1:]  # epochs 1 and 2 merged; epoch 0 did not
+    data = dataset()
+    batch = {
+        key: torch.stack([data[int(i)][key] for i in monitor.probe.indices]) for key in ("x", "y")
+    }
+    probe = Classifier()
+    probe.load_state_dict(merger.merged_state)  # the final merge, the model the fit ends with
+    with torch.no_grad():
+        losses = probe.per_sample_loss(batch)
+    positions = DataOrderSampler(num_samples=N, seed=3).positions(0, 0)[monitor.probe.indices]
+    last = next(m for _, m in reversed(recorder.logged) if "imbalance/merged/spearman" in m)
+    expected = position_loss_spearman(positions, losses)
+    assert last["imbalance/merged/spearman"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_monitor_added_at_a_resume_knows_every_replicas_positions(tmp_path: Path) -> None:
+    """Epoch 0 trained without a monitor: the sampler tells every replica's first-epoch order
+    (only replica 0's was known, so the other replicas were not probed)."""
+
+    def fit(callbacks: list, epochs: int, ckpt_path: str | None = None) -> Trainer:
+        trainer = Trainer(
+            strategy=DataOrderEnsemble(num_replicas=K, seed=3),
+            callbacks=[SelectionMergeCallback(seed=1), *callbacks],
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=ckpt_path is None,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Classifier(), DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
+        return trainer
+
+    fit([], epochs=1)
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
+    trainer = fit([monitor], epochs=2, ckpt_path=str(ckpt))
+    orders = DataOrderSampler(num_samples=N, seed=3)
+    for replica in range(K):
+        assert torch.equal(monitor.first_positions_of(replica), orders.positions(0, replica))
+        assert f"imbalance/replica_{replica}/spearman" in trainer.callback_metrics

@@ -28,13 +28,14 @@ __all__ = ["SelectionMergeCallback"]
 class SelectionMergeCallback(Callback):
     """Merge the :class:`DataOrderEnsemble` replicas at the end of each epoch's training.
 
-    At the last training batch of every ``every_n_epochs``-th epoch (after the last replica's
-    step; at the end of fit as a fallback for ``every_n_epochs`` and early stopping at an epoch
-    end) it merges the K replicas with the merge core into :attr:`merged_state`, using the
-    weights at fit start as the base for ``resample``. A fit stopped inside an epoch (a
-    ``should_stop`` set during training batches, a step-interval ``Timer`` / ``max_time``)
-    leaves the later replicas short of that epoch: they are not merged; with a warning, the
-    module keeps the last merge, or its weights at fit start if no epoch was completed.
+    At the last training batch of every ``every_n_epochs``-th epoch and of the last epoch
+    (``max_epochs``, ``max_steps``) (after the last replica's step; at the end of fit as a
+    fallback for early stopping at an epoch end) it merges the K replicas with the merge core
+    into :attr:`merged_state`, using the weights at fit start as the base for ``resample``. A
+    fit stopped inside an epoch (a ``should_stop`` set during training batches, a
+    step-interval ``Timer`` / ``max_time``) leaves the later replicas short of that epoch: they
+    are not merged; with a warning, the module keeps the last merge, or its weights at fit
+    start if no epoch was completed.
     Floating-point tensors are merged; integer and bool buffers are copied from replica 0 (they
     must agree). Like Lightning's ``WeightAveraging``:
 
@@ -195,8 +196,13 @@ class SelectionMergeCallback(Callback):
             ) from err
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
-        # a PositionLossMonitor probes the merge beside the replicas (on every rank: its slices)
-        strategy.add_probe_target("merged", lambda: self.merged_state, replica=0)
+        # a PositionLossMonitor probes the merge beside the replicas (on every rank: its slices),
+        # at the epochs that merged (an earlier epoch's merge would be logged as this one's)
+        strategy.add_probe_target(
+            "merged",
+            lambda: self.merged_state if self._merged_step == trainer.global_step else None,
+            replica=0,
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._restored:
@@ -233,7 +239,9 @@ class SelectionMergeCallback(Callback):
             self._log_step_loss(trainer, strategy, replica, value, size)
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
-        if last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if last_batch and (
+            (trainer.current_epoch + 1) % self.every_n_epochs == 0 or _fit_ends_here(trainer)
+        ):
             self._merge_now(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -463,3 +471,10 @@ def _ensemble(trainer: Trainer) -> DataOrderEnsemble:
             f"got {type(strategy).__name__}."
         )
     return strategy
+
+
+def _fit_ends_here(trainer: Trainer) -> bool:
+    """Whether the fit ends at this epoch's end by ``max_epochs`` or ``max_steps``: its merge
+    is made at the last batch like every merge, so it is validated and probed in the epoch."""
+    last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch or 0 < trainer.max_steps <= trainer.global_step

@@ -17,14 +17,17 @@ def first_epoch_positions(
     num_samples: int | None,
     current_replica: int,
     sampler: DataOrderSampler | None,
+    num_replicas: int | None = None,
 ) -> tuple[dict[int, torch.Tensor], int] | None:
     """``({replica: sample -> first-epoch position}, primary replica)``; ``None`` (with a
     warning) when nothing tells the positions.
 
     Every replica recorded in epoch 0 gets its observed positions; the primary replica is 0
     (else the first recorded) when several were recorded, else ``current_replica``, whose
-    positions come from ``sampler`` when it was not recorded. Observed positions that
-    contradict ``sampler``'s order are kept, with a warning.
+    positions come from ``sampler`` when it was not recorded. With ``num_replicas`` (an
+    ensemble's K) every replica not recorded (a monitor added at a resume after epoch 0) gets
+    ``sampler``'s positions, and the primary is 0. Observed positions that contradict
+    ``sampler``'s order are kept, with a warning.
 
     Example:
         >>> records = PositionRecords()
@@ -45,6 +48,11 @@ def first_epoch_positions(
             )
             return None
         by_replica[primary] = sampler.positions(epoch=0, replica=primary)
+    if sampler is not None and num_replicas is not None:
+        for replica in range(num_replicas):
+            if replica not in by_replica:
+                by_replica[replica] = sampler.positions(epoch=0, replica=replica)
+        primary = 0
     if sampler is not None and not all(
         positions_agree(by_replica[r], sampler.positions(epoch=0, replica=r)) for r in recorded
     ):

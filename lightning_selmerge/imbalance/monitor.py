@@ -387,6 +387,7 @@ class PositionLossMonitor(ProbeReporter):
             num_samples,
             self.current_replica(trainer, pl_module),
             find_order_sampler(trainer.train_dataloader),
+            None if self._schedule is None else self._schedule.num_replicas,
         )
         if found is None:
             return
