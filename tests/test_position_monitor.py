@@ -257,6 +257,21 @@ def test_batches_without_indices_and_plain_sampler_raise(tmp_path: Path) -> None
         trainer.fit(TinyClassifier(), DataLoader(plain, batch_size=8, shuffle=True))
 
 
+@pytest.mark.parametrize("split", ["subset", "random_split"])
+def test_sample_indices_of_a_wrapped_dataset_are_refused(tmp_path: Path, split: str) -> None:
+    """Subset(IndexedDataset(data)) carries the full dataset's indices, which the probe would
+    read from the subset: silently other samples (Subset), or an index error (random_split)."""
+    full = make_dataset()
+    gen = torch.Generator().manual_seed(1)
+    if split == "subset":
+        train = torch.utils.data.Subset(full, torch.randperm(32, generator=gen).tolist())
+    else:
+        train = torch.utils.data.random_split(full, [32, N - 32], generator=gen)[1]
+    trainer = make_trainer(tmp_path, PositionLossMonitor(probe_size=8), max_epochs=1)
+    with pytest.raises(MisconfigurationException, match="wrap the outermost dataset"):
+        trainer.fit(TinyClassifier(), DataLoader(train, batch_size=8, shuffle=True))
+
+
 def test_state_dict_restores_first_epoch_positions(tmp_path: Path) -> None:
     model = TinyClassifier()
     monitor = PositionLossMonitor(probe_size=16)

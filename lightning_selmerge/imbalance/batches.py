@@ -14,10 +14,49 @@ from lightning_selmerge.data.sampler import DataOrderSampler
 __all__ = [
     "batch_len",
     "batch_sample_indices",
+    "check_sample_indices",
     "find_order_sampler",
     "positions_agree",
     "shard_layout",
 ]
+
+
+_SAMPLE_INDEX_FIX = (
+    "sample_index must be each item's index in the dataset the train loader holds: wrap the "
+    "outermost dataset, e.g. IndexedDataset(Subset(data, indices)) or IndexedDataset("
+    "random_split(data, ...)[0]), not Subset(IndexedDataset(data), indices)"
+)
+
+
+def check_sample_indices(dataset: Any, samples: torch.Tensor, checked: int = 8) -> None:
+    """Refuse batches whose ``sample_index`` values are not indices of ``dataset`` (the train
+    loader's): out of its range, or (for up to ``checked`` of them) naming an item that
+    carries another ``sample_index``. The probe reads the samples by those indices.
+
+    Example:
+        >>> data = [{"x": 0, "sample_index": 5}, {"x": 1, "sample_index": 6}]
+        >>> check_sample_indices(data, torch.tensor([1]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: PositionLossMonitor: ...
+    """
+    if samples.numel() == 0 or not hasattr(dataset, "__len__"):
+        return
+    size = len(dataset)
+    low, high = int(samples.min()), int(samples.max())
+    if low < 0 or high >= size:
+        raise MisconfigurationException(
+            f"PositionLossMonitor: a batch's sample_index {high if high >= size else low} is "
+            f"not an index of the train dataset's {size} samples: {_SAMPLE_INDEX_FIX}."
+        )
+    for index in samples.unique()[:checked].tolist():
+        item = dataset[index]
+        carried = item.get(SAMPLE_INDEX_KEY) if isinstance(item, Mapping) else None
+        if carried is not None and int(carried) != index:
+            raise MisconfigurationException(
+                f"PositionLossMonitor: item {index} of the train dataset carries sample_index "
+                f"{int(carried)}: {_SAMPLE_INDEX_FIX}."
+            )
 
 
 def find_order_sampler(loader: Any) -> DataOrderSampler | None:

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
 from lightning_selmerge.imbalance.batches import (
     batch_sample_indices,
+    check_sample_indices,
     find_order_sampler,
     shard_layout,
 )
@@ -382,6 +383,8 @@ class PositionLossMonitor(ProbeReporter):
             self.records.merge([*gather_tables(self.records.table(epoch=0)), rest])
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        if dataset is not None:
+            check_sample_indices(dataset, self.records.table(epoch=0)["sample"])
         found = first_epoch_positions(
             self.records,
             num_samples,
