@@ -74,3 +74,22 @@ def test_sharded_replicas_record_positions_over_their_shard_ranks(tmp_path: Path
         assert rank["metrics"].keys() == single["metrics"].keys()
         for name, value in single["metrics"].items():
             assert rank["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_data_parallel_ranks_bin_every_rows_loss_every_epoch(tmp_path: Path) -> None:
+    """Plain DDP, probe_size=0: each rank trains its part of every epoch; the binned training
+    losses of epoch 1 cover every rank's rows (only epoch 0's were gathered: ranks logged
+    different values)."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "ddp_monitor_fit.py"), str(tmp_path), "2"],
+        env=child_env(TESTS.parent, TESTS),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=False) for r in range(2)]
+    for epoch in (0, 1):
+        assert ranks[0]["logged"][epoch] == ranks[1]["logged"][epoch], epoch
+    own = [r["rows_epoch_1"]["sample"] for r in ranks]
+    assert sorted(torch.cat(own).tolist()) == list(range(50))  # each rank trained half

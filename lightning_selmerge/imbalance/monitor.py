@@ -270,6 +270,9 @@ class PositionLossMonitor(ProbeReporter):
             results = self._probe_targets(trainer, pl_module)
         else:  # the losses of this epoch's training steps, each row by its replica's positions
             rows = self.records.table(epoch=epoch)
+            if epoch > 0 and _distributed(trainer) and not self._gathers:
+                # data-parallel ranks trained different rows (epoch 0's were gathered already)
+                rows = {k: torch.cat([t[k] for t in gather_tables(rows)]) for k in rows}
             positions = row_positions(self._positions_by_replica, rows["sample"], rows["replica"])
             results = {"": self._result("", rows["sample"], rows["loss"], positions=positions)}
         self.log_results(trainer, results)
