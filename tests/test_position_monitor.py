@@ -289,6 +289,36 @@ def test_state_dict_restores_first_epoch_positions(tmp_path: Path) -> None:
     assert resumed.probe is not None
 
 
+@pytest.mark.parametrize("indexed", [True, False])
+def test_a_mid_epoch_resume_with_a_loader_that_restarts_counts_the_epoch_again(
+    tmp_path: Path, indexed: bool
+) -> None:
+    """A plain DataLoader is not resumed inside an epoch: Lightning feeds it from the epoch's
+    start again. The monitor counts positions from there (it went on from the checkpoint's
+    count: positions past the data, and for batches without sample_index, samples that never
+    trained)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = make_dataset() if indexed else Unindexed()
+    sampler = DataOrderSampler(num_samples=N, seed=3)
+    loader = DataLoader(data, batch_size=8, sampler=sampler)  # 6 batches
+    checkpoints = ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = make_trainer(tmp_path, PositionLossMonitor(probe_size=8), max_epochs=1,
+                           enable_checkpointing=True)  # fmt: skip
+    trainer.callbacks.append(checkpoints)
+    trainer.fit(TinyClassifier(return_sample_loss=False), loader)
+    resumed = PositionLossMonitor(probe_size=8)
+    trainer = make_trainer(tmp_path, resumed, max_epochs=1)
+    with pytest.warns(UserWarning, match="starts the epoch again"):
+        trainer.fit(TinyClassifier(), loader, ckpt_path=str(tmp_path / "step=2.ckpt"))
+    rows = resumed.records.table(epoch=0)
+    order = sampler.order(epoch=0)
+    trained = rows["sample"].numel()  # the batches Lightning ran after the checkpoint
+    assert trained == 4 * 8
+    assert torch.equal(rows["sample"], order[:trained])  # what the loader fed
+    assert torch.equal(rows["position"], torch.arange(trained))
+
+
 # -- ensemble mode: K replicas one after another in each epoch --------------------------------
 def ensemble_setup(
     dataset: torch.utils.data.Dataset, batch_size: int = 5, **monitor_kw

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_selmerge.data.indexed import SAMPLE_INDEX_KEY, SAMPLE_LOSS_KEY
 from lightning_selmerge.imbalance.batches import (
@@ -211,6 +212,22 @@ class PositionLossMonitor(ProbeReporter):
                 f"no `per_sample_loss` method: {_FIX}."
             )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        resumed = self._resumed_epoch
+        if resumed != trainer.current_epoch or _resumes_mid_epoch(trainer.train_dataloader):
+            return  # a new epoch, or a loader that goes on where it stopped (as the counter)
+        rank_zero_warn(
+            f"PositionLossMonitor: resumed inside epoch {resumed} with a train loader that "
+            "starts the epoch again (Lightning resumes only stateful loaders): the epoch's "
+            "positions are counted again from its start, its rows before the checkpoint "
+            "dropped; checkpoint at epoch ends for an exact record."
+        )
+        table = self.records.table()
+        keep = table["epoch"] != resumed
+        self.records.merge([{k: v[keep] for k, v in table.items()}])
+        self._arrived = 0
+        self._last_replica = None
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if resumed == trainer.current_epoch:  # resumed mid-epoch: keep the restored counter
@@ -404,6 +421,14 @@ class PositionLossMonitor(ProbeReporter):
             default=0,
         )
         self._build_probe(trainer)
+
+
+def _resumes_mid_epoch(loader: Any) -> bool:
+    """Whether Lightning restores ``loader``'s place inside an epoch (a stateful loader, as
+    ``DataOrderEnsemble``'s and ``ReplicaJob``'s; a plain DataLoader starts the epoch again)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )
 
 
 def _distributed(trainer: Trainer) -> bool:
