@@ -61,6 +61,10 @@ class RunScalars:
         values = self.series.get(tag)
         return values[-1][1] if values else math.nan
 
+    def last_step(self, tag: str) -> int | str:
+        values = self.series.get(tag)
+        return values[-1][0] if values else "-"
+
 
 def _event_dirs(logdir: Path) -> list[Path]:
     return sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
@@ -266,17 +270,23 @@ def write_report(
             "",
             "Negative rho: samples trained on early keep a higher loss (the imbalance).",
             "",
-            "| model | Spearman rho | mean probe loss | first segment | last segment |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| model | step | Spearman rho | mean probe loss | first segment | last segment |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, values in curves.items():
             base = f"imbalance/{name}" if name else "imbalance"
             lines.append(
-                f"| {name or 'model'} | {signed(run.last(f'{base}/spearman'))} "
+                f"| {name or 'model'} | {run.last_step(f'{base}/spearman')} "
+                f"| {signed(run.last(f'{base}/spearman'))} "
                 f"| {run.last(f'{base}/mean_loss'):.4f} | {float(values[0]):.4f} "
                 f"| {float(values[-1]):.4f} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "step: the global step of each model's last probe (a merge is probed at the epochs "
+            "that merged; replica jobs count their own steps).",
+            "",
+        ]
 
     replicas = _replica_metrics(run, metric)
     if replicas and (metric in run.series or run.replica_jobs):

@@ -54,7 +54,9 @@ def test_report_writes_figures_and_summary(logdir: Path, capsys: pytest.CaptureF
     summary = (out / "summary.md").read_text()
     run = load_scalars(logdir)
     merged_rho = run.last("imbalance/merged/spearman")
-    assert f"| merged | {signed(merged_rho)} |" in summary
+    merged_step = run.last_step("imbalance/merged/spearman")
+    assert merged_step == run.last_step("imbalance/replica_0/spearman")  # the last epoch merged
+    assert f"| merged | {merged_step} | {signed(merged_rho)} |" in summary
     assert f"| merged | {run.last('val_loss'):.4f} |" in summary
     for k in range(2):
         assert f"| replica_{k} | {run.last(f'replica_{k}/val_loss'):.4f} |" in summary
