@@ -219,6 +219,24 @@ def test_probe_evaluates_in_eval_mode_without_grad(tmp_path: Path) -> None:
     assert model.training  # restored
 
 
+def test_probe_runs_in_validations_precision(tmp_path: Path) -> None:
+    """bf16-mixed: the probe scores the model under the same autocast as validation (it ran
+    in float32, so its losses were not the ones validation would report)."""
+    autocast: list[tuple[bool, torch.dtype]] = []
+
+    class Spy(ProbeAware):
+        def per_sample_loss(self, batch):
+            if self.probing:
+                autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().per_sample_loss(batch).float()
+
+    trainer = make_trainer(
+        tmp_path, PositionLossMonitor(probe_size=8), max_epochs=1, precision="bf16-mixed"
+    )
+    trainer.fit(Spy(), DataLoader(make_dataset(), batch_size=8))
+    assert autocast and all(a == (True, torch.bfloat16) for a in autocast)
+
+
 def test_other_logger_gets_scalars_only(tmp_path: Path) -> None:
     model = TinyClassifier()
     monitor = PositionLossMonitor(probe_size=16)

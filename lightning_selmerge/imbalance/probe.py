@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -17,14 +18,28 @@ def _to_device(module: torch.nn.Module, batch: Any, device: torch.device) -> Any
     """Move a probe batch as training moves it: through the attached trainer's strategy (the
     module's ``transfer_batch_to_device`` and batch-transfer hooks included), else with
     Lightning's ``move_data_to_device`` (any object with ``.to``, e.g. a ``BatchEncoding``)."""
-    if isinstance(module, LightningModule):
-        try:
-            trainer = module.trainer
-        except RuntimeError:  # not attached to a Trainer
-            trainer = None
-        if trainer is not None and trainer.lightning_module is module:
-            return trainer.strategy.batch_to_device(batch, device)
+    trainer = _attached_trainer(module)
+    if trainer is not None:
+        return trainer.strategy.batch_to_device(batch, device)
     return move_data_to_device(batch, device)
+
+
+def _attached_trainer(module: torch.nn.Module) -> Any | None:
+    """The Trainer ``module`` is the LightningModule of, else ``None``."""
+    if not isinstance(module, LightningModule):
+        return None
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        return None
+    return trainer if trainer is not None and trainer.lightning_module is module else None
+
+
+def _precision_context(module: torch.nn.Module) -> AbstractContextManager:
+    """Validation's precision (``bf16-mixed`` autocast, ...) when a Trainer runs ``module``: the
+    probe scores a model as validation does."""
+    trainer = _attached_trainer(module)
+    return trainer.precision_plugin.val_step_context() if trainer is not None else nullcontext()
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -79,7 +94,8 @@ class PositionProbe:
         """Losses ``[len(indices)]`` (float32, CPU) from ``loss_fn(batch)``.
 
         ``loss_fn`` defaults to ``module.per_sample_loss``. The module is put in eval mode and
-        restored to its previous mode afterwards.
+        restored to its previous mode afterwards; under a Trainer it runs in validation's
+        precision context (e.g. ``bf16-mixed`` autocast).
         """
         fn = loss_fn if loss_fn is not None else getattr(module, "per_sample_loss", None)
         if not callable(fn):
@@ -100,7 +116,8 @@ class PositionProbe:
         out: list[torch.Tensor] = []
         try:
             for batch in loader:
-                losses = fn(_to_device(module, batch, device))
+                with _precision_context(module):
+                    losses = fn(_to_device(module, batch, device))
                 losses = torch.as_tensor(losses).detach().float().reshape(-1).cpu()
                 out.append(losses)
         finally:
