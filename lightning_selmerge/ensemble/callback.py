@@ -76,8 +76,9 @@ class SelectionMergeCallback(Callback):
         resample, weights, probabilities: shortcuts for the parameters of a method given by
             name (``method="average", weights=[...]``).
         seed: the merge's random seed.
-        every_n_epochs: merge every this many epochs (and at the end of fit, unless it stopped
-            inside an epoch). Between merges, validation uses the latest merge.
+        every_n_epochs: merge every this many epochs, and at the last epoch (``max_epochs``,
+            ``max_steps``; at the end of fit after an early stop, unless it stopped inside an
+            epoch). Between merges, validation uses the latest merge.
         rules: per-tensor method overrides, first match wins.
         sync_replicas: after each merge, reset every replica's weights to the merge (optimizer
             states are kept). Beyond the paper; off by default.
