@@ -247,6 +247,22 @@ def test_model_source_must_be_exactly_one(tmp_path: Path) -> None:
         CausalLMModule(config=TINY, torch_dtype="float8")
 
 
+def test_a_checkpoints_pad_id_follows_the_tokenizer(tmp_path: Path) -> None:
+    """A checkpoint whose config names another pad id than the tokenizer pads with (Llama
+    configs say pad 0, their tokenizers have none and pad with EOS here): a classifier pools on
+    the config's pad id, so a text's logits depended on its batch-mates."""
+    source = SequenceClassificationModule(config=TINY, num_labels=2)
+    source.model.config.pad_token_id = 5  # not the tokenizer's pad (0)
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    module = SequenceClassificationModule(model_name_or_path=str(tmp_path), num_labels=2).eval()
+    assert module.model.config.pad_token_id == module.tokenizer.pad_token_id == 0
+    short = module.tokenizer(["hey"], return_tensors="pt")
+    padded = module.tokenizer(["hey", "a longer text"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(module(short).logits[0], module(padded).logits[0])
+
+
 def test_from_config_model_matches_byte_tokenizer() -> None:
     module = SequenceClassificationModule(config=TINY, num_labels=3)
     config = module.model.config
@@ -341,6 +357,8 @@ def test_an_encoders_tokenizer_ends_responses_with_its_separator(tmp_path: Path)
     module = CausalLMModule(model_name_or_path=str(tmp_path))
     assert (module.tokenizer.eos_token, module.tokenizer.bos_token) == ("[SEP]", "[CLS]")
     assert module.model.config.eos_token_id == 3 and module.model.config.bos_token_id == 2
+    generation = module.model.generation_config  # built before: generation must stop at [SEP]
+    assert (generation.eos_token_id, generation.bos_token_id) == (3, 2)
     rows = {"prompt": ["hi there"], "response": ["yo"]}
     features = sft_features(rows, module.tokenizer, "prompt", "response", "{prompt}", 16)
     assert features["input_ids"] == [[2, 4, 5, 6, 3]]

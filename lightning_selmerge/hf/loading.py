@@ -184,8 +184,9 @@ def build_model(
 ) -> PreTrainedModel:
     """Load ``auto_class`` from a local checkpoint or build it from ``config``, for ``tokenizer``.
 
-    The model's special-token ids follow the tokenizer (``pad_token_id`` is what sequence
-    classification pools on), and its vocabulary covers the tokenizer: a config gets
+    The model's special-token ids follow the tokenizer (``pad_token_id`` always: it is what
+    sequence classification pools on; EOS and BOS where the checkpoint has none, in the
+    generation config too), and its vocabulary covers the tokenizer: a config gets
     ``vocab_size=len(tokenizer)`` unless it names a larger one, a checkpoint whose embeddings are
     too small is resized. ``model_kwargs`` (e.g. ``num_labels``) go to the config. ``torch_dtype``
     goes through :func:`parse_dtype` (default float32). With ``causal=True``, an encoder config
@@ -240,6 +241,12 @@ def build_model(
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         for key, value in special.items():
-            if getattr(model.config, key, None) is None and value is not None:
+            # pad: what the batches are padded with (a classifier pools on it), whatever the
+            # checkpoint's config says; EOS/BOS where the checkpoint has none
+            if value is not None and (key == "pad_token_id" or getattr(model.config, key) is None):
                 setattr(model.config, key, value)
+    generation = getattr(model, "generation_config", None)
+    for key, value in special.items():  # built before the ids were set: generation stops at EOS
+        if generation is not None and value is not None and getattr(generation, key) is None:
+            setattr(generation, key, value)
     return model
