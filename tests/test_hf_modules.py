@@ -172,6 +172,35 @@ def test_string_labels_map_to_sorted_ids_or_label_names(tmp_path: Path) -> None:
         ready(ClassificationDataModule(data_files=files, label_names=["pos", "neg"]))
 
 
+def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
+    """Training on from a classifier whose config names its classes: the data's string labels
+    take the checkpoint's ids (sorted names would swap pos and neg without a word), and labels
+    the checkpoint does not name fall back to the sorted order with a warning."""
+    source = SequenceClassificationModule(config=TINY, num_labels=3)
+    source.model.config.id2label = {0: "pos", 1: "neutral", 2: "neg"}
+    source.model.config.label2id = {"pos": 0, "neutral": 1, "neg": 2}
+    source.model.save_pretrained(tmp_path / "clf")
+    source.tokenizer.save_pretrained(tmp_path / "clf")
+    rows = [{"text": t, "label": y} for t, y in [("good", "pos"), ("bad", "neg"), ("meh", "pos")]]
+    files = write_tsv(tmp_path / "train.tsv", rows)
+    module = SequenceClassificationModule(model_name_or_path=str(tmp_path / "clf"), num_labels=3)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=1)
+    trainer.strategy.connect(module)
+    trainer.lightning_module.trainer = trainer
+    dm = ClassificationDataModule(data_files=files, val_fraction=0.0)
+    dm.trainer = trainer
+    dm.setup("fit")
+    assert dm.label_names == ["pos", "neutral", "neg"]
+    assert dm.train_set["labels"] == [0, 2, 0]
+    assert module.model.config.id2label == {0: "pos", 1: "neutral", 2: "neg"}
+    other = write_tsv(tmp_path / "other.tsv", [{"text": "x", "label": "spam"}])
+    dm = ClassificationDataModule(data_files=other, val_fraction=0.0)
+    dm.trainer = trainer
+    with pytest.warns(UserWarning, match=r"do not name the data's labels \['spam'\]"):
+        dm.setup("fit")
+    assert dm.label_names == ["spam"]
+
+
 def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"extension '\.txt'.*pass data_format"):
         SFTDataModule(data_files=str(tmp_path / "pairs.txt"))

@@ -346,10 +346,12 @@ class SFTDataModule(_TextDataModule):
 class ClassificationDataModule(_TextDataModule):
     """Text classification data: text/label rows -> batches with class ids in ``labels``.
 
-    String labels are mapped to ids by their position in ``label_names``, or in the sorted
-    distinct labels of the training and validation rows; int labels are used as they are. After
-    :meth:`setup`, :attr:`label_names` holds the class names (``None`` for unnamed int labels),
-    and the module's model config names its classes with them (``id2label``, ``label2id``).
+    String labels are mapped to ids by their position in ``label_names``, else in the model's
+    own class names (a classifier checkpoint's ``id2label``, when they name every label), else
+    in the sorted distinct labels of the training and validation rows; int labels are used as
+    they are. After :meth:`setup`, :attr:`label_names` holds the class names (``None`` for
+    unnamed int labels), and the module's model config names its classes with them
+    (``id2label``, ``label2id``).
     Texts are tokenised with the tokenizer's special tokens and truncated to ``max_length``;
     batches are right-padded, whatever the tokenizer's ``padding_side``.
 
@@ -435,7 +437,10 @@ class ClassificationDataModule(_TextDataModule):
         owner = type(self).__name__
         tables = [train] if val is None else [train, val]
         values = [v for table in tables for v in table[self.label_field]]
-        ids, self.label_names = label_ids(owner, values, self.label_names)
+        names = self.label_names
+        if names is None:
+            names = self._model_label_names(values)
+        ids, self.label_names = label_ids(owner, values, names)
         self._num_classes = len(self.label_names) if self.label_names is not None else max(ids) + 1
         self._check_num_labels()
         self._name_model_labels()
@@ -469,6 +474,28 @@ class ClassificationDataModule(_TextDataModule):
                 f"{type(self).__name__}: the data has {classes} classes{names} but the module "
                 f"was built with num_labels={expected}; set the module's num_labels={classes}."
             )
+
+    def _model_label_names(self, values: list[Any]) -> list[str] | None:
+        """The class names a classifier checkpoint was trained with (its config's ``id2label``,
+        when not transformers' default ``LABEL_k``) if they name every string label of the
+        data: continuing to train it keeps its classes' ids (as transformers' text
+        classification example does); else ``None`` (the sorted labels), with a warning."""
+        config = getattr(getattr(self._module(), "model", None), "config", None)
+        id2label = dict(getattr(config, "id2label", None) or {})
+        names = [str(id2label[i]) for i in sorted(id2label)]
+        if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+            return None
+        if not all(isinstance(v, str) for v in values):
+            return None
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            rank_zero_warn(
+                f"{type(self).__name__}: the model's classes {names} do not name the data's "
+                f"labels {unknown[:5]}: the labels get the sorted order and the model's names "
+                "are replaced; give label_names to choose the ids."
+            )
+            return None
+        return names
 
     def _name_model_labels(self) -> None:
         """Give the module's model config the class names (``id2label``/``label2id``, as
