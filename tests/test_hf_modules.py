@@ -172,6 +172,24 @@ def test_string_labels_map_to_sorted_ids_or_label_names(tmp_path: Path) -> None:
         ready(ClassificationDataModule(data_files=files, label_names=["pos", "neg"]))
 
 
+def test_rows_missing_a_value_are_dropped_not_trained_as_none(tmp_path: Path) -> None:
+    """An empty CSV cell or a JSON null came through as None and trained as the text "None"
+    (SFT), or raised an opaque tokenizer TypeError (classification)."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,response\nHello,\n,orphan\nHi,Yo\n", encoding="utf-8")
+    dm = SFTDataModule(data_files=str(pairs), val_fraction=0.0, max_length=32)
+    with pytest.warns(UserWarning, match=r"dropped 2 of 3 rows missing a value"):
+        ready(dm)
+    assert len(dm.train_set) == 1
+    assert dm.train_set["input_ids"][0] == [*byte_ids("Hi"), 13, *byte_ids("Yo"), 1]
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text,label\ngood,pos\n,neg\nbad,neg\n", encoding="utf-8")
+    dm = ClassificationDataModule(data_files=str(texts), val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 3 rows missing a value"):
+        ready(dm)
+    assert dm.train_set["labels"] == [1, 0]
+
+
 def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
     """Training on from a classifier whose config names its classes: the data's string labels
     take the checkpoint's ids (sorted names would swap pos and neg without a word), and labels

@@ -297,12 +297,15 @@ class SFTDataModule(_TextDataModule):
 
     def _tokenise(self, table: Dataset) -> Dataset:
         owner = type(self).__name__
-        missing = template_fields(self.prompt_template) - {"prompt", *table.column_names}
+        used = template_fields(self.prompt_template)
+        missing = used - {"prompt", *table.column_names}
         if missing:
             raise ValueError(
                 f"{owner}: prompt_template uses {sorted(missing)}, which are not columns; "
                 f"use {{prompt}} or one of {table.column_names}."
             )
+        fields = {self.prompt_field, self.response_field, *(used - {"prompt"})}
+        table = drop_missing_values(owner, table, sorted(fields))
         tokenised = table.map(
             sft_features,
             batched=True,
@@ -435,6 +438,9 @@ class ClassificationDataModule(_TextDataModule):
 
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         owner = type(self).__name__
+        fields = [self.text_field, self.label_field]
+        train = drop_missing_values(owner, train, fields)
+        val = None if val is None else drop_missing_values(owner, val, fields)
         tables = [train] if val is None else [train, val]
         values = [v for table in tables for v in table[self.label_field]]
         names = self.label_names
@@ -511,3 +517,21 @@ class ClassificationDataModule(_TextDataModule):
 
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def drop_missing_values(owner: str, table: Dataset, fields: list[str]) -> Dataset:
+    """``table`` without the rows missing a value in ``fields`` (an empty CSV cell, a JSON
+    ``null``), with a warning naming how many: they would train as the text "None"."""
+    kept = table.filter(
+        lambda *values: all(v is not None for v in values),
+        input_columns=fields,
+        desc=f"{owner}: dropping rows with missing values",
+    )
+    if len(kept) < len(table):
+        rank_zero_warn(
+            f"{owner}: dropped {len(table) - len(kept)} of {len(table)} rows missing a value in "
+            f"{fields} (an empty cell or a null); fill them in to keep those rows."
+        )
+    if len(kept) == 0 and len(table):
+        raise ValueError(f"{owner}: every row misses a value in {fields}.")
+    return kept
