@@ -563,4 +563,7 @@ def test_sequence_classification_ensemble_fit_exports_the_merge(tmp_path: Path) 
     exported = AutoConfig.from_pretrained(tmp_path / "merged" / "epoch_000")
     assert exported.id2label == {0: "ai", 1: "food", 2: "sports"}  # not LABEL_0..2
     assert exported.label2id == {"ai": 0, "food": 1, "sports": 2}
+    fit.save_checkpoint(tmp_path / "fit.ckpt")  # the names come back with the module too
+    loaded = SequenceClassificationModule.load_from_checkpoint(tmp_path / "fit.ckpt")
+    assert loaded.model.config.id2label == {0: "ai", 1: "food", 2: "sports"}
     assert "replica_0/val_acc" in fit.callback_metrics

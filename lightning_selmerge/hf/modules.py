@@ -280,6 +280,18 @@ class SequenceClassificationModule(_HFModule):
     def _per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return sequence_classification_per_sample_loss(logits, labels)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the class names the data gave the config (ClassificationDataModule): a module loaded
+        # from the checkpoint is built from hparams, whose config does not hold them
+        checkpoint["id2label"] = dict(self.model.config.id2label)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        id2label = checkpoint.get("id2label")
+        if id2label:
+            names = {int(i): str(name) for i, name in id2label.items()}
+            self.model.config.id2label = names
+            self.model.config.label2id = {name: i for i, name in names.items()}
+
     def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.val_acc.update(logits.argmax(dim=-1), labels)
         self.log("val_acc", self.val_acc, prog_bar=True)
