@@ -410,6 +410,12 @@ def test_an_encoders_tokenizer_ends_responses_with_its_separator(tmp_path: Path)
     features = sft_features(rows, module.tokenizer, "prompt", "response", "{prompt}", 16)
     assert features["input_ids"] == [[2, 4, 5, 6, 3]]
     assert features["labels"] == [[-100, -100, -100, 6, 3]]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "hi there", "response": "yo"}])
+    dm = SFTDataModule(  # the data module loading the tokenizer itself maps it alike
+        data_files=pairs, tokenizer_name_or_path=str(tmp_path), val_fraction=0.0
+    )
+    dm.setup("fit")
+    assert dm.train_set["input_ids"] == [[2, 4, 5, 6, 3]]
 
 
 @pytest.mark.parametrize("module_class", [SequenceClassificationModule, CausalLMModule])

@@ -30,7 +30,7 @@ from lightning_selmerge.hf.files import (
     require_files,
     train_val_split,
 )
-from lightning_selmerge.hf.loading import ensure_pad_token, load_tokenizer
+from lightning_selmerge.hf.loading import ensure_pad_token, ensure_sequence_tokens, load_tokenizer
 from lightning_selmerge.hf.preprocess import (
     IGNORE_INDEX,
     classification_features,
@@ -44,6 +44,9 @@ __all__ = ["ClassificationDataModule", "SFTDataModule"]
 
 class _TextDataModule(LightningDataModule):
     """Loading, splitting, tokenizer resolution and loaders; subclasses tokenise the rows."""
+
+    #: whether the rows train a causal LM (its tokenizer needs an EOS to end responses)
+    causal = False
 
     def _init_common(
         self,
@@ -152,6 +155,8 @@ class _TextDataModule(LightningDataModule):
         owner = type(self).__name__
         if self.tokenizer is None and self.tokenizer_name_or_path is not None:
             self.tokenizer = load_tokenizer(owner, self.tokenizer_name_or_path)
+            if self.causal:  # as CausalLMModule loads it: an encoder's [SEP] ends responses
+                ensure_sequence_tokens(owner, self.tokenizer)
         if self.tokenizer is None:
             self.tokenizer = getattr(self._module(), "tokenizer", None)
         if self.tokenizer is None:
@@ -260,6 +265,8 @@ class SFTDataModule(_TextDataModule):
         >>> sorted(next(iter(dm.train_dataloader())))
         ['attention_mask', 'input_ids', 'labels', 'sample_index']
     """
+
+    causal = True
 
     def __init__(
         self,
