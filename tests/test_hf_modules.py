@@ -573,3 +573,27 @@ def test_sequence_classification_ensemble_fit_exports_the_merge(tmp_path: Path) 
     loaded = SequenceClassificationModule.load_from_checkpoint(tmp_path / "fit.ckpt")
     assert loaded.model.config.id2label == {0: "ai", 1: "food", 2: "sports"}
     assert "replica_0/val_acc" in fit.callback_metrics
+
+
+def test_sft_rows_start_as_the_tokenizer_starts_a_prompt() -> None:
+    """OPT-style tokenizers prepend their BOS, which is also EOS: a training row starts with it,
+    as tokenizer(prompt) does at inference (it was left out since BOS == EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_selmerge.hf.preprocess import added_prefix, sft_features
+
+    words = ["<pad>", "</s>", "hi", "yo"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>"
+    )
+    assert tokenizer("hi")["input_ids"] == [1, 2]
+    assert added_prefix(tokenizer) == [1]
+    features = sft_features({"p": ["hi"], "r": ["yo"]}, tokenizer, "p", "r", "{prompt}", 8)
+    assert features["input_ids"] == [[1, 2, 3, 1]]
+    assert features["labels"] == [[-100, -100, 3, 1]]

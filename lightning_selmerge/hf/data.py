@@ -226,8 +226,9 @@ def _split(owner: str, tables: DatasetDict, name: str, argument: str) -> Dataset
 class SFTDataModule(_TextDataModule):
     """Supervised fine-tuning data: prompt/response rows -> causal-LM batches, loss on responses.
 
-    Each row becomes ``[BOS] + prompt_template.format(prompt=...) + response + EOS`` (BOS only
-    for tokenizers whose BOS differs from EOS), truncated to ``max_length`` tokens; ``labels``
+    Each row becomes ``prefix + prompt_template.format(prompt=...) + response + EOS`` (the
+    prefix: what the tokenizer puts before a text, e.g. Llama's BOS), truncated to
+    ``max_length`` tokens; ``labels``
     are the input ids with the prompt and the padding set to -100. Rows whose response is cut
     away entirely are dropped (with a warning). Batches: ``input_ids``, ``attention_mask``,
     ``labels`` (right-padded per batch with the tokenizer's pad id / -100, whatever the

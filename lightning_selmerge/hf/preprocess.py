@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "IGNORE_INDEX",
+    "added_prefix",
     "classification_features",
     "label_ids",
     "sft_features",
@@ -40,11 +41,12 @@ def sft_features(
 ) -> dict[str, list[list[int]]]:
     """Tokenise a batch of rows (``datasets.map(batched=True)``) for supervised fine-tuning.
 
-    Each example is ``[BOS] + template(prompt) + response + EOS`` cut to ``max_length`` tokens;
-    ``labels`` copy the ids with the prompt part set to :data:`IGNORE_INDEX`, so the loss covers
-    only the response (and its EOS). BOS is added when the tokenizer has one distinct from EOS
-    (Llama-style). The template is ``str.format``-ed with ``prompt`` (the prompt field's value)
-    and every column of the row.
+    Each example is ``prefix + template(prompt) + response + EOS`` cut to ``max_length``
+    tokens; ``labels`` copy the ids with the prompt part set to :data:`IGNORE_INDEX`, so the
+    loss covers only the response (and its EOS). ``prefix`` is what the tokenizer itself puts
+    before a text (:func:`added_prefix`: Llama's BOS, OPT's ``</s>``, none for GPT-2), so a
+    prompt starts as ``tokenizer(prompt)`` starts it at inference. The template is
+    ``str.format``-ed with ``prompt`` (the prompt field's value) and every column of the row.
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
@@ -60,8 +62,7 @@ def sft_features(
             "which ends every response: give a tokenizer that has one (tokenizer_name_or_path), "
             "or set tokenizer.eos_token in Python before the fit."
         )
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and bos != eos else []
+    prefix = added_prefix(tokenizer)
     columns = list(rows)
     count = len(rows[prompt_field])
     prompts = [
@@ -82,6 +83,23 @@ def sft_features(
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append(labels)
     return out
+
+
+def added_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens ``tokenizer`` puts before a text (``add_special_tokens=True``).
+
+    Example:
+        >>> from lightning_selmerge.hf.loading import byte_tokenizer
+        >>> added_prefix(byte_tokenizer())  # ByT5-style: an EOS after the text, nothing before
+        []
+    """
+    probe = "a"
+    marked = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return list(marked[:start])
+    return []
 
 
 def classification_features(
