@@ -65,7 +65,9 @@ def test_demo_config_runs_as_replica_jobs(
         record = json.loads((epoch / f"replica_{replica:03d}" / "selmerge.json").read_text())
         assert (record["replica"], record["num_replicas"], record["seed"]) == (replica, 2, 0)
         logs = tmp_path / "runs" / "demo" / f"replica_{replica:03d}"  # one TensorBoard tree
-        assert sorted(p.name for p in (logs / "checkpoints").iterdir()) == ["last.ckpt"]
+        saved = sorted(p.name for p in (logs / "checkpoints").iterdir())
+        assert saved == ["epoch=0-step=1.ckpt", "last.ckpt"]  # saved at each epoch's end
+        assert (logs / "checkpoints" / "last.ckpt").is_symlink()  # one training state on disk
         saved = yaml.safe_load((logs / "config.yaml").read_text())
         assert saved["trainer"]["strategy"]["class_path"].endswith("DataOrderEnsemble")
     assert (tmp_path / "snaps" / "initial" / "config.json").is_file()

@@ -15,7 +15,8 @@ The same config that trains the in-process ensemble trains replica k of K as its
   replica; on one device);
 * loggers without a ``version`` get ``replica_{k:03d}``, so the K jobs log into one tree (the
   default logger becomes ``TensorBoardLogger(default_root_dir, version="replica_{k:03d}")``),
-  and ``ModelCheckpoint(save_last=True)`` is added when no checkpoint callback is configured,
+  and ``ModelCheckpoint(save_last="link", save_top_k=1)`` (each epoch's, ``last.ckpt`` a link to
+  it) is added when no checkpoint callback is configured,
   so a requeued job resumes with ``--ckpt_path last``;
 * ``seed_everything`` must be an int: every job must build the same initial model and draw
   the same dropout as the ensemble would.
@@ -59,7 +60,7 @@ class ReplicaSettings:
     seed: int
     snapshot_dir: str
     fixed_batches: bool
-    checkpoint: bool  # add ModelCheckpoint(save_last=True)
+    checkpoint: bool  # add a ModelCheckpoint saving each epoch, last.ckpt linking to it
 
 
 class ReplicaJobRefused(ValueError):
@@ -288,6 +289,8 @@ def replica_trainer(trainer_init: Any, settings: ReplicaSettings) -> dict[str, A
     )
     callbacks = [job, *(trainer_init.get("callbacks") or [])]
     if settings.checkpoint:
-        # last.ckpt only: the default top-1 checkpoint would be a second full training state
-        callbacks.append(ModelCheckpoint(save_last=True, save_top_k=0))
+        # every epoch, the newest only, last.ckpt a link to it (one full training state on
+        # disk): save_top_k=0 wrote last.ckpt at the fit's end only, so a requeued job
+        # started over
+        callbacks.append(ModelCheckpoint(save_last="link", save_top_k=1, every_n_epochs=1))
     return {"strategy": strategy, "callbacks": callbacks}
