@@ -149,7 +149,13 @@ def test_records_say_which_run_and_replica(job_snapshots: Path) -> None:
     recipe = records[0]["recipe"]
     assert all(r["recipe"] == recipe for r in records)
     assert recipe["module"] == "ensemble_support.Net"
-    assert recipe["data"] == {"size": len(make_data()), "batch_size": BATCH, "drop_last": False}
+    assert recipe["data"] == {
+        "size": len(make_data()),
+        "batch_size": BATCH,
+        "drop_last": False,
+        "ranks": 1,
+        "batches_per_epoch": 8,
+    }
     (group,) = recipe["optimizers"][0]["groups"]
     assert group["lr"] == group["initial_lr"] == 0.05
     assert group["num_tensors"] == len(list(Net().parameters()))
@@ -223,16 +229,18 @@ def test_resume_inside_an_epoch_gives_the_same_bits(job_snapshots: Path, tmp_pat
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
     )
-    job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=tmp_path / "first")
+    snapshot_dir = tmp_path / "snapshots"
+    job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=snapshot_dir)
     job_trainer(job, callbacks=[checkpoints], enable_checkpointing=True).fit(module(), *loaders())
-    resumed_dir = tmp_path / "resumed"
-    job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=resumed_dir)
+    snapshot(snapshot_dir, 1, 1).unlink()  # as if killed at step 11
+    before = snapshot(snapshot_dir, 0, 1).stat().st_mtime_ns
+    job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=snapshot_dir)
     net = Net(scheduler=True, dropout=0.3)  # other weights would be replaced by the checkpoint
     seed_everything(FIT_SEED + 7)  # the fit's seed comes from the checkpoint, not from here
     job_trainer(job).fit(net, *loaders(), ckpt_path=tmp_path / "ckpt" / "step=11.ckpt")
-    assert not snapshot(resumed_dir, 0, 1).exists()  # written before the kill, not again
+    assert snapshot(snapshot_dir, 0, 1).stat().st_mtime_ns == before  # not written again
     assert equal_states(
-        load_file(snapshot(resumed_dir, 1, 1)), load_file(snapshot(job_snapshots, 1, 1))
+        load_file(snapshot(snapshot_dir, 1, 1)), load_file(snapshot(job_snapshots, 1, 1))
     )
 
 
@@ -253,6 +261,36 @@ def test_resume_writes_the_snapshot_a_killed_job_missed(
         )
 
 
+def test_a_job_resumed_with_other_settings_is_refused_at_the_merge(
+    job_snapshots: Path, tmp_path: Path
+) -> None:
+    """Resumed at an epoch's end with another batch size: the records after the resume say
+    so, and the merge of that epoch refuses the replica (they kept the start's recipe)."""
+    from lightning_selmerge.merging import MergeError
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    job = ReplicaJob(K, 2, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    job_trainer(job, epochs=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        module(), *loaders()
+    )
+    train, val = loaders()
+    job = ReplicaJob(K, 2, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    job_trainer(job).fit(
+        module(),
+        DataLoader(train.dataset, batch_size=4),
+        val,
+        ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt",
+    )
+    epoch = tmp_path / "epoch_001"
+    epoch.mkdir()
+    for replica in range(K):
+        source = snapshot(tmp_path / "s" if replica == 2 else job_snapshots, 1, replica)
+        (epoch / source.name).write_bytes(source.read_bytes())
+    with pytest.raises(MergeError, match=r"different settings.*data\.batch_size: 8 vs 4"):
+        merge_epoch(epoch, tmp_path / "merged")
+
+
 def test_another_replicas_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
@@ -262,6 +300,11 @@ def test_another_replicas_checkpoint_is_refused(tmp_path: Path) -> None:
     job = ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
     with pytest.raises(MisconfigurationException, match="replica=0, this one has replica=1"):
         job_trainer(job).fit(Net(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    # its own checkpoint, but another snapshot_dir: a finished fit would resume to nothing
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "elsewhere")
+    with pytest.raises(MisconfigurationException, match="writing its snapshots to .*/s, this"):
+        job_trainer(job).fit(Net(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,14 @@ A recipe is plain JSON: the module's class and its JSON-valued ``hparams`` (stri
 path separator left out: jobs may read the same files from different places), every optimizer's
 class and parameter-group settings (without the implementation switches ``foreach``, ``fused``,
 ``capturable`` and ``differentiable``), every LR scheduler's class, interval, frequency and
-settings, the train data's size, batch size and ``drop_last``, and the trainer's
+settings, the train data's size, batch size, ``drop_last``, batches per epoch and the number of
+ranks training the replica side by side (each its own batches), and the trainer's
 ``max_epochs``, ``max_steps``, ``accumulate_grad_batches``, gradient clipping and precision.
-What may differ between jobs is left out: devices, strategy, paths, loggers.
+What may differ between jobs is left out: the strategy, paths, loggers, workers.
+
+A resumed job records what it trains with from then on (a batch size changed at the resume is
+seen by the merge), but the optimizer and scheduler settings it started with: their live
+values (a scheduled learning rate) are restored from the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["plain_settings", "training_recipe"]
+__all__ = ["plain_settings", "resumed_recipe", "training_recipe"]
 
 #: optimizer switches that choose an implementation, not the update
 _IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -110,3 +115,19 @@ def training_recipe(
         },
     }
     return json.loads(json.dumps(recipe))  # tuples as lists: as a record reads back
+
+
+def resumed_recipe(started: Mapping[str, Any] | None, now: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe of a resumed job: ``now`` (at the resume), with the optimizer and scheduler
+    settings the job ``started`` with (a checkpoint restores their live, scheduled values).
+
+    Example:
+        >>> started = {"optimizers": [{"groups": [{"lr": 0.1}]}], "data": {"batch_size": 8}}
+        >>> now = {"optimizers": [{"groups": [{"lr": 0.05}]}], "data": {"batch_size": 16}}
+        >>> resumed_recipe(started, now)
+        {'optimizers': [{'groups': [{'lr': 0.1}]}], 'data': {'batch_size': 16}}
+    """
+    if started is None:  # a checkpoint of a version that recorded none
+        return None
+    kept = {key: started[key] for key in ("optimizers", "lr_schedulers") if key in started}
+    return {**now, **kept}

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_selmerge.data.sampler import DataOrderSampler
 from lightning_selmerge.ensemble import replica_snapshots as snapshots
 from lightning_selmerge.ensemble.loader import ResumableLoader, resumable_loader
-from lightning_selmerge.ensemble.recipe import training_recipe
+from lightning_selmerge.ensemble.recipe import resumed_recipe, training_recipe
 from lightning_selmerge.ensemble.replica_job_checks import check_replica_args, check_trainer
 from lightning_selmerge.ensemble.rng import rng_states, seed_replica_pass, set_rng_states
 from lightning_selmerge.ensemble.sampler import EnsembleBatchSampler
@@ -193,7 +193,9 @@ class ReplicaJob(Callback):
         if restored is not None:
             self._rng_base = int(restored["rng_base"])
             self._initial_fingerprint = restored.get("initial_fingerprint")
-            self._recipe = restored.get("recipe")
+            self._recipe = resumed_recipe(
+                restored.get("recipe"), self._training_recipe(trainer, pl_module)
+            )
             set_rng_states(restored["rng"])
             self._complete_epoch = restored.get("complete_epoch")
             if self._complete_epoch is not None:
@@ -261,6 +263,7 @@ class ReplicaJob(Callback):
             "initial_fingerprint": self._initial_fingerprint,
             "recipe": self._recipe,
             "complete_epoch": self._complete_epoch,
+            "snapshot_dir": str(self.snapshot_dir.resolve()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +275,14 @@ class ReplicaJob(Callback):
                     f"{self.replica} from its own checkpoint (its logger version "
                     f"{self.logger_version} holds them), or start it without ckpt_path."
                 )
+        saved_dir = state_dict.get("snapshot_dir")
+        if saved_dir is not None and Path(saved_dir) != self.snapshot_dir.resolve():
+            raise MisconfigurationException(
+                f"ReplicaJob: the checkpoint is of a job writing its snapshots to {saved_dir}, "
+                f"this one writes to {self.snapshot_dir.resolve()}: resuming would not write "
+                "them there (a finished fit resumes to nothing). Resume with that snapshot_dir, "
+                "or start this job without ckpt_path."
+            )
         self._restored = dict(state_dict)
 
     # -- internals ------------------------------------------------------------------------
@@ -363,6 +374,9 @@ class ReplicaJob(Callback):
                 "size": len(sampler.sampler),
                 "batch_size": sampler.batch_size,
                 "drop_last": bool(sampler.drop_last),
+                # ranks training the replica's batches side by side, and each one's batches
+                "ranks": sampler.num_shards,
+                "batches_per_epoch": trainer.num_training_batches,
             }
         return training_recipe(trainer, pl_module, data)
 

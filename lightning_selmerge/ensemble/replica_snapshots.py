@@ -253,7 +253,9 @@ def check_snapshot_dir(snapshot_dir: str | Path, run: Mapping[str, Any]) -> None
                 f"ReplicaJob: {path} in the snapshot_dir was written by a job with other "
                 f"settings ({differences}; recorded vs this job's). The K jobs of a run share "
                 "one config (only the replica index differs): start this job with the "
-                "recorded settings, or use a new snapshot_dir."
+                "recorded settings; if this job's are the intended ones, the job that wrote "
+                f"{path.name} is the odd one: delete what it wrote (its replica's snapshots, "
+                "and its checkpoint) and rerun it; or use a new snapshot_dir."
             )
 
 
