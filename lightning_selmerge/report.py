@@ -83,8 +83,10 @@ def _read_run(directory: Path) -> RunScalars:
 
 
 def load_scalars(logdir: str | Path) -> RunScalars:
-    """All scalars of the newest run under ``logdir`` that logged any (the directory whose
-    events are newest; a fit that stopped before its first log leaves an empty one)."""
+    """All scalars of the newest run under ``logdir`` that logged ``imbalance/*`` or
+    per-replica scalars (the directory whose events are newest, passing over a later
+    ``validate`` run and a fit that stopped before its first log), else of the newest that
+    logged any."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise ReportError(
@@ -98,15 +100,20 @@ def load_scalars(logdir: str | Path) -> RunScalars:
             "runs/demo/version_0) of a fit run with a TensorBoardLogger."
         )
     dirs.sort(key=lambda d: max(p.stat().st_mtime for p in d.glob("events.out.*")), reverse=True)
-    for directory in dirs:
-        run = _read_run(directory)
-        if run.series:
-            jobs = _replica_jobs(directory, dirs)
-            return _combined(directory.parent, jobs) if len(jobs) > 1 else run
+    runs = [run for run in map(_read_run, dirs) if run.series]
+    # a fit's run, not a later `validate` of its merge (which logs val_loss alone)
+    for run in sorted(runs, key=lambda r: not _reportable(r)):
+        jobs = _replica_jobs(run.directory, dirs)
+        return _combined(run.directory.parent, jobs) if len(jobs) > 1 else run
     raise ReportError(
         f"no scalars in the TensorBoard logs under {logdir} ({len(dirs)} run(s)): each fit "
         "stopped before its first log; give the directory of a fit that ran."
     )
+
+
+def _reportable(run: RunScalars) -> bool:
+    """Whether ``run`` logged what a report shows: ``imbalance/*`` or per-replica scalars."""
+    return any(tag.startswith("imbalance/") or _REPLICA_METRIC.match(tag) for tag in run.series)
 
 
 def _replica_jobs(newest: Path, dirs: list[Path]) -> dict[int, Path]:

@@ -111,6 +111,9 @@ def test_a_newer_run_that_logged_nothing_is_passed_over(
     SummaryWriter(str(empty)).close()
     assert list(empty.glob("events.out.tfevents.*"))
     assert load_scalars(tree).directory == good
+    with SummaryWriter(str(good.parent / "version_100")) as writer:  # a later `validate`
+        writer.add_scalar("val_loss", 1.0, 0)
+    assert load_scalars(tree).directory == good
     only_empty = tmp_path / "failed"
     SummaryWriter(str(only_empty / "version_0")).close()
     assert main(["report", str(only_empty)]) == 2
