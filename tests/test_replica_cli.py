@@ -51,7 +51,7 @@ def test_demo_config_runs_as_replica_jobs(
     note = capsys.readouterr().err
     assert (
         "lightning-selmerge merge --epoch_dir snaps/epoch_NNN --base snaps/initial --method "
-        "selection --resample 1 --out merged" in note
+        "selection --resample 1 --out merged/epoch_NNN" in note
     )
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # --replica from the job array
     with warnings.catch_warnings(record=True) as caught:

@@ -535,3 +535,21 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(tmp_path: Path) -
     job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
     with pytest.raises(MisconfigurationException, match="but this fit's batch_size is 16"):
         job_trainer(job).fit(Net(), wider, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+
+
+def test_a_killed_writes_temporaries_are_removed_by_its_jobs_next_start(tmp_path: Path) -> None:
+    """Only the job that writes a name removes it: replica 0's job also its initial weights'."""
+    from lightning_selmerge.ensemble.replica_snapshots import remove_stale_temporaries
+
+    (tmp_path / "epoch_000").mkdir()
+    mine = [
+        tmp_path / "epoch_000" / ".replica_000.safetensors.tmp-0123abcd",
+        tmp_path / ".initial.tmp-89abcdef",
+    ]
+    other = tmp_path / "epoch_000" / ".replica_001.safetensors.tmp-0123abcd"
+    mine[1].mkdir()
+    for path in (mine[0], other):
+        path.write_bytes(b"partial")
+    assert not remove_stale_temporaries(tmp_path, 2)
+    assert sorted(remove_stale_temporaries(tmp_path, 0)) == sorted(mine)
+    assert not any(p.exists() for p in mine) and other.exists()

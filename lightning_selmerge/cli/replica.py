@@ -206,7 +206,7 @@ def _merge_note(callback: Any, settings: ReplicaSettings) -> str:
     return (
         "replica job: SelectionMergeCallback dropped (a job holds one replica); merge an epoch "
         f"of the K jobs as it would with: lightning-selmerge merge --epoch_dir "
-        f"{settings.snapshot_dir}/epoch_NNN --base {base} {' '.join(flags)} --out merged"
+        f"{settings.snapshot_dir}/epoch_NNN --base {base} {' '.join(flags)} --out merged/epoch_NNN"
     )
 
 

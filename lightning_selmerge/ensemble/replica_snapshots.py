@@ -267,13 +267,19 @@ def remove_stale_temporaries(snapshot_dir: str | Path, replica: int) -> list[Pat
         return []
     stem = re.escape(f"replica_{replica:03d}")
     pattern = re.compile(rf"^\.{stem}(\.safetensors)?\.tmp-")
-    removed = []
-    for epoch in (p for p in snapshot_dir.iterdir() if _EPOCH.match(p.name) and p.is_dir()):
-        for stale in epoch.iterdir():
-            if pattern.match(stale.name):
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-                removed.append(stale)
-    return removed
+    candidates = [
+        stale
+        for epoch in snapshot_dir.iterdir()
+        if _EPOCH.match(epoch.name) and epoch.is_dir()
+        for stale in epoch.iterdir()
+        if pattern.match(stale.name)
+    ]
+    if replica == 0:  # replica 0's job writes the initial weights too
+        initial = re.compile(r"^\.initial(\.safetensors)?\.tmp-")
+        candidates += [p for p in snapshot_dir.iterdir() if initial.match(p.name)]
+    for stale in candidates:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return candidates
