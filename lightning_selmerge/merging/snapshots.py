@@ -263,11 +263,15 @@ def _check_recipes(epoch_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     for where, other in others:
         differences = recipe_differences(recipe, other)
         if differences:
+            present = [str(epoch_dir / name) for name in records if name.startswith("replica_")]
+            prefix = next((r["draw_prefix"] for r in records.values() if r.get("draw_prefix")), "")
             raise MergeError(
                 f"the replicas of {epoch_dir} were trained with different settings, {first} vs "
                 f"{where}: {differences}. The K jobs of a run share one config (only the "
-                "replica index differs): rerun the odd ones; to merge them anyway, "
-                + merge_by_path_hint(epoch_dir)
+                "replica index differs): rerun the odd ones; to merge them anyway, merge them "
+                f"by path: lightning-selmerge merge {' '.join(present)}"
+                + (f" --draw_prefix {prefix}" if prefix else "")
+                + " --base ... --out ..."
             )
 
 
