@@ -55,3 +55,14 @@ def test_steps_per_model_counts_one_replica_on_replica_groups(tmp_path: Path) ->
     result = run_distributed(tmp_path, 2, 4, 1, 8, "--record-steps")
     for rank in result["ranks"]:
         assert rank["steps"] == {"steps_per_replica": 16, "steps_per_model": 16}
+
+
+class LongWarmupNet(Net):
+    def configure_optimizers(self) -> dict:  # type: ignore[override]
+        return adamw_with_warmup(self, 0.05, 0.0, warmup_steps=50, lr_schedule="cosine")
+
+
+def test_a_warmup_longer_than_a_replicas_steps_is_warned_of() -> None:
+    """warmup_steps counts one replica's steps (16 here): 50 never reach the peak rate."""
+    with pytest.warns(UserWarning, match=r"warmup_steps=50 is not below the 16 optimizer steps"):
+        fit(LongWarmupNet(), 3, epochs=2, callbacks=[SelectionMergeCallback()])

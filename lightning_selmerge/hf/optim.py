@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from transformers import get_scheduler
 
 __all__ = ["LR_SCHEDULES", "adamw_with_warmup", "decay_groups"]
@@ -74,6 +75,19 @@ def adamw_with_warmup(
     optimizer = torch.optim.AdamW(decay_groups(module, weight_decay), lr=learning_rate)
     if lr_schedule == "constant" and warmup_steps == 0:
         return optimizer
+    try:
+        steps: int | None = steps_per_model(module)
+    except (ValueError, RuntimeError):  # unbounded, or no trainer: only a decay needs the length
+        if lr_schedule != "constant":
+            raise
+        steps = None
+    if steps is not None and warmup_steps >= steps:
+        rank_zero_warn(
+            f"{type(module).__name__}: warmup_steps={warmup_steps} is not below the {steps} "
+            "optimizer steps each model trains: the learning rate never reaches its peak"
+            + (" (nor decays)" if lr_schedule != "constant" else "")
+            + "; lower warmup_steps."
+        )
     if lr_schedule == "constant":
         scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
     else:
@@ -81,7 +95,7 @@ def adamw_with_warmup(
             lr_schedule,
             optimizer,
             num_warmup_steps=warmup_steps,
-            num_training_steps=steps_per_model(module),
+            num_training_steps=steps,
         )
     return {
         "optimizer": optimizer,
