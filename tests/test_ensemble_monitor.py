@@ -55,20 +55,25 @@ def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None, merg
     callbacks: list = [monitor] if merger is None else [monitor, merger]
     if tmp is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=3, save_top_k=-1))
+    trainer = fit_ensemble(callbacks, epochs, ckpt_path, enable_checkpointing=tmp is not None)
+    return trainer, monitor, merger
+
+
+def fit_ensemble(callbacks: list, epochs: int, ckpt_path: str | None = None, **kwargs) -> Trainer:
+    """A K-replica fit of a Classifier on the dataset (no logger unless given)."""
+    settings = {"logger": False, "enable_checkpointing": False, **kwargs}
     trainer = Trainer(
         strategy=DataOrderEnsemble(num_replicas=K, seed=3),
         callbacks=callbacks,
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
-        logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=tmp is not None,
+        **settings,
     )
-    module = Classifier()
-    trainer.fit(module, DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
-    return trainer, monitor, merger
+    trainer.fit(Classifier(), DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
+    return trainer
 
 
 def test_probe_scores_each_replica_and_the_merge() -> None:
@@ -162,19 +167,7 @@ def test_the_merge_is_probed_at_the_epochs_that_merged_and_the_last_one() -> Non
     recorder = MetricsRecorder()
     monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
     merger = SelectionMergeCallback(seed=1, every_n_epochs=2)
-    trainer = Trainer(
-        strategy=DataOrderEnsemble(num_replicas=K, seed=3),
-        callbacks=[monitor, merger],
-        accelerator="cpu",
-        devices=1,
-        max_epochs=3,
-        logger=recorder,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    module = Classifier()
-    trainer.fit(module, DataLoader(dataset(), batch_size=BATCH))
+    fit_ensemble([monitor, merger], 3, logger=recorder)
     steps_per_epoch = K * N // BATCH
     merged = [step for step, m in recorder.logged if "imbalance/merged/spearman" in m]
     replica = [step for step, m in recorder.logged if "imbalance/replica_0/spearman" in m]
@@ -199,20 +192,15 @@ def test_a_monitor_added_at_a_resume_knows_every_replicas_positions(tmp_path: Pa
     (only replica 0's was known, so the other replicas were not probed)."""
 
     def fit(callbacks: list, epochs: int, ckpt_path: str | None = None) -> Trainer:
-        trainer = Trainer(
-            strategy=DataOrderEnsemble(num_replicas=K, seed=3),
-            callbacks=[SelectionMergeCallback(seed=1), *callbacks],
-            accelerator="cpu",
-            devices=1,
-            max_epochs=epochs,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=ckpt_path is None,
+        callbacks = [SelectionMergeCallback(seed=1), *callbacks]
+        checkpointing = ckpt_path is None
+        return fit_ensemble(
+            callbacks,
+            epochs,
+            ckpt_path,
+            enable_checkpointing=checkpointing,
             default_root_dir=tmp_path,
         )
-        trainer.fit(Classifier(), DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
-        return trainer
 
     fit([], epochs=1)
     (ckpt,) = tmp_path.rglob("*.ckpt")
