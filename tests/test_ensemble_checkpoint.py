@@ -279,3 +279,20 @@ def test_validating_before_the_first_merge_is_named() -> None:
         warnings.simplefilter("always")
         fit(Net(), 2, 2, [SelectionMergeCallback()], val=True)
     assert not [w for w in caught if "before the first merge" in str(w.message)]
+
+
+def test_the_last_epoch_is_known_only_from_a_bound() -> None:
+    """The final merge is made at the last batch of the last epoch: max_epochs or max_steps
+    tell it; an unbounded fit (max_epochs=-1, e.g. with max_time) merges every n-th epoch only."""
+    from types import SimpleNamespace
+
+    from lightning_selmerge.ensemble.callback import _fit_ends_here
+
+    def trainer(**kw) -> SimpleNamespace:
+        return SimpleNamespace(**{"max_epochs": -1, "max_steps": -1, "global_step": 8, **kw})
+
+    assert not _fit_ends_here(trainer(current_epoch=4))
+    assert not _fit_ends_here(trainer(current_epoch=4, max_epochs=None))
+    assert _fit_ends_here(trainer(current_epoch=2, max_epochs=3))
+    assert not _fit_ends_here(trainer(current_epoch=1, max_epochs=3))
+    assert _fit_ends_here(trainer(current_epoch=1, max_steps=8))

@@ -477,5 +477,6 @@ def _ensemble(trainer: Trainer) -> DataOrderEnsemble:
 def _fit_ends_here(trainer: Trainer) -> bool:
     """Whether the fit ends at this epoch's end by ``max_epochs`` or ``max_steps``: its merge
     is made at the last batch like every merge, so it is validated and probed in the epoch."""
-    last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+    epochs = trainer.max_epochs  # None or -1: unbounded
+    last_epoch = epochs is not None and epochs >= 0 and trainer.current_epoch + 1 >= epochs
     return last_epoch or 0 < trainer.max_steps <= trainer.global_step
