@@ -217,6 +217,15 @@ def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"do not name the data's labels \['spam'\]"):
         dm.setup("fit")
     assert dm.label_names == ["spam"]
+    assert module.model.config.id2label == {0: "spam", 1: "neutral", 2: "neg"}
+    other = write_tsv(tmp_path / "more.tsv", [{"text": "x", "label": y} for y in ("neg", "new")])
+    dm = ClassificationDataModule(data_files=other, val_fraction=0.0)
+    dm.trainer = trainer
+    with pytest.warns(UserWarning, match="do not name"):
+        dm.setup("fit")
+    config = module.model.config  # one name per id, label2id its inverse
+    assert config.id2label == {0: "neg", 1: "new", 2: "LABEL_2"}
+    assert config.label2id == {"neg": 0, "new": 1, "LABEL_2": 2}
 
 
 def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:

@@ -291,6 +291,22 @@ def test_a_job_resumed_with_other_settings_is_refused_at_the_merge(
         merge_epoch(epoch, tmp_path / "merged")
 
 
+def test_a_job_resumed_to_extend_the_fit_stays_one_of_its_run(tmp_path: Path) -> None:
+    """Replica 0 resumed with a larger max_epochs (to train on): its later records keep the
+    fit's length it started with, so the run's other jobs are not refused."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    job_trainer(job, epochs=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        module(), *loaders()
+    )
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
+    job_trainer(job, epochs=2).fit(module(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert read_record(snapshot(tmp_path / "s", 1, 0))["recipe"]["trainer"]["max_epochs"] == 1
+    job_trainer(ReplicaJob(K, 1, seed=ORDER_SEED, snapshot_dir=tmp_path / "s"), epochs=1).fit(
+        module(), *loaders()
+    )
+
+
 def test_another_replicas_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "s")
@@ -305,6 +321,9 @@ def test_another_replicas_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationException, match="writing its snapshots to .*/s, this"):
         job_trainer(job).fit(Net(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert not (tmp_path / "elsewhere").exists()
+    (tmp_path / "s").rename(tmp_path / "moved")  # moved (or mounted elsewhere): its own again
+    job = ReplicaJob(K, 0, seed=ORDER_SEED, snapshot_dir=tmp_path / "moved")
+    job_trainer(job).fit(Net(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
 @pytest.mark.parametrize(

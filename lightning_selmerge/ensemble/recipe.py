@@ -12,8 +12,9 @@ ranks training the replica side by side (each its own batches), and the trainer'
 What may differ between jobs is left out: the strategy, paths, loggers, workers.
 
 A resumed job records what it trains with from then on (a batch size changed at the resume is
-seen by the merge), but the optimizer and scheduler settings it started with: their live
-values (a scheduled learning rate) are restored from the checkpoint.
+seen by the merge), but the optimizer and scheduler settings it started with (their live values,
+a scheduled learning rate, come from the checkpoint) and the fit's length it started with (a
+resume that extends the fit keeps the job one of its run).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["plain_settings", "resumed_recipe", "training_recipe"]
 
 #: optimizer switches that choose an implementation, not the update
 _IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differentiable"})
+#: the trainer settings a resume may change to extend the fit
+_FIT_LENGTH = ("max_epochs", "max_steps")
 #: scheduler state that counts progress (identical at every fresh start) or only reports
 _SCHEDULER_PROGRESS = frozenset({"last_epoch", "verbose", "best", "num_bad_epochs"})
 
@@ -119,7 +122,8 @@ def training_recipe(
 
 def resumed_recipe(started: Mapping[str, Any] | None, now: dict[str, Any]) -> dict[str, Any] | None:
     """The recipe of a resumed job: ``now`` (at the resume), with the optimizer and scheduler
-    settings the job ``started`` with (a checkpoint restores their live, scheduled values).
+    settings and the fit's length (``max_epochs``, ``max_steps``) the job ``started`` with (a
+    checkpoint restores the live, scheduled values; a resume may extend the fit).
 
     Example:
         >>> started = {"optimizers": [{"groups": [{"lr": 0.1}]}], "data": {"batch_size": 8}}
@@ -130,4 +134,9 @@ def resumed_recipe(started: Mapping[str, Any] | None, now: dict[str, Any]) -> di
     if started is None:  # a checkpoint of a version that recorded none
         return None
     kept = {key: started[key] for key in ("optimizers", "lr_schedulers") if key in started}
-    return {**now, **kept}
+    recipe = {**now, **kept}
+    if isinstance(started.get("trainer"), Mapping) and isinstance(now.get("trainer"), Mapping):
+        # the fit's length as started: resuming to extend it keeps the job one of its run
+        length = {k: started["trainer"][k] for k in _FIT_LENGTH if k in started["trainer"]}
+        recipe["trainer"] = {**now["trainer"], **length}
+    return recipe

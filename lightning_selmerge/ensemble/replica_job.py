@@ -276,7 +276,7 @@ class ReplicaJob(Callback):
                     f"{self.logger_version} holds them), or start it without ckpt_path."
                 )
         saved_dir = state_dict.get("snapshot_dir")
-        if saved_dir is not None and Path(saved_dir) != self.snapshot_dir.resolve():
+        if saved_dir is not None and _elsewhere(Path(saved_dir), self.snapshot_dir):
             raise MisconfigurationException(
                 f"ReplicaJob: the checkpoint is of a job writing its snapshots to {saved_dir}, "
                 f"this one writes to {self.snapshot_dir.resolve()}: resuming would not write "
@@ -418,6 +418,14 @@ class ReplicaJob(Callback):
         missing = trainer.strategy.broadcast(snapshots.find_snapshot(target) is None)
         if missing:
             self._write_epoch(trainer, pl_module, epoch)
+
+
+def _elsewhere(saved: Path, snapshot_dir: Path) -> bool:
+    """Whether a checkpoint's job wrote to another existing directory than ``snapshot_dir``
+    (one moved, or mounted under another path on this node, no longer exists as saved)."""
+    if not saved.is_dir():
+        return False
+    return not snapshot_dir.is_dir() or not os.path.samefile(saved, snapshot_dir)
 
 
 def snapshots_state(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -518,8 +518,17 @@ class ClassificationDataModule(_TextDataModule):
         config = getattr(getattr(self._module(), "model", None), "config", None)
         if self.label_names is None or not hasattr(config, "id2label"):
             return
-        id2label = dict(config.id2label)
-        id2label.update(enumerate(self.label_names))
+        names = list(self.label_names)
+        count = max(len(names), len(config.id2label))
+        # ids beyond the data's keep their names unless the data names a class so
+        id2label = {
+            i: names[i] if i < len(names) else str(config.id2label.get(i, f"LABEL_{i}"))
+            for i in range(count)
+        }
+        id2label = {
+            i: name if i < len(names) or name not in names else f"LABEL_{i}"
+            for i, name in id2label.items()
+        }
         config.id2label = id2label
         config.label2id = {name: i for i, name in id2label.items()}
 
