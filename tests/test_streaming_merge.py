@@ -242,3 +242,31 @@ def test_the_most_resamples_give_the_all_at_once_bits(kernels):
     with use_kernels(kernels):
         streamed = merge_state_dicts_streaming(replicas, method=method, base=base, seed=1)
     assert_same_bits(streamed, merge_state_dicts(replicas, method=method, base=base, seed=1))
+
+
+def test_a_rule_keeps_one_namespace_under_a_draw_prefix():
+    """Llama-style files already name the backbone model.*: a rule ^model\\. written for them
+    must not also match lm_head through the draw prefix (model. + lm_head.weight), while a rule
+    that matches none of the files' names is read as one for the in-process names."""
+    gen = torch.Generator().manual_seed(0)
+    states = [
+        {
+            "model.layers.0.w": torch.randn(8, generator=gen),
+            "lm_head.weight": torch.randn(8, generator=gen),
+        }
+        for _ in range(3)
+    ]
+    backbone = MergeRule(r"^model\.", WeightedAverage())
+    kwargs = {"method": ParameterSelection(), "seed": 1}
+    plain = merge_state_dicts_streaming(states, rules=[backbone], **kwargs)
+    prefixed = merge_state_dicts_streaming(states, rules=[backbone], draw_prefix="model.", **kwargs)
+    mean = sum(s["model.layers.0.w"] for s in states) / 3
+    heads = torch.stack([s["lm_head.weight"] for s in states])
+    for merged in (plain, prefixed):
+        torch.testing.assert_close(merged["model.layers.0.w"], mean)
+        assert (merged["lm_head.weight"] == heads).any(0).all()  # selected, not averaged
+    head = MergeRule(r"^model\.lm_head", WeightedAverage())  # an in-process name
+    merged = merge_state_dicts_streaming(states, rules=[head], draw_prefix="model.", **kwargs)
+    torch.testing.assert_close(
+        merged["lm_head.weight"], sum(s["lm_head.weight"] for s in states) / 3
+    )

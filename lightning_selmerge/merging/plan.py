@@ -32,7 +32,7 @@ from .finite import check_nonfinite_mode, surviving_replicas
 from .keyed_random import KeyedRandom
 from .methods import MergeMethod, ParameterSelection
 from .methods.base import require_base
-from .rules import MergeRule, method_for
+from .rules import MergeRule
 
 __all__ = [
     "MergePlan",
@@ -62,9 +62,12 @@ class MergePlan:
     seed: int
     num_replicas: int
     #: what the names carry in the training module and not in the files merged (a draw prefix,
-    #: e.g. ``"model."``): a rule applies to a name it matches with or without it, so rules
-    #: written for the in-process merge's names and rules written for the files' both work
+    #: e.g. ``"model."``), and per rule whether it is matched against the prefixed names: a rule
+    #: that matches none of the files' own names (one written for the in-process names, such as
+    #: ``^model\.lm_head`` for a GPT-2 directory) is; one that matches some of them is not, so
+    #: each rule keeps one namespace (see :meth:`with_rule_prefix`)
     rule_prefix: str = ""
+    prefixed_rules: tuple[bool, ...] = ()
     rng: KeyedRandom = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,7 +80,6 @@ class MergePlan:
         rules: Sequence[MergeRule],
         seed: int,
         num_replicas: int,
-        rule_prefix: str = "",
     ) -> MergePlan:
         """The plan for ``num_replicas`` replicas; raises :class:`MergeError` for a method that
         cannot merge them (a rule's error names the rule and its file)."""
@@ -86,7 +88,6 @@ class MergePlan:
             tuple(rules),
             int(seed),
             num_replicas,
-            rule_prefix,
         )
         plan.method.validate(num_replicas)
         seen = {id(plan.method)}
@@ -96,14 +97,37 @@ class MergePlan:
                 rule.validate(num_replicas)
         return plan
 
-    def with_rule_prefix(self, prefix: str) -> MergePlan:
-        """This plan, its rules also matching ``prefix`` + each name (see :attr:`rule_prefix`)."""
-        return self if prefix == self.rule_prefix else replace(self, rule_prefix=prefix)
+    def with_rule_prefix(self, prefix: str, names: Iterable[str]) -> MergePlan:
+        """This plan for tensors ``names`` (all of the merge's) whose draws carry ``prefix``:
+        each rule matching none of ``names`` is matched against ``prefix`` + the name.
+
+        Example:
+            >>> from lightning_selmerge.merging import MergeRule, WeightedAverage
+            >>> rules = [MergeRule(r"^model\\.lm_head", WeightedAverage()),
+            ...          MergeRule(r"^model\\.", WeightedAverage())]
+            >>> plan = MergePlan.create(None, rules, seed=0, num_replicas=2)
+            >>> plan = plan.with_rule_prefix("model.", ["model.layers.0.w", "lm_head.weight"])
+            >>> plan.prefixed_rules, plan.method_for("lm_head.weight") is rules[0].method
+            ((True, False), True)
+        """
+        if prefix == self.rule_prefix:
+            return self
+        names = list(names)
+        prefixed = tuple(not any(rule.matches(name) for name in names) for rule in self.rules)
+        return replace(self, rule_prefix=prefix, prefixed_rules=prefixed if prefix else ())
+
+    def _rule_names(self, name: str) -> list[str]:
+        """The name each rule is matched against."""
+        flags = self.prefixed_rules or (False,) * len(self.rules)
+        return [self.rule_prefix + name if prefixed else name for prefixed in flags]
 
     def method_for(self, name: str) -> MergeMethod:
-        """The method of the first rule matching ``name`` (or :attr:`rule_prefix` + ``name``),
-        else the default method."""
-        return method_for(name, self.rules, self.method, self.rule_prefix)
+        """The method of the first rule matching ``name`` (in the rule's namespace, see
+        :meth:`with_rule_prefix`), else the default method."""
+        for rule, target in zip(self.rules, self._rule_names(name)):
+            if rule.matches(target):
+                return rule.method
+        return self.method
 
     def warn_unmatched_rules(self, names: Iterable[str]) -> None:
         """Warn of each rule no tensor of ``names`` matches (a mistyped pattern merges nothing
@@ -112,8 +136,7 @@ class MergePlan:
         if not names:
             return
         for position, rule in enumerate(self.rules, start=1):
-            prefix = self.rule_prefix
-            if not any(rule.matches(name) or rule.matches(prefix + name) for name in names):
+            if not any(rule.matches(self._rule_names(name)[position - 1]) for name in names):
                 where = rule.source or f"rule {position}"
                 warnings.warn(
                     f"merge rule {where} (pattern {rule.pattern!r}) matches no tensor of the "
@@ -154,13 +177,13 @@ class MergePlan:
 
     def subset(self, keep: Sequence[int]) -> MergePlan:
         """The plan for the replicas ``keep`` only: per-replica parameters follow them."""
-        return MergePlan.create(
+        subset = MergePlan.create(
             self.method.subset(keep),
             [r.subset(keep) for r in self.rules],
             self.seed,
             len(keep),
-            self.rule_prefix,
         )
+        return replace(subset, rule_prefix=self.rule_prefix, prefixed_rules=self.prefixed_rules)
 
 
 def prepare_tensor(

@@ -99,12 +99,10 @@ class MergeRule:
         return cls(str(pattern), built, source)
 
 
-def method_for(
-    name: str, rules: Sequence[MergeRule], default: MergeMethod, prefix: str = ""
-) -> MergeMethod:
-    """The method of the first rule matching ``name`` or ``prefix + name``, else ``default``."""
+def method_for(name: str, rules: Sequence[MergeRule], default: MergeMethod) -> MergeMethod:
+    """The method of the first rule matching ``name``, else ``default``."""
     for rule in rules:
-        if rule.matches(name) or (prefix and rule.matches(prefix + name)):
+        if rule.matches(name):
             return rule.method
     return default
 

@@ -144,7 +144,7 @@ class StreamingMerge:
         if len(labels) != count or len(indices) != count:
             raise MergeError(f"give one label and index per replica ({count})")
         self.labels = labels
-        plan = plan.with_rule_prefix(draw_prefix)
+        plan = plan.with_rule_prefix(draw_prefix, (name for name, _ in tensors))
         self._accumulators = {
             name: make_accumulator(
                 name, info, plan, base, labels, indices, chunk_numel, draw_prefix
@@ -227,7 +227,7 @@ def stream_merge(
     every merged tensor in ``tensors``' order. Pages of a replica's tensors are released once
     fed. ``plan`` is for these replicas (see :meth:`MergePlan.subset`).
     """
-    plan = plan.with_rule_prefix(draw_prefix)
+    plan = plan.with_rule_prefix(draw_prefix, (name for name, _ in tensors))
     with merge_size(len(replicas) * floating_nbytes(tensors)):
         for window in _windows(tensors, plan, window_bytes):
             with ExitStack() as stack:
@@ -340,7 +340,7 @@ def merge_state_dicts_streaming(
         if num_replicas != len(replicas):
             raise MergeError(f"num_replicas={num_replicas} but {len(replicas)} replicas given")
         load = replicas.__getitem__
-    plan = MergePlan.create(method, rules, seed, num_replicas, rule_prefix=draw_prefix)
+    plan = MergePlan.create(method, rules, seed, num_replicas)
     labels = [f"replica {k}" for k in range(num_replicas)]
     first = load(0)
     groups = tie_groups(first)

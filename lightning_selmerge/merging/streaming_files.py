@@ -136,13 +136,14 @@ def merge_checkpoints_streaming(
     check_shard_size(max_shard_bytes)
     if not replicas:
         raise MergeError("no replicas to merge")
-    plan = MergePlan.create(method, rules, seed, len(replicas), rule_prefix=draw_prefix)
+    plan = MergePlan.create(method, rules, seed, len(replicas))
     claim_output(out, overwrite, replicas, base)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
         raise MergeError(f"{len(indices)} replica indices for {len(replicas)} replicas")
     labels = [f"replica {k} ({path})" for k, path in zip(indices, replicas)]
     tensors = read_plan(replicas, labels)
+    plan = plan.with_rule_prefix(draw_prefix, (name for name, _ in tensors))
     plan.warn_unmatched_rules(name for name, _ in tensors)
     base_infos = None
     if base is not None:
