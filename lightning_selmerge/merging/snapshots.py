@@ -255,24 +255,33 @@ def find_epoch_snapshots(
 
 
 def _check_recipes(epoch_dir: Path, records: dict[str, dict[str, Any]]) -> None:
-    """Refuse replicas whose jobs recorded different training recipes."""
+    """Refuse replicas whose jobs recorded different training recipes, naming the odd ones
+    (those outside the recipe most replicas share, when most do)."""
     recipes = {where: r["recipe"] for where, r in records.items() if r.get("recipe") is not None}
-    if not recipes:
+    groups: dict[str, list[str]] = {}
+    for where, recipe in recipes.items():
+        groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(where)
+    if len(groups) < 2:
         return
-    (first, recipe), *others = recipes.items()
-    for where, other in others:
-        differences = recipe_differences(recipe, other)
-        if differences:
-            present = [str(epoch_dir / name) for name in records if name.startswith("replica_")]
-            prefix = next((r["draw_prefix"] for r in records.values() if r.get("draw_prefix")), "")
-            raise MergeError(
-                f"the replicas of {epoch_dir} were trained with different settings, {first} vs "
-                f"{where}: {differences}. The K jobs of a run share one config (only the "
-                "replica index differs): rerun the odd ones; to merge them anyway, merge them "
-                f"by path: lightning-selmerge merge {' '.join(present)}"
-                + (f" --draw_prefix {prefix}" if prefix else "")
-                + " --base ... --out ..."
-            )
+    common, *rest = sorted(groups.values(), key=len, reverse=True)
+    odd = [where for group in rest for where in group]
+    most = len(common) > len(odd)
+    differences = recipe_differences(recipes[common[0]], recipes[odd[0]])
+    present = [str(epoch_dir / name) for name in records if name.startswith("replica_")]
+    prefix = next((r["draw_prefix"] for r in records.values() if r.get("draw_prefix")), "")
+    advice = (
+        f"rerun {', '.join(odd)} with the others' settings"
+        if most
+        else "rerun the replicas trained with the wrong ones"
+    )
+    raise MergeError(
+        f"the replicas of {epoch_dir} were trained with different settings, {common[0]} vs "
+        f"{odd[0]}: {differences}. The K jobs of a run share one config (only the replica "
+        f"index differs): {advice}; to merge them anyway, merge them by path: "
+        f"lightning-selmerge merge {' '.join(present)}"
+        + (f" --draw_prefix {prefix}" if prefix else "")
+        + " --base ... --out ..."
+    )
 
 
 def _check_base(found: EpochSnapshots, base: Any) -> None:
