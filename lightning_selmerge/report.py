@@ -100,9 +100,14 @@ def load_scalars(logdir: str | Path) -> RunScalars:
             "runs/demo/version_0) of a fit run with a TensorBoardLogger."
         )
     dirs.sort(key=lambda d: max(p.stat().st_mtime for p in d.glob("events.out.*")), reverse=True)
-    runs = [run for run in map(_read_run, dirs) if run.series]
-    # a fit's run, not a later `validate` of its merge (which logs val_loss alone)
-    for run in sorted(runs, key=lambda r: not _reportable(r)):
+    newest = None
+    for run in map(_read_run, dirs):  # newest first, read one at a time
+        newest = newest or (run if run.series else None)
+        if _reportable(run):  # a fit's run, not a later `validate` (val_loss alone)
+            break
+    else:
+        run = newest
+    if run is not None:
         jobs = _replica_jobs(run.directory, dirs)
         return _combined(run.directory.parent, jobs) if len(jobs) > 1 else run
     raise ReportError(

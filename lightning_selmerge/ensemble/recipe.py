@@ -38,8 +38,8 @@ _SCHEDULER_PROGRESS = frozenset({"last_epoch", "verbose", "best", "num_bad_epoch
 
 def plain_settings(value: Any) -> Any:
     """``value`` with only what JSON holds exactly: finite numbers, bools, ``None``, strings
-    without a path separator, and lists and string-keyed dicts of those (the rest is dropped;
-    ``None`` when nothing is left).
+    without a path separator, and lists and string-keyed dicts of those (the rest is dropped: a
+    list holding anything else, a dict's other entries; ``None`` for a dict with none left).
 
     Example:
         >>> plain_settings({"lr": 1e-3, "betas": (0.9, 0.999), "path": "/data/x", "fn": print})
