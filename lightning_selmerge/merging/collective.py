@@ -30,7 +30,7 @@ from .errors import MergeError
 from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, moved_bits
-from .plan import MergePlan, check_same_ties, check_whole_tensor, prepare_tensor, tie_groups
+from .plan import MergePlan, check_whole_tensor, checked_tie_groups, prepare_tensor, tie_groups
 from .rules import MergeRule
 from .scratch import scratch_scope
 from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, copy_exact
@@ -104,10 +104,7 @@ def merge_state_dicts_collective(
     # what this rank merges: its slices of all K replicas
     replica_bytes = sum(floating_bytes(s.values()) for s in states) * num_replicas // len(states)
     with scratch_scope(), merge_size(replica_bytes):
-        groups = tie_groups(states[0])  # the same order on every rank
-        for state, label in zip(states[1:], labels[1:]):
-            check_same_ties(groups, state, (labels[0], label))
-        for key_name, names in groups:
+        for key_name, names in checked_tie_groups(states, labels):  # one order on every rank
             tensors = [s[key_name].detach() for s in states]  # parameters: no autograd graph
             check_aligned(key_name, tensors, labels)
             chosen = plan.method_for(key_name)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .methods import MergeMethod, ParameterSelection, WeightedAverage
-from .plan import MergePlan, check_same_ties, tie_groups
+from .plan import MergePlan, checked_tie_groups
 from .state_dict import (
     DEFAULT_CHUNK_NUMEL,
     check_aligned,
@@ -171,10 +171,7 @@ def _entries(
 ) -> list[_Entry]:
     check_same_names([set(r) for r in replicas], labels)
     entries = []
-    groups = tie_groups(replicas[0])
-    for replica, label in zip(replicas[1:], labels[1:]):
-        check_same_ties(groups, replica, (labels[0], label))
-    for key_name, names in groups:
+    for key_name, names in checked_tie_groups(replicas, labels):
         tensors = [r[key_name].detach() for r in replicas]  # parameters: no autograd graph
         check_aligned(key_name, tensors, labels)
         method = plan.method_for(key_name)

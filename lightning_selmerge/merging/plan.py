@@ -37,6 +37,7 @@ from .rules import MergeRule
 __all__ = [
     "MergePlan",
     "check_same_ties",
+    "checked_tie_groups",
     "merge_dropping_nonfinite",
     "prepare_tensor",
     "tie_groups",
@@ -116,16 +117,16 @@ class MergePlan:
         prefixed = tuple(not any(rule.matches(name) for name in names) for rule in self.rules)
         return replace(self, rule_prefix=prefix, prefixed_rules=prefixed if prefix else ())
 
-    def _rule_names(self, name: str) -> list[str]:
-        """The name each rule is matched against."""
-        flags = self.prefixed_rules or (False,) * len(self.rules)
-        return [self.rule_prefix + name if prefixed else name for prefixed in flags]
+    def _rule_target(self, position: int, name: str) -> str:
+        """The name rule ``position`` (0-based) is matched against for tensor ``name``."""
+        prefixed = self.prefixed_rules and self.prefixed_rules[position]
+        return self.rule_prefix + name if prefixed else name
 
     def method_for(self, name: str) -> MergeMethod:
         """The method of the first rule matching ``name`` (in the rule's namespace, see
         :meth:`with_rule_prefix`), else the default method."""
-        for rule, target in zip(self.rules, self._rule_names(name)):
-            if rule.matches(target):
+        for position, rule in enumerate(self.rules):
+            if rule.matches(self._rule_target(position, name)):
                 return rule.method
         return self.method
 
@@ -135,9 +136,9 @@ class MergePlan:
         names = list(names)
         if not names:
             return
-        for position, rule in enumerate(self.rules, start=1):
-            if not any(rule.matches(self._rule_names(name)[position - 1]) for name in names):
-                where = rule.source or f"rule {position}"
+        for position, rule in enumerate(self.rules):
+            if not any(rule.matches(self._rule_target(position, name)) for name in names):
+                where = rule.source or f"rule {position + 1}"
                 warnings.warn(
                     f"merge rule {where} (pattern {rule.pattern!r}) matches no tensor of the "
                     f"replicas (e.g. {names[0]!r}): check its pattern (re.search on the names)",
@@ -213,6 +214,16 @@ def tie_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]
         [('bias', ['bias']), ('embed.weight', ['lm_head.weight', 'embed.weight'])]
     """
     return sorted(ties.tie_groups(state).items())
+
+
+def checked_tie_groups(
+    replicas: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str]
+) -> list[tuple[str, list[str]]]:
+    """:func:`tie_groups` of the first replica, after :func:`check_same_ties` of the others."""
+    groups = tie_groups(replicas[0])
+    for replica, label in zip(replicas[1:], labels[1:]):
+        check_same_ties(groups, replica, (labels[0], label))
+    return groups
 
 
 def _tied(groups: Sequence[tuple[str, list[str]]]) -> set[frozenset[str]]:

@@ -14,10 +14,9 @@ from .keyed_random import KeyedRandom
 from .methods import ChunkContext, MergeMethod
 from .plan import (
     MergePlan,
-    check_same_ties,
+    checked_tie_groups,
     merge_dropping_nonfinite,
     prepare_tensor,
-    tie_groups,
 )
 from .rules import MergeRule
 from .scratch import scratch_scope
@@ -296,10 +295,7 @@ def _merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     check_same_names([set(r) for r in replicas], labels)
     merged: dict[str, torch.Tensor] = {}
-    groups = tie_groups(replicas[0])
-    for replica, label in zip(replicas[1:], labels[1:]):
-        check_same_ties(groups, replica, (labels[0], label))
-    for key_name, names in groups:
+    for key_name, names in checked_tie_groups(replicas, labels):
         tensors = [r[key_name].detach() for r in replicas]  # parameters: no autograd graph
         check_aligned(key_name, tensors, labels)
         if not tensors[0].is_floating_point():
