@@ -151,6 +151,10 @@ class _TextDataModule(LightningDataModule):
         trainer = self.trainer
         return None if trainer is None else trainer.lightning_module
 
+    def _model_config(self) -> Any | None:
+        """The config of the module's Hugging Face model (``module.model.config``), if any."""
+        return getattr(getattr(self._module(), "model", None), "config", None)
+
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         owner = type(self).__name__
         if self.tokenizer is None and self.tokenizer_name_or_path is not None:
@@ -169,8 +173,7 @@ class _TextDataModule(LightningDataModule):
         return self.tokenizer
 
     def _check_max_length(self) -> None:
-        model = getattr(self._module(), "model", None)
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = getattr(self._model_config(), "max_position_embeddings", None)
         if isinstance(limit, int) and self.max_length > limit:
             raise ValueError(
                 f"{type(self).__name__}: max_length={self.max_length} exceeds the model's "
@@ -494,8 +497,7 @@ class ClassificationDataModule(_TextDataModule):
         when not transformers' default ``LABEL_k``) if they name every string label of the
         data: continuing to train it keeps its classes' ids (as transformers' text
         classification example does); else ``None`` (the sorted labels), with a warning."""
-        config = getattr(getattr(self._module(), "model", None), "config", None)
-        id2label = dict(getattr(config, "id2label", None) or {})
+        id2label = dict(getattr(self._model_config(), "id2label", None) or {})
         names = [str(id2label[i]) for i in sorted(id2label)]
         if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
             return None
@@ -515,20 +517,15 @@ class ClassificationDataModule(_TextDataModule):
         """Give the module's model config the class names (``id2label``/``label2id``, as
         transformers' text-classification example does), so its exports and pipelines name the
         classes instead of ``LABEL_k``; ids the data does not use keep their names."""
-        config = getattr(getattr(self._module(), "model", None), "config", None)
+        config = self._model_config()
         if self.label_names is None or not hasattr(config, "id2label"):
             return
         names = list(self.label_names)
-        count = max(len(names), len(config.id2label))
-        # ids beyond the data's keep their names unless the data names a class so
-        id2label = {
-            i: names[i] if i < len(names) else str(config.id2label.get(i, f"LABEL_{i}"))
-            for i in range(count)
-        }
-        id2label = {
-            i: name if i < len(names) or name not in names else f"LABEL_{i}"
-            for i, name in id2label.items()
-        }
+        id2label = dict(enumerate(names))
+        for i in range(len(names), len(config.id2label)):
+            # an id beyond the data's keeps its name unless the data names a class so
+            kept = str(config.id2label.get(i, f"LABEL_{i}"))
+            id2label[i] = kept if kept not in names else f"LABEL_{i}"
         config.id2label = id2label
         config.label2id = {name: i for i, name in id2label.items()}
 

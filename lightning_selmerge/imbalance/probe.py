@@ -14,11 +14,10 @@ from torch.utils.data import DataLoader, Subset
 __all__ = ["PositionProbe"]
 
 
-def _to_device(module: torch.nn.Module, batch: Any, device: torch.device) -> Any:
-    """Move a probe batch as training moves it: through the attached trainer's strategy (the
+def _to_device(trainer: Any | None, batch: Any, device: torch.device) -> Any:
+    """Move a probe batch as training moves it: through the module's trainer's strategy (the
     module's ``transfer_batch_to_device`` and batch-transfer hooks included), else with
     Lightning's ``move_data_to_device`` (any object with ``.to``, e.g. a ``BatchEncoding``)."""
-    trainer = _attached_trainer(module)
     if trainer is not None:
         return trainer.strategy.batch_to_device(batch, device)
     return move_data_to_device(batch, device)
@@ -35,10 +34,9 @@ def _attached_trainer(module: torch.nn.Module) -> Any | None:
     return trainer if trainer is not None and trainer.lightning_module is module else None
 
 
-def _precision_context(module: torch.nn.Module) -> AbstractContextManager:
-    """Validation's precision (``bf16-mixed`` autocast, ...) when a Trainer runs ``module``: the
+def _precision_context(trainer: Any | None) -> AbstractContextManager:
+    """Validation's precision (``bf16-mixed`` autocast, ...) when a Trainer runs the module: the
     probe scores a model as validation does."""
-    trainer = _attached_trainer(module)
     return trainer.precision_plugin.val_step_context() if trainer is not None else nullcontext()
 
 
@@ -111,13 +109,14 @@ class PositionProbe:
             num_workers=0,
         )
         device = _module_device(module)
+        trainer = _attached_trainer(module)
         was_training = module.training
         module.eval()
         out: list[torch.Tensor] = []
         try:
             for batch in loader:
-                with _precision_context(module):
-                    losses = fn(_to_device(module, batch, device))
+                with _precision_context(trainer):
+                    losses = fn(_to_device(trainer, batch, device))
                 losses = torch.as_tensor(losses).detach().float().reshape(-1).cpu()
                 out.append(losses)
         finally:
