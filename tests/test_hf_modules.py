@@ -228,6 +228,30 @@ def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
     assert config.label2id == {"neg": 0, "new": 1, "LABEL_2": 2}
 
 
+def test_a_classifier_checkpoint_for_other_classes_is_refused_or_gets_a_new_head(
+    tmp_path: Path,
+) -> None:
+    """A 3-class checkpoint asked for 2 classes: refused with both fixes (transformers raises a
+    bare RuntimeError); ignore_mismatched_sizes=True starts a new head and keeps the rest."""
+    source = SequenceClassificationModule(config=TINY, num_labels=3)
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"saved with num_labels=3, the module asks for num_labels=2\); set num_labels=3 .*"
+        r"or pass ignore_mismatched_sizes=True",
+    ):
+        SequenceClassificationModule(model_name_or_path=str(tmp_path), num_labels=2)
+    module = SequenceClassificationModule(
+        model_name_or_path=str(tmp_path), num_labels=2, ignore_mismatched_sizes=True
+    )
+    assert module.model.score.weight.shape[0] == 2
+    body = source.model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(module.model.transformer.h[0].attn.c_attn.weight, body)
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes=True applies to a checkpoint"):
+        SequenceClassificationModule(config=TINY, num_labels=2, ignore_mismatched_sizes=True)
+
+
 def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"extension '\.txt'.*pass data_format"):
         SFTDataModule(data_files=str(tmp_path / "pairs.txt"))

@@ -113,6 +113,29 @@ def _load_error(owner: str, what: str, source: str, err: Exception) -> ValueErro
     )
 
 
+def _mismatch_error(
+    owner: str, source: str, saved: PreTrainedConfig, model_kwargs: Mapping[str, Any]
+) -> ValueError:
+    """The error for a checkpoint whose weights do not fit the shapes ``model_kwargs`` give."""
+    changed = {
+        key: getattr(saved, key)
+        for key, value in model_kwargs.items()
+        if hasattr(saved, key) and getattr(saved, key) != value
+    }
+    if changed:
+        ours = ", ".join(f"{key}={model_kwargs[key]!r}" for key in changed)
+        theirs = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+        cause = f"the checkpoint was saved with {theirs}, the module asks for {ours}"
+        keep = f"set {theirs} to keep its weights, or "
+    else:
+        cause = "transformers' load report above names them"
+        keep = ""
+    return ValueError(
+        f"{owner}: weights in {source!r} do not fit the model's shapes ({cause}); {keep}pass "
+        "ignore_mismatched_sizes=True to start those weights anew (e.g. a new classifier head)."
+    )
+
+
 def load_tokenizer(owner: str, name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)`` with a clear error."""
     try:
@@ -180,6 +203,7 @@ def build_model(
     config: Mapping[str, Any] | None,
     torch_dtype: str | None,
     causal: bool = False,
+    ignore_mismatched_sizes: bool = False,
     **model_kwargs: Any,
 ) -> PreTrainedModel:
     """Load ``auto_class`` from a local checkpoint or build it from ``config``, for ``tokenizer``.
@@ -191,7 +215,9 @@ def build_model(
     too small is resized. ``model_kwargs`` (e.g. ``num_labels``) go to the config. ``torch_dtype``
     goes through :func:`parse_dtype` (default float32). With ``causal=True``, an encoder config
     (``is_decoder=False``, e.g. BERT) gets ``is_decoder=True``: causal attention, so a token
-    never sees the tokens it is trained to predict.
+    never sees the tokens it is trained to predict. A checkpoint whose weights do not fit the
+    model's shapes (a classifier's head for another ``num_labels``) is refused with the fix,
+    unless ``ignore_mismatched_sizes`` (transformers' argument) starts those weights anew.
     """
     dtype = parse_dtype(owner, torch_dtype)
     special = {
@@ -202,6 +228,11 @@ def build_model(
         else tokenizer.eos_token_id,
     }
     if config is not None:
+        if ignore_mismatched_sizes:
+            raise ValueError(
+                f"{owner}: ignore_mismatched_sizes=True applies to a checkpoint's weights; a "
+                "model built from config has none: drop the argument."
+            )
         kwargs = {k: v for k, v in config.items() if k != "model_type"}
         vocab = int(kwargs.pop("vocab_size", len(tokenizer)))
         if vocab < len(tokenizer):
@@ -225,15 +256,22 @@ def build_model(
     else:
         assert model_name_or_path is not None
         try:
-            if causal and _make_decoder(
-                owner, AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
-            ):
+            saved = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
+            if causal and _make_decoder(owner, saved):
                 model_kwargs = {**model_kwargs, "is_decoder": True}
             model = auto_class.from_pretrained(
-                model_name_or_path, local_files_only=True, dtype=dtype, **model_kwargs
+                model_name_or_path,
+                local_files_only=True,
+                dtype=dtype,
+                ignore_mismatched_sizes=ignore_mismatched_sizes,
+                **model_kwargs,
             )
         except (OSError, ValueError) as err:
             raise _load_error(owner, "model", model_name_or_path, err) from err
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise _mismatch_error(owner, model_name_or_path, saved, model_kwargs) from err
         # from_pretrained returns an eval-mode model and Lightning keeps submodules' modes as it
         # finds them: without this the fine-tune would run with dropout off. Train mode, with
         # the checkpoint's own dropout, as transformers' Trainer does.

@@ -229,6 +229,9 @@ class SequenceClassificationModule(_HFModule):
             at the end of training. ``"constant"`` with no warmup uses no scheduler.
         torch_dtype: the weights' dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or
             ``"auto"`` (the checkpoint's); default float32.
+        ignore_mismatched_sizes: start anew the checkpoint's weights whose shapes do not fit
+            (a classifier checkpoint's head for another ``num_labels``), as transformers'
+            ``from_pretrained`` argument does; without it such a checkpoint is refused.
 
     Example:
         >>> module = SequenceClassificationModule(
@@ -253,6 +256,7 @@ class SequenceClassificationModule(_HFModule):
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
+        ignore_mismatched_sizes: bool = False,
     ) -> None:
         super().__init__()
         if num_labels < 2:
@@ -271,6 +275,7 @@ class SequenceClassificationModule(_HFModule):
             warmup_steps,
             lr_schedule,
             torch_dtype,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             num_labels=num_labels,
         )
         self.val_acc = MulticlassAccuracy(
