@@ -38,7 +38,6 @@ from lightning_selmerge.imbalance.figure import plot_loss_by_position, plot_seri
 
 __all__ = ["ReportError", "RunScalars", "load_scalars", "signed", "write_report"]
 
-_SEGMENT = re.compile(r"^(?P<prefix>.+?)/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$")
 _REPLICA_METRIC = re.compile(r"^replica_(?P<k>\d+)/(?P<metric>.+)$")
 _REPLICA_JOB = re.compile(r"^replica_(?P<k>\d{3,})$")
 _HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall", re.IGNORECASE)
@@ -82,11 +81,11 @@ def _read_run(directory: Path) -> RunScalars:
     return run
 
 
-def load_scalars(logdir: str | Path) -> RunScalars:
-    """All scalars of the newest run under ``logdir`` that logged ``imbalance/*`` or
-    per-replica scalars (the directory whose events are newest, passing over a later
-    ``validate`` run and a fit that stopped before its first log), else of the newest that
-    logged any."""
+def load_scalars(logdir: str | Path, tag_prefix: str = "imbalance") -> RunScalars:
+    """All scalars of the newest run under ``logdir`` that logged ``<tag_prefix>/*`` (the
+    monitor's tags) or per-replica scalars (the directory whose events are newest, passing
+    over a later ``validate`` run and a fit that stopped before its first log), else of the
+    newest that logged any."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise ReportError(
@@ -103,22 +102,23 @@ def load_scalars(logdir: str | Path) -> RunScalars:
     newest = None
     for run in map(_read_run, dirs):  # newest first, read one at a time
         newest = newest or (run if run.series else None)
-        if _reportable(run):  # a fit's run, not a later `validate` (val_loss alone)
+        if _reportable(run, tag_prefix):  # a fit's run, not a later `validate` (val_loss alone)
             break
     else:
         run = newest
     if run is not None:
         jobs = _replica_jobs(run.directory, dirs)
-        return _combined(run.directory.parent, jobs) if len(jobs) > 1 else run
+        return _combined(run.directory.parent, jobs, tag_prefix) if len(jobs) > 1 else run
     raise ReportError(
         f"no scalars in the TensorBoard logs under {logdir} ({len(dirs)} run(s)): each fit "
         "stopped before its first log; give the directory of a fit that ran."
     )
 
 
-def _reportable(run: RunScalars) -> bool:
-    """Whether ``run`` logged what a report shows: ``imbalance/*`` or per-replica scalars."""
-    return any(tag.startswith("imbalance/") or _REPLICA_METRIC.match(tag) for tag in run.series)
+def _reportable(run: RunScalars, tag_prefix: str) -> bool:
+    """Whether ``run`` logged what a report shows: ``<tag_prefix>/*`` or per-replica scalars."""
+    head = f"{tag_prefix}/"
+    return any(tag.startswith(head) or _REPLICA_METRIC.match(tag) for tag in run.series)
 
 
 def _replica_jobs(newest: Path, dirs: list[Path]) -> dict[int, Path]:
@@ -134,26 +134,29 @@ def _replica_jobs(newest: Path, dirs: list[Path]) -> dict[int, Path]:
     return dict(sorted(jobs.items()))
 
 
-def _combined(directory: Path, jobs: dict[int, Path]) -> RunScalars:
-    """The replica jobs' scalars as one run's: ``imbalance/X`` of job k as
-    ``imbalance/replica_k/X``, any other tag as ``replica_k/tag``."""
+def _combined(directory: Path, jobs: dict[int, Path], tag_prefix: str) -> RunScalars:
+    """The replica jobs' scalars as one run's: ``<tag_prefix>/X`` of job k as
+    ``<tag_prefix>/replica_k/X``, any other tag as ``replica_k/tag``."""
     run = RunScalars(directory, replica_jobs=True)
+    head = f"{tag_prefix}/"
     for k, job in jobs.items():
         for tag, values in _read_run(job).series.items():
-            if tag.startswith("imbalance/"):
-                name = f"imbalance/replica_{k}/{tag.removeprefix('imbalance/')}"
+            if tag.startswith(head):
+                name = f"{head}replica_{k}/{tag.removeprefix(head)}"
             else:
                 name = f"replica_{k}/{tag}"
             run.series[name] = values
     return run
 
 
-def _position_curves(run: RunScalars) -> dict[str, torch.Tensor]:
+def _position_curves(run: RunScalars, tag_prefix: str) -> dict[str, torch.Tensor]:
     """model name ("" = single run) -> last segment losses."""
+    segment = re.compile(
+        rf"^{re.escape(tag_prefix)}/(?:(?P<model>[^/]+)/)?segment_(?P<seg>\d+)_loss$"
+    )
     segments: dict[str, dict[int, float]] = {}
     for tag in run.series:
-        match = _SEGMENT.match(tag)
-        if match and match["prefix"].split("/")[0] == "imbalance":
+        if match := segment.match(tag):
             segments.setdefault(match["model"] or "", {})[int(match["seg"])] = run.last(tag)
     return {
         model: torch.tensor([values[s] for s in sorted(values)])
@@ -238,6 +241,7 @@ def write_report(
     out: str | Path | None = None,
     metric: str = "val_loss",
     mode: Literal["min", "max"] | None = None,
+    tag_prefix: str = "imbalance",
 ) -> list[Path]:
     """Write the figures and ``summary.md`` for the newest run under ``logdir``.
 
@@ -245,20 +249,22 @@ def write_report(
     compare (logged by the module, and as ``replica_k/<metric>`` by the merge callback);
     ``mode`` says whether lower (``"min"``, a loss) or higher (``"max"``, an accuracy) is
     better, as in ``ModelCheckpoint``; by default ``"max"`` for names with acc, f1, auc,
-    precision or recall in them, else ``"min"``.
+    precision or recall in them, else ``"min"``. ``tag_prefix`` is the
+    :class:`~lightning_selmerge.imbalance.PositionLossMonitor`'s (default ``"imbalance"``).
     Returns the written paths. Each file is written to a temporary name and renamed.
     """
     if mode is None:
         mode = "max" if _HIGHER_IS_BETTER.search(metric) else "min"
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    run = load_scalars(logdir)
+    tag_prefix = tag_prefix.rstrip("/")
+    run = load_scalars(logdir, tag_prefix)
     out = Path(out) if out is not None else run.directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     lines = ["# lightning_selmerge report", "", f"Run: `{run.directory}`", ""]
 
-    curves = _position_curves(run)
+    curves = _position_curves(run, tag_prefix)
     if curves:
         fig = plot_loss_by_position(
             {name or "model": values for name, values in curves.items()},
@@ -269,7 +275,8 @@ def write_report(
         spearman = {
             name or "model": run.series[tag]
             for name in curves
-            if (tag := f"imbalance/{name}/spearman" if name else "imbalance/spearman") in run.series
+            if (tag := f"{tag_prefix}/{name}/spearman" if name else f"{tag_prefix}/spearman")
+            in run.series
         }
         if spearman:
             fig = plot_series(
@@ -286,7 +293,7 @@ def write_report(
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, values in curves.items():
-            base = f"imbalance/{name}" if name else "imbalance"
+            base = f"{tag_prefix}/{name}" if name else tag_prefix
             lines.append(
                 f"| {name or 'model'} | {run.last_step(f'{base}/spearman')} "
                 f"| {signed(run.last(f'{base}/spearman'))} "
@@ -313,9 +320,10 @@ def write_report(
         lines += _validation_table(run, metric, replicas, mode)
     if not written:
         raise ReportError(
-            f"{run.directory} has no imbalance/* or replica_k/{metric} scalars: train with "
+            f"{run.directory} has no {tag_prefix}/* or replica_k/{metric} scalars: train with "
             "SelectionMergeCallback (replica validation) and/or PositionLossMonitor and a "
-            "TensorBoardLogger, or pass --metric with the validation metric's name."
+            "TensorBoardLogger, or pass --metric with the validation metric's name (and "
+            "--tag_prefix with the monitor's)."
         )
     _write_text("\n".join(lines), out / "summary.md")
     written.append(out / "summary.md")

@@ -118,3 +118,23 @@ def test_a_newer_run_that_logged_nothing_is_passed_over(
     SummaryWriter(str(only_empty / "version_0")).close()
     assert main(["report", str(only_empty)]) == 2
     assert "no scalars in the TensorBoard logs" in capsys.readouterr().err
+
+
+def test_a_monitor_tag_prefix_is_reported_when_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A PositionLossMonitor(tag_prefix="probe/pos") run: `--tag_prefix probe/pos` reports it;
+    without it the report names the flag."""
+    logger = TensorBoardLogger(tmp_path, name="r", version=0)
+    for step in (1, 2):
+        scalars = {f"probe/pos/segment_{s}_loss": 1.0 + s / step for s in range(3)}
+        scalars |= {"probe/pos/spearman": -0.5 / step, "probe/pos/mean_loss": 2.0 / step}
+        logger.log_metrics(scalars, step=step)
+    logger.finalize("success")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "none")]) == 2
+    assert "--tag_prefix" in capsys.readouterr().err
+    argv = ["report", str(tmp_path), "--out", str(tmp_path / "out"), "--tag_prefix", "probe/pos"]
+    assert main(argv) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"| model | 2 | {signed(-0.25)} | 1.0000 | 1.0000 | 2.0000 |" in summary
+    assert (tmp_path / "out" / "spearman.png").exists()

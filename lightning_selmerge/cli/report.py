@@ -28,12 +28,19 @@ def report_parser() -> ArgumentParser:
         help="lower (min) or higher (max) is better (default: max for names with "
         "acc/f1/auc/precision/recall, else min)",
     )
+    parser.add_argument(
+        "--tag_prefix",
+        default="imbalance",
+        help="the PositionLossMonitor's tag_prefix (first part of its tags)",
+    )
     return parser
 
 
 def run_report(argv: Sequence[str]) -> int:
     args = report_parser().parse_args(list(argv))
-    written = write_report(args.logdir, args.out, metric=args.metric, mode=args.mode)
+    written = write_report(
+        args.logdir, args.out, metric=args.metric, mode=args.mode, tag_prefix=args.tag_prefix
+    )
     for path in written:
         print(path)
     summary = next(p for p in written if p.name == "summary.md")
