@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,6 +165,59 @@ def test_records_say_which_run_and_replica(job_snapshots: Path) -> None:
     assert scheduler["interval"] == "step"
     assert scheduler["settings"]["step_size"] == 3 and scheduler["settings"]["gamma"] == 0.5
     assert recipe["trainer"]["max_epochs"] == EPOCHS
+
+
+def _schedule_recipe(schedule: Any) -> dict:
+    """The recipe of a fit whose one scheduler ``schedule(optimizer)`` builds."""
+    from types import SimpleNamespace
+
+    from lightning_selmerge.ensemble.recipe import training_recipe
+
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    config = SimpleNamespace(scheduler=schedule(optimizer), interval="step", frequency=1)
+    trainer = SimpleNamespace(
+        optimizers=[optimizer],
+        lr_scheduler_configs=[config],
+        max_epochs=1,
+        max_steps=-1,
+        accumulate_grad_batches=1,
+        gradient_clip_val=None,
+        gradient_clip_algorithm=None,
+        precision="32-true",
+    )
+    return training_recipe(trainer, net)
+
+
+def test_schedule_functions_and_chained_schedulers_are_in_the_recipe() -> None:
+    """transformers' warmup schedules are LambdaLRs over a partial, whose step counts the
+    scheduler's state does not hold; SequentialLR keeps its milestones and schedulers in
+    ``_``-prefixed state: all of them tell two jobs' schedules apart."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from lightning_selmerge.merging.snapshots import recipe_differences
+
+    lr = torch.optim.lr_scheduler
+
+    def warmup(steps: int) -> Any:
+        return lambda opt: get_linear_schedule_with_warmup(opt, steps, 100)
+
+    def sequential(milestone: int) -> Any:
+        return lambda opt: lr.SequentialLR(
+            opt,
+            [lr.LinearLR(opt, 0.1, total_iters=milestone), lr.CosineAnnealingLR(opt, 50)],
+            milestones=[milestone],
+        )
+
+    assert _schedule_recipe(warmup(10)) == _schedule_recipe(warmup(10))
+    assert "num_warmup_steps: 10 vs 20" in recipe_differences(
+        _schedule_recipe(warmup(10)), _schedule_recipe(warmup(20))
+    )
+    assert _schedule_recipe(sequential(5)) == _schedule_recipe(sequential(5))
+    differences = recipe_differences(
+        _schedule_recipe(sequential(5)), _schedule_recipe(sequential(6))
+    )
+    assert "_milestones" in differences and "total_iters: 5 vs 6" in differences
 
 
 class SlowerDecay(Net):

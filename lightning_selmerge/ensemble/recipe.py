@@ -6,7 +6,8 @@ A recipe is plain JSON: the module's class and its JSON-valued ``hparams`` (stri
 path separator left out: jobs may read the same files from different places), every optimizer's
 class and parameter-group settings (without the implementation switches ``foreach``, ``fused``,
 ``capturable`` and ``differentiable``), every LR scheduler's class, interval, frequency and
-settings, the train data's size, batch size, ``drop_last``, batches per epoch and the number of
+settings (with its schedule functions' names and bound arguments, and the schedulers it
+chains), the train data's size, batch size, ``drop_last``, batches per epoch and the number of
 ranks training the replica side by side (each its own batches), and the trainer's
 ``max_epochs``, ``max_steps``, ``accumulate_grad_batches``, gradient clipping and precision.
 What may differ between jobs is left out: the strategy, paths, loggers, workers.
@@ -19,6 +20,7 @@ resume that extends the fit keeps the job one of its run).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -33,7 +35,18 @@ _IMPLEMENTATION_SWITCHES = frozenset({"foreach", "fused", "capturable", "differe
 #: the trainer settings a resume may change to extend the fit
 _FIT_LENGTH = ("max_epochs", "max_steps")
 #: scheduler state that counts progress (identical at every fresh start) or only reports
-_SCHEDULER_PROGRESS = frozenset({"last_epoch", "verbose", "best", "num_bad_epochs"})
+_SCHEDULER_PROGRESS = frozenset(
+    {
+        "last_epoch",
+        "verbose",
+        "best",
+        "num_bad_epochs",
+        "_last_lr",
+        "_step_count",
+        "_get_lr_called_within_step",
+        "_is_initial",
+    }
+)
 
 
 def plain_settings(value: Any) -> Any:
@@ -82,18 +95,36 @@ def _optimizer(optimizer: Any) -> dict[str, Any]:
     return {"class": _qualified_name(optimizer), "groups": groups}
 
 
+def _function(fn: Any) -> Any:
+    """A schedule function as settings: its qualified name, and a ``functools.partial``'s
+    arguments (transformers' ``get_linear_schedule_with_warmup`` binds its step counts so)."""
+    if isinstance(fn, functools.partial):
+        return {"function": _function(fn.func), "args": fn.args, "keywords": fn.keywords}
+    name = getattr(fn, "__qualname__", None)
+    return f"{fn.__module__}.{name}" if name else _qualified_name(fn)
+
+
+def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's settings: its state without progress counters, its schedule functions
+    (``LambdaLR``), and its nested schedulers' settings (``SequentialLR``, ``ChainedScheduler``)."""
+    state = {k: v for k, v in scheduler.state_dict().items() if k not in _SCHEDULER_PROGRESS}
+    if callable_lambdas := getattr(scheduler, "lr_lambdas", None):
+        state["lr_lambdas"] = [_function(fn) for fn in callable_lambdas]
+    if nested := getattr(scheduler, "_schedulers", None):
+        state["_schedulers"] = [
+            {"class": _qualified_name(inner), "settings": _scheduler_settings(inner)}
+            for inner in nested
+        ]
+    return plain_settings(state) or {}
+
+
 def _scheduler(config: Any) -> dict[str, Any]:
     scheduler = config.scheduler
-    state = {
-        k: v
-        for k, v in scheduler.state_dict().items()
-        if not k.startswith("_") and k not in _SCHEDULER_PROGRESS
-    }
     return {
         "class": _qualified_name(scheduler),
         "interval": config.interval,
         "frequency": config.frequency,
-        "settings": plain_settings(state),
+        "settings": _scheduler_settings(scheduler),
     }
 
 
