@@ -33,10 +33,13 @@ from lightning_selmerge.hf.files import (
 from lightning_selmerge.hf.loading import ensure_pad_token, ensure_sequence_tokens, load_tokenizer
 from lightning_selmerge.hf.preprocess import (
     IGNORE_INDEX,
+    chat_sft_features,
+    check_chat_options,
     classification_features,
     label_ids,
     sft_features,
     template_fields,
+    use_chat_template,
 )
 
 __all__ = ["ClassificationDataModule", "SFTDataModule"]
@@ -230,8 +233,11 @@ class SFTDataModule(_TextDataModule):
     """Supervised fine-tuning data: prompt/response rows -> causal-LM batches, loss on responses.
 
     Each row becomes ``prefix + prompt_template.format(prompt=...) + response + EOS`` (the
-    prefix: what the tokenizer puts before a text, e.g. Llama's BOS), truncated to
-    ``max_length`` tokens; ``labels``
+    prefix: what the tokenizer puts before a text, e.g. Llama's BOS) or, with ``chat_template``,
+    the conversation ``[system_prompt,] user: prompt_template.format(...), assistant: response``
+    rendered by the tokenizer's chat template as TRL's SFTTrainer renders prompt-completion
+    conversations (:func:`~lightning_selmerge.hf.preprocess.chat_sft_features`: no EOS added,
+    the template's end of turn ends the answer), truncated to ``max_length`` tokens; ``labels``
     are the input ids with the prompt and the padding set to -100. Rows whose response is cut
     away entirely are dropped (with a warning). Batches: ``input_ids``, ``attention_mask``,
     ``labels`` (right-padded per batch with the tokenizer's pad id / -100, whatever the
@@ -246,8 +252,15 @@ class SFTDataModule(_TextDataModule):
             inferred from the extension (compressed ``.gz``/``.zst``/... files too).
         prompt_field: column holding the prompt.
         response_field: column holding the response.
-        prompt_template: ``str.format`` template of the prompt part; ``{prompt}`` is the prompt
-            column, and any column name may be used (e.g. ``"[{category}] {prompt}\\n"``).
+        prompt_template: ``str.format`` template of the prompt part (with ``chat_template``, of
+            the user's message); ``{prompt}`` is the prompt column, and any column name may be
+            used (e.g. ``"[{category}] {prompt}\\n"``). Default ``"{prompt}\\n"``, or
+            ``"{prompt}"`` with ``chat_template``.
+        chat_template: ``False`` (default): plain text as above. ``True``: render each row with
+            the tokenizer's chat template (instruct checkpoints ship one). A string: a Jinja chat
+            template set as the tokenizer's ``chat_template`` first (the module's tokenizer,
+            when taken from it, so its exports carry the template).
+        system_prompt: with ``chat_template``, a system message before each user message.
         max_length: maximum tokens per example (prompt + response + EOS).
         batch_size: examples per batch.
         val_fraction: share of the training rows held out for validation when there is no
@@ -279,7 +292,9 @@ class SFTDataModule(_TextDataModule):
         data_format: str | None = None,
         prompt_field: str = "prompt",
         response_field: str = "response",
-        prompt_template: str = "{prompt}\n",
+        prompt_template: str | None = None,
+        chat_template: bool | str = False,
+        system_prompt: str | None = None,
         max_length: int = 128,
         batch_size: int = 8,
         val_fraction: float = 0.1,
@@ -302,8 +317,13 @@ class SFTDataModule(_TextDataModule):
             num_workers,
             limit_samples,
         )
+        check_chat_options(type(self).__name__, chat_template, system_prompt)
         self.prompt_field = prompt_field
         self.response_field = response_field
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        if prompt_template is None:
+            prompt_template = "{prompt}\n" if chat_template is False else "{prompt}"
         self.prompt_template = prompt_template
 
     def _tokenise(self, table: Dataset) -> Dataset:
@@ -317,17 +337,20 @@ class SFTDataModule(_TextDataModule):
             )
         fields = {self.prompt_field, self.response_field, *(used - {"prompt"})}
         table = drop_missing_values(owner, table, sorted(fields))
+        kwargs = {
+            "tokenizer": self.tokenizer,
+            "prompt_field": self.prompt_field,
+            "response_field": self.response_field,
+            "prompt_template": self.prompt_template,
+            "max_length": self.max_length,
+        }
+        if self.chat_template is not False:
+            kwargs["system_prompt"] = self.system_prompt
         tokenised = table.map(
-            sft_features,
+            sft_features if self.chat_template is False else chat_sft_features,
             batched=True,
             remove_columns=table.column_names,
-            fn_kwargs={
-                "tokenizer": self.tokenizer,
-                "prompt_field": self.prompt_field,
-                "response_field": self.response_field,
-                "prompt_template": self.prompt_template,
-                "max_length": self.max_length,
-            },
+            fn_kwargs=kwargs,
             desc=f"{owner}: tokenising",
         )
         kept = tokenised.filter(
@@ -349,6 +372,8 @@ class SFTDataModule(_TextDataModule):
         return {"prompt_field": self.prompt_field, "response_field": self.response_field}
 
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
+        if self.chat_template is not False:
+            use_chat_template(type(self).__name__, self.tokenizer, self.chat_template)
         return self._tokenise(train), None if val is None else self._tokenise(val)
 
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:

@@ -11,10 +11,13 @@ from transformers import PreTrainedTokenizerBase
 __all__ = [
     "IGNORE_INDEX",
     "added_prefix",
+    "chat_sft_features",
+    "check_chat_options",
     "classification_features",
     "label_ids",
     "sft_features",
     "template_fields",
+    "use_chat_template",
 ]
 
 #: label value that the losses skip.
@@ -63,25 +66,136 @@ def sft_features(
             "or set tokenizer.eos_token in Python before the fit."
         )
     prefix = added_prefix(tokenizer)
-    columns = list(rows)
-    count = len(rows[prompt_field])
-    prompts = [
-        prompt_template.format(
-            **{**{c: rows[c][i] for c in columns}, "prompt": rows[prompt_field][i]}
-        )
-        for i in range(count)
-    ]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(
+        _user_texts(rows, prompt_field, prompt_template), add_special_tokens=False
+    )["input_ids"]
     responses = [str(r) for r in rows[response_field]]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    targets = [[*response, eos] for response in response_ids]
+    return _masked([prefix + prompt for prompt in prompt_ids], targets, max_length)
+
+
+def chat_sft_features(
+    rows: Mapping[str, list[Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_field: str,
+    response_field: str,
+    prompt_template: str,
+    max_length: int,
+    system_prompt: str | None = None,
+) -> dict[str, list[list[int]]]:
+    """Tokenise a batch of rows for SFT through ``tokenizer``'s chat template.
+
+    TRL's recipe for prompt-completion conversational data: the conversation is an optional
+    system turn (``system_prompt``) and a user turn (``prompt_template`` formatted as in
+    :func:`sft_features`); the prompt is it rendered with ``add_generation_prompt=True``, the
+    completion what rendering it with the response as the assistant's turn adds after the prompt
+    (the response and the template's end of turn). Both are tokenised with
+    ``add_special_tokens=False`` (the template writes any BOS) and cut to ``max_length``
+    together; ``labels`` are :data:`IGNORE_INDEX` over the prompt. As TRL does for
+    conversational data, no EOS is appended: the template's end of turn (``<|im_end|>``,
+    ``<|eot_id|>``, ...) ends the answer, so generation should stop on it.
+
+    Raises:
+        ValueError: the rendered conversation does not start with the rendered prompt (a
+            template that is not prefix-consistent).
+
+    Example:
+        >>> from lightning_selmerge.hf.loading import byte_tokenizer
+        >>> tok = byte_tokenizer()
+        >>> tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}|"
+        ...     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+        >>> out = chat_sft_features({"q": ["Hi"], "a": ["Yo"]}, tok, "q", "a", "{prompt}", 64)
+        >>> tok.decode(out["input_ids"][0])
+        'user: Hi|assistant: Yo|'
+        >>> tok.decode([i for i in out["labels"][0] if i != IGNORE_INDEX])
+        'Yo|'
+    """
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    chats = [
+        [*system, {"role": "user", "content": text}]
+        for text in _user_texts(rows, prompt_field, prompt_template)
+    ]
+    prompts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    fulls = tokenizer.apply_chat_template(
+        [
+            [*chat, {"role": "assistant", "content": str(response)}]
+            for chat, response in zip(chats, rows[response_field])
+        ],
+        tokenize=False,
+    )
+    completions = []
+    for prompt, full in zip(prompts, fulls):
+        if not full.startswith(prompt):
+            raise ValueError(
+                "The chat template is not prefix-consistent: the conversation rendered with the "
+                "response does not start with it rendered up to the generation prompt, so the "
+                f"prompt cannot be masked.\nPrompt: {prompt!r}\nPrompt + response: {full!r}\n"
+                "Use a template that renders the earlier turns alike (chat_template='<Jinja "
+                "template>'), or chat_template=False."
+            )
+        completions.append(full[len(prompt) :])
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return _masked(prompt_ids, completion_ids, max_length)
+
+
+def check_chat_options(owner: str, chat_template: bool | str, system_prompt: str | None) -> None:
+    """Raise on a ``chat_template`` string that is no Jinja template, or a ``system_prompt``
+    without ``chat_template`` (it would be ignored)."""
+    if isinstance(chat_template, str) and not ("{{" in chat_template or "{%" in chat_template):
+        raise ValueError(
+            f"{owner}: chat_template={chat_template!r} is not a Jinja template (no {{{{ }}}} nor "
+            "{% %}); pass true (the tokenizer's template), false, or a template's text."
+        )
+    if system_prompt is not None and chat_template is False:
+        raise ValueError(
+            f"{owner}: system_prompt needs chat_template (true, or a template's text); without "
+            "one, put the instruction in prompt_template."
+        )
+
+
+def use_chat_template(
+    owner: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool | str
+) -> None:
+    """Set a ``chat_template`` string as ``tokenizer``'s template; raise when it then has none.
+
+    Example:
+        >>> from lightning_selmerge.hf.loading import byte_tokenizer
+        >>> use_chat_template("SFT", byte_tokenizer(), True)
+        Traceback (most recent call last):
+        ...
+        ValueError: SFT: chat_template=True but the tokenizer has no chat template ...
+    """
+    if isinstance(chat_template, str):
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"{owner}: chat_template=True but the tokenizer has no chat template "
+            "(tokenizer.chat_template is None); pass the template's text as chat_template, or use "
+            "a tokenizer directory that has one (an instruct checkpoint's)."
+        )
+
+
+def _user_texts(rows: Mapping[str, list[Any]], prompt_field: str, template: str) -> list[str]:
+    """``template`` formatted per row with ``prompt`` (the prompt field) and every column."""
+    columns = list(rows)
+    return [
+        template.format(**{**{c: rows[c][i] for c in columns}, "prompt": rows[prompt_field][i]})
+        for i in range(len(rows[prompt_field]))
+    ]
+
+
+def _masked(
+    heads: list[list[int]], targets: list[list[int]], max_length: int
+) -> dict[str, list[list[int]]]:
+    """``head + target`` cut to ``max_length``, labelled on the target only."""
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for prompt, response in zip(prompt_ids, response_ids):
-        head = prefix + prompt
-        ids = (head + response + [eos])[:max_length]
-        labels = ([IGNORE_INDEX] * len(head) + response + [eos])[:max_length]
+    for head, target in zip(heads, targets):
+        ids = (head + target)[:max_length]
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
-        out["labels"].append(labels)
+        out["labels"].append(([IGNORE_INDEX] * len(head) + target)[:max_length])
     return out
 
 

@@ -1,0 +1,159 @@
+"""SFTDataModule(chat_template=...): rows rendered by the tokenizer's chat template, as TRL's
+SFTTrainer renders prompt-completion conversations (offline: a byte tokenizer with ChatML)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_hf_modules import PAIRS, TINY, trainer, write_jsonl
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from lightning_selmerge.cli import main
+from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
+from lightning_selmerge.hf import CausalLMModule, SFTDataModule
+from lightning_selmerge.hf.loading import byte_tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_prompt_is_masked_exactly_and_the_assistant_turn_is_the_target(
+    tmp_path: Path,
+) -> None:
+    rows = [
+        {"prompt": "Hi", "response": "Yo", "topic": "greet"},
+        {"prompt": "Why?", "response": "Because it is so.", "topic": "ask"},
+        {
+            "prompt": "A prompt too long to leave room for any answer",
+            "response": "x",
+            "topic": "cut",
+        },
+    ]
+    max_length = 60
+    dm = SFTDataModule(
+        data_files=write_jsonl(tmp_path / "pairs.jsonl", rows),
+        prompt_template="[{topic}] {prompt}",
+        chat_template=True,
+        system_prompt="Be brief.",
+        max_length=max_length,
+        val_fraction=0.0,
+    )
+    tokenizer = dm.tokenizer = chatml_tokenizer()
+    with pytest.warns(UserWarning, match="dropped 1 of 3 rows"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 2
+    for row, example in zip(rows, dm.train_set):
+        chat = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"[{row['topic']}] {row['prompt']}"},
+        ]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+        turn = f"{row['response']}<|im_end|>\n"  # the template's end of turn; no EOS after it
+        prompt_ids, turn_ids = ids(tokenizer, prompt), ids(tokenizer, turn)
+        assert example["input_ids"] == (prompt_ids + turn_ids)[:max_length]
+        assert example["labels"] == ([-100] * len(prompt_ids) + turn_ids)[:max_length]
+        assert tokenizer.eos_token_id not in example["input_ids"]
+    first, second = dm.train_set
+    assert tokenizer.decode([i for i in first["labels"] if i != -100]) == "Yo<|im_end|>\n"
+    assert len(second["input_ids"]) == max_length  # its answer is truncated, still labelled
+    assert tokenizer.decode([i for i in second["labels"] if i != -100]).startswith("Because")
+
+
+def test_a_template_string_is_set_on_the_tokenizer(tmp_path: Path) -> None:
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "response": "Yo"}])
+    dm = SFTDataModule(data_files=pairs, chat_template=CHATML, val_fraction=0.0)
+    dm.tokenizer = byte_tokenizer()
+    dm.setup("fit")
+    assert dm.tokenizer.chat_template == CHATML
+    # the default prompt_template adds no newline to the user's message
+    rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    assert dm.tokenizer.decode(dm.train_set[0]["input_ids"]) == rendered
+
+
+def test_chat_template_errors(tmp_path: Path) -> None:
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "response": "Yo"}])
+    dm = SFTDataModule(data_files=pairs, chat_template=True, val_fraction=0.0)
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match=r"has no chat template.*pass the template's text"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="is not a Jinja template"):
+        SFTDataModule(data_files=pairs, chat_template="chatml")
+    with pytest.raises(ValueError, match="system_prompt needs chat_template"):
+        SFTDataModule(data_files=pairs, system_prompt="Be brief.")
+    # the generation prompt (<bot>) is not how the template starts the assistant's turn
+    odd = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<bot>{% endif %}"
+    )
+    dm = SFTDataModule(data_files=pairs, chat_template=odd, val_fraction=0.0)
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="not prefix-consistent(.|\n)*'<user>Hi<bot>'"):
+        dm.setup("fit")
+
+
+def test_chat_sft_fits_and_exports_the_template(tmp_path: Path) -> None:
+    """A tokenizer directory carrying its chat template, through the module and the ensemble."""
+    chatml_tokenizer().save_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY, tokenizer_name_or_path=str(tmp_path / "tok"))
+    dm = SFTDataModule(
+        data_files=str(PAIRS),
+        chat_template=True,
+        system_prompt="Be brief.",
+        limit_samples=8,
+        batch_size=4,
+        max_length=96,
+        val_fraction=0.25,
+    )
+    fit = trainer(
+        tmp_path,
+        max_epochs=1,
+        strategy=DataOrderEnsemble(num_replicas=2, seed=0),
+        callbacks=[SelectionMergeCallback(seed=0, save_dir=str(tmp_path / "merged"))],
+    )
+    fit.fit(module, dm)
+    assert math.isfinite(float(fit.callback_metrics["val_loss"]))
+    exported = AutoTokenizer.from_pretrained(tmp_path / "merged" / "epoch_000")
+    assert exported.chat_template == CHATML
+
+
+def test_a_yaml_config_sets_a_chat_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "chat.yaml"
+    overlay.write_text(
+        "data:\n  init_args:\n    system_prompt: Be brief.\n    chat_template: |-\n"
+        + "".join(f"      {line}\n" for line in CHATML.splitlines())
+    )
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "sft_causal_lm.yaml"),
+        "--config",
+        str(overlay),
+    ]
+    args += [f"--data.init_args.data_files={PAIRS}", "--data.init_args.max_length=128"]
+    args += ["--trainer.fast_dev_run=1", "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    assert main(args) == 0
+    # the template reached the module's tokenizer, so the merged model's export carries it
+    merged = tmp_path / "runs" / "sft" / "merged" / "epoch_000"
+    assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML
