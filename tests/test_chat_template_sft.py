@@ -157,3 +157,55 @@ def test_a_yaml_config_sets_a_chat_template(
     # the template reached the module's tokenizer, so the merged model's export carries it
     merged = tmp_path / "runs" / "sft" / "merged" / "epoch_000"
     assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML
+
+
+def _bert_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style tokenizer, ``[CLS] text [SEP]``, whose [SEP] a causal LM takes as EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from lightning_selmerge.hf.loading import ensure_sequence_tokens
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hi", "yo", "q", ":", "(", ")", "greet"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+    ensure_sequence_tokens("test", tokenizer)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte", "bert", "chat"])
+def test_encode_prompt_gives_what_training_put_before_the_response(kind: str) -> None:
+    """encode_prompt (what to generate from) is the masked head of the training row, for the
+    same settings: with a BERT-style tokenizer it ends without [SEP] (its EOS), which
+    tokenizer(prompt) would append."""
+    from lightning_selmerge.hf import encode_prompt
+    from lightning_selmerge.hf.preprocess import chat_sft_features, sft_features
+
+    tokenizer = {
+        "byte": byte_tokenizer,
+        "bert": _bert_like_tokenizer,
+        "chat": chatml_tokenizer,
+    }[kind]()
+    template = "q : {prompt} ( {topic} )"
+    rows = {"prompt": ["hi"], "response": ["yo"], "topic": ["greet"]}
+    if kind == "chat":
+        features = chat_sft_features(rows, tokenizer, "prompt", "response", template, 64, "sys")
+        head = encode_prompt(tokenizer, "hi", template, True, "sys", topic="greet")
+    else:
+        features = sft_features(rows, tokenizer, "prompt", "response", template, 64)
+        head = encode_prompt(tokenizer, "hi", template, topic="greet")
+    labels = features["labels"][0]
+    masked = next(i for i, label in enumerate(labels) if label != -100)
+    assert head == features["input_ids"][0][:masked]
+    if kind == "bert":
+        assert head[0] == tokenizer.cls_token_id and tokenizer.eos_token_id not in head
+        assert tokenizer("q : hi ( greet )")["input_ids"] == [*head, tokenizer.eos_token_id]

@@ -5,17 +5,20 @@ follow the package's batch contract (``sample_index``, per-sample losses);
 :class:`SFTDataModule` / :class:`ClassificationDataModule` load local json/jsonl/csv/tsv/parquet
 files with ``datasets`` and produce matching batches. All of them are configurable from
 LightningCLI YAML. :func:`save_pretrained` (also ``module.save_pretrained(dir)``) writes a
-model with its tokenizer.
+model with its tokenizer; :func:`encode_prompt` gives the ids an SFT-trained model generates
+from.
 """
 
 from lightning_selmerge.hf.data import ClassificationDataModule, SFTDataModule
 from lightning_selmerge.hf.export import save_pretrained
 from lightning_selmerge.hf.modules import CausalLMModule, SequenceClassificationModule
+from lightning_selmerge.hf.preprocess import encode_prompt
 
 __all__ = [
     "CausalLMModule",
     "ClassificationDataModule",
     "SFTDataModule",
     "SequenceClassificationModule",
+    "encode_prompt",
     "save_pretrained",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "chat_sft_features",
     "check_chat_options",
     "classification_features",
+    "encode_prompt",
     "label_ids",
     "sft_features",
     "template_fields",
@@ -65,14 +66,11 @@ def sft_features(
             "which ends every response: give a tokenizer that has one (tokenizer_name_or_path), "
             "or set tokenizer.eos_token in Python before the fit."
         )
-    prefix = added_prefix(tokenizer)
-    prompt_ids = tokenizer(
-        _user_texts(rows, prompt_field, prompt_template), add_special_tokens=False
-    )["input_ids"]
+    heads = _plain_heads(tokenizer, _user_texts(rows, prompt_field, prompt_template))
     responses = [str(r) for r in rows[response_field]]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     targets = [[*response, eos] for response in response_ids]
-    return _masked([prefix + prompt for prompt in prompt_ids], targets, max_length)
+    return _masked(heads, targets, max_length)
 
 
 def chat_sft_features(
@@ -111,11 +109,7 @@ def chat_sft_features(
         >>> tok.decode([i for i in out["labels"][0] if i != IGNORE_INDEX])
         'Yo|'
     """
-    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    chats = [
-        [*system, {"role": "user", "content": text}]
-        for text in _user_texts(rows, prompt_field, prompt_template)
-    ]
+    chats = _chats(_user_texts(rows, prompt_field, prompt_template), system_prompt)
     prompts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     fulls = tokenizer.apply_chat_template(
         [
@@ -177,6 +171,51 @@ def use_chat_template(
         )
 
 
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    prompt_template: str | None = None,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+    **columns: Any,
+) -> list[int]:
+    """The token ids SFT training put before the response of ``prompt``: what to generate
+    from, given the :class:`~lightning_selmerge.hf.SFTDataModule` settings of the fit
+    (``prompt_template``, default ``"{prompt}\\n"`` or ``"{prompt}"`` with ``chat_template``;
+    ``columns``: the template's other fields). Plain text starts with the tokenizer's
+    :func:`added_prefix` and ends with the template, with no EOS or separator after it (a
+    BERT tokenizer's ``[SEP]`` is a causal LM's EOS); a chat ends with the generation prompt.
+
+    Example:
+        >>> from lightning_selmerge.hf.loading import byte_tokenizer
+        >>> tok = byte_tokenizer()
+        >>> tok.decode(encode_prompt(tok, "Hi", "Q: {prompt} ({topic})\\nA:", topic="greeting"))
+        'Q: Hi (greeting)\\nA:'
+    """
+    if prompt_template is None:
+        prompt_template = "{prompt}" if chat_template else "{prompt}\n"
+    text = _user_texts(
+        {**{k: [v] for k, v in columns.items()}, "prompt": [prompt]}, "prompt", prompt_template
+    )
+    if not chat_template:
+        return _plain_heads(tokenizer, text)[0]
+    (chat,) = _chats(text, system_prompt)
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _plain_heads(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """``texts`` tokenised as plain SFT prompts: the tokenizer's prefix, then the text."""
+    prefix = added_prefix(tokenizer)
+    return [prefix + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _chats(texts: list[str], system_prompt: str | None) -> list[list[dict[str, str]]]:
+    """One conversation per user text, after the system message when there is one."""
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [[*system, {"role": "user", "content": text}] for text in texts]
+
+
 def _user_texts(rows: Mapping[str, list[Any]], prompt_field: str, template: str) -> list[str]:
     """``template`` formatted per row with ``prompt`` (the prompt field) and every column."""
     columns = list(rows)
@@ -204,7 +243,7 @@ def added_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
-        >>> added_prefix(byte_tokenizer())  # ByT5-style: an EOS after the text, nothing before
+        >>> added_prefix(byte_tokenizer())  # no special tokens around a text
         []
     """
     probe = "a"
