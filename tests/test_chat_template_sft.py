@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_hf_modules import PAIRS, TINY, trainer, write_jsonl
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 from lightning_selmerge.cli import main
 from lightning_selmerge.ensemble import DataOrderEnsemble, SelectionMergeCallback
@@ -133,6 +133,10 @@ def test_chat_sft_fits_and_exports_the_template(tmp_path: Path) -> None:
     assert math.isfinite(float(fit.callback_metrics["val_loss"]))
     exported = AutoTokenizer.from_pretrained(tmp_path / "merged" / "epoch_000")
     assert exported.chat_template == CHATML
+    # ChatML's <|im_end|> is not this tokenizer's EOS: the export stops generating at both
+    generation = GenerationConfig.from_pretrained(tmp_path / "merged" / "epoch_000")
+    end = exported.convert_tokens_to_ids("<|im_end|>")
+    assert generation.eos_token_id == [exported.eos_token_id, end]
 
 
 def test_a_yaml_config_sets_a_chat_template(

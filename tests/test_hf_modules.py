@@ -84,7 +84,8 @@ def test_docstring_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_selmerge.hf as hf
 
     monkeypatch.chdir(PAIRS.parents[2])  # the examples use repository-relative paths
-    for name in ("data", "export", "files", "loading", "modules", "optim", "preprocess"):
+    names = ("sft_data", "classification_data", "export", "files", "loading", "modules")
+    for name in (*names, "optim", "preprocess"):
         module = importlib.import_module(f"lightning_selmerge.hf.{name}")
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, (name, result)
@@ -94,6 +95,7 @@ def test_docstring_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
             "ClassificationDataModule",
             "SFTDataModule",
             "SequenceClassificationModule",
+            "encode_prompt",
             "save_pretrained",
         ]
     )

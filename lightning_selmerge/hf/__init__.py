@@ -9,10 +9,11 @@ model with its tokenizer; :func:`encode_prompt` gives the ids an SFT-trained mod
 from.
 """
 
-from lightning_selmerge.hf.data import ClassificationDataModule, SFTDataModule
+from lightning_selmerge.hf.classification_data import ClassificationDataModule
 from lightning_selmerge.hf.export import save_pretrained
 from lightning_selmerge.hf.modules import CausalLMModule, SequenceClassificationModule
 from lightning_selmerge.hf.preprocess import encode_prompt
+from lightning_selmerge.hf.sft_data import SFTDataModule
 
 __all__ = [
     "CausalLMModule",

@@ -15,6 +15,7 @@ __all__ = [
     "check_chat_options",
     "classification_features",
     "encode_prompt",
+    "end_of_turn_id",
     "label_ids",
     "sft_features",
     "template_fields",
@@ -169,6 +170,31 @@ def use_chat_template(
             "(tokenizer.chat_template is None); pass the template's text as chat_template, or use "
             "a tokenizer directory that has one (an instruct checkpoint's)."
         )
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token ``tokenizer``'s chat template closes an assistant turn with, when it
+    is not the EOS token (ChatML's ``<|im_end|>`` on a base model's tokenizer): generation
+    must stop there too. ``None`` when the turn ends with EOS or with no special token.
+
+    Example:
+        >>> from lightning_selmerge.hf.loading import byte_tokenizer
+        >>> tok = byte_tokenizer()
+        >>> tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+        1
+        >>> tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}"
+        >>> end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|end|>")
+        True
+    """
+    chat = _chats(["a"], None)[0]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*chat, {"role": "assistant", "content": "b"}], tokenize=False
+    )
+    turn_end = full[len(prompt) :].partition("b")[2]  # after the response
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in tokenizer(turn_end, add_special_tokens=False)["input_ids"] if i in special]
+    return ids[0] if ids and ids[0] != tokenizer.eos_token_id else None
 
 
 def encode_prompt(
