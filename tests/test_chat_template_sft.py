@@ -213,3 +213,58 @@ def test_encode_prompt_gives_what_training_put_before_the_response(kind: str) ->
     if kind == "bert":
         assert head[0] == tokenizer.cls_token_id and tokenizer.eos_token_id not in head
         assert tokenizer("q : hi ( greet )")["input_ids"] == [*head, tokenizer.eos_token_id]
+
+
+def _sentencepiece_like_tokenizer(split_lines: bool) -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer: ``<s>`` before a text, words marked by ``▁`` (Metaspace,
+    prepended to the first word only), trained on the shipped pairs; ``split_lines`` keeps
+    newlines tokens of their own (as Llama's byte-fallback ``<0x0A>``), else BPE merges
+    across them."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), metaspace])
+        if split_lines
+        else metaspace
+    )
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(
+        [f"{row['prompt']}\n{row['response']}" for row in rows],
+        trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]),
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("split_lines", [True, False])
+def test_a_response_is_tokenised_as_it_follows_its_prompt(split_lines: bool) -> None:
+    """SentencePiece-style tokenizers mark a text's first word with ``▁``: a response
+    tokenised alone would train a space the prompt + response text does not have. It is
+    tokenised after its prompt; where a token spans the seam, alone (the prompt's ids stay
+    those encode_prompt gives, and exactly they are masked)."""
+    from lightning_selmerge.hf import encode_prompt
+    from lightning_selmerge.hf.preprocess import sft_features
+
+    tokenizer = _sentencepiece_like_tokenizer(split_lines)
+    rows = {"prompt": ["What is AI?"], "response": ["It is a field."]}
+    features = sft_features(rows, tokenizer, "prompt", "response", "{prompt}\n", 64)
+    (ids,), (labels,) = features["input_ids"], features["labels"]
+    head = encode_prompt(tokenizer, "What is AI?")
+    assert ids[: len(head)] == head and labels[: len(head)] == [-100] * len(head)
+    assert all(label != -100 for label in labels[len(head) :])
+    joined = tokenizer("What is AI?\nIt is a field.", add_special_tokens=False)["input_ids"]
+    if split_lines:  # the row is the joined text's tokens, decoded without a stray space
+        assert ids == [tokenizer.bos_token_id, *joined, tokenizer.eos_token_id]
+        assert tokenizer.decode(ids) == "<s> What is AI?\nIt is a field.</s>"
+    else:  # "?\nI" is one token of the joined text: the response goes alone
+        alone = tokenizer("It is a field.", add_special_tokens=False)["input_ids"]
+        assert ids[len(head) :] == [*alone, tokenizer.eos_token_id]

@@ -50,8 +50,10 @@ def sft_features(
     tokens; ``labels`` copy the ids with the prompt part set to :data:`IGNORE_INDEX`, so the
     loss covers only the response (and its EOS). ``prefix`` is what the tokenizer itself puts
     before a text (:func:`added_prefix`: Llama's BOS, OPT's ``</s>``, none for GPT-2), so a
-    prompt starts as ``tokenizer(prompt)`` starts it at inference. The template is
-    ``str.format``-ed with ``prompt`` (the prompt field's value) and every column of the row.
+    prompt starts as ``tokenizer(prompt)`` starts it at inference; the response is tokenised as
+    it follows the prompt (no SentencePiece ``▁`` before its first word unless the joined text
+    has a space there). The template is ``str.format``-ed with ``prompt`` (the prompt field's
+    value) and every column of the row.
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
@@ -67,11 +69,11 @@ def sft_features(
             "which ends every response: give a tokenizer that has one (tokenizer_name_or_path), "
             "or set tokenizer.eos_token in Python before the fit."
         )
-    heads = _plain_heads(tokenizer, _user_texts(rows, prompt_field, prompt_template))
-    responses = [str(r) for r in rows[response_field]]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    targets = [[*response, eos] for response in response_ids]
-    return _masked(heads, targets, max_length)
+    texts = _user_texts(rows, prompt_field, prompt_template)
+    prefix = added_prefix(tokenizer)
+    prompts, responses = _split_ids(tokenizer, texts, [str(r) for r in rows[response_field]])
+    targets = [[*response, eos] for response in responses]
+    return _masked([prefix + prompt for prompt in prompts], targets, max_length)
 
 
 def chat_sft_features(
@@ -90,7 +92,8 @@ def chat_sft_features(
     :func:`sft_features`); the prompt is it rendered with ``add_generation_prompt=True``, the
     completion what rendering it with the response as the assistant's turn adds after the prompt
     (the response and the template's end of turn). Both are tokenised with
-    ``add_special_tokens=False`` (the template writes any BOS) and cut to ``max_length``
+    ``add_special_tokens=False`` (the template writes any BOS), the completion as it follows
+    the prompt (as :func:`sft_features` does), and cut to ``max_length``
     together; ``labels`` are :data:`IGNORE_INDEX` over the prompt. As TRL does for
     conversational data, no EOS is appended: the template's end of turn (``<|im_end|>``,
     ``<|eot_id|>``, ...) ends the answer, so generation should stop on it.
@@ -130,9 +133,7 @@ def chat_sft_features(
                 "template>'), or chat_template=False."
             )
         completions.append(full[len(prompt) :])
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    return _masked(prompt_ids, completion_ids, max_length)
+    return _masked(*_split_ids(tokenizer, prompts, completions), max_length)
 
 
 def check_chat_options(owner: str, chat_template: bool | str, system_prompt: str | None) -> None:
@@ -224,16 +225,34 @@ def encode_prompt(
         {**{k: [v] for k, v in columns.items()}, "prompt": [prompt]}, "prompt", prompt_template
     )
     if not chat_template:
-        return _plain_heads(tokenizer, text)[0]
+        return added_prefix(tokenizer) + tokenizer(text[0], add_special_tokens=False)["input_ids"]
     (chat,) = _chats(text, system_prompt)
     rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def _plain_heads(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """``texts`` tokenised as plain SFT prompts: the tokenizer's prefix, then the text."""
-    prefix = added_prefix(tokenizer)
-    return [prefix + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def _split_ids(
+    tokenizer: PreTrainedTokenizerBase, heads: list[str], tails: list[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each ``head`` tokenised alone (as at inference) and its ``tail`` as the tokenizer reads
+    it after the head (``head + tail`` tokenised at once, the head's ids cut off), so a
+    SentencePiece tokenizer does not start the tail with a word boundary (``▁``) the joined
+    text does not have; where tokenising them at once changes the head's own ids (a token
+    across the seam), the tail is tokenised alone."""
+    head_ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+    joined_ids = tokenizer([h + t for h, t in zip(heads, tails)], add_special_tokens=False)[
+        "input_ids"
+    ]
+    tail_ids: list[list[int] | None] = [
+        joined[len(head) :] if joined[: len(head)] == head else None
+        for head, joined in zip(head_ids, joined_ids)
+    ]
+    alone = [i for i, ids in enumerate(tail_ids) if ids is None]
+    if alone:
+        ids = tokenizer([tails[i] for i in alone], add_special_tokens=False)["input_ids"]
+        for i, tail in zip(alone, ids):
+            tail_ids[i] = tail
+    return head_ids, tail_ids  # type: ignore[return-value]
 
 
 def _chats(texts: list[str], system_prompt: str | None) -> list[list[dict[str, str]]]:
