@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selmerge.ensemble import DataOrderEnsemble
@@ -101,3 +103,43 @@ def fit(
     val_loader = DataLoader(data, batch_size=30) if val else None
     trainer.fit(module, train, val_loader, ckpt_path=ckpt_path)
     return trainer, strategy
+
+
+class MetricsRecorder(Logger):
+    """Every (step, metrics) the trainer logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((int(step or 0), dict(metrics)))
+
+
+class Crash(Exception):
+    """The process dying right after a checkpoint was written."""
+
+
+class CheckpointThenCrash(ModelCheckpoint):
+    """Saves every ``every_n_train_steps`` steps; the fit dies right after the save at step
+    ``crash_at`` (nothing after it runs: not the epoch's validation, nor its end)."""
+
+    def __init__(self, crash_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.crash_at = crash_at
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:
+        super().on_train_batch_end(trainer, *args)
+        if trainer.global_step == self.crash_at:
+            raise Crash

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ensemble_support import CheckpointThenCrash, Crash, MetricsRecorder
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selmerge.data import DataOrderSampler, IndexedDataset
@@ -59,8 +59,16 @@ def run(epochs: int, tmp: Path | None = None, ckpt_path: str | None = None, merg
     return trainer, monitor, merger
 
 
-def fit_ensemble(callbacks: list, epochs: int, ckpt_path: str | None = None, **kwargs) -> Trainer:
-    """A K-replica fit of a Classifier on the dataset (no logger unless given)."""
+def fit_ensemble(
+    callbacks: list,
+    epochs: int,
+    ckpt_path: str | None = None,
+    module: LightningModule | None = None,
+    val: bool = False,
+    **kwargs,
+) -> Trainer:
+    """A K-replica fit of a Classifier (or ``module``) on the dataset (no logger unless given;
+    with ``val``, validated on it every epoch)."""
     settings = {"logger": False, "enable_checkpointing": False, **kwargs}
     trainer = Trainer(
         strategy=DataOrderEnsemble(num_replicas=K, seed=3),
@@ -72,7 +80,9 @@ def fit_ensemble(callbacks: list, epochs: int, ckpt_path: str | None = None, **k
         enable_model_summary=False,
         **settings,
     )
-    trainer.fit(Classifier(), DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
+    val_loader = DataLoader(dataset(), batch_size=16) if val else None
+    train_loader = DataLoader(dataset(), batch_size=BATCH)
+    trainer.fit(module or Classifier(), train_loader, val_loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -138,28 +148,6 @@ def test_monitor_alone_attributes_each_batch_to_its_replica() -> None:
     assert "imbalance/merged/spearman" in with_merge.callback_metrics
 
 
-class MetricsRecorder(Logger):
-    """Every (step, metrics) the trainer logs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((int(step or 0), dict(metrics)))
-
-
 def test_the_merge_is_probed_at_the_epochs_that_merged_and_the_last_one() -> None:
     """every_n_epochs=2 over 3 epochs: merges at epoch 1 and (the fit ends there) epoch 2, each
     probed once; an earlier merge is not logged as a later epoch's, and the final merge is
@@ -210,3 +198,84 @@ def test_a_monitor_added_at_a_resume_knows_every_replicas_positions(tmp_path: Pa
     for replica in range(K):
         assert torch.equal(monitor.first_positions_of(replica), orders.positions(0, replica))
         assert f"imbalance/replica_{replica}/spearman" in trainer.callback_metrics
+
+
+class ValidatedClassifier(Classifier):
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.per_sample_loss(batch).mean())
+
+
+EPOCH_STEPS = K * N // BATCH  # 10 training steps an epoch
+
+
+def fit_logged(
+    ckpt_path: str | None = None, callbacks: list | None = None, **kwargs
+) -> tuple[Trainer, MetricsRecorder]:
+    """2 epochs, the merge validated and probed each epoch, every scalar recorded."""
+    recorder = MetricsRecorder()
+    monitor = PositionLossMonitor(num_segments=4, probe_size=32, probe_batch_size=16)
+    callbacks = [monitor, SelectionMergeCallback(seed=1), *(callbacks or [])]
+    trainer = fit_ensemble(
+        callbacks,
+        2,
+        ckpt_path,
+        module=ValidatedClassifier(),
+        val=True,
+        logger=recorder,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+    return trainer, recorder
+
+
+def epoch_scalars(recorder: MetricsRecorder, since: int = 0) -> dict[tuple[int, str], float]:
+    """The callbacks' epoch-level scalars logged from step ``since`` on: the probe's
+    (``imbalance/...``) and each replica's epoch training loss, by (step, name)."""
+    return {
+        (step, name): value
+        for step, metrics in recorder.logged
+        if step >= since
+        for name, value in metrics.items()
+        if name.startswith("imbalance/") or name.endswith("/train_loss")
+    }
+
+
+@pytest.fixture(scope="module")
+def logged_fit() -> tuple[Trainer, MetricsRecorder]:
+    return fit_logged()
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        EPOCH_STEPS // 2,  # inside epoch 0 (replica 0 done)
+        EPOCH_STEPS,  # epoch 0's last batch: before its validation, merge probe and first positions
+        2 * EPOCH_STEPS,  # the last epoch's last batch: the resumed fit trains no batch
+    ],
+)
+def test_a_fit_resumed_from_a_checkpoint_at_any_batch_logs_every_epoch_end(
+    logged_fit, tmp_path: Path, crash_at: int
+) -> None:
+    """A checkpoint saved at a training batch, the process dying right after it, the fit resumed
+    from it: the same final merge, bit for bit, and the same epoch-level scalars of the callbacks.
+
+    At an epoch's last batch the checkpoint is saved after that epoch's merge but before its
+    end, and Lightning resumes it with the next epoch (no on_train_epoch_end for it): the
+    callbacks catch up with the epoch's end themselves (its probe, its replicas' training
+    losses, the first-epoch positions)."""
+    full, full_log = logged_fit
+    crash = CheckpointThenCrash(
+        crash_at, dirpath=tmp_path, every_n_train_steps=crash_at, filename="{step}"
+    )
+    with pytest.raises(Crash):
+        fit_logged(callbacks=[crash], enable_checkpointing=True)
+    resumed, resumed_log = fit_logged(ckpt_path=str(tmp_path / f"step={crash_at}.ckpt"))
+    assert resumed.global_step == full.global_step == 2 * EPOCH_STEPS
+    final, expected = resumed.lightning_module.state_dict(), full.lightning_module.state_dict()
+    assert set(final) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    # Lightning logs an epoch's metrics at its last batch's step, the probe at the step after
+    want = epoch_scalars(full_log, since=crash_at - 1)
+    assert {name for _, name in want} >= {"replica_0/train_loss", "imbalance/merged/spearman"}
+    assert epoch_scalars(resumed_log) == want

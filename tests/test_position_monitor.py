@@ -337,6 +337,48 @@ def test_a_mid_epoch_resume_with_a_loader_that_restarts_counts_the_epoch_again(
     assert torch.equal(rows["position"], torch.arange(trained))
 
 
+def test_a_resume_at_an_epochs_last_batch_ends_that_epoch_and_starts_the_next(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint at epoch 0's last batch, the fit dying right after it: Lightning resumes with
+    epoch 1 and calls neither epoch 0's on_train_epoch_end nor epoch 1's on_train_epoch_start.
+    The monitor ends epoch 0 (first-epoch positions, probe, log) and counts epoch 1's positions
+    from 0, as the uninterrupted fit."""
+    from ensemble_support import CheckpointThenCrash, Crash, MetricsRecorder
+
+    sampler = DataOrderSampler(num_samples=N, seed=3)
+    loader = DataLoader(make_dataset(), batch_size=8, sampler=sampler)  # 6 batches an epoch
+
+    def fit(ckpt_path: str | None = None, crash: bool = False):
+        monitor, recorder = PositionLossMonitor(probe_size=16, num_segments=4), MetricsRecorder()
+        callbacks = [CheckpointThenCrash(6, dirpath=tmp_path, filename="{step}",
+                                         every_n_train_steps=6)] if crash else []  # fmt: skip
+        trainer = make_trainer(tmp_path, monitor, logger=recorder, enable_checkpointing=crash)
+        trainer.callbacks.extend(callbacks)
+        torch.manual_seed(0)  # the same initial weights (a resume loads the checkpoint's)
+        trainer.fit(TinyClassifier(), loader, ckpt_path=ckpt_path)
+        return monitor, recorder
+
+    full, full_log = fit()
+    with pytest.raises(Crash):
+        fit(crash=True)
+    resumed, resumed_log = fit(ckpt_path=str(tmp_path / "step=6.ckpt"))
+    for column, values in full.records.table().items():
+        assert torch.equal(resumed.records.table()[column], values), column
+    assert torch.equal(resumed.first_positions, full.first_positions)
+
+    def imbalance(log: MetricsRecorder) -> dict[tuple[int, str], float]:
+        return {
+            (step, name): value
+            for step, metrics in log.logged
+            for name, value in metrics.items()
+            if name.startswith("imbalance/")
+        }
+
+    assert imbalance(resumed_log) == imbalance(full_log)
+    assert {step for step, _ in imbalance(full_log)} == {6, 12}
+
+
 # -- ensemble mode: K replicas one after another in each epoch --------------------------------
 def ensemble_setup(
     dataset: torch.utils.data.Dataset, batch_size: int = 5, **monitor_kw

@@ -156,6 +156,11 @@ class SelectionMergeCallback(Callback):
         self._stopped_in: int | None = None  # epoch of the last batch, if not its last batch
         self._last_export = -1  # the epoch of the latest merge saved to save_dir
         self._loss_sums = torch.zeros(0, 2, dtype=torch.float64)  # per replica: sum, count
+        self._step_sums = torch.zeros_like(self._loss_sums)  # since the last step-level log
+        self._step_logged = -1  # the step of the last step-level log
+        self._log_step = 0  # Lightning's logging step of the latest training batch
+        self._end_due: int | None = None  # the epoch whose batches all ran, its end not yet
+        self._resume_state: dict[str, Any] | None = None  # load_state_dict's, for on_train_start
 
     # -- merging --------------------------------------------------------------------------
     def merge(self, strategy: DataOrderEnsemble) -> dict[str, torch.Tensor]:
@@ -214,9 +219,14 @@ class SelectionMergeCallback(Callback):
         self._restored = False
         self._full_merged = None
         self._stopped_in = None
-        self._loss_sums = torch.zeros(_ensemble(trainer).num_replicas, 2, dtype=torch.float64)
-        self._step_sums = torch.zeros_like(self._loss_sums)  # since the last step-level log
+        strategy = _ensemble(trainer)
+        self._loss_sums = torch.zeros(strategy.num_replicas, 2, dtype=torch.float64)
+        self._step_sums = torch.zeros_like(self._loss_sums)
         self._step_logged = trainer.global_step
+        self._end_due = None
+        saved, self._resume_state = self._resume_state, None
+        if saved is not None:
+            self._resume_losses(trainer, strategy, saved)
 
     def on_train_batch_end(
         self,
@@ -238,25 +248,61 @@ class SelectionMergeCallback(Callback):
             self._loss_sums[replica, 0] += value * size
             self._loss_sums[replica, 1] += size
             self._log_step_loss(trainer, strategy, replica, value, size)
+        # Lightning logs an epoch's metrics at the step it logs its last batch's at
+        self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
+        self._end_due = trainer.current_epoch if last_batch else None
         if last_batch and (
             (trainer.current_epoch + 1) % self.every_n_epochs == 0 or _fit_ends_here(trainer)
         ):
             self._merge_now(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.log_replica_loss:
-            return
-        strategy = _ensemble(trainer)
-        sums = strategy.sum_over_ranks(self._loss_sums)  # the replicas sit on many ranks
-        for replica, (total, count) in enumerate(sums.tolist()):
-            if count:  # the same value on every rank: syncing only silences Lightning's warning
-                value = total / count
-                pl_module.log(
-                    f"replica_{replica}/train_loss", value, sync_dist=strategy.is_distributed
-                )
+        self._end_due = None
+        if self.log_replica_loss:
+            self._log_epoch_loss(trainer, _ensemble(trainer))
+
+    def _log_epoch_loss(self, trainer: Trainer, strategy: DataOrderEnsemble) -> None:
+        """Log ``replica_{k}/train_loss``, the mean loss of each replica that trained in the
+        epoch, where Lightning logs the epoch's metrics (at its last batch's step).
+
+        Straight to the loggers, as the step-level values: a fit resumed from a checkpoint taken
+        at an epoch's last batch logs that epoch's here, outside its epoch (Lightning goes on
+        with the next one)."""
+        sums = strategy.sum_over_ranks(self._loss_sums).tolist()  # replicas on many ranks
         self._loss_sums.zero_()
+        metrics = {
+            f"replica_{k}/train_loss": total / count
+            for k, (total, count) in enumerate(sums)
+            if count
+        }
+        for name, value in metrics.items():
+            trainer.callback_metrics[name] = torch.tensor(value)
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=self._log_step)
+
+    def _resume_losses(
+        self, trainer: Trainer, strategy: DataOrderEnsemble, saved: dict[str, Any]
+    ) -> None:
+        """Go on with the checkpoint's loss sums (this rank's), and log the epoch whose end
+        the checkpoint came before, when Lightning resumes with the next epoch (a checkpoint
+        at an epoch's last batch)."""
+        sums = saved.get("loss_sums")  # [ranks, replicas, 2]; absent in older checkpoints
+        if sums is not None and tuple(sums.shape[1:]) == tuple(self._loss_sums.shape):
+            self._loss_sums = sums[strategy.global_rank].clone()
+            self._step_sums = saved["step_sums"][strategy.global_rank].clone()
+            self._step_logged = int(saved["step_logged"])
+        due = saved.get("epoch_end_due")
+        if due is None:
+            return
+        self._log_step = int(due["step"])
+        if int(due["epoch"]) != trainer.current_epoch:  # its on_train_epoch_end will not run
+            if self.log_replica_loss:
+                self._log_epoch_loss(trainer, strategy)
+        else:  # (a Lightning that runs the epoch's end on resume)
+            self._end_due = int(due["epoch"])
 
     def _log_step_loss(
         self,
@@ -359,16 +405,29 @@ class SelectionMergeCallback(Callback):
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"merged_step": self._merged_step, "has_merged": self.merged_state is not None}
+        due = None if self._end_due is None else {"epoch": self._end_due, "step": self._log_step}
+        return {
+            "merged_step": self._merged_step,
+            "has_merged": self.merged_state is not None,
+            "step_logged": self._step_logged,
+            # saved at an epoch's last batch, before the epoch's end: log its losses on resume
+            "epoch_end_due": due,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._merged_step = int(state_dict["merged_step"])
+        self._resume_state = dict(state_dict)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.merged_state is not None:
             checkpoint["state_dict"] = self._full_merged_state(_ensemble(trainer))
+        own = checkpoint.get("callbacks", {}).get(self.state_key)
+        if own is not None and self._loss_sums.numel():  # a full checkpoint of a fit
+            strategy = _ensemble(trainer)  # every rank's sums (a collective, as the save is)
+            own["loss_sums"] = _every_rank(strategy, self._loss_sums)
+            own["step_sums"] = _every_rank(strategy, self._step_sums)
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -472,6 +531,13 @@ def _ensemble(trainer: Trainer) -> DataOrderEnsemble:
             f"got {type(strategy).__name__}."
         )
     return strategy
+
+
+def _every_rank(strategy: DataOrderEnsemble, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank, stacked by global rank (a collective on several ranks)."""
+    if not strategy.is_distributed:
+        return tensor.clone()[None]
+    return strategy.all_gather(tensor.to(strategy.root_device)).cpu()
 
 
 def _fit_ends_here(trainer: Trainer) -> bool:

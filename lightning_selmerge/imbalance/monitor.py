@@ -194,6 +194,8 @@ class PositionLossMonitor(ProbeReporter):
         self._last_replica: int | None = None
         self._resumed_epoch: int | None = None
         self._epoch: int | None = None  # the epoch in progress
+        self._end_due: int | None = None  # the epoch whose batches all ran, its end not yet
+        self._resumed_end: int | None = None  # the checkpoint's, until the resumed fit ends it
         #: the strategy, when it trains several replicas and says so (found at setup)
         self._schedule: ReplicaSchedule | None = None
         self._gathers = False  # a schedule on several ranks: gather every epoch's records
@@ -229,12 +231,40 @@ class PositionLossMonitor(ProbeReporter):
         self._last_replica = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_skipped_epoch(trainer, pl_module)
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if resumed == trainer.current_epoch:  # resumed mid-epoch: keep the restored counter
             return
-        self._epoch = trainer.current_epoch
+        self._start_epoch(trainer.current_epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
         self._arrived = 0
         self._last_replica = None
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._end_skipped_epoch(trainer, pl_module)
+        if self._epoch != trainer.current_epoch:  # its on_train_epoch_start did not run
+            self._resumed_epoch = None
+            self._start_epoch(trainer.current_epoch)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_skipped_epoch(trainer, pl_module)
+
+    def _end_skipped_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The end of the epoch a checkpoint was taken at the last batch of.
+
+        Such a checkpoint (``ModelCheckpoint(every_n_train_steps=...)``) holds the epoch's
+        batches all done but not its end; Lightning resumes it with the next epoch, calling
+        neither the epoch's ``on_train_epoch_end`` nor the next one's ``on_train_epoch_start``.
+        The resumed fit's first training hook here ends the epoch as the uninterrupted fit did
+        (probe, log, first-epoch positions), after the strategy restored the replicas and
+        before the next epoch trains; ``on_train_end`` when the fit has no batch left."""
+        epoch, self._resumed_end = self._resumed_end, None
+        if epoch is not None and epoch != trainer.current_epoch:
+            self._end_epoch(trainer, pl_module, epoch)
 
     def on_train_batch_end(
         self,
@@ -272,9 +302,14 @@ class PositionLossMonitor(ProbeReporter):
                 "a probe (probe_size > 0) with a `per_sample_loss(batch)` method."
             )
         self.records.add(indices, positions, epoch=epoch, replica=replica, loss=sample_loss)
+        self._end_due = epoch if batch_idx == trainer.num_training_batches - 1 else None
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
+        self._end_due = self._resumed_end = None
+        self._end_epoch(trainer, pl_module, trainer.current_epoch)
+
+    def _end_epoch(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        """Gather ``epoch``'s records, set the first-epoch positions, probe and log."""
         if self._gathers:
             self._gather_records(epoch)
         if epoch == 0 or self.first_positions is None:
@@ -292,7 +327,7 @@ class PositionLossMonitor(ProbeReporter):
                 rows = {k: torch.cat([t[k] for t in gather_tables(rows)]) for k in rows}
             positions = row_positions(self._positions_by_replica, rows["sample"], rows["replica"])
             results = {"": self._result("", rows["sample"], rows["loss"], positions=positions)}
-        self.log_results(trainer, results)
+        self.log_results(trainer, results, epoch=epoch)
 
     # -- public API for other callbacks --------------------------------------------------------
     def current_replica(
@@ -338,6 +373,8 @@ class PositionLossMonitor(ProbeReporter):
                 "replica": self._last_replica,
                 "arrived": self._arrived,
             },
+            # saved at an epoch's last batch, before the epoch's end: end it on resume
+            "epoch_end_due": self._end_due,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -366,6 +403,8 @@ class PositionLossMonitor(ProbeReporter):
             self._resumed_epoch = self._epoch = int(in_epoch["epoch"])
             self._last_replica = in_epoch["replica"]
             self._arrived = int(in_epoch["arrived"])
+        self._end_due = None
+        self._resumed_end = state_dict.get("epoch_end_due")  # absent in older checkpoints
 
     # -- internals ----------------------------------------------------------------------------
     def _batch_indices(

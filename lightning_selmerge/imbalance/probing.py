@@ -92,10 +92,12 @@ class ProbeReporter(Callback):
         step: int | None = None,
         figure_tag: str | None = None,
         extra_metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
     ) -> dict[str, float]:
         """Log the scalars of every result and one figure holding all their curves.
 
-        Returns the logged scalars. ``figure_tag`` defaults to ``<tag_prefix>/loss_by_position``.
+        Returns the logged scalars. ``figure_tag`` defaults to ``<tag_prefix>/loss_by_position``;
+        ``epoch`` (in the figure's title) to ``trainer.current_epoch``.
         """
         items = list(results.values()) if isinstance(results, Mapping) else list(results)
         step = trainer.global_step if step is None else step
@@ -109,7 +111,8 @@ class ProbeReporter(Callback):
         tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if self.log_figure and tb_loggers and trainer.is_global_zero:
             curves = {r.name or "model": r.segment_means for r in items}
-            title = f"Loss by first-epoch position (epoch {trainer.current_epoch})"
+            epoch = trainer.current_epoch if epoch is None else epoch
+            title = f"Loss by first-epoch position (epoch {epoch})"
             for logger in tb_loggers:
                 fig = plot_loss_by_position(curves, title=title)
                 logger.experiment.add_figure(
