@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_selmerge.ensemble.replica_losses import ReplicaLosses
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
 from lightning_selmerge.merging import MergeError, MergeMethod, MergeRule, NonFinite
@@ -155,10 +156,7 @@ class SelectionMergeCallback(Callback):
         self._replica_metrics: dict[int, dict[str, float]] = {}
         self._stopped_in: int | None = None  # epoch of the last batch, if not its last batch
         self._last_export = -1  # the epoch of the latest merge saved to save_dir
-        self._loss_sums = torch.zeros(0, 2, dtype=torch.float64)  # per replica: sum, count
-        self._step_sums = torch.zeros_like(self._loss_sums)  # since the last step-level log
-        self._step_logged = -1  # the step of the last step-level log
-        self._log_step = 0  # Lightning's logging step of the latest training batch
+        self._losses = ReplicaLosses()
         self._end_due: int | None = None  # the epoch whose batches all ran, its end not yet
         self._resume_state: dict[str, Any] | None = None  # load_state_dict's, for on_train_start
 
@@ -220,9 +218,7 @@ class SelectionMergeCallback(Callback):
         self._full_merged = None
         self._stopped_in = None
         strategy = _ensemble(trainer)
-        self._loss_sums = torch.zeros(strategy.num_replicas, 2, dtype=torch.float64)
-        self._step_sums = torch.zeros_like(self._loss_sums)
-        self._step_logged = trainer.global_step
+        self._losses.start(trainer, strategy.num_replicas)
         self._end_due = None
         saved, self._resume_state = self._resume_state, None
         if saved is not None:
@@ -244,12 +240,9 @@ class SelectionMergeCallback(Callback):
             value = float(loss.detach())
             if pl_module.automatic_optimization:  # Lightning's closure loss is divided by it
                 value *= trainer.accumulate_grad_batches
-            size = extract_batch_size(batch)
-            self._loss_sums[replica, 0] += value * size
-            self._loss_sums[replica, 1] += size
-            self._log_step_loss(trainer, strategy, replica, value, size)
+            self._losses.add(trainer, strategy, replica, value, extract_batch_size(batch))
         # Lightning logs an epoch's metrics at the step it logs its last batch's at
-        self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._losses.log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         last_batch = batch_idx == trainer.num_training_batches - 1
         self._stopped_in = None if last_batch else trainer.current_epoch
         self._end_due = trainer.current_epoch if last_batch else None
@@ -261,76 +254,24 @@ class SelectionMergeCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_due = None
         if self.log_replica_loss:
-            self._log_epoch_loss(trainer, _ensemble(trainer))
-
-    def _log_epoch_loss(self, trainer: Trainer, strategy: DataOrderEnsemble) -> None:
-        """Log ``replica_{k}/train_loss``, the mean loss of each replica that trained in the
-        epoch, where Lightning logs the epoch's metrics (at its last batch's step).
-
-        Straight to the loggers, as the step-level values: a fit resumed from a checkpoint taken
-        at an epoch's last batch logs that epoch's here, outside its epoch (Lightning goes on
-        with the next one)."""
-        sums = strategy.sum_over_ranks(self._loss_sums).tolist()  # replicas on many ranks
-        self._loss_sums.zero_()
-        metrics = {
-            f"replica_{k}/train_loss": total / count
-            for k, (total, count) in enumerate(sums)
-            if count
-        }
-        for name, value in metrics.items():
-            trainer.callback_metrics[name] = torch.tensor(value)
-        if metrics:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=self._log_step)
+            self._losses.log_epoch(trainer, _ensemble(trainer))
 
     def _resume_losses(
         self, trainer: Trainer, strategy: DataOrderEnsemble, saved: dict[str, Any]
     ) -> None:
-        """Go on with the checkpoint's loss sums (this rank's), and log the epoch whose end
-        the checkpoint came before, when Lightning resumes with the next epoch (a checkpoint
-        at an epoch's last batch)."""
-        sums = saved.get("loss_sums")  # [ranks, replicas, 2]; absent in older checkpoints
-        if sums is not None and tuple(sums.shape[1:]) == tuple(self._loss_sums.shape):
-            self._loss_sums = sums[strategy.global_rank].clone()
-            self._step_sums = saved["step_sums"][strategy.global_rank].clone()
-            self._step_logged = int(saved["step_logged"])
+        """Go on with the checkpoint's loss sums, and log the epoch whose end the checkpoint
+        came before, when Lightning resumes with the next epoch (a checkpoint at an epoch's
+        last batch)."""
+        self._losses.restore(strategy, saved)
         due = saved.get("epoch_end_due")
         if due is None:
             return
-        self._log_step = int(due["step"])
+        self._losses.log_step = int(due["step"])
         if int(due["epoch"]) != trainer.current_epoch:  # its on_train_epoch_end will not run
             if self.log_replica_loss:
-                self._log_epoch_loss(trainer, strategy)
+                self._losses.log_epoch(trainer, strategy)
         else:  # (a Lightning that runs the epoch's end on resume)
             self._end_due = int(due["epoch"])
-
-    def _log_step_loss(
-        self,
-        trainer: Trainer,
-        strategy: DataOrderEnsemble,
-        replica: int,
-        value: float,
-        size: int,
-    ) -> None:
-        """Every ``log_every_n_steps`` optimizer steps, log ``replica_{k}/train_loss_step``: the
-        mean loss of replica k's batches since the last log, for each replica trained then.
-
-        Straight to the loggers: a name given to ``self.log`` keeps being logged at later steps,
-        after its replica stopped training. On several ranks one small all_reduce per log."""
-        self._step_sums[replica] += torch.tensor([value * size, size], dtype=torch.float64)
-        step = trainer.global_step
-        if step == self._step_logged or step % max(trainer.log_every_n_steps, 1):
-            return
-        sums = strategy.sum_over_ranks(self._step_sums).tolist()  # (the same tensor on one rank)
-        self._step_sums.zero_()
-        self._step_logged = step
-        metrics = {
-            f"replica_{k}/train_loss_step": total / count
-            for k, (total, count) in enumerate(sums)
-            if count
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -405,11 +346,12 @@ class SelectionMergeCallback(Callback):
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        due = None if self._end_due is None else {"epoch": self._end_due, "step": self._log_step}
+        step = self._losses.log_step
+        due = None if self._end_due is None else {"epoch": self._end_due, "step": step}
         return {
             "merged_step": self._merged_step,
             "has_merged": self.merged_state is not None,
-            "step_logged": self._step_logged,
+            **self._losses.state_dict(),
             # saved at an epoch's last batch, before the epoch's end: log its losses on resume
             "epoch_end_due": due,
         }
@@ -424,10 +366,8 @@ class SelectionMergeCallback(Callback):
         if self.merged_state is not None:
             checkpoint["state_dict"] = self._full_merged_state(_ensemble(trainer))
         own = checkpoint.get("callbacks", {}).get(self.state_key)
-        if own is not None and self._loss_sums.numel():  # a full checkpoint of a fit
-            strategy = _ensemble(trainer)  # every rank's sums (a collective, as the save is)
-            own["loss_sums"] = _every_rank(strategy, self._loss_sums)
-            own["step_sums"] = _every_rank(strategy, self._step_sums)
+        if own is not None:  # a full checkpoint of a fit
+            self._losses.save(_ensemble(trainer), own)
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -531,13 +471,6 @@ def _ensemble(trainer: Trainer) -> DataOrderEnsemble:
             f"got {type(strategy).__name__}."
         )
     return strategy
-
-
-def _every_rank(strategy: DataOrderEnsemble, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of every rank, stacked by global rank (a collective on several ranks)."""
-    if not strategy.is_distributed:
-        return tensor.clone()[None]
-    return strategy.all_gather(tensor.to(strategy.root_device)).cpu()
 
 
 def _fit_ends_here(trainer: Trainer) -> bool:
