@@ -9,6 +9,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from lightning_selmerge.hf.conversations import conversation_features
 from lightning_selmerge.hf.data import _TextDataModule, drop_missing_values
 from lightning_selmerge.hf.preprocess import (
     IGNORE_INDEX,
@@ -36,10 +37,14 @@ class SFTDataModule(_TextDataModule):
     rendered by the tokenizer's chat template as TRL's SFTTrainer renders prompt-completion
     conversations (:func:`~lightning_selmerge.hf.preprocess.chat_sft_features`: no EOS added,
     the template's end of turn ends the answer), truncated to ``max_length`` tokens; ``labels``
-    are the input ids with the prompt and the padding set to -100. Rows whose response is cut
-    away entirely are dropped (with a warning). Batches: ``input_ids``, ``attention_mask``,
-    ``labels`` (right-padded per batch with the tokenizer's pad id / -100, whatever the
-    tokenizer's ``padding_side``) and, in training, ``sample_index``.
+    are the input ids with the prompt and the padding set to -100. With ``messages_field``,
+    each row is a whole conversation instead (a list of role/content messages, as TRL's
+    conversational datasets), rendered by the chat template and labelled on every assistant
+    turn (:func:`~lightning_selmerge.hf.conversations.conversation_features`). Rows whose
+    response is cut away entirely (or that hold no assistant turn) are dropped (with a
+    warning). Batches: ``input_ids``, ``attention_mask``, ``labels`` (right-padded per batch
+    with the tokenizer's pad id / -100, whatever the tokenizer's ``padding_side``) and, in
+    training, ``sample_index``.
 
     Args:
         data_files: local file(s): a path, a list of paths, or ``{"train": ..., "validation":
@@ -58,7 +63,11 @@ class SFTDataModule(_TextDataModule):
             the tokenizer's chat template (instruct checkpoints ship one). A string: a Jinja chat
             template set as the tokenizer's ``chat_template`` first (the module's tokenizer,
             when taken from it, so its exports carry the template).
-        system_prompt: with ``chat_template``, a system message before each user message.
+        system_prompt: with ``chat_template``, a system message before each user message
+            (before each conversation without one, with ``messages_field``).
+        messages_field: column holding multi-turn conversations (lists of ``{"role": ...,
+            "content": ...}``), used instead of ``prompt_field``/``response_field``; needs
+            ``chat_template``.
         max_length: maximum tokens per example (prompt + response + EOS).
         batch_size: examples per batch.
         val_fraction: share of the training rows held out for validation when there is no
@@ -93,6 +102,7 @@ class SFTDataModule(_TextDataModule):
         prompt_template: str | None = None,
         chat_template: bool | str = False,
         system_prompt: str | None = None,
+        messages_field: str | None = None,
         max_length: int = 128,
         batch_size: int = 8,
         val_fraction: float = 0.1,
@@ -116,6 +126,8 @@ class SFTDataModule(_TextDataModule):
             limit_samples,
         )
         check_chat_options(type(self).__name__, chat_template, system_prompt)
+        _check_messages_options(type(self).__name__, messages_field, chat_template, prompt_template)
+        self.messages_field = messages_field
         self.prompt_field = prompt_field
         self.response_field = response_field
         self.chat_template = chat_template
@@ -126,6 +138,21 @@ class SFTDataModule(_TextDataModule):
 
     def _tokenise(self, table: Dataset) -> Dataset:
         owner = type(self).__name__
+        if self.messages_field is not None:
+            table = drop_missing_values(owner, table, [self.messages_field])
+            tokenised = table.map(
+                conversation_features,
+                batched=True,
+                remove_columns=table.column_names,
+                fn_kwargs={
+                    "tokenizer": self.tokenizer,
+                    "messages_field": self.messages_field,
+                    "max_length": self.max_length,
+                    "system_prompt": self.system_prompt,
+                },
+                desc=f"{owner}: tokenising",
+            )
+            return self._with_targets(tokenised)
         used = template_fields(self.prompt_template)
         missing = used - {"prompt", *table.column_names}
         if missing:
@@ -151,6 +178,11 @@ class SFTDataModule(_TextDataModule):
             fn_kwargs=kwargs,
             desc=f"{owner}: tokenising",
         )
+        return self._with_targets(tokenised)
+
+    def _with_targets(self, tokenised: Dataset) -> Dataset:
+        """The rows that keep a target token, the others dropped with a warning."""
+        owner = type(self).__name__
         kept = tokenised.filter(
             _has_target, input_columns="labels", desc=f"{owner}: dropping rows without response"
         )
@@ -158,7 +190,8 @@ class SFTDataModule(_TextDataModule):
             rank_zero_warn(
                 f"{owner}: dropped {len(tokenised) - len(kept)} of {len(tokenised)} rows whose "
                 f"prompt fills max_length={self.max_length} (no response token left); raise "
-                "max_length to keep them."
+                "max_length to keep them"
+                + (" (or with no assistant turn)." if self.messages_field is not None else ".")
             )
         if len(kept) == 0:
             raise ValueError(
@@ -167,6 +200,8 @@ class SFTDataModule(_TextDataModule):
         return kept
 
     def _required_columns(self) -> dict[str, str]:
+        if self.messages_field is not None:
+            return {"messages_field": self.messages_field}
         return {"prompt_field": self.prompt_field, "response_field": self.response_field}
 
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
@@ -197,4 +232,22 @@ class SFTDataModule(_TextDataModule):
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         return DataCollatorForSeq2Seq(
             tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+        )
+
+
+def _check_messages_options(
+    owner: str, messages_field: str | None, chat_template: bool | str, prompt_template: str | None
+) -> None:
+    """Raise on ``messages_field`` without a chat template, or with a ``prompt_template``."""
+    if messages_field is None:
+        return
+    if chat_template is False:
+        raise ValueError(
+            f"{owner}: messages_field={messages_field!r} needs chat_template (true, or a "
+            "template's text): conversations are rendered by it."
+        )
+    if prompt_template is not None:
+        raise ValueError(
+            f"{owner}: prompt_template applies to prompt/response rows; with messages_field "
+            "the conversation's messages are used as they are: drop prompt_template."
         )
