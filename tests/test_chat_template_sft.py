@@ -268,3 +268,58 @@ def test_a_response_is_tokenised_as_it_follows_its_prompt(split_lines: bool) -> 
     else:  # "?\nI" is one token of the joined text: the response goes alone
         alone = tokenizer("It is a field.", add_special_tokens=False)["input_ids"]
         assert ids[len(head) :] == [*alone, tokenizer.eos_token_id]
+
+
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_the_end_of_turn_is_found_among_added_special_tokens() -> None:
+    """Llama-3's <|eot_id|> is an added token marked special, not one of the tokenizer's named
+    or extra special tokens (all_special_ids leaves it out): it is still the end of turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lightning_selmerge.hf.loading import bytes_to_unicode
+    from lightning_selmerge.hf.preprocess import end_of_turn_id
+
+    backend = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[])
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+    backend.add_special_tokens([*names, "<|eot_id|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=names[0], eos_token=names[1]
+    )
+    tokenizer.chat_template = LLAMA3
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot not in tokenizer.all_special_ids
+    assert end_of_turn_id(tokenizer) == eot
+
+
+def test_generation_stops_at_the_end_of_turn_when_set_up_before_the_fit(tmp_path: Path) -> None:
+    """setup() before the fit (as the class docstring does) tokenises once; the fit's setup
+    still gives the module's generation config the end of turn."""
+    chatml_tokenizer().save_pretrained(tmp_path / "tok")
+    module = CausalLMModule(config=TINY, tokenizer_name_or_path=str(tmp_path / "tok"))
+    dm = SFTDataModule(data_files=str(PAIRS), chat_template=True, limit_samples=4, val_fraction=0.0)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    assert module.model.generation_config.eos_token_id == module.tokenizer.eos_token_id
+    trainer(tmp_path, max_epochs=1).fit(module, dm)
+    end = module.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert module.model.generation_config.eos_token_id == [module.tokenizer.eos_token_id, end]
+
+
+def test_encode_prompt_renders_with_a_given_template() -> None:
+    from lightning_selmerge.hf import encode_prompt
+
+    tokenizer = chatml_tokenizer()
+    other = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    head = encode_prompt(tokenizer, "Hi", chat_template=other)
+    assert tokenizer.decode(head) == "[user] Hi\n[assistant] "
+    assert tokenizer.chat_template == CHATML  # the tokenizer's own is left as it was

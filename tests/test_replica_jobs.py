@@ -219,6 +219,27 @@ def test_schedule_functions_and_chained_schedulers_are_in_the_recipe() -> None:
     )
     assert "_milestones" in differences and "total_iters: 5 vs 6" in differences
 
+    class Warmup:  # a callable object: its attributes are the settings
+        def __init__(self, steps: int) -> None:
+            self.steps = steps
+
+        def __call__(self, step: int) -> float:
+            return min(1.0, (step + 1) / self.steps)
+
+    def lambda_of(steps: int) -> Any:
+        return lambda opt: lr.LambdaLR(opt, Warmup(steps))
+
+    assert "state.steps: 10 vs 1000" in recipe_differences(
+        _schedule_recipe(lambda_of(10)), _schedule_recipe(lambda_of(1000))
+    )
+
+    def multistep(*milestones: int) -> Any:
+        return lambda opt: lr.MultiStepLR(opt, list(milestones))
+
+    assert "milestones" in recipe_differences(  # a Counter keyed by int steps
+        _schedule_recipe(multistep(3, 5)), _schedule_recipe(multistep(30, 50))
+    )
+
 
 class SlowerDecay(Net):
     """The run's module with another LR schedule (gamma 0.9 instead of 0.5)."""

@@ -51,8 +51,9 @@ _SCHEDULER_PROGRESS = frozenset(
 
 def plain_settings(value: Any) -> Any:
     """``value`` with only what JSON holds exactly: finite numbers, bools, ``None``, strings
-    without a path separator, and lists and string-keyed dicts of those (the rest is dropped: a
-    list holding anything else, a dict's other entries; ``None`` for a dict with none left).
+    without a path separator, and lists and string- or int-keyed dicts of those (int keys as
+    strings, as JSON writes them; the rest is dropped: a list holding anything else, a dict's
+    other entries; ``None`` for a dict with none left).
 
     Example:
         >>> plain_settings({"lr": 1e-3, "betas": (0.9, 0.999), "path": "/data/x", "fn": print})
@@ -71,8 +72,9 @@ def plain_settings(value: Any) -> Any:
         kept = {}
         for key, item in value.items():
             plain = plain_settings(item)
-            if isinstance(key, str) and (plain is not None or item is None):
-                kept[key] = plain
+            plain_key = isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))
+            if plain_key and (plain is not None or item is None):
+                kept[str(key)] = plain  # an int key as JSON writes it (MultiStepLR's milestones)
         return kept or None
     return None
 
@@ -96,12 +98,15 @@ def _optimizer(optimizer: Any) -> dict[str, Any]:
 
 
 def _function(fn: Any) -> Any:
-    """A schedule function as settings: its qualified name, and a ``functools.partial``'s
-    arguments (transformers' ``get_linear_schedule_with_warmup`` binds its step counts so)."""
+    """A schedule function as settings: its qualified name, a ``functools.partial``'s
+    arguments (transformers' ``get_linear_schedule_with_warmup`` binds its step counts so), a
+    callable object's attributes."""
     if isinstance(fn, functools.partial):
         return {"function": _function(fn.func), "args": fn.args, "keywords": fn.keywords}
     name = getattr(fn, "__qualname__", None)
-    return f"{fn.__module__}.{name}" if name else _qualified_name(fn)
+    if name:  # a function (a lambda too)
+        return f"{fn.__module__}.{name}"
+    return {"callable": _qualified_name(fn), "state": vars(fn) if hasattr(fn, "__dict__") else {}}
 
 
 def _scheduler_settings(scheduler: Any) -> dict[str, Any]:

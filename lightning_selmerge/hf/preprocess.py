@@ -193,7 +193,9 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         [*chat, {"role": "assistant", "content": "b"}], tokenize=False
     )
     turn_end = full[len(prompt) :].partition("b")[2]  # after the response
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {  # Llama-3's <|eot_id|> is only an added one
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
     ids = [i for i in tokenizer(turn_end, add_special_tokens=False)["input_ids"] if i in special]
     return ids[0] if ids and ids[0] != tokenizer.eos_token_id else None
 
@@ -202,7 +204,7 @@ def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     prompt_template: str | None = None,
-    chat_template: bool = False,
+    chat_template: bool | str = False,
     system_prompt: str | None = None,
     **columns: Any,
 ) -> list[int]:
@@ -227,7 +229,10 @@ def encode_prompt(
     if not chat_template:
         return added_prefix(tokenizer) + tokenizer(text[0], add_special_tokens=False)["input_ids"]
     (chat,) = _chats(text, system_prompt)
-    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    template = chat_template if isinstance(chat_template, str) else None  # else the tokenizer's
+    rendered = tokenizer.apply_chat_template(
+        chat, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 

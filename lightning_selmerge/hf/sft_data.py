@@ -207,10 +207,14 @@ class SFTDataModule(_TextDataModule):
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         if self.chat_template is not False:
             use_chat_template(type(self).__name__, self.tokenizer, self.chat_template)
-        prepared = self._tokenise(train), None if val is None else self._tokenise(val)
+        return self._tokenise(train), None if val is None else self._tokenise(val)
+
+    def setup(self, stage: str | None = None) -> None:
+        """As the base's, and (on every call: a datamodule set up before the fit, or reused
+        for another module) the module's generation stops at the chat template's end of turn."""
+        super().setup(stage)
         if self.chat_template is not False:
             self._stop_generation_at_end_of_turn()
-        return prepared
 
     def _stop_generation_at_end_of_turn(self) -> None:
         """Add the template's end-of-turn token to the module's generation EOS ids when it is
