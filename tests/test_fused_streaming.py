@@ -16,7 +16,6 @@ from lightning_selmerge.merging import (
     WeightedAverage,
     merge_state_dicts,
 )
-from lightning_selmerge.merging.candidates import selection_candidates
 from lightning_selmerge.merging.finite import check_finite
 from lightning_selmerge.merging.kernels import numba_cpu, use_kernels
 from lightning_selmerge.merging.kernels.streaming import (
@@ -25,6 +24,7 @@ from lightning_selmerge.merging.kernels.streaming import (
     fused_streaming_state,
 )
 from lightning_selmerge.merging.methods.base import StreamTensor
+from lightning_selmerge.merging.methods.selection_candidates import selection_candidates
 from lightning_selmerge.merging.streaming import merge_state_dicts_streaming
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 

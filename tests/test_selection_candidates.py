@@ -5,8 +5,8 @@ import torch
 from reference_merge import candidate
 
 from lightning_selmerge.merging import KeyedRandom, ParameterSelection
-from lightning_selmerge.merging.candidates import selection_candidates
 from lightning_selmerge.merging.methods import ChunkContext
+from lightning_selmerge.merging.methods.selection_candidates import selection_candidates
 
 SKEWED = {
     2: [0.3, 0.7],

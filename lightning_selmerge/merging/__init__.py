@@ -26,9 +26,10 @@ from .methods import (
 )
 from .rules import MergeRule, load_rules, make_method, method_for
 from .snapshots import find_epoch_snapshots, merge_epoch
-from .state_dict import iter_merged_chunks, merge_state_dicts, merge_tensor
+from .state_dict import merge_state_dicts
 from .streaming import StreamingMerge, merge_state_dicts_streaming
 from .streaming_files import merge_checkpoints_streaming
+from .tensor_merge import iter_merged_chunks, merge_tensor
 
 __all__ = [
     "ChunkContext",

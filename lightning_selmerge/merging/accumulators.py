@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .alignment import copied_tensor_differs, same_bits
 from .errors import AverageNotFinite, MergeError
 from .finite import all_finite, check_finite
 from .kernels.streaming import fused_streaming_state
@@ -20,7 +21,6 @@ from .methods import MergeMethod, ReplicaAccumulator, StreamingForm, StreamTenso
 from .plan import MergePlan
 from .rules import MergeRule
 from .safetensors_io import TensorInfo
-from .state_dict import copied_tensor_differs, same_bits
 
 __all__ = [
     "AverageNotFinite",

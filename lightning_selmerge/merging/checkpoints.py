@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .alignment import check_same_names, copy_exact
 from .errors import MergeError
 from .finite import NonFinite, all_finite, check_nonfinite_mode
 from .kernels.dispatch import merge_size
@@ -26,7 +27,7 @@ from .safetensors_io import (
 )
 from .scratch import scratch_scope
 from .side_files import copy_side_files, side_file_sources
-from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names, copy_exact, iter_merged_chunks
+from .tensor_merge import DEFAULT_CHUNK_NUMEL, iter_merged_chunks
 
 __all__ = [
     "MergeProgress",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .alignment import check_aligned, check_same_names, copy_exact
 from .errors import MergeError
 from .kernels.dispatch import floating_bytes, fused_merge_chunk, merge_size
 from .keyed_random import KeyedRandom
@@ -33,7 +34,7 @@ from .methods import ChunkContext, MergeMethod, ParameterSelection, bit_view, mo
 from .plan import MergePlan, check_whole_tensor, checked_tie_groups, prepare_tensor, tie_groups
 from .rules import MergeRule
 from .scratch import scratch_scope
-from .state_dict import DEFAULT_CHUNK_NUMEL, check_aligned, check_same_names, copy_exact
+from .tensor_merge import DEFAULT_CHUNK_NUMEL
 
 __all__ = ["merge_state_dicts_collective", "shard_offset"]
 

@@ -5,7 +5,7 @@ of the base, when the tensor's method needs it) is copied to the device on a sid
 into one of ``depth`` staging sets, so that the copy of chunk ``i + 1`` runs while chunk ``i``
 is merged on the compute stream. Events order the two: a merge waits until its chunk's copy
 landed, a copy into a staging set waits until the merge that last read it was issued. Each chunk
-is merged by :func:`~.state_dict.iter_merged_chunks` (the fused kernels where they cover it,
+is merged by :func:`~.tensor_merge.iter_merged_chunks` (the fused kernels where they cover it,
 else the method's torch kernel, with the same :class:`~.methods.ChunkContext` offsets and the
 same NaN/Inf checks) straight into the output tensor on the device.
 
@@ -23,16 +23,10 @@ from typing import Any
 
 import torch
 
+from .alignment import check_aligned, check_same_names, copy_exact
 from .methods import MergeMethod, ParameterSelection, WeightedAverage
 from .plan import MergePlan, checked_tie_groups
-from .state_dict import (
-    DEFAULT_CHUNK_NUMEL,
-    check_aligned,
-    check_same_names,
-    copy_exact,
-    iter_merged_chunks,
-    merge_tensor,
-)
+from .tensor_merge import DEFAULT_CHUNK_NUMEL, iter_merged_chunks, merge_tensor
 
 __all__ = ["DEVICE_CHUNK_NUMEL", "StagingPipeline", "exact_on", "merge_through_device"]
 

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from .accumulators import AverageNotFinite, make_accumulator, method_of, state_bytes
+from .alignment import check_same_names
 from .errors import MergeError, overflow_fix
 from .finite import NonFinite, all_finite, check_finite
 from .kernels.dispatch import merge_size
@@ -36,7 +37,7 @@ from .plan import MergePlan, check_same_ties, merge_dropping_nonfinite, tie_grou
 from .rules import MergeRule
 from .safetensors_io import TensorInfo, floating_nbytes
 from .scratch import scratch_scope
-from .state_dict import DEFAULT_CHUNK_NUMEL, check_same_names
+from .tensor_merge import DEFAULT_CHUNK_NUMEL
 
 __all__ = [
     "DEFAULT_WINDOW_BYTES",

@@ -34,8 +34,8 @@ from .plan import MergePlan, merge_dropping_nonfinite
 from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .side_files import copy_side_files, side_file_sources
-from .state_dict import DEFAULT_CHUNK_NUMEL
 from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
+from .tensor_merge import DEFAULT_CHUNK_NUMEL
 
 __all__ = ["merge_checkpoints_streaming", "read_plan"]
 

@@ -139,7 +139,7 @@ def draw_candidates(spec: DrawSpec, numel: int, num_replicas: int) -> torch.Tens
 
     Example:
         >>> from lightning_selmerge.merging import KeyedRandom
-        >>> from lightning_selmerge.merging.candidates import selection_candidates
+        >>> from lightning_selmerge.merging.methods.selection_candidates import selection_candidates
         >>> from lightning_selmerge.merging.methods import ChunkContext, ParameterSelection
         >>> method, ctx = ParameterSelection(resample=1), ChunkContext(KeyedRandom(0), "w", 0)
         >>> drawn = draw_candidates(DrawSpec.of(method, ctx, 4), 6, 4)

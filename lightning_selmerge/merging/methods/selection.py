@@ -222,8 +222,8 @@ def candidates_at(
     """``[resample + 1, len(offsets)]``: candidate ``j`` (a replica index) of each element.
 
     The plain statement, for any element offsets (the reference merge uses it); the chunk
-    kernel that a streaming merge runs is :func:`~lightning_selmerge.merging.candidates.
-    selection_candidates`, which the tests hold to the same draws.
+    kernel that a streaming merge runs is
+    :func:`~.selection_candidates.selection_candidates`, which the tests hold to the same draws.
 
     With uniform probabilities and ``K = 2**b`` (see
     :meth:`ParameterSelection.draw_lane_bits`), candidate ``j`` is bits ``[w - (j+1)b, w - jb)``

@@ -19,6 +19,7 @@ import torch
 
 from ..scratch import per_thread_buffer
 from .base import StreamTensor
+from .selection_candidates import selection_candidates
 from .selection_kernel import bit_view
 
 if TYPE_CHECKING:
@@ -69,8 +70,6 @@ class CandidateState:
 
     def draw_candidates(self) -> torch.Tensor:
         """Every element's ``[count, numel]`` candidate replicas (uint8), chunk by chunk."""
-        from ..candidates import selection_candidates  # imports the methods package
-
         tensor = self.tensor
         candidates = torch.empty((self.count, tensor.numel), dtype=torch.uint8)
         for begin, end in tensor.chunks():

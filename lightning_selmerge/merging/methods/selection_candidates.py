@@ -1,6 +1,6 @@
 """Each element's candidate replicas in parameter selection, before any replica is read.
 
-:class:`~lightning_selmerge.merging.ParameterSelection` with ``resample = n`` keeps, per element,
+:class:`~.selection.ParameterSelection` with ``resample = n`` keeps, per element,
 the first of ``n + 1`` candidate replicas ``c_0 .. c_n`` whose value moved from the base (the
 base's value when none did; plain selection keeps ``c_0``). The candidates depend only on the
 seed, the tensor's name and the element's offset, never on the replicas' values, so a streaming
@@ -18,9 +18,14 @@ fused kernels (``tests/reference_merge.py:candidate`` states it element by eleme
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .methods import ChunkContext, ParameterSelection
+from .base import ChunkContext
+
+if TYPE_CHECKING:
+    from .selection import ParameterSelection
 
 __all__ = ["selection_candidates"]
 
@@ -38,7 +43,7 @@ def selection_candidates(
     ``ctx.name``; the draws are those of ``method.merge_chunk`` with the same context and ``K``.
 
     Example:
-        >>> from lightning_selmerge.merging import KeyedRandom
+        >>> from lightning_selmerge.merging import KeyedRandom, ParameterSelection
         >>> ctx = ChunkContext(KeyedRandom(0), "w", start=0)
         >>> whole = selection_candidates(ParameterSelection(resample=2), ctx, 10, 3)
         >>> whole.shape
