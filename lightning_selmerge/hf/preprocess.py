@@ -174,9 +174,10 @@ def use_chat_template(
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The special token ``tokenizer``'s chat template closes an assistant turn with, when it
-    is not the EOS token (ChatML's ``<|im_end|>`` on a base model's tokenizer): generation
-    must stop there too. ``None`` when the turn ends with EOS or with no special token.
+    """The special token ``tokenizer``'s chat template closes an assistant turn with (ChatML's
+    ``<|im_end|>``, Llama-3's ``<|eot_id|>``), EOS included: generation must stop there, and
+    a base model's generation config may stop at another EOS (Llama-3's ``<|end_of_text|>``,
+    with the instruct tokenizer's EOS ``<|eot_id|>``). ``None`` when no special token ends it.
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
@@ -197,7 +198,7 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         i for i, token in tokenizer.added_tokens_decoder.items() if token.special
     }
     ids = [i for i in tokenizer(turn_end, add_special_tokens=False)["input_ids"] if i in special]
-    return ids[0] if ids and ids[0] != tokenizer.eos_token_id else None
+    return ids[0] if ids else None
 
 
 def encode_prompt(

@@ -217,8 +217,8 @@ class SFTDataModule(_TextDataModule):
             self._stop_generation_at_end_of_turn()
 
     def _stop_generation_at_end_of_turn(self) -> None:
-        """Add the template's end-of-turn token to the module's generation EOS ids when it is
-        not EOS (a chat format taught to a base model), so its exports stop after an answer."""
+        """Add the template's end-of-turn token to the module's generation EOS ids when they
+        lack it (a chat format taught to a base model), so its exports stop after an answer."""
         generation = getattr(getattr(self._module(), "model", None), "generation_config", None)
         end = end_of_turn_id(self.tokenizer)
         if generation is None or end is None:
@@ -229,8 +229,8 @@ class SFTDataModule(_TextDataModule):
             generation.eos_token_id = [*stops, end]
             rank_zero_info(
                 f"{type(self).__name__}: the chat template ends a turn with "
-                f"{self.tokenizer.convert_ids_to_tokens(end)!r}, not EOS: generation stops "
-                f"at it too (generation_config.eos_token_id={generation.eos_token_id})."
+                f"{self.tokenizer.convert_ids_to_tokens(end)!r}, which generation did not stop "
+                f"at: it does now (generation_config.eos_token_id={generation.eos_token_id})."
             )
 
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
