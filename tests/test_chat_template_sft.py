@@ -109,6 +109,36 @@ def test_chat_template_errors(tmp_path: Path) -> None:
         dm.setup("fit")
 
 
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+    "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/"
+    "assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set "
+    "role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' "
+    "+ role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if "
+    "add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("messages", [False, True])
+def test_a_template_refusing_a_system_message_is_named_with_the_fix(
+    tmp_path: Path, messages: bool
+) -> None:
+    """Gemma's template raises a Jinja TemplateError on a system message: system_prompt is
+    refused as a ValueError that says where the instruction goes instead."""
+    rows = [{"prompt": "Hi", "response": "Yo", "m": [{"role": "user", "content": "Hi"}]}]
+    dm = SFTDataModule(
+        data_files=write_jsonl(tmp_path / "p.jsonl", rows),
+        chat_template=GEMMA,
+        system_prompt="Be brief.",
+        messages_field="m" if messages else None,
+        val_fraction=0.0,
+    )
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="refuses a system message .System role not supported"):
+        dm.setup("fit")
+
+
 def test_chat_sft_fits_and_exports_the_template(tmp_path: Path) -> None:
     """A tokenizer directory carrying its chat template, through the module and the ensemble."""
     chatml_tokenizer().save_pretrained(tmp_path / "tok")

@@ -13,6 +13,7 @@ __all__ = [
     "added_prefix",
     "chat_sft_features",
     "check_chat_options",
+    "check_system_prompt",
     "classification_features",
     "encode_prompt",
     "end_of_turn_id",
@@ -171,6 +172,26 @@ def use_chat_template(
             "(tokenizer.chat_template is None); pass the template's text as chat_template, or use "
             "a tokenizer directory that has one (an instruct checkpoint's)."
         )
+
+
+def check_system_prompt(
+    owner: str, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None
+) -> None:
+    """Raise, with the fix, when ``tokenizer``'s chat template refuses a system message
+    (Gemma's and Mistral's raise a Jinja ``TemplateError``) and ``system_prompt`` is given."""
+    from jinja2.exceptions import TemplateError  # chat templates need jinja2 (an extra)
+
+    if system_prompt is None:
+        return
+    chat = _chats(["a"], system_prompt)[0]
+    try:
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise ValueError(
+            f"{owner}: the chat template refuses a system message ({err}); drop system_prompt "
+            "and put the instruction in the user's message (prompt_template, e.g. "
+            "'Be brief.\\n\\n{prompt}'), or use a template with a system role."
+        ) from err
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

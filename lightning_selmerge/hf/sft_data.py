@@ -15,6 +15,7 @@ from lightning_selmerge.hf.preprocess import (
     IGNORE_INDEX,
     chat_sft_features,
     check_chat_options,
+    check_system_prompt,
     end_of_turn_id,
     sft_features,
     template_fields,
@@ -64,7 +65,8 @@ class SFTDataModule(_TextDataModule):
             template set as the tokenizer's ``chat_template`` first (the module's tokenizer,
             when taken from it, so its exports carry the template).
         system_prompt: with ``chat_template``, a system message before each user message
-            (before each conversation without one, with ``messages_field``).
+            (before each conversation without one, with ``messages_field``); an error with a
+            template that refuses a system role (Gemma's, Mistral's).
         messages_field: column holding multi-turn conversations (lists of ``{"role": ...,
             "content": ...}``), used instead of ``prompt_field``/``response_field``; needs
             ``chat_template``.
@@ -207,6 +209,7 @@ class SFTDataModule(_TextDataModule):
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         if self.chat_template is not False:
             use_chat_template(type(self).__name__, self.tokenizer, self.chat_template)
+            check_system_prompt(type(self).__name__, self.tokenizer, self.system_prompt)
         return self._tokenise(train), None if val is None else self._tokenise(val)
 
     def setup(self, stage: str | None = None) -> None:
