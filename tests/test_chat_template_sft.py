@@ -109,6 +109,36 @@ def test_chat_template_errors(tmp_path: Path) -> None:
         dm.setup("fit")
 
 
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+    "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/"
+    "assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set "
+    "role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' "
+    "+ role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if "
+    "add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("messages", [False, True])
+def test_a_template_refusing_a_system_message_is_named_with_the_fix(
+    tmp_path: Path, messages: bool
+) -> None:
+    """Gemma's template raises a Jinja TemplateError on a system message: system_prompt is
+    refused as a ValueError that says where the instruction goes instead."""
+    rows = [{"prompt": "Hi", "response": "Yo", "m": [{"role": "user", "content": "Hi"}]}]
+    dm = SFTDataModule(
+        data_files=write_jsonl(tmp_path / "p.jsonl", rows),
+        chat_template=GEMMA,
+        system_prompt="Be brief.",
+        messages_field="m" if messages else None,
+        val_fraction=0.0,
+    )
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="refuses a system message .System role not supported"):
+        dm.setup("fit")
+
+
 def test_chat_sft_fits_and_exports_the_template(tmp_path: Path) -> None:
     """A tokenizer directory carrying its chat template, through the module and the ensemble."""
     chatml_tokenizer().save_pretrained(tmp_path / "tok")
@@ -277,13 +307,12 @@ LLAMA3 = (
 )
 
 
-def test_the_end_of_turn_is_found_among_added_special_tokens() -> None:
-    """Llama-3's <|eot_id|> is an added token marked special, not one of the tokenizer's named
-    or extra special tokens (all_special_ids leaves it out): it is still the end of turn."""
+def llama3_tokenizer(eos_token: str = "<|end_of_text|>") -> PreTrainedTokenizerFast:
+    """Byte-level, with Llama-3's special tokens and chat template; the instruct checkpoints'
+    EOS is ``<|eot_id|>``, the base ones' ``<|end_of_text|>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from lightning_selmerge.hf.loading import bytes_to_unicode
-    from lightning_selmerge.hf.preprocess import end_of_turn_id
 
     backend = Tokenizer(
         models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[])
@@ -293,9 +322,18 @@ def test_the_end_of_turn_is_found_among_added_special_tokens() -> None:
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
     backend.add_special_tokens([*names, "<|eot_id|>"])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=names[0], eos_token=names[1]
+        tokenizer_object=backend, bos_token=names[0], eos_token=eos_token, pad_token=names[1]
     )
     tokenizer.chat_template = LLAMA3
+    return tokenizer
+
+
+def test_the_end_of_turn_is_found_among_added_special_tokens() -> None:
+    """Llama-3's <|eot_id|> is an added token marked special, not one of the tokenizer's named
+    or extra special tokens (all_special_ids leaves it out): it is still the end of turn."""
+    from lightning_selmerge.hf.preprocess import end_of_turn_id
+
+    tokenizer = llama3_tokenizer()
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert eot not in tokenizer.all_special_ids
     assert end_of_turn_id(tokenizer) == eot
@@ -313,6 +351,27 @@ def test_generation_stops_at_the_end_of_turn_when_set_up_before_the_fit(tmp_path
     trainer(tmp_path, max_epochs=1).fit(module, dm)
     end = module.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert module.model.generation_config.eos_token_id == [module.tokenizer.eos_token_id, end]
+
+
+def test_generation_stops_at_an_end_of_turn_that_is_the_tokenizers_eos(tmp_path: Path) -> None:
+    """A base checkpoint (generation stops at <|end_of_text|>) fine-tuned with the instruct
+    tokenizer, whose EOS is the end of turn <|eot_id|>: every answer ends with <|eot_id|>, so
+    generation must stop there too, though it is the tokenizer's EOS."""
+    llama3_tokenizer().save_pretrained(tmp_path / "base")
+    CausalLMModule(
+        config=TINY, tokenizer_name_or_path=str(tmp_path / "base")
+    ).model.save_pretrained(tmp_path / "base")
+    llama3_tokenizer(eos_token="<|eot_id|>").save_pretrained(tmp_path / "instruct")
+    module = CausalLMModule(
+        model_name_or_path=str(tmp_path / "base"), tokenizer_name_or_path=str(tmp_path / "instruct")
+    )
+    end_of_text = module.tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    eot = module.tokenizer.eos_token_id
+    assert module.model.generation_config.eos_token_id == end_of_text
+    dm = SFTDataModule(data_files=str(PAIRS), chat_template=True, limit_samples=4, val_fraction=0.0)
+    trainer(tmp_path, max_epochs=1).fit(module, dm)
+    assert all([i for i in row["labels"] if i != -100][-1] == eot for row in dm.train_set)
+    assert module.model.generation_config.eos_token_id == [end_of_text, eot]
 
 
 def test_encode_prompt_renders_with_a_given_template() -> None:

@@ -55,6 +55,39 @@ def test_every_assistant_turn_is_labelled_and_nothing_else() -> None:
     assert cut["input_ids"][0] == ids[:40] and cut["labels"][0] == labels[:40]
 
 
+def test_no_token_spans_the_seam_between_a_prompt_and_its_answer() -> None:
+    """A tokenizer that merges "\n\n" (as Qwen's and Llama-3's do) and answers starting with a
+    newline: tokenised at once, the generation prompt's "\n" and the answer's make one token
+    starting in the prompt, so the row's prompt is not the one generated from and the answer's
+    first token goes unlabelled. Each answer is tokenised after its prompt, as a
+    prompt/response row's is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_selmerge.hf import encode_prompt
+    from lightning_selmerge.hf.loading import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    newline = bytes_to_unicode()[ord("\n")]
+    vocab[newline * 2] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(newline, newline)]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["</s>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    tokenizer.chat_template = chatml_tokenizer().chat_template
+    chat = [turn("user", "Hi"), turn("assistant", "\nYo"), turn("user", "Ok?")]
+    chat.append(turn("assistant", "\nSure"))
+    out = conversation_features({"m": [chat]}, tokenizer, "m", 256)
+    (ids,), (labels,) = out["input_ids"], out["labels"]
+    assert labelled(tokenizer, ids, labels) == "\nYo<|im_end|>\n\nSure<|im_end|>\n"
+    head = encode_prompt(tokenizer, "Hi", chat_template=True)
+    assert ids[: len(head)] == head and labels[len(head)] != IGNORE_INDEX
+    one_turn = conversation_features({"m": [chat[:2]]}, tokenizer, "m", 256)
+    pair = chat_sft_features({"p": ["Hi"], "r": ["\nYo"]}, tokenizer, "p", "r", "{prompt}", 256)
+    assert one_turn == pair
+
+
 def test_conversation_errors(tmp_path: Path) -> None:
     data = tmp_path / "x.jsonl"
     data.write_text('{"m": []}\n')

@@ -4,11 +4,12 @@ causal-LM features with the loss on every assistant turn."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lightning_selmerge.hf.preprocess import IGNORE_INDEX
+from lightning_selmerge.hf.preprocess import IGNORE_INDEX, _split_ids
 
 __all__ = ["conversation_features"]
 
@@ -25,15 +26,18 @@ def conversation_features(
 
     Each row's ``messages_field`` is a list of ``{"role": ..., "content": ...}`` messages
     (``system_prompt``, when given, goes first unless the conversation starts with a system
-    message). The conversation is rendered and tokenised at once, as it is at inference when
-    it is the history; a token is labelled when it starts inside an assistant turn, i.e. what
-    rendering the conversation up to that turn adds after the generation prompt (the answer
-    and the template's end of turn). No EOS is appended; rows are cut to ``max_length``.
+    message). The conversation is rendered, then tokenised in pieces cut where an assistant
+    turn starts and ends, each piece as it follows the one before (as :func:`~lightning_selmerge.
+    hf.preprocess.chat_sft_features` tokenises a completion after its prompt), so no token spans
+    the seam between a generation prompt and its answer (the prompt ends on the token it ends on
+    at inference) and a one-turn conversation gives the prompt/response row. The assistant
+    turns' tokens are labelled: what rendering the conversation up to each turn adds after the
+    generation prompt (the answer and the template's end of turn). No EOS is appended; rows
+    are cut to ``max_length``.
 
     Raises:
-        ValueError: a row that is not a list of role/content messages, a template that
-            renders a conversation's start differently once more turns follow, or a slow
-            tokenizer (the labels need a fast tokenizer's character offsets).
+        ValueError: a row that is not a list of role/content messages, or a template that
+            renders a conversation's start differently once more turns follow.
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
@@ -48,25 +52,30 @@ def conversation_features(
         >>> tok.decode([i for i in out["labels"][0] if i != IGNORE_INDEX])
         'Yo|Ok|'
     """
-    if not tokenizer.is_fast:
-        raise ValueError(
-            f"{type(tokenizer).__name__} is a slow tokenizer: labelling the assistant turns "
-            "needs a fast one's character offsets; load the tokenizer with use_fast=True."
-        )
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for index, value in enumerate(rows[messages_field]):
         messages = _messages(messages_field, index, value, system_prompt)
-        text, spans = _assistant_spans(tokenizer, messages)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"][:max_length]
-        labels = [
-            token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-            for token, (begin, _) in zip(ids, encoded["offset_mapping"])
-        ]
-        out["input_ids"].append(ids)
-        out["attention_mask"].append([1] * len(ids))
-        out["labels"].append(labels)
+        ids, labels = _labelled_ids(tokenizer, *_assistant_spans(tokenizer, messages))
+        out["input_ids"].append(ids[:max_length])
+        out["attention_mask"].append([1] * len(out["input_ids"][-1]))
+        out["labels"].append(labels[:max_length])
     return out
+
+
+def _labelled_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """``text``'s ids, tokenised in pieces cut at the ``spans``' ends, and its labels (the ids
+    of the pieces inside the spans, :data:`IGNORE_INDEX` elsewhere)."""
+    cuts = [0, *(cut for span in spans for cut in span), len(text)]
+    pieces = [text[start:end] for start, end in pairwise(cuts)]
+    _, tails = _split_ids(tokenizer, ["", *pieces[:-1]], pieces)  # the first piece alone
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, piece_ids in enumerate(tails):
+        ids += piece_ids
+        labels += piece_ids if piece % 2 else [IGNORE_INDEX] * len(piece_ids)
+    return ids, labels
 
 
 def _messages(

@@ -13,6 +13,7 @@ __all__ = [
     "added_prefix",
     "chat_sft_features",
     "check_chat_options",
+    "check_system_prompt",
     "classification_features",
     "encode_prompt",
     "end_of_turn_id",
@@ -173,10 +174,31 @@ def use_chat_template(
         )
 
 
+def check_system_prompt(
+    owner: str, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None
+) -> None:
+    """Raise, with the fix, when ``tokenizer``'s chat template refuses a system message
+    (Gemma's and Mistral's raise a Jinja ``TemplateError``) and ``system_prompt`` is given."""
+    from jinja2.exceptions import TemplateError  # chat templates need jinja2 (an extra)
+
+    if system_prompt is None:
+        return
+    chat = _chats(["a"], system_prompt)[0]
+    try:
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise ValueError(
+            f"{owner}: the chat template refuses a system message ({err}); drop system_prompt "
+            "and put the instruction in the user's message (prompt_template, e.g. "
+            "'Be brief.\\n\\n{prompt}'), or use a template with a system role."
+        ) from err
+
+
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The special token ``tokenizer``'s chat template closes an assistant turn with, when it
-    is not the EOS token (ChatML's ``<|im_end|>`` on a base model's tokenizer): generation
-    must stop there too. ``None`` when the turn ends with EOS or with no special token.
+    """The special token ``tokenizer``'s chat template closes an assistant turn with (ChatML's
+    ``<|im_end|>``, Llama-3's ``<|eot_id|>``), EOS included: generation must stop there, and
+    a base model's generation config may stop at another EOS (Llama-3's ``<|end_of_text|>``,
+    with the instruct tokenizer's EOS ``<|eot_id|>``). ``None`` when no special token ends it.
 
     Example:
         >>> from lightning_selmerge.hf.loading import byte_tokenizer
@@ -197,7 +219,7 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         i for i, token in tokenizer.added_tokens_decoder.items() if token.special
     }
     ids = [i for i in tokenizer(turn_end, add_special_tokens=False)["input_ids"] if i in special]
-    return ids[0] if ids and ids[0] != tokenizer.eos_token_id else None
+    return ids[0] if ids else None
 
 
 def encode_prompt(

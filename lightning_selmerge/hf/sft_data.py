@@ -15,6 +15,7 @@ from lightning_selmerge.hf.preprocess import (
     IGNORE_INDEX,
     chat_sft_features,
     check_chat_options,
+    check_system_prompt,
     end_of_turn_id,
     sft_features,
     template_fields,
@@ -64,7 +65,8 @@ class SFTDataModule(_TextDataModule):
             template set as the tokenizer's ``chat_template`` first (the module's tokenizer,
             when taken from it, so its exports carry the template).
         system_prompt: with ``chat_template``, a system message before each user message
-            (before each conversation without one, with ``messages_field``).
+            (before each conversation without one, with ``messages_field``); an error with a
+            template that refuses a system role (Gemma's, Mistral's).
         messages_field: column holding multi-turn conversations (lists of ``{"role": ...,
             "content": ...}``), used instead of ``prompt_field``/``response_field``; needs
             ``chat_template``.
@@ -207,6 +209,7 @@ class SFTDataModule(_TextDataModule):
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         if self.chat_template is not False:
             use_chat_template(type(self).__name__, self.tokenizer, self.chat_template)
+            check_system_prompt(type(self).__name__, self.tokenizer, self.system_prompt)
         return self._tokenise(train), None if val is None else self._tokenise(val)
 
     def setup(self, stage: str | None = None) -> None:
@@ -217,8 +220,8 @@ class SFTDataModule(_TextDataModule):
             self._stop_generation_at_end_of_turn()
 
     def _stop_generation_at_end_of_turn(self) -> None:
-        """Add the template's end-of-turn token to the module's generation EOS ids when it is
-        not EOS (a chat format taught to a base model), so its exports stop after an answer."""
+        """Add the template's end-of-turn token to the module's generation EOS ids when they
+        lack it (a chat format taught to a base model), so its exports stop after an answer."""
         generation = getattr(getattr(self._module(), "model", None), "generation_config", None)
         end = end_of_turn_id(self.tokenizer)
         if generation is None or end is None:
@@ -229,8 +232,8 @@ class SFTDataModule(_TextDataModule):
             generation.eos_token_id = [*stops, end]
             rank_zero_info(
                 f"{type(self).__name__}: the chat template ends a turn with "
-                f"{self.tokenizer.convert_ids_to_tokens(end)!r}, not EOS: generation stops "
-                f"at it too (generation_config.eos_token_id={generation.eos_token_id})."
+                f"{self.tokenizer.convert_ids_to_tokens(end)!r}, which generation did not stop "
+                f"at: it does now (generation_config.eos_token_id={generation.eos_token_id})."
             )
 
     def _collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
