@@ -8,6 +8,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from lightning_selmerge.hf.cache_key import keyed_by_code
 from lightning_selmerge.hf.data import _TextDataModule, drop_missing_values
 from lightning_selmerge.hf.preprocess import classification_features, label_ids
 
@@ -130,7 +131,7 @@ class ClassificationDataModule(_TextDataModule):
         tokenizer = self.tokenizer
         assert tokenizer is not None
         encoded = table.select_columns([self.text_field]).map(
-            classification_features,
+            keyed_by_code(classification_features),
             batched=True,
             input_columns=self.text_field,
             remove_columns=[self.text_field],

@@ -9,6 +9,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from lightning_selmerge.hf.cache_key import keyed_by_code
 from lightning_selmerge.hf.conversations import conversation_features
 from lightning_selmerge.hf.data import _TextDataModule, drop_missing_values
 from lightning_selmerge.hf.preprocess import (
@@ -143,7 +144,7 @@ class SFTDataModule(_TextDataModule):
         if self.messages_field is not None:
             table = drop_missing_values(owner, table, [self.messages_field])
             tokenised = table.map(
-                conversation_features,
+                keyed_by_code(conversation_features),
                 batched=True,
                 remove_columns=table.column_names,
                 fn_kwargs={
@@ -174,7 +175,7 @@ class SFTDataModule(_TextDataModule):
         if self.chat_template is not False:
             kwargs["system_prompt"] = self.system_prompt
         tokenised = table.map(
-            sft_features if self.chat_template is False else chat_sft_features,
+            keyed_by_code(sft_features if self.chat_template is False else chat_sft_features),
             batched=True,
             remove_columns=table.column_names,
             fn_kwargs=kwargs,
