@@ -347,6 +347,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         super().setup(trainer)
 
     def teardown(self) -> None:
+        self.end_untrained_resume()
         module = self._lightning_module
         if self._saved_limit is not None and module is not None and module._trainer is not None:
             module.trainer.limit_train_batches = self._saved_limit
@@ -383,6 +384,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         getattr(fit_loop, "_load_combined_loader_states", lambda: None)()
         trainer_checks.check_initialized(self.lightning_module)
         saved, self._to_restore = self._to_restore, None
+        self._resumed_model = None  # training runs: the callbacks say what the module ends with
         if saved is None:
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
             self._rng_base = int(self.broadcast(torch.initial_seed()))
