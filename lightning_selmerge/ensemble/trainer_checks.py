@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import (
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
+from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -36,6 +38,7 @@ __all__ = [
     "accumulation_scheduler",
     "check_num_replicas",
     "check_offload",
+    "check_one_train_loader",
     "check_stepping",
     "check_trainer",
     "per_replica_limit",
@@ -156,6 +159,24 @@ def check_trainer(trainer: Any) -> None:
         raise MisconfigurationException(
             "DataOrderEnsemble: overfit_batches is not supported; use limit_train_batches "
             "(per replica) instead."
+        )
+
+
+def check_one_train_loader(trainer: Any) -> None:
+    """Refuse several train dataloaders (a dict or list of them, a ``CombinedLoader``): the
+    ensemble orders the batches of one loader per replica (checked at train start)."""
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return
+    count = len(CombinedLoader(loaders).flattened)
+    if count > 1:
+        names = tuple(loaders) if isinstance(loaders, Mapping) else tuple(range(count))
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: the fit has {count} train dataloaders {names}, but it gives "
+            "each replica its own order of one map-style train loader (replacing its sampler): "
+            "several loaders would each run the replicas' orders at their own length, out of "
+            "step with the replica switches. Combine the data into one Dataset (e.g. one whose "
+            "items hold a sample of each) and one DataLoader."
         )
 
 
