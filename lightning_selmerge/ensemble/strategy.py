@@ -379,6 +379,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer_checks.check_one_train_loader(self.lightning_module.trainer)
+        trainer_checks.set_scheduled_accumulation(self.lightning_module.trainer)
         # steps_per_replica() (or estimated_stepping_batches) in configure_optimizers sets the
         # train loader up before Lightning reads a checkpoint's position in the epoch, and
         # Lightning applies that position only where it builds the loader: apply it now

@@ -43,6 +43,7 @@ __all__ = [
     "check_trainer",
     "per_replica_limit",
     "replica_steps",
+    "set_scheduled_accumulation",
     "steps_per_replica",
 ]
 
@@ -281,6 +282,16 @@ def steps_per_replica(
         replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
     )
     return min(total, by_steps)
+
+
+def set_scheduled_accumulation(trainer: Any) -> None:
+    """Set ``accumulate_grad_batches`` to a ``GradientAccumulationScheduler``'s value for the
+    current epoch, at train start: the scheduler sets it in ``on_train_epoch_start``, which
+    Lightning skips in the epoch a fit resumes into (the epoch would accumulate as the Trainer
+    was built, neither as the schedule says nor as the uninterrupted fit did)."""
+    scheduler = accumulation_scheduler(trainer)
+    if scheduler is not None:
+        trainer.accumulate_grad_batches = accumulation(trainer, scheduler, trainer.current_epoch)
 
 
 def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
