@@ -302,6 +302,31 @@ def test_accumulation_changed_by_a_scheduler_is_checked_each_epoch() -> None:
     assert strategy.steps_per_replica() == 8 + 2
 
 
+def test_a_resume_inside_an_epoch_keeps_the_scheduled_accumulation(tmp_path) -> None:
+    """Lightning skips ``on_train_epoch_start``, where a GradientAccumulationScheduler sets the
+    accumulation, in the epoch it resumes into: that epoch went on with the Trainer's own
+    value (1 here), taking more steps and ending elsewhere than the uninterrupted fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(**kwargs) -> tuple[Trainer, Net]:
+        module = Net(scheduler=True, dropout=0.2)
+        callbacks = [GradientAccumulationScheduler({1: 2}), SelectionMergeCallback()]
+        saving = "ckpt_path" not in kwargs
+        if saving:
+            callbacks.append(ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1))
+        trainer, _ = fit(module, 2, 2, callbacks, enable_checkpointing=saving, **kwargs)
+        return trainer, module
+
+    trainer, uninterrupted = run()
+    assert trainer.global_step == 16 + 8
+    # saved at step 18: epoch 1, inside replica 0 (its 4 batches of 8 took 2 steps)
+    resumed, module = run(ckpt_path=str(tmp_path / "epoch=1-step=18.ckpt"))
+    assert resumed.global_step == 16 + 8
+    final = uninterrupted.state_dict()
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, final[name]), name
+
+
 class ManualNet(Net):
     """Manual optimization with a per-batch LR schedule stepped in training_step."""
 

@@ -119,6 +119,25 @@ def test_checkpoint_state_dict_is_the_merged_model(uninterrupted) -> None:
     assert_same(early["state_dict"], early[CHECKPOINT_KEY]["live"])
 
 
+def test_resuming_a_finished_fit_leaves_the_merge_in_the_module(tmp_path: Path) -> None:
+    """``ckpt_path="last"`` of a fit that already ran all its epochs (a rerun job): Lightning
+    trains nothing, and the module must hold the merge, as after the fit that saved it (it was
+    left holding the live replica, loaded to go on training)."""
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # saved at validation's end
+    module = Net(dropout=0.2)
+    fit(module, 2, 2, [SelectionMergeCallback(), last], val=True, enable_checkpointing=True)
+    final = module.state_dict()
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert_same(saved["state_dict"], final)
+    assert not torch.equal(saved[CHECKPOINT_KEY]["live"]["net.0.weight"], final["net.0.weight"])
+    rerun = Net(dropout=0.2)
+    trainer, _ = fit(
+        rerun, 2, 2, [SelectionMergeCallback()], val=True, ckpt_path=str(last.last_model_path)
+    )
+    assert trainer.global_step == 32  # nothing left to train
+    assert_same(rerun.state_dict(), final)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

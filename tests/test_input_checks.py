@@ -109,6 +109,27 @@ def test_an_iterable_dataset_is_named_as_such() -> None:
     assert "map-style" in str(err.value) and "got DataLoader" not in str(err.value)
 
 
+class TwoLoaders(Net):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append((self.current_epoch, batch_idx, batch["a"][0].tolist()))
+        return self.loss(batch["a"]) + self.loss(batch["b"])
+
+
+@pytest.mark.parametrize("second", [60, 36])  # as many batches as the first, or fewer
+def test_several_train_loaders_are_refused_before_training(second: int) -> None:
+    """Each loader got its own ensemble sampler: with other lengths the fit crashed with an
+    IndexError at a replica's switch, with equal ones both kept the same orders, paired."""
+    module = TwoLoaders()
+    trainer = ensemble_trainer(DataOrderEnsemble(num_replicas=2), [SelectionMergeCallback()])
+    loaders = {
+        "a": DataLoader(make_data(), batch_size=8, shuffle=True),
+        "b": DataLoader(make_data(second), batch_size=8, shuffle=True),
+    }
+    with pytest.raises(MisconfigurationException, match=r"2 train dataloaders \('a', 'b'\)"):
+        trainer.fit(module, loaders)
+    assert module.seen == []
+
+
 @pytest.fixture(scope="module")
 def mid_epoch_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """K=2, batch_size 8 (8 batches per replica): checkpoints at steps 10 (mid-epoch) and 16."""

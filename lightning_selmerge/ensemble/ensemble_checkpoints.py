@@ -54,6 +54,9 @@ class EnsembleCheckpoints(ReplicaMeshStrategy):
     _resumed_step_samples: Any
     _to_restore: dict[str, Any] | None
     _rng_base: int
+    #: a resumed fit's checkpoint ``state_dict`` (the merge) until training starts: what the
+    #: module ends holding when the fit had nothing left to train
+    _resumed_model: Mapping[str, torch.Tensor] | None = None
     #: set by ``SelectionMergeCallback``: the latest merge (whole on global rank 0; ``None``
     #: before the first), which a weights-only checkpoint stores as ``state_dict``.
     weights_only_state: Callable[[], dict[str, torch.Tensor] | None] | None = None
@@ -122,12 +125,25 @@ class EnsembleCheckpoints(ReplicaMeshStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None and self._fitting():
+            self._resumed_model = checkpoint["state_dict"]  # see end_untrained_resume
             if saved.get("per_rank_files"):
                 return  # each rank loads its live replica from its rank file at train start
             if saved["live"] is not None:
                 # resuming: the module continues as the live replica, not as the merged model
                 checkpoint = {**checkpoint, "state_dict": saved["live"]}
         super().load_model_state_dict(checkpoint, strict=strict)
+
+    def end_untrained_resume(self) -> None:
+        """A resumed fit that trained nothing (its checkpoint was saved after the fit's last
+        epoch, so Lightning skips training and the hooks that merge): leave the module holding
+        the checkpoint's ``state_dict`` (the merge), as the fit that saved it ended, not the
+        live replica loaded to go on training. Called at teardown; training clears it."""
+        state, self._resumed_model = self._resumed_model, None
+        module = self._lightning_module
+        if state is None or module is None or module._trainer is None:
+            return
+        if not module.trainer.interrupted:  # an error or interrupt leaves the module as it is
+            self.load_module_state(self.local_slices(state))
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:

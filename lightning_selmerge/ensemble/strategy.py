@@ -83,12 +83,13 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
     mounted) path: a remote one is refused.
 
     Refused: ``num_replicas < 2``, ``val_check_interval != 1.0``, a float
-    ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, an
-    ``accumulate_grad_batches`` that does not divide the batches per replica (in any epoch of a
-    ``GradientAccumulationScheduler``'s schedule too), a ``max_steps`` that would stop inside an
-    epoch under automatic optimization (the later replicas would miss part of it: bound the fit
-    with ``max_epochs`` and an int ``limit_train_batches``), Lightning's tuners (``lr_find``,
-    ``scale_batch_size``: tune one model with a plain strategy), a number of ranks that
+    ``limit_train_batches`` other than 1.0, ``overfit_batches``, iterable datasets, several
+    train dataloaders, an ``accumulate_grad_batches`` that does not divide the batches per
+    replica (in any epoch of a ``GradientAccumulationScheduler``'s schedule too), a
+    ``max_steps`` that would stop inside an epoch under automatic optimization (the later
+    replicas would miss part of it: bound the fit with ``max_epochs`` and an int
+    ``limit_train_batches``), Lightning's tuners (``lr_find``, ``scale_batch_size``: tune one
+    model with a plain strategy), a number of ranks that
     ``shard_size`` does not divide, and ``num_replicas`` not a multiple of the replica groups.
     Epoch-interval LR schedulers are shared (every replica sees the same epoch schedule, and a
     ``ReduceLROnPlateau`` follows the validated, i.e. merged, metric); step-interval ones are
@@ -347,6 +348,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         super().setup(trainer)
 
     def teardown(self) -> None:
+        self.end_untrained_resume()
         module = self._lightning_module
         if self._saved_limit is not None and module is not None and module._trainer is not None:
             module.trainer.limit_train_batches = self._saved_limit
@@ -376,6 +378,8 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        trainer_checks.check_one_train_loader(self.lightning_module.trainer)
+        trainer_checks.set_scheduled_accumulation(self.lightning_module.trainer)
         # steps_per_replica() (or estimated_stepping_batches) in configure_optimizers sets the
         # train loader up before Lightning reads a checkpoint's position in the epoch, and
         # Lightning applies that position only where it builds the loader: apply it now
@@ -383,6 +387,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         getattr(fit_loop, "_load_combined_loader_states", lambda: None)()
         trainer_checks.check_initialized(self.lightning_module)
         saved, self._to_restore = self._to_restore, None
+        self._resumed_model = None  # training runs: the callbacks say what the module ends with
         if saved is None:
             # the seed the replicas' passes derive from: rank 0's, so any layout draws alike
             self._rng_base = int(self.broadcast(torch.initial_seed()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import (
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
+from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -36,10 +38,12 @@ __all__ = [
     "accumulation_scheduler",
     "check_num_replicas",
     "check_offload",
+    "check_one_train_loader",
     "check_stepping",
     "check_trainer",
     "per_replica_limit",
     "replica_steps",
+    "set_scheduled_accumulation",
     "steps_per_replica",
 ]
 
@@ -159,6 +163,24 @@ def check_trainer(trainer: Any) -> None:
         )
 
 
+def check_one_train_loader(trainer: Any) -> None:
+    """Refuse several train dataloaders (a dict or list of them, a ``CombinedLoader``): the
+    ensemble orders the batches of one loader per replica (checked at train start)."""
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return
+    count = len(CombinedLoader(loaders).flattened)
+    if count > 1:
+        names = tuple(loaders) if isinstance(loaders, Mapping) else tuple(range(count))
+        raise MisconfigurationException(
+            f"DataOrderEnsemble: the fit has {count} train dataloaders {names}, but it gives "
+            "each replica its own order of one map-style train loader (replacing its sampler): "
+            "several loaders would each run the replicas' orders at their own length, out of "
+            "step with the replica switches. Combine the data into one Dataset (e.g. one whose "
+            "items hold a sample of each) and one DataLoader."
+        )
+
+
 def per_replica_limit(trainer: Any, local_replicas: int) -> int | None:
     """Make the fit's batch bounds per replica, for the ``local_replicas`` this rank trains.
 
@@ -260,6 +282,16 @@ def steps_per_replica(
         replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
     )
     return min(total, by_steps)
+
+
+def set_scheduled_accumulation(trainer: Any) -> None:
+    """Set ``accumulate_grad_batches`` to a ``GradientAccumulationScheduler``'s value for the
+    current epoch, at train start: the scheduler sets it in ``on_train_epoch_start``, which
+    Lightning skips in the epoch a fit resumes into (the epoch would accumulate as the Trainer
+    was built, neither as the schedule says nor as the uninterrupted fit did)."""
+    scheduler = accumulation_scheduler(trainer)
+    if scheduler is not None:
+        trainer.accumulate_grad_batches = accumulation(trainer, scheduler, trainer.current_epoch)
 
 
 def accumulation_scheduler(trainer: Any) -> GradientAccumulationScheduler | None:
