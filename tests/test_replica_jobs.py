@@ -584,6 +584,53 @@ def test_rules_written_for_the_modules_names_apply_to_the_snapshots(
         assert torch.equal(tensor, record.merged[0][f"model.{name}"]), name
 
 
+class LoraGPT2(TinyGPT2):
+    """The tiny GPT-2 as a PEFT LoRA model: its base frozen, rank-2 adapters on ``c_attn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import peft
+
+        lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0)
+        self.model = peft.get_peft_model(self.model, lora)
+        self.model.train()
+
+
+def lora_gpt2() -> LoraGPT2:
+    net = LoraGPT2()
+    seed_everything(FIT_SEED)
+    return net
+
+
+def test_lora_jobs_snapshot_the_adapters_and_merge_to_the_ensemble_bits(tmp_path: Path) -> None:
+    """A PEFT model's snapshots hold its trained tensors, not its frozen base (save_pretrained
+    would write an adapter directory, which the merge does not read); their merge equals the
+    ensemble's."""
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    snapshot_dir = tmp_path / "snapshots"
+    for replica in range(2):
+        job = ReplicaJob(2, replica, seed=ORDER_SEED, snapshot_dir=snapshot_dir)
+        job_trainer(job, epochs=1).fit(lora_gpt2(), token_loader())
+    merge = SelectionMergeCallback(resample=1, seed=MERGE_SEED, validate_replicas=False)
+    strategy = DataOrderEnsemble(num_replicas=2, seed=ORDER_SEED)
+    ensemble_trainer(strategy, [merge]).fit(lora_gpt2(), token_loader())
+    trained = {n for n, p in LoraGPT2().named_parameters() if p.requires_grad}
+    for path in [snapshot_dir / "initial", snapshot(snapshot_dir, 0, 1)]:
+        assert set(load_file(path.with_suffix(".safetensors"))) == trained, path
+    out = merge_epoch(
+        snapshot_dir / "epoch_000",
+        tmp_path / "merged",
+        method=ParameterSelection(resample=1),
+        base=snapshot_dir / "initial.safetensors",
+        seed=MERGE_SEED,
+    )
+    merged = load_file(out / "model.safetensors")
+    assert set(merged) == trained
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, merge.merged_state[name]), name
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_replica_job_on_two_ranks(strategy: str, tmp_path: Path) -> None:
     """Rank r trains batches r, r + 2, ... of replica k's order (as a replica sharded over 2

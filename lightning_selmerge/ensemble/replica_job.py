@@ -395,7 +395,8 @@ class ReplicaJob(Callback):
         tokenizer = getattr(pl_module, "tokenizer", None) if pretrained is not None else None
         if pretrained is not None:
             record["draw_prefix"] = snapshots.PRETRAINED_PREFIX
-        snapshots.write_snapshot(target, state, record, pretrained, tokenizer)
+        tensors = snapshots.snapshot_tensors(pl_module, state)
+        snapshots.write_snapshot(target, tensors, record, pretrained, tokenizer)
 
     def _write_epoch(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         state = snapshots_state(trainer)  # a collective under FSDP: every rank calls it

@@ -12,7 +12,9 @@ A snapshot is a Hugging Face directory when the LightningModule keeps a ``PreTra
 ``self.model`` and has no other tensors; else the whole LightningModule state dict in one
 safetensors file (tensors that share memory, i.e. tied weights, stored once under the name that
 comes first in the state dict, which for Hugging Face style models is the input embedding that
-``save_pretrained`` keeps). This module imports no Lightning.
+``save_pretrained`` keeps). A PEFT model (LoRA) is snapshot as a file of its trained tensors
+only: its ``save_pretrained`` writes an adapter directory, which the merge does not read, and
+its frozen base is the same in every replica. This module imports no Lightning.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "pretrained_model",
     "read_record",
     "remove_stale_temporaries",
+    "snapshot_tensors",
     "state_fingerprint",
     "write_epoch_record",
     "write_snapshot",
@@ -76,13 +79,35 @@ def epoch_dir(snapshot_dir: str | Path, epoch: int) -> Path:
 
 
 def pretrained_model(module: torch.nn.Module, state: Mapping[str, Any]) -> Any | None:
-    """``module.model`` when it has ``save_pretrained`` and holds every tensor of ``state``."""
+    """``module.model`` when it has ``save_pretrained``, holds every tensor of ``state`` and is
+    no PEFT model (whose ``save_pretrained`` writes the adapters only)."""
     model = getattr(module, "model", None)
-    if not callable(getattr(model, "save_pretrained", None)):
+    if not callable(getattr(model, "save_pretrained", None)) or _is_peft_model(model):
         return None
     if any(not name.startswith(PRETRAINED_PREFIX) for name in state):
         return None
     return model
+
+
+def _is_peft_model(model: Any) -> bool:
+    """A ``peft.PeftModel``, or a transformers model with PEFT adapters loaded."""
+    return getattr(model, "peft_config", None) is not None
+
+
+def snapshot_tensors(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor]
+) -> Mapping[str, torch.Tensor]:
+    """What a snapshot of ``module`` holds: ``state``, less the frozen parameters
+    (``requires_grad=False``) when ``module.model`` is a PEFT model: its base is the same in
+    every replica, and K copies of it would defeat LoRA (the merge takes it as it is)."""
+    if not _is_peft_model(getattr(module, "model", None)):
+        return state
+    frozen = {
+        name
+        for name, parameter in module.named_parameters(remove_duplicate=False)
+        if not parameter.requires_grad
+    }
+    return {name: tensor for name, tensor in state.items() if name not in frozen}
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
