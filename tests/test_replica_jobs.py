@@ -280,6 +280,29 @@ def test_jobs_started_at_once_with_other_settings_are_refused_at_the_merge(
     assert not (tmp_path / "merged").exists()
 
 
+def test_the_printed_base_initial_names_a_file_snapshot_too(
+    job_snapshots: Path, tmp_path: Path
+) -> None:
+    """A replica job prints ``--base SNAPSHOT_DIR/initial``, which is ``initial.safetensors``
+    when the snapshots are files."""
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    merged = [
+        load_file(
+            merge_epoch(
+                job_snapshots / "epoch_000",
+                tmp_path / name,
+                method=ParameterSelection(resample=1),
+                base=job_snapshots / name,
+                seed=MERGE_SEED,
+            )
+            / "model.safetensors"
+        )
+        for name in ("initial", "initial.safetensors")
+    ]
+    assert equal_states(*merged)
+
+
 class SeenBatches(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, list[int]]] = []

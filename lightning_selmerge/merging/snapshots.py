@@ -284,6 +284,15 @@ def _check_recipes(epoch_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     )
 
 
+def _snapshot_base(base: Any) -> Any:
+    """``SNAPSHOT_DIR/initial`` as the jobs wrote it: the directory, or ``initial.safetensors``
+    when the snapshots are files (the merge command a replica job prints names ``initial``)."""
+    if not isinstance(base, (str, Path)) or Path(base).exists():
+        return base
+    file = Path(base).with_name(Path(base).name + ".safetensors")
+    return file if file.is_file() else base
+
+
 def _check_base(found: EpochSnapshots, base: Any) -> None:
     """Refuse a ``base`` snapshot recording other initial weights than the replicas'."""
     if found.initial_fingerprint is None or not isinstance(base, (str, Path)):
@@ -340,6 +349,8 @@ def merge_epoch(
     from .streaming_files import merge_checkpoints_streaming
 
     found = find_epoch_snapshots(epoch_dir, num_replicas=num_replicas, allow_missing=allow_missing)
+    if kwargs.get("base") is not None:
+        kwargs["base"] = _snapshot_base(kwargs["base"])
     _check_base(found, kwargs.get("base"))
     present = sorted(found.paths)
     method = method if method is not None else ParameterSelection()
