@@ -364,6 +364,47 @@ def test_manual_optimization_schedulers_follow_their_replica() -> None:
         assert state.optimizers[0]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.5**6)
 
 
+class TwoOptimizerNet(Net):
+    """Manual optimization, two optimizers each stepping once a batch, each with a per-replica
+    schedule spanning the fit: its length from ``steps_per_replica(**self.span)``."""
+
+    def __init__(self, **span: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.span, self.steps = span, 0
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt, sched in zip(self.optimizers(), self.lr_schedulers()):
+            opt.step()
+            sched.step()
+        self.steps += self.trainer.strategy.replica_of(batch_idx) == 0
+        return loss
+
+    def configure_optimizers(self) -> tuple[list, list]:  # type: ignore[override]
+        self.total = self.trainer.strategy.steps_per_replica(**self.span)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (self.net[0], self.net[3])]
+        return opts, [torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, self.total) for o in opts]
+
+
+def test_manual_max_steps_counts_every_optimizers_steps() -> None:
+    """Lightning's ``max_steps`` counts every optimizer's steps under manual optimization: 32 is
+    one epoch of two optimizers here, 8 batches of each replica, where ``steps_per_replica()``
+    said 16 and the schedules ended at half their learning rate."""
+    with pytest.raises(MisconfigurationException, match="optimizer_steps_per_batch=N"):
+        fit(TwoOptimizerNet(), 2, epochs=-1, max_steps=32)
+    module = TwoOptimizerNet(optimizer_steps_per_batch=2)
+    trainer, _ = fit(module, 2, epochs=-1, max_steps=32)
+    assert (trainer.global_step, module.steps, module.total) == (32, 8, 8)
+    assert [s.get_last_lr()[0] for s in module.lr_schedulers()] == [0.0, 0.0]
+    module = TwoOptimizerNet()  # bounded by epochs alone: the replica's batches
+    fit(module, 2, epochs=1)
+    assert (module.steps, module.total) == (8, 8)
+
+
 @pytest.mark.parametrize("max_steps", [8, 24])  # 16 steps per epoch: inside epochs 0 and 1
 def test_max_steps_stopping_inside_an_epoch_is_refused(max_steps: int) -> None:
     with pytest.raises(MisconfigurationException, match=f"max_steps={max_steps}.*max_epochs"):

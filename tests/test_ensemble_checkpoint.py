@@ -138,6 +138,43 @@ def test_resuming_a_finished_fit_leaves_the_merge_in_the_module(tmp_path: Path) 
     assert_same(rerun.state_dict(), final)
 
 
+class StopInFirstEpoch(Callback):
+    """Stops the fit after its second training batch, inside replica 0 of epoch 0."""
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        trainer.should_stop = trainer.global_step == 2
+
+
+class SanityNet(Net):
+    """Records the weights its sanity-check validation sees."""
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        if self.trainer.sanity_checking:
+            self.sanity_weights = {n: t.detach().clone() for n, t in self.state_dict().items()}
+        super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_a_reused_callback_starts_each_fit_without_the_last_merge(
+    tmp_path: Path, rerun: bool
+) -> None:
+    """One SelectionMergeCallback for several fits: the last fit's merge stayed in it (after a
+    resume of a finished fit, which trains nothing, also as "restored from the checkpoint"), so
+    the next fit's sanity check validated that merge and, stopped before its first merge, the
+    fit ended holding it instead of its own weights at fit start."""
+    merge, last = SelectionMergeCallback(), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Net(), 2, 1, [merge, last], val=True, enable_checkpointing=True)
+    if rerun:  # nothing left to train
+        fit(Net(), 2, 1, [merge], val=True, ckpt_path=str(last.last_model_path))
+    module = SanityNet()
+    initial = {n: t.clone() for n, t in module.state_dict().items()}
+    with pytest.warns(UserWarning, match="no epoch was completed"):
+        fit(module, 2, 1, [merge, StopInFirstEpoch()], val=True, num_sanity_val_steps=1)
+    assert merge.merged_state is None
+    assert_same(module.sanity_weights, initial)
+    assert_same(module.state_dict(), initial)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

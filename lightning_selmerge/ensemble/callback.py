@@ -187,6 +187,7 @@ class SelectionMergeCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._forget_last_fit()
         strategy = _ensemble(trainer)
         strategy.weights_only_state = lambda: (
             None if self.merged_state is None else self._full_merged_state(strategy)
@@ -207,6 +208,18 @@ class SelectionMergeCallback(Callback):
             lambda: self.merged_state if self._merged_step == trainer.global_step else None,
             replica=0,
         )
+
+    def _forget_last_fit(self) -> None:
+        """Drop what an earlier fit of this callback left (its merge, a checkpoint's state that
+        a resume which trained nothing never used), before this fit restores its checkpoint:
+        a fit validated (sanity check, epochs before its first merge) and ended with another
+        fit's merge."""
+        self.merged_state = None
+        self._merged_step = -1
+        self._restored = False
+        self._resume_state = None
+        self._full_merged = None
+        self._last_export = -1
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._restored:

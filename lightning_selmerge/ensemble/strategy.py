@@ -105,7 +105,9 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
     all the replicas one rank trains (``K / R`` of them) together. A per-replica (step-interval)
     schedule that should span the fit takes :meth:`steps_per_replica` instead, e.g.
     ``LinearLR(opt, 1.0, 0.0, total_iters=self.trainer.strategy.steps_per_replica())`` in
-    ``configure_optimizers``.
+    ``configure_optimizers``. Under manual optimization it counts the replica's batches, and a
+    ``max_steps`` (Lightning's count of every optimizer's steps) needs
+    ``steps_per_replica(optimizer_steps_per_batch=N)``.
 
     Each replica's pass over an epoch starts from torch, python and numpy RNG
     states derived from (the seed at fit start, ``seed``, epoch, replica), so its dropout and
@@ -212,7 +214,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
             raise RuntimeError("DataOrderEnsemble: the train dataloader is not set up yet.")
         return self.batch_sampler.batches_per_replica
 
-    def steps_per_replica(self) -> int | float:
+    def steps_per_replica(self, optimizer_steps_per_batch: int | None = None) -> int | float:
         """Optimizer steps ONE replica takes over the fit (``inf`` when the fit has no bound).
 
         What a per-replica LR schedule spanning the fit needs, where Lightning's
@@ -222,6 +224,12 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         optimization, the replica's batches. Call it during the fit (e.g. in
         ``configure_optimizers``): it sets up the train dataloader if needed, as
         ``estimated_stepping_batches`` does.
+
+        Args:
+            optimizer_steps_per_batch: under manual optimization with a ``max_steps``, the
+                ``optimizer.step()`` calls one training batch makes, all optimizers together
+                (Lightning counts ``max_steps`` in them): 2 for two optimizers each stepping
+                once a batch. Refused when needed and not given.
         """
         module = self._lightning_module
         if module is None or module._trainer is None:
@@ -235,7 +243,7 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
                 trainer.fit_loop.setup_data()  # calls process_dataloader
             batches = self.batches_per_replica
         local = len(self._layout.local_replicas)
-        return trainer_checks.steps_per_replica(trainer, local, batches)
+        return trainer_checks.steps_per_replica(trainer, local, batches, optimizer_steps_per_batch)
 
     @property
     def initial_state(self) -> ReplicaState:

@@ -262,26 +262,54 @@ def replica_steps(
 
 
 def steps_per_replica(
-    trainer: Any, local_replicas: int, batches_per_replica: int | None
+    trainer: Any,
+    local_replicas: int,
+    batches_per_replica: int | None,
+    optimizer_steps_per_batch: int | None = None,
 ) -> int | float:
     """Optimizer steps one of the ``local_replicas`` takes over the fit: ``max_steps`` shared
     by them, and ``max_epochs`` epochs of ``batches_per_replica`` (``inf`` without a bound).
 
     The epochs count each one's accumulation (a ``GradientAccumulationScheduler``'s too); under
-    manual optimization, the replica's batches. ``batches_per_replica`` is needed only with a
-    ``max_epochs``."""
+    manual optimization, the replica's batches, and ``max_steps`` (which Lightning counts in
+    ``optimizer.step()`` calls of every optimizer) needs ``optimizer_steps_per_batch``, the
+    calls one batch makes. ``batches_per_replica`` is needed only with a ``max_epochs``."""
     max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
-    by_steps = math.inf if max_steps == -1 else -(-max_steps // local_replicas)
+    manual = not trainer.lightning_module.automatic_optimization
+    per_step = _manual_steps_per_batch(max_steps, optimizer_steps_per_batch) if manual else 1
+    by_steps = math.inf if max_steps == -1 else -(-max_steps // (local_replicas * per_step))
     if max_epochs is None or max_epochs == -1:
         return by_steps
     assert batches_per_replica is not None
-    if not trainer.lightning_module.automatic_optimization:
+    if manual:
         return min(batches_per_replica * max_epochs, by_steps)
     scheduler = accumulation_scheduler(trainer)
     total = sum(
         replica_steps(trainer, batches_per_replica, scheduler, epoch) for epoch in range(max_epochs)
     )
     return min(total, by_steps)
+
+
+def _manual_steps_per_batch(max_steps: int, given: int | None) -> int:
+    """The ``optimizer.step()`` calls of one batch under manual optimization, which turn
+    ``max_steps`` into batches: ``given``, needed only when ``max_steps`` bounds the fit."""
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+        raise ValueError(
+            f"DataOrderEnsemble.steps_per_replica: optimizer_steps_per_batch={given!r}; give "
+            "the optimizer.step() calls of one training batch, all optimizers together (>= 1)."
+        )
+    if max_steps == -1:
+        return 1
+    if given is None:
+        raise MisconfigurationException(
+            f"DataOrderEnsemble.steps_per_replica: under manual optimization Lightning counts "
+            f"max_steps={max_steps} in optimizer.step() calls of every optimizer, so the "
+            "batches it leaves each replica depend on the calls one batch makes (2 with two "
+            "optimizers each stepping once a batch: a schedule sized as if 1 would be twice "
+            "too long); pass steps_per_replica(optimizer_steps_per_batch=N), or bound the "
+            "fit with max_epochs alone (max_steps=-1)."
+        )
+    return given
 
 
 def set_scheduled_accumulation(trainer: Any) -> None:
