@@ -30,6 +30,7 @@ from lightning_selmerge.hf.loading import (
     ensure_sequence_tokens,
     load_tokenizer,
 )
+from lightning_selmerge.hf.lora import with_lora
 from lightning_selmerge.hf.optim import adamw_with_warmup, check_schedule
 from lightning_selmerge.imbalance.losses import (
     causal_lm_per_sample_loss,
@@ -52,6 +53,8 @@ class _HFModule(LightningModule):
     """Shared construction, optimisation and steps; subclasses pick the head and the metrics."""
 
     auto_class: Any = None
+    #: peft's ``task_type`` for ``lora`` adapters
+    lora_task_type: str = ""
     #: a causal LM: encoder configs (``is_decoder=False``, e.g. BERT) get causal attention.
     causal: bool = False
 
@@ -65,6 +68,7 @@ class _HFModule(LightningModule):
         warmup_steps: int,
         lr_schedule: str,
         torch_dtype: str | None,
+        lora: Mapping[str, Any] | None,
         **model_kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -91,6 +95,8 @@ class _HFModule(LightningModule):
             causal=self.causal,
             **model_kwargs,
         )
+        if lora is not None:
+            self.model = with_lora(owner, self.model, lora, self.lora_task_type)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -164,6 +170,10 @@ class CausalLMModule(_HFModule):
             at the end of training. ``"constant"`` with no warmup uses no scheduler.
         torch_dtype: the weights' dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or
             ``"auto"`` (the checkpoint's); default float32.
+        lora: train LoRA adapters instead of every weight: ``peft.LoraConfig``'s settings,
+            e.g. ``{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}``
+            (needs peft). The frozen base is held once for all replicas, the merge and the
+            exports are the adapters' (load them with ``PeftModel.from_pretrained``).
 
     Example:
         >>> module = CausalLMModule(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16,
@@ -176,6 +186,7 @@ class CausalLMModule(_HFModule):
 
     auto_class = AutoModelForCausalLM
     causal = True
+    lora_task_type = "CAUSAL_LM"
 
     def __init__(
         self,
@@ -187,6 +198,7 @@ class CausalLMModule(_HFModule):
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,6 +211,7 @@ class CausalLMModule(_HFModule):
             warmup_steps,
             lr_schedule,
             torch_dtype,
+            lora,
         )
 
     def _per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -232,6 +245,10 @@ class SequenceClassificationModule(_HFModule):
         ignore_mismatched_sizes: start anew the checkpoint's weights whose shapes do not fit
             (a classifier checkpoint's head for another ``num_labels``), as transformers'
             ``from_pretrained`` argument does; without it such a checkpoint is refused.
+        lora: train LoRA adapters (and the classification head) instead of every weight:
+            ``peft.LoraConfig``'s settings, e.g. ``{"r": 8, "target_modules": ["query",
+            "value"]}`` (needs peft). The frozen base is held once for all replicas, the merge
+            and the exports are the adapters' and the head's.
 
     Example:
         >>> module = SequenceClassificationModule(
@@ -244,6 +261,7 @@ class SequenceClassificationModule(_HFModule):
     """
 
     auto_class = AutoModelForSequenceClassification
+    lora_task_type = "SEQ_CLS"
 
     def __init__(
         self,
@@ -257,6 +275,7 @@ class SequenceClassificationModule(_HFModule):
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
         ignore_mismatched_sizes: bool = False,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if num_labels < 2:
@@ -275,6 +294,7 @@ class SequenceClassificationModule(_HFModule):
             warmup_steps,
             lr_schedule,
             torch_dtype,
+            lora,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             num_labels=num_labels,
         )
