@@ -200,3 +200,19 @@ def test_the_innermost_message_of_nested_union_reports() -> None:
     assert user_message(ValueError(nested)) == (
         "trainer.callbacks: SelectionMergeCallback: every_n_epochs must be >= 1, got 0."
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("--trainer.callbacks.0.init_args.resample=3", "'0.init_args.resample' picks a list item"),
+        ("--trainer.callbacks.init_args.resample=3", "(PositionLossMonitor), which takes no"),
+    ],
+)
+def test_a_callback_option_the_last_callback_lacks_names_it_and_the_fix(
+    option: str, says: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([*FIT, option, "--print_config"]) == 2
+    line = one_error(capsys, "fit")
+    assert says in line and "NestedArg" not in line
+    assert "a later --config that restates trainer.callbacks changes any item" in line

@@ -128,3 +128,15 @@ def test_validate_takes_a_config_fit_saved_and_refuses_replica_values(
     capsys.readouterr()
     assert main(["validate", "--config", str(saved), "--replica", "0"]) == 2
     assert "validate: error: --replica is for 'fit'" in capsys.readouterr().err
+
+
+def test_top_level_help_goes_to_stdout_and_a_missing_command_to_stderr(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``lightning-selmerge --help | less`` shows the usage; a bare call is an error."""
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr()
+    assert "fit, validate, test, predict" in shown.out and shown.err == ""
+    assert main([]) == 2
+    shown = capsys.readouterr()
+    assert "fit, validate, test, predict" in shown.err and shown.out == ""

@@ -38,6 +38,8 @@ _UNION = "Does not validate against any of the Union subtypes"
 _TYPE_MISMATCH = re.compile(r"^(Expected a |Not a valid subclass|Problem with given class_path)")
 _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*\n?(?P<rest>.*)$', re.DOTALL)
 _GOT_VALUE = re.compile(r"\. Got value: .*$", re.DOTALL)
+_NESTED_ARG = re.compile(r"^\s*Given value: NestedArg\(key='(?P<name>[^']*)'", re.MULTILINE)
+_CLASS_PATH = re.compile(r"Problem with given class_path '(?:[\w.]*\.)?(?P<cls>\w+)'")
 _MISTAKE_CLASSES = frozenset(
     {"MisconfigurationException", "MergeError", "ReportError", "ArgumentError"}
 )
@@ -80,12 +82,38 @@ def _innermost(text: str) -> str:
     match = _PARSER_KEY.match(text)
     if match:
         key, text = match["key"], _dedent_tail(match["rest"])
+    if key and _UNION in text and (item := _list_item_message(key, text)):
+        return item
     if _UNION in text:
         text = _union_message(text)
     text = _GOT_VALUE.sub("", text).strip()
     if key and key not in text:
         text = f"{key}: {text}"
     return text
+
+
+def _list_item_message(key: str, text: str) -> str | None:
+    """What ``--KEY.init_args.NAME=VALUE`` on a list option (``trainer.callbacks``) did wrong.
+
+    jsonargparse hands such a flag to the list's last item only, so an index or a NAME that item
+    lacks is refused with a bare ``NestedArg(...)``; this names the item and the way out.
+    """
+    nested = _NESTED_ARG.search(text)
+    if nested is None or not re.search(r"^\s*Subtypes: \[list\[", text, re.MULTILINE):
+        return None
+    name = nested["name"]
+    owner = _CLASS_PATH.search(text)
+    last = f"the last item ({owner['cls']})" if owner else "the last item"
+    restate = f"a later --config that restates {key} changes any item"
+    if re.match(r"\d+\.", name):
+        return (
+            f"{key}: {name!r} picks a list item by index, which the command line does not take; "
+            f"--{key}.init_args.NAME=VALUE sets NAME of {last}, and {restate}."
+        )
+    return (
+        f"{key}: --{key}.init_args.NAME=VALUE sets NAME of {last}, which takes no {name!r}; "
+        f"{restate}."
+    )
 
 
 def _dedent_tail(text: str) -> str:
