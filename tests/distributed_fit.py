@@ -1,14 +1,15 @@
 """A DataOrderEnsemble fit on several gloo ranks; run by tests/test_device_groups.py.
 
 ``python tests/distributed_fit.py OUT DEVICES K SHARD_SIZE BATCH [--resume=STEP]
-[--offload-disk] [--record-steps] [--metric]``: Lightning's subprocess launcher re-runs this
-script once per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas' slices,
-layout, offsets); rank 0 writes ``OUT/merged.pt`` (the whole merge). With ``--resume=STEP``
-the fit saves checkpoints every 3 steps, and a second fit resumes from the one at STEP and
-writes ``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds ``steps``:
-what ``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in
+[--offload-disk] [--record-steps] [--metric] [--validate]``: Lightning's subprocess launcher
+re-runs this script once per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas'
+slices, layout, offsets); rank 0 writes ``OUT/merged.pt`` (the whole merge). With
+``--resume=STEP`` the fit saves checkpoints every 3 steps, and a second fit resumes from the one
+at STEP and writes ``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds
+``steps``: what ``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in
 ``configure_optimizers``. With ``--metric`` the module also logs a torchmetrics mean of the
-loss (``val_mean``) and syncs ``val_loss`` over the ranks.
+loss (``val_mean``) and syncs ``val_loss`` over the ranks. With ``--validate`` every rank's
+file also holds ``validated``: what ``trainer.validate`` of the fitted module returns.
 """
 
 from __future__ import annotations
@@ -103,13 +104,17 @@ def main() -> None:
     strategy = fit.strategy
     assert isinstance(strategy, DataOrderEnsemble)
     rank = fit.global_rank
+    replicas = strategy.local_replica_states()
+    metrics = {n: float(v) for n, v in fit.callback_metrics.items()}
+    validated = fit.validate(module, val, verbose=False) if "--validate" in sys.argv else None
     torch.save(
         {
             "layout": strategy.layout.to_dict(),
             "shard_rank": strategy.layout.shard_rank,
-            "replicas": strategy.local_replica_states(),
+            "replicas": replicas,
             "offsets": dict(strategy._offsets),
-            "metrics": {n: float(v) for n, v in fit.callback_metrics.items()},
+            "metrics": metrics,
+            "validated": validated,
             # a state only rank 0 writes: the other ranks take part in the gathers, keep nothing
             "full_on_rank_0": sorted(strategy.full_state(callbacks[0].merged_state, rank=0)),
             "steps": getattr(module, "steps", None),
