@@ -9,7 +9,8 @@ at STEP and writes ``OUT/resumed.pt``. With ``--record-steps`` every rank's file
 ``steps``: what ``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in
 ``configure_optimizers``. With ``--metric`` the module also logs a torchmetrics mean of the
 loss (``val_mean``) and syncs ``val_loss`` over the ranks. With ``--validate`` every rank's
-file also holds ``validated``: what ``trainer.validate`` of the fitted module returns.
+file also holds ``validated``: what ``trainer.validate`` of the fitted module returns (and
+``replicas_after``, the replicas' slices after it).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
             "offsets": dict(strategy._offsets),
             "metrics": metrics,
             "validated": validated,
+            "replicas_after": strategy.local_replica_states(),
             # a state only rank 0 writes: the other ranks take part in the gathers, keep nothing
             "full_on_rank_0": sorted(strategy.full_state(callbacks[0].merged_state, rank=0)),
             "steps": getattr(module, "steps", None),

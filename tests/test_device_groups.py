@@ -196,6 +196,10 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
         # trainer.validate after the fit: the module is still sharded, each slice the merge's
         # (the broadcast of rank 0's weights raised NotImplementedError on its DTensors)
         assert rank["validated"][0]["val_loss"] == pytest.approx(whole_set, rel=1e-5)
+        # ... and the replicas stay the fit's (each rank's disk store was replaced by an empty
+        # one, so replica_state(k) gave the initial weights)
+        for replica, state in rank["replicas"].items():
+            assert_bits_equal(rank["replicas_after"][replica], state)
 
 
 def test_layout_errors_name_the_fix() -> None:
