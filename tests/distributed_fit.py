@@ -5,8 +5,10 @@
 re-runs this script once per extra rank. Every rank writes ``OUT/rank_{r}.pt`` (its replicas'
 slices, layout, offsets); rank 0 writes ``OUT/merged.pt`` (the whole merge). With
 ``--resume=STEP`` the fit saves checkpoints every 3 steps, and a second fit resumes from the one
-at STEP and writes ``OUT/resumed.pt``. With ``--record-steps`` every rank's file also holds
-``steps``: what ``strategy.steps_per_replica()`` and ``hf.optim.steps_per_model`` say in
+at STEP (after a sanity check) and writes ``OUT/resumed.pt``; ``--resume-epoch-end`` resumes
+from epoch 0's end (after its validation) instead. With ``--record-steps`` every
+rank's file also holds ``steps``: what ``strategy.steps_per_replica()`` and
+``hf.optim.steps_per_model`` say in
 ``configure_optimizers``. With ``--metric`` the module also logs a torchmetrics mean of the
 loss (``val_mean``) and syncs ``val_loss`` over the ranks. With ``--validate`` every rank's
 file also holds ``validated``: what ``trainer.validate`` of the fitted module returns (and
@@ -26,7 +28,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_selmerge import DataOrderEnsemble, SelectionMergeCallback
 
 
-def trainer(devices: int, k: int, shard: int, callbacks: list, offload_dir: str | None) -> Trainer:
+def trainer(
+    devices: int,
+    k: int,
+    shard: int,
+    callbacks: list,
+    offload_dir: str | None,
+    sanity_steps: int = 0,
+) -> Trainer:
     strategy = DataOrderEnsemble(
         num_replicas=k,
         seed=3,
@@ -42,7 +51,7 @@ def trainer(devices: int, k: int, shard: int, callbacks: list, offload_dir: str 
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=sanity_steps,
         deterministic=True,
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -83,7 +92,8 @@ class StepsNet(Net):
 def main() -> None:
     out, devices, k, shard, batch = sys.argv[1], *map(int, sys.argv[2:6])
     resume_step = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--resume=")), 0)
-    resume = resume_step > 0
+    epoch_end = "--resume-epoch-end" in sys.argv
+    resume = resume_step > 0 or epoch_end
     offload_dir = str(Path(out) / "offload") if "--offload-disk" in sys.argv else None
     out_dir = Path(out)
     torch.use_deterministic_algorithms(True)
@@ -97,6 +107,8 @@ def main() -> None:
                 out_dir / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
             )
         )
+    if epoch_end:  # after validation, as ModelCheckpoint saves by default
+        callbacks.append(ModelCheckpoint(out_dir / "ckpt", save_top_k=-1, filename="{epoch}"))
     module = StepsNet() if "--record-steps" in sys.argv else Net()
     if "--metric" in sys.argv:
         module = MetricNet()
@@ -129,8 +141,10 @@ def main() -> None:
         torch.save(merged, out_dir / "merged.pt")
     if resume:
         again = SelectionMergeCallback(resample=2, seed=5)
-        second = trainer(devices, k, shard, [again], offload_dir)
-        second.fit(Net(), loader, val, ckpt_path=str(out_dir / "ckpt" / f"step={resume_step}.ckpt"))
+        # the sanity check validates the checkpoint's merge, before training starts
+        second = trainer(devices, k, shard, [again], offload_dir, sanity_steps=1)
+        name = "epoch=0.ckpt" if epoch_end else f"step={resume_step}.ckpt"
+        second.fit(Net(), loader, val, ckpt_path=str(out_dir / "ckpt" / name))
         resumed = second.strategy.full_state(again.merged_state)
         if rank == 0:
             torch.save(resumed, out_dir / "resumed.pt")

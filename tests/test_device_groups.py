@@ -202,6 +202,14 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
             assert_bits_equal(rank["replicas_after"][replica], state)
 
 
+def test_a_sharded_fit_resumes_from_an_epoch_end_through_the_sanity_check(tmp_path: Path) -> None:
+    """K=2, G=2 on 2 ranks resumed from the checkpoint saved after epoch 0's validation: the
+    resumed fit's sanity check validates the checkpoint's merge (whole tensors loaded into the
+    sharded module raised a size mismatch), and the fit ends with the same merge."""
+    result = run_distributed(tmp_path, 2, 2, 2, 8, "--resume-epoch-end")
+    assert_bits_equal(result["resumed"], result["merged"])
+
+
 def test_layout_errors_name_the_fix() -> None:
     with pytest.raises(MisconfigurationException, match="not divisible by shard_size=2"):
         ReplicaLayout.for_world(num_replicas=4, world_size=3, shard_size=2, rank=0)
