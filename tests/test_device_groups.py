@@ -144,7 +144,8 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
 
     The inactive replicas are offloaded to disk, one directory per rank.
     """
-    result = run_distributed(tmp_path, 4, 2, 2, 8, "--resume=6", "--offload-disk", "--metric")
+    flags = ("--resume=6", "--offload-disk", "--metric", "--validate")
+    result = run_distributed(tmp_path, 4, 2, 2, 8, *flags)
     ranks = result["ranks"]
     assert [(sorted(r["replicas"]), r["shard_rank"]) for r in ranks] == [
         ([0], 0),
@@ -192,6 +193,21 @@ def test_sharded_replicas_on_four_ranks(tmp_path: Path) -> None:
                 metrics[f"replica_{k}/val_loss"], rel=1e-5
             )
         assert metrics["replica_0/val_loss"] != pytest.approx(metrics["replica_1/val_loss"])
+        # trainer.validate after the fit: the module is still sharded, each slice the merge's
+        # (the broadcast of rank 0's weights raised NotImplementedError on its DTensors)
+        assert rank["validated"][0]["val_loss"] == pytest.approx(whole_set, rel=1e-5)
+        # ... and the replicas stay the fit's (each rank's disk store was replaced by an empty
+        # one, so replica_state(k) gave the initial weights)
+        for replica, state in rank["replicas"].items():
+            assert_bits_equal(rank["replicas_after"][replica], state)
+
+
+def test_a_sharded_fit_resumes_from_an_epoch_end_through_the_sanity_check(tmp_path: Path) -> None:
+    """K=2, G=2 on 2 ranks resumed from the checkpoint saved after epoch 0's validation: the
+    resumed fit's sanity check validates the checkpoint's merge (whole tensors loaded into the
+    sharded module raised a size mismatch), and the fit ends with the same merge."""
+    result = run_distributed(tmp_path, 2, 2, 2, 8, "--resume-epoch-end")
+    assert_bits_equal(result["resumed"], result["merged"])
 
 
 def test_layout_errors_name_the_fix() -> None:

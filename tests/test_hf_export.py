@@ -99,3 +99,36 @@ def test_an_export_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> 
         os.umask(previous)
     for directory in (out, snapshot):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
+
+
+@pytest.mark.parametrize("shard_size", [1, 2])
+def test_module_save_pretrained_after_a_fit_on_two_ranks(tmp_path: Path, shard_size: int) -> None:
+    """Every rank calls ``module.save_pretrained(dir)`` after the fit, as a script does: one
+    complete directory holding the merge (transformers writes the weights on rank 0 only, so
+    another rank's staged copy held only the tokenizer and could replace it; a sharded model's
+    DTensors made it raise)."""
+    import subprocess
+    import sys
+
+    from ensemble_support import child_env
+
+    tests = Path(__file__).parent
+    proc = subprocess.run(
+        [sys.executable, str(tests / "hf_save_worker.py"), str(tmp_path), "2", str(shard_size)],
+        env=child_env(tests.parent, tests),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    saved = tmp_path / "saved"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in saved.iterdir()
+    }
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")]
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    merged = torch.load(tmp_path / "merged.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, merged[f"model.{name}"]), name
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert len(AutoTokenizer.from_pretrained(saved)) == 259

@@ -221,12 +221,16 @@ class SelectionMergeCallback(Callback):
         self._full_merged = None
         self._last_export = -1
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored and self.merged_state is not None:  # the checkpoint's whole merge
+            # as this rank's slices of the module, now sharded: before the sanity check
+            # validates it (on_validation_epoch_start loads it into the module)
+            self.merged_state = _ensemble(trainer).local_slices(self.merged_state)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._restored:
             self.merged_state = None
             self._merged_step = -1
-        elif self.merged_state is not None:  # the checkpoint holds the whole merge
-            self.merged_state = _ensemble(trainer).local_slices(self.merged_state)
         self._restored = False
         self._full_merged = None
         self._stopped_in = None

@@ -24,6 +24,7 @@ from lightning_selmerge.merging.ties import storage_key
 
 __all__ = [
     "ReplicaLayout",
+    "broadcast_weights",
     "full_state",
     "load_local_state",
     "load_optimizer_state",
@@ -105,6 +106,22 @@ def _sharded_like(value: torch.Tensor, spec: DTensor) -> DTensor:
         stride=spec.stride(),
         run_check=False,
     )
+
+
+@torch.no_grad()
+def broadcast_weights(module: torch.nn.Module, replica_mesh: Any) -> None:
+    """Give every rank global rank 0's weights (every replica starts from them).
+
+    A module an earlier fit sharded (``trainer.validate`` or another fit after a sharded fit)
+    holds DTensors: each local slice comes from shard rank s of replica group 0, over the
+    ``replica`` mesh dimension (rank 0's slice is another part of the tensor).
+    """
+    group = replica_mesh.get_group()
+    for tensor in module.state_dict().values():
+        if isinstance(tensor, DTensor):
+            dist.broadcast(tensor.to_local(), group=group, group_src=0)
+        else:
+            dist.broadcast(tensor, src=0)
 
 
 def shard_module(

@@ -204,9 +204,7 @@ class ReplicaMeshStrategy(ParallelStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.is_distributed:
             return model
-        with torch.no_grad():  # every replica starts from rank 0's weights
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        device_groups.broadcast_weights(model, self._mesh["replica"])
         trainer = self.lightning_module.trainer
         if self.shard_size > 1 and trainer.state.fn == TrainerFn.FITTING:
             device_groups.shard_module(model, self._mesh["shard"], self.shard_modules)

@@ -187,14 +187,17 @@ class DataOrderEnsemble(ProbeSchedule, EnsembleCheckpoints):
         self._rng_base = 0
         self._per_replica_limit: int | None = None
         self._saved_limit: int | float | None = None
+        self._rank_offload_dir: Path | None = None  # the per-rank store's, once made
 
     def setup_environment(self) -> None:
         super().setup_environment()  # ranks, layout, process group and device mesh
         if self.is_distributed and self._offload_dir is not None:
-            # the ranks of a group hold slices of the same replicas: one directory per rank
+            # the ranks of a group hold slices of the same replicas: one directory per rank,
+            # made once (every run calls this: a validate after the fit keeps its replicas)
             own = Path(self._offload_dir) / f"rank_{self.global_rank:05d}"
-            store = ReplicaStore(self.num_replicas, self.offload, self._pin_memory, own)
-            self._swap.store = store
+            if own != self._rank_offload_dir:
+                store = ReplicaStore(self.num_replicas, self.offload, self._pin_memory, own)
+                self._swap.store, self._rank_offload_dir = store, own
 
     # -- public view ----------------------------------------------------------------------
     @property

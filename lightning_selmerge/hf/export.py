@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.leftovers import staging_path
@@ -36,6 +38,11 @@ def save_pretrained(
     when complete; an existing ``directory`` is replaced (``overwrite=True``, like
     ``save_pretrained``) or refused with ``FileExistsError``. Returns the directory.
 
+    On several ranks (``torch.distributed`` initialized) call it on every rank: global rank 0
+    alone writes (transformers writes the weights on rank 0 only, so another rank's copy would
+    hold just the tokenizer), and a model sharded with FSDP2 (``DataOrderEnsemble(shard_size >
+    1)``) is first gathered whole, a collective over its shard ranks.
+
     Example:
         >>> import tempfile
         >>> from transformers import AutoTokenizer
@@ -47,6 +54,10 @@ def save_pretrained(
         True
     """
     target = Path(directory)
+    if state_dict is None:
+        state_dict = _gathered_state(model)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return target
     if target.exists() and not overwrite:
         raise FileExistsError(
             f"{target} already exists: choose another directory or pass overwrite=True."
@@ -61,6 +72,19 @@ def save_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _gathered_state(model: Any) -> dict[str, torch.Tensor] | None:
+    """The whole tensors of an FSDP2-sharded ``model`` (a collective; kept on global rank 0,
+    ties kept), or ``None`` for a model holding no DTensor."""
+    template = model.state_dict()
+    if not any(isinstance(tensor, DTensor) for tensor in template.values()):
+        return None
+    from lightning_selmerge.ensemble.device_groups import full_state
+    from lightning_selmerge.ensemble.replica_store import local_tensor
+
+    local = {name: local_tensor(tensor) for name, tensor in template.items()}
+    return full_state(template, local, keep=dist.get_rank() == 0)
 
 
 def write_pretrained_files(
