@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import peft
@@ -74,3 +75,25 @@ def test_the_command_line_takes_lora_settings(
     assert main(args) == 0
     # the demo's merge callback exported the merged adapters
     assert (tmp_path / "runs" / "demo" / "merged" / "epoch_000" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["selection", "average"])
+def test_selection_of_adapters_is_named_at_fit_start(
+    tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)  # lightning's logger does not propagate to the root
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            fit = trainer(
+                tmp_path,
+                max_steps=0,
+                strategy=DataOrderEnsemble(num_replicas=2, seed=0),
+                callbacks=[SelectionMergeCallback(method=method)],
+            )
+            dm = SFTDataModule(data_files=str(PAIRS), limit_samples=8, batch_size=4)
+            fit.fit(lora_module(), dm)
+    finally:
+        logger.removeHandler(caplog.handler)
+    named = "selection draws the LoRA matrices' elements" in caplog.text
+    assert named == (method == "selection")

@@ -12,12 +12,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_selmerge.ensemble.replica_losses import ReplicaLosses
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
-from lightning_selmerge.merging import MergeError, MergeMethod, MergeRule, NonFinite
+from lightning_selmerge.merging import (
+    MergeError,
+    MergeMethod,
+    MergeRule,
+    NonFinite,
+    ParameterSelection,
+)
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.leftovers import recover_output, staging_path
 from lightning_selmerge.merging.methods import build_method
@@ -193,12 +199,13 @@ class SelectionMergeCallback(Callback):
             None if self.merged_state is None else self._full_merged_state(strategy)
         )
         try:  # fail at start, not after the first epoch
-            MergePlan.create(self.method, self.rules, self.seed, strategy.num_replicas)
+            plan = MergePlan.create(self.method, self.rules, self.seed, strategy.num_replicas)
         except MergeError as err:
             raise MisconfigurationException(
                 f"SelectionMergeCallback with DataOrderEnsemble(num_replicas="
                 f"{strategy.num_replicas}): {err}"
             ) from err
+        _note_adapter_selection(pl_module, plan)
         if self.save_dir is not None:
             _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         # a PositionLossMonitor probes the merge beside the replicas (on every rank: its slices),
@@ -496,3 +503,20 @@ def _fit_ends_here(trainer: Trainer) -> bool:
     epochs = trainer.max_epochs  # None or -1: unbounded
     last_epoch = epochs is not None and epochs >= 0 and trainer.current_epoch + 1 >= epochs
     return last_epoch or 0 < trainer.max_steps <= trainer.global_step
+
+
+def _note_adapter_selection(module: LightningModule, plan: MergePlan) -> None:
+    """Say once, at fit start, that parameter selection of LoRA adapters (``lora_A``/``lora_B``
+    elements drawn one by one) is not the paper's selection of the effective weights."""
+    adapters = [
+        name
+        for name, parameter in module.named_parameters()
+        if parameter.requires_grad and (".lora_A." in name or ".lora_B." in name)
+    ]
+    if any(isinstance(plan.method_for(name), ParameterSelection) for name in adapters):
+        rank_zero_info(
+            "SelectionMergeCallback: selection draws the LoRA matrices' elements (A and B) one "
+            "by one, so a merged adapter's B @ A mixes replicas inside every element, unlike "
+            "the paper's selection of each effective weight; for the final model, merge the "
+            "replicas folded (docs/lora.md)."
+        )
