@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,11 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_selmerge.ensemble.merge_export import (
+    export_merge,
+    pretrained_submodule,
+    warn_later_exports,
+)
 from lightning_selmerge.ensemble.replica_losses import ReplicaLosses
 from lightning_selmerge.ensemble.replica_validation import validate_current_weights
 from lightning_selmerge.ensemble.strategy import DataOrderEnsemble
@@ -24,8 +28,6 @@ from lightning_selmerge.merging import (
     NonFinite,
     ParameterSelection,
 )
-from lightning_selmerge.merging.checkpoints import publish_directory
-from lightning_selmerge.merging.leftovers import recover_output, staging_path
 from lightning_selmerge.merging.methods import build_method
 from lightning_selmerge.merging.plan import MergePlan
 
@@ -186,7 +188,7 @@ class SelectionMergeCallback(Callback):
         if self.save_dir is not None:
             full = self._full_merged_state(strategy)  # a collective when sharded
             if trainer.is_global_zero:
-                self._export(pl_module, full, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
+                export_merge(pl_module, full, self.save_dir / f"epoch_{trainer.current_epoch:03d}")
             self._last_export = trainer.current_epoch
 
     # -- hooks ----------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class SelectionMergeCallback(Callback):
             ) from err
         _note_adapter_selection(pl_module, plan)
         if self.save_dir is not None:
-            _pretrained_submodule(pl_module)  # fail at start, not after the first epoch
+            pretrained_submodule(pl_module)  # fail at start, not after the first epoch
         # a PositionLossMonitor probes the merge beside the replicas (on every rank: its slices),
         # at the epochs that merged (an earlier epoch's merge would be logged as this one's)
         strategy.add_probe_target(
@@ -366,7 +368,7 @@ class SelectionMergeCallback(Callback):
         else:
             strategy.load_module_state(strategy.initial_state.module)
         if self.save_dir is not None and trainer.is_global_zero and self._last_export >= 0:
-            _warn_later_exports(self.save_dir, self._last_export)
+            warn_later_exports(self.save_dir, self._last_export)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -410,44 +412,6 @@ class SelectionMergeCallback(Callback):
             self._full_merged = strategy.full_state(self.merged_state, rank=0)
         return self._full_merged
 
-    def _export(
-        self, pl_module: LightningModule, merged: dict[str, torch.Tensor], target: Path
-    ) -> None:
-        """Write the merged model as a Hugging Face directory (temporary name, then rename)."""
-        prefix, model = _pretrained_submodule(pl_module)
-        state = {
-            name[len(prefix) :]: tensor
-            for name, tensor in merged.items()
-            if name.startswith(prefix)
-        }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        recover_output(target)  # what a killed export left behind
-        tmp = staging_path(target)
-        tmp.mkdir()
-        try:
-            from lightning_selmerge.hf.export import write_pretrained_files
-
-            write_pretrained_files(model, getattr(pl_module, "tokenizer", None), tmp, state)
-            publish_directory(tmp, target, overwrite=True)  # the old export stays until then
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def _warn_later_exports(save_dir: Path, last_epoch: int) -> None:
-    """Warn of ``save_dir``'s exports past ``last_epoch``: an earlier, longer run's."""
-    later = sorted(
-        path.name
-        for path in save_dir.glob("epoch_*")
-        if path.is_dir() and path.name[6:].isdigit() and int(path.name[6:]) > last_epoch
-    )
-    if later:
-        rank_zero_warn(
-            f"SelectionMergeCallback: {save_dir} also holds {', '.join(later)}, merged models "
-            f"of an earlier, longer run (this fit saved up to epoch_{last_epoch:03d}); give each "
-            "run its own save_dir, or delete them."
-        )
-
 
 def _method(
     method: MergeMethod | str,
@@ -472,19 +436,6 @@ def _method(
         return method
     except MergeError as err:
         raise MergeError(f"SelectionMergeCallback: {err}") from err
-
-
-def _pretrained_submodule(pl_module: LightningModule) -> tuple[str, Any]:
-    """(state-dict prefix, module) of the outermost Hugging Face model inside ``pl_module``."""
-    for name, module in pl_module.named_modules():
-        if callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config"):
-            return (f"{name}." if name else ""), module
-    raise MisconfigurationException(
-        f"SelectionMergeCallback(save_dir=...) exports the merge with save_pretrained, but "
-        f"{type(pl_module).__name__} holds no Hugging Face PreTrainedModel; keep the model as "
-        "an attribute (e.g. self.model = AutoModelForCausalLM.from_config(...)) or drop "
-        "save_dir and use the checkpoint's state_dict (the merged model)."
-    )
 
 
 def _ensemble(trainer: Trainer) -> DataOrderEnsemble:
