@@ -69,6 +69,7 @@ class _HFModule(LightningModule):
         lr_schedule: str,
         torch_dtype: str | None,
         lora: Mapping[str, Any] | None,
+        gradient_checkpointing: bool,
         **model_kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -95,6 +96,8 @@ class _HFModule(LightningModule):
             causal=self.causal,
             **model_kwargs,
         )
+        if gradient_checkpointing:  # non-reentrant: a frozen input (LoRA's base) is fine
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         if lora is not None:
             self.model = with_lora(owner, self.model, lora, self.lora_task_type)
         self.learning_rate = learning_rate
@@ -174,6 +177,9 @@ class CausalLMModule(_HFModule):
             e.g. ``{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}``
             (needs peft). The frozen base is held once for all replicas, the merge and the
             exports are the adapters' (load them with ``PeftModel.from_pretrained``).
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            instead of keeping them (transformers' ``gradient_checkpointing_enable``,
+            non-reentrant): less memory for a longer step, the same gradients.
 
     Example:
         >>> module = CausalLMModule(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16,
@@ -199,6 +205,7 @@ class CausalLMModule(_HFModule):
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
         lora: dict | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +219,7 @@ class CausalLMModule(_HFModule):
             lr_schedule,
             torch_dtype,
             lora,
+            gradient_checkpointing,
         )
 
     def _per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -249,6 +257,9 @@ class SequenceClassificationModule(_HFModule):
             ``peft.LoraConfig``'s settings, e.g. ``{"r": 8, "target_modules": ["query",
             "value"]}`` (needs peft). The frozen base is held once for all replicas, the merge
             and the exports are the adapters' and the head's.
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            instead of keeping them (transformers' ``gradient_checkpointing_enable``,
+            non-reentrant): less memory for a longer step, the same gradients.
 
     Example:
         >>> module = SequenceClassificationModule(
@@ -276,6 +287,7 @@ class SequenceClassificationModule(_HFModule):
         torch_dtype: str | None = None,
         ignore_mismatched_sizes: bool = False,
         lora: dict | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_labels < 2:
@@ -295,6 +307,7 @@ class SequenceClassificationModule(_HFModule):
             lr_schedule,
             torch_dtype,
             lora,
+            gradient_checkpointing,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             num_labels=num_labels,
         )
