@@ -607,6 +607,58 @@ def test_rules_written_for_the_modules_names_apply_to_the_snapshots(
         assert torch.equal(tensor, record.merged[0][f"model.{name}"]), name
 
 
+class TiedNet(LightningModule):
+    """An output projection registered before the embedding tied to it: the state dict names
+    the tie group ``proj.weight`` first, its canonical name is ``emb.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(16, 40, bias=False)
+        self.emb = torch.nn.Embedding(40, 16)
+        self.emb.weight = self.proj.weight
+        self.drop = torch.nn.Dropout(0.1)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        logits = self.proj(self.drop(self.emb(tokens[:, :-1])))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def test_a_tie_group_snapshot_merges_under_the_ensembles_draws(tmp_path: Path) -> None:
+    """A file snapshot keeps a tie group under the name the merge keys its draws by (the
+    canonical one), not the state dict's first: its merge equals the ensemble's."""
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    def tied() -> TiedNet:
+        net = TiedNet()
+        seed_everything(FIT_SEED)
+        return net
+
+    snapshot_dir = tmp_path / "snapshots"
+    for replica in range(2):
+        job = ReplicaJob(2, replica, seed=ORDER_SEED, snapshot_dir=snapshot_dir)
+        job_trainer(job, epochs=1).fit(tied(), token_loader())
+    merge = SelectionMergeCallback(resample=1, seed=MERGE_SEED, validate_replicas=False)
+    strategy = DataOrderEnsemble(num_replicas=2, seed=ORDER_SEED)
+    ensemble_trainer(strategy, [merge]).fit(tied(), token_loader())
+    assert set(load_file(snapshot(snapshot_dir, 0, 1))) == {"emb.weight"}
+    out = merge_epoch(
+        snapshot_dir / "epoch_000",
+        tmp_path / "merged",
+        method=ParameterSelection(resample=1),
+        base=snapshot_dir / "initial.safetensors",
+        seed=MERGE_SEED,
+    )
+    merged = load_file(out / "model.safetensors")
+    assert torch.equal(
+        merged["emb.weight"].view(torch.uint8), merge.merged_state["emb.weight"].view(torch.uint8)
+    )
+
+
 class LoraGPT2(TinyGPT2):
     """The tiny GPT-2 as a PEFT LoRA model: its base frozen, rank-2 adapters on ``c_attn``."""
 

@@ -266,6 +266,35 @@ def test_records_must_agree(tmp_path):
         find_epoch_snapshots(epoch)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_snapshots_merged_by_path_in_another_order_are_refused(tmp_path, capsys, streaming):
+    """The draws pick replicas by their position in the list: replica snapshots of one run
+    listed out of their recorded order would silently give other bits than the epoch merge."""
+    epoch, _ = write_epoch(
+        tmp_path, k=3, as_dirs=(0, 1, 2), record=lambda r: {"num_replicas": 3, "seed": 7}
+    )
+    paths = [epoch / f"replica_{k:03d}" for k in range(3)]
+    method = ParameterSelection(resample=1)
+    merge = merge_checkpoints_streaming if streaming else merge_checkpoints
+    listed = [paths[1], paths[0], paths[2]]
+    with pytest.raises(MergeError, match="replica 1, replica 0, replica 2.*list them in replica"):
+        merge(listed, tmp_path / "o", method=method, base=tmp_path / "base.safetensors")
+    with pytest.raises(MergeError, match="replica_000 twice"):
+        merge([paths[0], paths[0]], tmp_path / "o", method=method)
+    args = ["merge", *map(str, listed), "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli([*args, f"--streaming={str(streaming).lower()}"]) == 2
+    assert "replica 1, replica 0, replica 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # in order, the path merge gives the epoch merge's bits; a subset in order is merged too
+    out = merge(paths, tmp_path / "o", method=method, base=tmp_path / "base.safetensors")
+    expected = merge_epoch(epoch, tmp_path / "e", method=method, base=tmp_path / "base.safetensors")
+    assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+    assert merge([paths[0], paths[2]], tmp_path / "s").is_dir()
+    # snapshots of different runs carry no common order: merged as listed
+    (epoch / "replica_000" / "selmerge.json").write_text(json.dumps({"replica": 0, "seed": 8}))
+    assert merge([paths[1], paths[0]], tmp_path / "r").is_dir()
+
+
 @pytest.mark.parametrize(
     ("key", "values"),
     [("initial_fingerprint", ("c20e", "8fc1")), ("fixed_batches", (False, True))],

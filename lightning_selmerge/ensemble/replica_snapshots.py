@@ -10,9 +10,10 @@ Layout of a ``snapshot_dir`` filled by the K jobs of one run::
 
 A snapshot is a Hugging Face directory when the LightningModule keeps a ``PreTrainedModel`` as
 ``self.model`` and has no other tensors; else the whole LightningModule state dict in one
-safetensors file (tensors that share memory, i.e. tied weights, stored once under the name that
-comes first in the state dict, which for Hugging Face style models is the input embedding that
-``save_pretrained`` keeps). A PEFT model (LoRA) is snapshot as a file of its trained tensors
+safetensors file (tensors that share memory, i.e. tied weights, stored once under the group's
+canonical name, :func:`~lightning_selmerge.merging.ties.canonical_name`, which keys the in-process
+merge's draws and for Hugging Face style models is the input embedding that ``save_pretrained``
+keeps). A PEFT model (LoRA) is snapshot as a file of its trained tensors
 only: its ``save_pretrained`` writes an adapter directory, which the merge does not read, and
 its frozen base is the same in every replica. This module imports no Lightning.
 """
@@ -37,7 +38,7 @@ from lightning_selmerge.merging.errors import MergeError
 from lightning_selmerge.merging.leftovers import staging_path
 from lightning_selmerge.merging.snapshots import METADATA_KEY, RECORD_NAME, recipe_differences
 from lightning_selmerge.merging.snapshots import read_record as snapshot_record
-from lightning_selmerge.merging.ties import storage_key
+from lightning_selmerge.merging.ties import tie_groups
 
 __all__ = [
     "RECORD_FORMAT",
@@ -129,16 +130,9 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _file_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors; a tie group (shared memory) once, under its first name."""
-    seen: set[tuple] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        key = storage_key(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
+    """CPU, contiguous tensors; a tie group (shared memory) once, under its canonical name (the
+    one the merge keys its draws by in memory; the state dict's first name may differ)."""
+    return {name: state[name].detach().to("cpu").contiguous() for name in tie_groups(state)}
 
 
 def _write_json_atomic(path: Path, record: Mapping[str, Any]) -> None:

@@ -27,6 +27,7 @@ from .safetensors_io import (
 )
 from .scratch import scratch_scope
 from .side_files import copy_side_files, side_file_sources
+from .snapshots import check_listed_order
 from .tensor_merge import DEFAULT_CHUNK_NUMEL, iter_merged_chunks
 
 __all__ = [
@@ -242,6 +243,7 @@ def merge_checkpoints(
     check_nonfinite_mode(nonfinite)
     check_shard_size(max_shard_bytes)
     plan = MergePlan.create(method, rules, seed, len(replicas))
+    check_listed_order(replicas)
     claim_output(out, overwrite, replicas, base)
     labels = [f"replica {k} ({path})" for k, path in enumerate(replicas)]
 

@@ -37,6 +37,7 @@ __all__ = [
     "METADATA_KEY",
     "RECORD_NAME",
     "EpochSnapshots",
+    "check_listed_order",
     "find_epoch_snapshots",
     "merge_epoch",
     "read_record",
@@ -146,6 +147,47 @@ def read_record(snapshot: str | Path) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         raise MergeError(f"{source} must hold a JSON object like {{num_replicas, replica, seed}}")
     return record
+
+
+def check_listed_order(replicas: Sequence[str | Path]) -> None:
+    """Refuse replica snapshots of one run (records agreeing on ``num_replicas``, ``seed`` and
+    ``initial_fingerprint``) listed out of their recorded replica order, or one listed twice.
+
+    The draws pick replicas by position in the list, so another order would silently give other
+    bits than the run's epoch merge. Snapshots without records, or of different runs, are merged
+    as listed.
+
+    Raises:
+        MergeError: naming the recorded order and the order to list them in.
+    """
+    try:
+        records = [read_record(path) for path in replicas]
+    except MergeError:  # an unreadable file: the merge's reader names what is wrong with it
+        return
+    if len(replicas) < 2 or any(r is None or "replica" not in r for r in records):
+        return
+    runs = {
+        tuple(r.get(k) for k in ("num_replicas", "seed", "initial_fingerprint")) for r in records
+    }
+    if len(runs) > 1:
+        return
+    indices = [record["replica"] for record in records]
+    seen: dict[Any, Path] = {}
+    for index, path in zip(indices, map(Path, replicas)):
+        if index in seen:
+            raise MergeError(
+                f"{seen[index]} and {path} are both replica {index} of one run "
+                f"({replica_name(index)} twice): list each replica once"
+            )
+        seen[index] = path
+    if indices != sorted(indices):
+        ordered = " ".join(str(seen[k]) for k in sorted(indices))
+        listed = ", ".join(f"replica {k}" for k in indices)
+        raise MergeError(
+            f"the replicas are listed as {listed} (their {RECORD_NAME} records), and the merge "
+            "draws replicas by their place in the list: another order gives other bits than "
+            f"the run's merge. list them in replica order: {ordered}"
+        )
 
 
 def find_epoch_snapshots(

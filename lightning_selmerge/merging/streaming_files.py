@@ -34,6 +34,7 @@ from .plan import MergePlan, merge_dropping_nonfinite
 from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .side_files import copy_side_files, side_file_sources
+from .snapshots import check_listed_order
 from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
 from .tensor_merge import DEFAULT_CHUNK_NUMEL
 
@@ -137,6 +138,7 @@ def merge_checkpoints_streaming(
     if not replicas:
         raise MergeError("no replicas to merge")
     plan = MergePlan.create(method, rules, seed, len(replicas))
+    check_listed_order(replicas)
     claim_output(out, overwrite, replicas, base)
     indices = list(replica_indices) if replica_indices is not None else list(range(len(replicas)))
     if len(indices) != len(replicas):
