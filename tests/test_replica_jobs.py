@@ -195,7 +195,7 @@ def test_schedule_functions_and_chained_schedulers_are_in_the_recipe() -> None:
     ``_``-prefixed state: all of them tell two jobs' schedules apart."""
     from transformers import get_linear_schedule_with_warmup
 
-    from lightning_selmerge.merging.snapshots import recipe_differences
+    from lightning_selmerge.merging.snapshot_records import recipe_differences
 
     lr = torch.optim.lr_scheduler
 

@@ -19,7 +19,8 @@ from lightning_selmerge.merging import (
 )
 from lightning_selmerge.merging.methods import build_method
 from lightning_selmerge.merging.safetensors_io import CheckpointReader
-from lightning_selmerge.merging.snapshots import find_epoch_snapshots, merge_epoch
+from lightning_selmerge.merging.snapshot_records import find_epoch_snapshots
+from lightning_selmerge.merging.snapshots import merge_epoch
 from lightning_selmerge.merging.streaming_files import merge_checkpoints_streaming
 
 

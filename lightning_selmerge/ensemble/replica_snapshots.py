@@ -36,8 +36,12 @@ from safetensors.torch import save_file
 from lightning_selmerge.merging.checkpoints import publish_directory
 from lightning_selmerge.merging.errors import MergeError
 from lightning_selmerge.merging.leftovers import staging_path
-from lightning_selmerge.merging.snapshots import METADATA_KEY, RECORD_NAME, recipe_differences
-from lightning_selmerge.merging.snapshots import read_record as snapshot_record
+from lightning_selmerge.merging.snapshot_records import (
+    METADATA_KEY,
+    RECORD_NAME,
+    recipe_differences,
+)
+from lightning_selmerge.merging.snapshot_records import read_record as snapshot_record
 from lightning_selmerge.merging.ties import tie_groups
 
 __all__ = [
@@ -215,7 +219,7 @@ def find_snapshot(target: Path) -> Path | None:
 
 def read_record(snapshot: Path) -> dict[str, Any] | None:
     """The record of a snapshot directory, safetensors file or ``selmerge.json`` (``None`` when
-    it has none): :func:`lightning_selmerge.merging.snapshots.read_record`, its errors as
+    it has none): :func:`lightning_selmerge.merging.snapshot_records.read_record`, its errors as
     :class:`SnapshotMismatch`."""
     try:
         return snapshot_record(snapshot)

@@ -25,7 +25,8 @@ from .methods import (
     WeightedAverage,
 )
 from .rules import MergeRule, load_rules, make_method, method_for
-from .snapshots import find_epoch_snapshots, merge_epoch
+from .snapshot_records import find_epoch_snapshots
+from .snapshots import merge_epoch
 from .state_dict import merge_state_dicts
 from .streaming import StreamingMerge, merge_state_dicts_streaming
 from .streaming_files import merge_checkpoints_streaming

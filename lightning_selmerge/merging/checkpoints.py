@@ -27,7 +27,7 @@ from .safetensors_io import (
 )
 from .scratch import scratch_scope
 from .side_files import copy_side_files, side_file_sources
-from .snapshots import check_listed_order
+from .snapshot_records import check_listed_order
 from .tensor_merge import DEFAULT_CHUNK_NUMEL, iter_merged_chunks
 
 __all__ = [

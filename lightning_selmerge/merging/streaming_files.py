@@ -34,7 +34,7 @@ from .plan import MergePlan, merge_dropping_nonfinite
 from .rules import MergeRule
 from .safetensors_io import CheckpointReader, ShardedSafetensorsWriter, TensorInfo
 from .side_files import copy_side_files, side_file_sources
-from .snapshots import check_listed_order
+from .snapshot_records import check_listed_order
 from .streaming import DEFAULT_WINDOW_BYTES, find_nonfinite_streaming, stream_merge
 from .tensor_merge import DEFAULT_CHUNK_NUMEL
 
