@@ -216,3 +216,15 @@ def test_a_callback_option_the_last_callback_lacks_names_it_and_the_fix(
     line = one_error(capsys, "fit")
     assert says in line and "NestedArg" not in line
     assert "a later --config that restates trainer.callbacks changes any item" in line
+
+
+def test_a_layout_refused_on_cpus_auto_devices_names_the_devices_flag(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``devices: auto`` is 1 device on CPU: the refusal says so and names --trainer.devices."""
+    args = [*FIT, "--trainer.accelerator=cpu", "--trainer.devices=auto"]
+    assert main([*args, "--trainer.strategy.init_args.shard_size=2"]) == 2
+    line = one_error(capsys, "fit")
+    assert "1 rank is not divisible by shard_size=2" in line
+    assert "on CPU, devices=auto is 1 device" in line
+    assert "--trainer.devices=2" in line
