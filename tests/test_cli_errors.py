@@ -228,3 +228,14 @@ def test_a_layout_refused_on_cpus_auto_devices_names_the_devices_flag(
     assert "1 rank is not divisible by shard_size=2" in line
     assert "on CPU, devices=auto is 1 device" in line
     assert "--trainer.devices=2" in line
+
+
+def test_a_refused_argument_prints_nothing_before_its_error(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning's "Seed set to 0" waits for the classes to be built: the error is alone."""
+    assert main([*FIT, "--trainer.strategy.init_args.num_replicas=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("lightning-selmerge fit: error: DataOrderEnsemble: num_replicas=1")
+    assert len(err) == 2, err
+    assert not [r for r in caplog.records if "Seed set to" in r.getMessage()]

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_selmerge.ensemble
 import lightning_selmerge.hf
 import lightning_selmerge.imbalance  # noqa: F401
-from lightning_selmerge.cli.quiet import quiet_lightning_tips
+from lightning_selmerge.cli.quiet import HeldLogs, quiet_lightning_tips
 from lightning_selmerge.progress import default_progress_bar
 
 from .replica import ReplicaSettings, add_replica_arguments, prepare_replica_job, replica_trainer
@@ -49,6 +49,7 @@ class SelmergeCLI(LightningCLI):
     """
 
     replica_job: ReplicaSettings | None = None
+    _seed_logs: HeldLogs | None = None
 
     def _prepare_subcommand_parser(
         self, klass: type, subcommand: str, **kwargs: Any
@@ -69,6 +70,18 @@ class SelmergeCLI(LightningCLI):
             warnings.filterwarnings("ignore", r'.*ckpt_path="last"\) is set, but there is no last')
         if subcommand not in (None, "fit"):  # a checkpoint scored elsewhere: its dirpath moved
             warnings.filterwarnings("ignore", "The dirpath has changed from")
+
+    def _set_seed(self) -> None:
+        """Seed as Lightning does; its "Seed set to N" waits until the classes are built, so a
+        refused argument (``num_replicas=1``) prints its one-line error alone."""
+        self._seed_logs = HeldLogs("lightning.fabric.utilities.seed")
+        with self._seed_logs:
+            super()._set_seed()
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self._seed_logs is not None:
+            self._seed_logs.release()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
