@@ -239,3 +239,51 @@ def test_a_refused_argument_prints_nothing_before_its_error(
     assert err[0].startswith("lightning-selmerge fit: error: DataOrderEnsemble: num_replicas=1")
     assert len(err) == 2, err
     assert not [r for r in caplog.records if "Seed set to" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        (
+            "--model=CausalLMModul",
+            "model: no class named 'CausalLMModul' (did you mean CausalLMModule?)",
+        ),
+        (
+            "--data.class_path=SFTDataModul",
+            "data: no class named 'SFTDataModul' (did you mean SFTDataModule?)",
+        ),
+        ("--trainer.callbacks+=ModelCheckpont", "(did you mean ModelCheckpoint or Checkpoint?)"),
+        (
+            "--trainer.strategy.class_path=DataOrderEnsembel",
+            "trainer.strategy: no class named 'DataOrderEnsembel' "
+            "(did you mean DataOrderEnsemble?)",
+        ),
+    ],
+)
+def test_a_class_name_typo_names_the_class_meant(
+    option: str, says: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([*FIT, option]) == 2
+    line = one_error(capsys, "fit")
+    assert says in line and "or a full import path (package.module.Class)" in line
+    assert "expected one of" not in line
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("DataOrderEnsemble", "give the class as --trainer.strategy.class_path=DataOrderEnsemble"),
+        (
+            "DataOrderEnsembel",
+            "no strategy named 'DataOrderEnsembel' (did you mean DataOrderEnsemble?)",
+        ),
+        ("dp", "no strategy named 'dp' (did you mean ddp or fsdp?)"),
+    ],
+)
+def test_a_class_or_unknown_name_as_trainer_strategy_is_one_line(
+    name: str, says: str, capsys: pytest.CaptureFixture
+) -> None:
+    """``--trainer.strategy=NAME`` reaches the Trainer as a Lightning strategy name: a class name
+    (or a typo) was Lightning's ValueError with a traceback, exit 1."""
+    assert main([*FIT, f"--trainer.strategy={name}"]) == 2
+    assert says in one_error(capsys, "fit")

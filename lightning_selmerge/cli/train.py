@@ -25,11 +25,13 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
 # imported for their class names: `class_path: CausalLMModule`, `DataOrderEnsemble`, ...
 import lightning_selmerge.ensemble
 import lightning_selmerge.hf
 import lightning_selmerge.imbalance  # noqa: F401
+from lightning_selmerge.cli.errors import class_names, did_you_mean
 from lightning_selmerge.cli.quiet import HeldLogs, quiet_lightning_tips
 from lightning_selmerge.progress import default_progress_bar
 
@@ -64,6 +66,8 @@ class SelmergeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            _check_strategy_name(self.config[subcommand].get("trainer.strategy"))
         if subcommand is not None:  # before the seed is set: seed_everything=True is refused
             self.replica_job = prepare_replica_job(subcommand, self.config[subcommand])
         if self.replica_job is not None:  # a job's first start has no last.ckpt to resume yet
@@ -94,6 +98,31 @@ class SelmergeCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, default_progress_bar()]
         return super().instantiate_trainer(**kwargs)
+
+
+def _check_strategy_name(strategy: Any) -> None:
+    """``--trainer.strategy=NAME`` passes NAME to the Trainer as one of Lightning's strategy
+    names (``ddp``, ``fsdp``, ...), even a class name: refuse another name before the Trainer
+    does with a traceback, naming the option that takes a class."""
+    if not isinstance(strategy, str):
+        return
+    names = ["auto", *StrategyRegistry.available_strategies()]
+    if strategy.lower() in names:
+        return
+    classes = class_names(Strategy)
+    short = strategy.rsplit(".", 1)[-1]
+    if short in classes:
+        raise ValueError(
+            f"trainer.strategy: {strategy!r} is a class, and --trainer.strategy=NAME takes "
+            "Lightning's strategy names (auto, ddp, fsdp, ...); give the class as "
+            f"--trainer.strategy.class_path={strategy} (or class_path: in YAML)."
+        )
+    hint = did_you_mean(strategy, [*names, *classes])
+    raise ValueError(
+        f"trainer.strategy: no strategy named {strategy!r}{hint}; --trainer.strategy=NAME takes "
+        "Lightning's names (auto, ddp, fsdp, deepspeed, ...), and a class goes in "
+        "--trainer.strategy.class_path=CLASS."
+    )
 
 
 def run_lightning(argv: Sequence[str]) -> int:
