@@ -287,3 +287,15 @@ def test_a_class_or_unknown_name_as_trainer_strategy_is_one_line(
     (or a typo) was Lightning's ValueError with a traceback, exit 1."""
     assert main([*FIT, f"--trainer.strategy={name}"]) == 2
     assert says in one_error(capsys, "fit")
+
+
+def test_a_missing_ckpt_path_is_named_before_anything_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main([*FIT, "--ckpt_path=missing.ckpt"]) == 2
+    line = one_error(capsys, "fit")
+    assert (
+        f"checkpoint 'missing.ckpt' does not exist (relative paths are read from {tmp_path})"
+        in line
+    )
+    assert not [r for r in caplog.records if "GPU available" in r.getMessage()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -68,6 +69,7 @@ class SelmergeCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             _check_strategy_name(self.config[subcommand].get("trainer.strategy"))
+            _check_ckpt_path(self.config[subcommand].get("ckpt_path"))
         if subcommand is not None:  # before the seed is set: seed_everything=True is refused
             self.replica_job = prepare_replica_job(subcommand, self.config[subcommand])
         if self.replica_job is not None:  # a job's first start has no last.ckpt to resume yet
@@ -122,6 +124,19 @@ def _check_strategy_name(strategy: Any) -> None:
         f"trainer.strategy: no strategy named {strategy!r}{hint}; --trainer.strategy=NAME takes "
         "Lightning's names (auto, ddp, fsdp, deepspeed, ...), and a class goes in "
         "--trainer.strategy.class_path=CLASS."
+    )
+
+
+def _check_ckpt_path(ckpt_path: Any) -> None:
+    """A ``--ckpt_path`` file that does not exist is named before anything is built (Lightning
+    finds out after building the model, the data and the Trainer)."""
+    if not isinstance(ckpt_path, str) or ckpt_path in ("last", "best", "hpc", "registry"):
+        return
+    if ckpt_path.startswith("registry:") or "://" in ckpt_path or Path(ckpt_path).exists():
+        return
+    raise FileNotFoundError(
+        f"ckpt_path: checkpoint {ckpt_path!r} does not exist (relative paths are read from "
+        f"{Path.cwd()}); fix --ckpt_path, or leave it out to start a new fit."
     )
 
 
