@@ -153,7 +153,8 @@ def run_lightning(argv: Sequence[str]) -> int:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             # a parse error raises (cli.errors prints it on one line), not usage + exit
-            parser_kwargs={"exit_on_error": False},
+            # usage reads "lightning-selmerge [options] fit", not "__main__.py" under python -m
+            parser_kwargs={"exit_on_error": False, "prog": "lightning-selmerge"},
             args=list(argv),
         )
     return 0
