@@ -112,3 +112,34 @@ def test_python_dash_m_runs_the_command() -> None:
     assert done.returncode == 0
     assert "fit, validate, test, predict" in done.stdout  # pipes into grep or less
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "key", "value"),
+    [
+        ("--model.init_args.config.n_positions=64", "config", {"n_positions": 64, "n_layer": 2}),
+        ("--model.init_args.config.attn_pdrop=0.0", "config", {"attn_pdrop": 0.0}),
+        (
+            "--model.init_args.config.scale_attn_weights=false",
+            "config",
+            {"scale_attn_weights": False},
+        ),
+        (
+            "--model.init_args.config={model_type: gpt2, n_layer: 1}",
+            "config",
+            {"model_type": "gpt2", "n_layer": 1},
+        ),
+        ("--model.init_args.lora.r=8", "lora", {"r": 8}),
+        ("--model.init_args.lora.target_modules=[c_attn]", "lora", {"target_modules": ["c_attn"]}),
+    ],
+)
+def test_a_dict_arguments_field_from_the_command_line_keeps_its_yaml_type(
+    option: str, key: str, value: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """``--model.init_args.config.n_positions=64`` is the int 64, as in YAML, not the string."""
+    demo = CONFIGS / "demo.yaml"
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(demo), option, "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"][key]
+    assert {k: printed[k] for k in value} == value

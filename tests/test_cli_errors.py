@@ -216,3 +216,86 @@ def test_a_callback_option_the_last_callback_lacks_names_it_and_the_fix(
     line = one_error(capsys, "fit")
     assert says in line and "NestedArg" not in line
     assert "a later --config that restates trainer.callbacks changes any item" in line
+
+
+def test_a_layout_refused_on_cpus_auto_devices_names_the_devices_flag(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``devices: auto`` is 1 device on CPU: the refusal says so and names --trainer.devices."""
+    args = [*FIT, "--trainer.accelerator=cpu", "--trainer.devices=auto"]
+    assert main([*args, "--trainer.strategy.init_args.shard_size=2"]) == 2
+    line = one_error(capsys, "fit")
+    assert "1 rank is not divisible by shard_size=2" in line
+    assert "on CPU, devices=auto is 1 device" in line
+    assert "--trainer.devices=2" in line
+
+
+def test_a_refused_argument_prints_nothing_before_its_error(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning's "Seed set to 0" waits for the classes to be built: the error is alone."""
+    assert main([*FIT, "--trainer.strategy.init_args.num_replicas=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("lightning-selmerge fit: error: DataOrderEnsemble: num_replicas=1")
+    assert len(err) == 2, err
+    assert not [r for r in caplog.records if "Seed set to" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        (
+            "--model=CausalLMModul",
+            "model: no class named 'CausalLMModul' (did you mean CausalLMModule?)",
+        ),
+        (
+            "--data.class_path=SFTDataModul",
+            "data: no class named 'SFTDataModul' (did you mean SFTDataModule?)",
+        ),
+        ("--trainer.callbacks+=ModelCheckpont", "(did you mean ModelCheckpoint or Checkpoint?)"),
+        (
+            "--trainer.strategy.class_path=DataOrderEnsembel",
+            "trainer.strategy: no class named 'DataOrderEnsembel' "
+            "(did you mean DataOrderEnsemble?)",
+        ),
+    ],
+)
+def test_a_class_name_typo_names_the_class_meant(
+    option: str, says: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([*FIT, option]) == 2
+    line = one_error(capsys, "fit")
+    assert says in line and "or a full import path (package.module.Class)" in line
+    assert "expected one of" not in line
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("DataOrderEnsemble", "give the class as --trainer.strategy.class_path=DataOrderEnsemble"),
+        (
+            "DataOrderEnsembel",
+            "no strategy named 'DataOrderEnsembel' (did you mean DataOrderEnsemble?)",
+        ),
+        ("dp", "no strategy named 'dp' (did you mean ddp or fsdp?)"),
+    ],
+)
+def test_a_class_or_unknown_name_as_trainer_strategy_is_one_line(
+    name: str, says: str, capsys: pytest.CaptureFixture
+) -> None:
+    """``--trainer.strategy=NAME`` reaches the Trainer as a Lightning strategy name: a class name
+    (or a typo) was Lightning's ValueError with a traceback, exit 1."""
+    assert main([*FIT, f"--trainer.strategy={name}"]) == 2
+    assert says in one_error(capsys, "fit")
+
+
+def test_a_missing_ckpt_path_is_named_before_anything_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main([*FIT, "--ckpt_path=missing.ckpt"]) == 2
+    line = one_error(capsys, "fit")
+    assert (
+        f"checkpoint 'missing.ckpt' does not exist (relative paths are read from {tmp_path})"
+        in line
+    )
+    assert not [r for r in caplog.records if "GPU available" in r.getMessage()]

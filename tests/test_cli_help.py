@@ -140,3 +140,8 @@ def test_top_level_help_goes_to_stdout_and_a_missing_command_to_stderr(
     assert main([]) == 2
     shown = capsys.readouterr()
     assert "fit, validate, test, predict" in shown.err and shown.out == ""
+
+
+def test_fit_help_names_the_command(capsys: pytest.CaptureFixture) -> None:
+    """Under ``python -m lightning_selmerge`` the usage read ``__main__.py [options] fit``."""
+    assert lightning_help("fit", capsys).startswith("usage: lightning-selmerge [options] fit ")

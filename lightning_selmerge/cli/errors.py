@@ -22,11 +22,21 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import re
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "is_user_mistake", "user_message"]
+__all__ = [
+    "DEBUG_ENV",
+    "DEBUG_FLAG",
+    "class_names",
+    "is_user_mistake",
+    "unknown_class",
+    "user_message",
+]
 
 #: command-line flag (anywhere after the subcommand) that shows the traceback of a user mistake.
 DEBUG_FLAG = "--debug"
@@ -40,6 +50,8 @@ _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*\n?(?P<rest>.*)$', re
 _GOT_VALUE = re.compile(r"\. Got value: .*$", re.DOTALL)
 _NESTED_ARG = re.compile(r"^\s*Given value: NestedArg\(key='(?P<name>[^']*)'", re.MULTILINE)
 _CLASS_PATH = re.compile(r"Problem with given class_path '(?:[\w.]*\.)?(?P<cls>\w+)'")
+_NO_CLASS = re.compile(r"^\s*- Expected a dot import path string: (?P<name>\S+)$", re.MULTILINE)
+_BASE_CLASS = re.compile(r"\b(?P<path>(?:[a-z_]\w*\.)+[A-Z]\w*)\b")
 _MISTAKE_CLASSES = frozenset(
     {"MisconfigurationException", "MergeError", "ReportError", "ArgumentError"}
 )
@@ -84,12 +96,60 @@ def _innermost(text: str) -> str:
         key, text = match["key"], _dedent_tail(match["rest"])
     if key and _UNION in text and (item := _list_item_message(key, text)):
         return item
+    if key and (no_class := _unknown_class_message(key, text)):
+        return no_class
     if _UNION in text:
         text = _union_message(text)
     text = _GOT_VALUE.sub("", text).strip()
     if key and key not in text:
         text = f"{key}: {text}"
     return text
+
+
+def class_names(base: type) -> list[str]:
+    """The names of ``base``'s imported subclasses: the short class names the CLI takes."""
+    seen, todo = set(), [base]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+    return sorted({sub.__name__ for sub in seen if not sub.__name__.startswith("_")})
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` naming the known names closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def unknown_class(key: str, name: str, known: Iterable[str]) -> str:
+    """``KEY: no class NAME``, the known names closest to it, and the way to give a class."""
+    known = list(known)
+    hint = did_you_mean(name, known)
+    listed = f": {', '.join(known)}" if 0 < len(known) <= 8 else ""
+    return (
+        f"{key}: no class named {name!r}{hint}; give a class name this command knows{listed}, "
+        "or a full import path (package.module.Class)."
+    )
+
+
+def _unknown_class_message(key: str, text: str) -> str | None:
+    """A class name jsonargparse could not import (``--model=CausalLMModul``), named as such."""
+    missing = _NO_CLASS.search(text)
+    subtypes = re.search(r"^\s*Subtypes: \[(?P<types>.*)\]\s*$", text, re.MULTILINE)
+    if missing is None or subtypes is None:
+        return None
+    known: set[str] = set()
+    for path in dict.fromkeys(m["path"] for m in _BASE_CLASS.finditer(subtypes["types"])):
+        module, _, name = path.rpartition(".")
+        try:
+            base = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(base, type) and not module.startswith("collections"):
+            known.update(class_names(base))
+    return unknown_class(key, missing["name"], sorted(known))
 
 
 def _list_item_message(key: str, text: str) -> str | None:

@@ -51,18 +51,25 @@ class ReplicaLayout:
 
     @classmethod
     def for_world(
-        cls, num_replicas: int, world_size: int, shard_size: int, rank: int
+        cls, num_replicas: int, world_size: int, shard_size: int, rank: int, device_type: str = ""
     ) -> ReplicaLayout:
-        """The layout of ``world_size`` ranks, or a clear error when it does not divide."""
+        """The layout of ``world_size`` ranks, or a clear error when it does not divide.
+
+        ``device_type`` (``"cpu"``, ``"cuda"``) only words the error: on CPU, ``devices=auto``
+        is 1 device.
+        """
         if shard_size < 1:
             raise MisconfigurationException(
                 f"DataOrderEnsemble: shard_size={shard_size}; use 1 (no sharding) or more."
             )
         if world_size % shard_size:
+            ranks = f"{world_size} rank{'' if world_size == 1 else 's'}"
+            cpu = " (on CPU, devices=auto is 1 device)" if device_type == "cpu" else ""
             raise MisconfigurationException(
-                f"DataOrderEnsemble: devices x num_nodes = {world_size} ranks is not divisible "
-                f"by shard_size={shard_size}; use a shard_size that divides the number of ranks "
-                "(each replica group is shard_size ranks)."
+                f"DataOrderEnsemble: devices x num_nodes = {ranks} is not divisible by "
+                f"shard_size={shard_size}{cpu}; give a multiple of shard_size devices (e.g. "
+                f"--trainer.devices={shard_size}) or a shard_size that divides the number of "
+                "ranks (each replica group is shard_size ranks)."
             )
         groups = world_size // shard_size
         if num_replicas % groups:

@@ -170,7 +170,7 @@ class ReplicaMeshStrategy(ParallelStrategy):
         self.set_world_ranks()
         world = self.num_nodes * self.num_processes
         self._layout = ReplicaLayout.for_world(
-            self.num_replicas, world, self.shard_size, self.global_rank
+            self.num_replicas, world, self.shard_size, self.global_rank, self.root_device.type
         )
         if not self.is_distributed:
             return

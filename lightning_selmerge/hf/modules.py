@@ -61,7 +61,7 @@ class _HFModule(LightningModule):
     def _build(
         self,
         model_name_or_path: str | None,
-        config: dict | None,
+        config: Mapping[str, Any] | None,
         tokenizer_name_or_path: str | None,
         learning_rate: float,
         weight_decay: float,
@@ -197,14 +197,14 @@ class CausalLMModule(_HFModule):
     def __init__(
         self,
         model_name_or_path: str | None = None,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
-        lora: dict | None = None,
+        lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -277,7 +277,7 @@ class SequenceClassificationModule(_HFModule):
     def __init__(
         self,
         model_name_or_path: str | None = None,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         num_labels: int = 2,
         learning_rate: float = 5e-5,
@@ -286,7 +286,7 @@ class SequenceClassificationModule(_HFModule):
         lr_schedule: str = "constant",
         torch_dtype: str | None = None,
         ignore_mismatched_sizes: bool = False,
-        lora: dict | None = None,
+        lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
