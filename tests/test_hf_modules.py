@@ -272,6 +272,21 @@ def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
         SFTDataModule(data_files=str(PAIRS)).setup("fit")
 
 
+def test_data_files_splits_other_than_train_and_validation_are_refused(tmp_path: Path) -> None:
+    """A {"train": ..., "test": ...} (or "val") dict read only "train": the other file was
+    ignored and validation silently came from val_fraction of the training rows."""
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    val = write_jsonl(tmp_path / "v.jsonl", rows[:3])
+    for name in ("test", "val"):
+        with pytest.raises(ValueError, match=rf"splits \['{name}'\], which would be ignored"):
+            SFTDataModule(data_files={"train": train, name: val})
+    with pytest.raises(ValueError, match=r"val_data_files has splits \['test'\]"):
+        SFTDataModule(data_files=train, val_data_files={"test": val})
+    dm = ready(SFTDataModule(data_files={"train": train, "validation": val}))
+    assert (len(dm.train_set), len(dm.val_set)) == (10, 3)
+
+
 def test_batches_are_right_padded_whatever_the_tokenizer_padding_side(tmp_path: Path) -> None:
     # without position_ids, left padding shifts GPT-2's positions: a loss would depend on the batch
     rows = [

@@ -30,6 +30,7 @@ from lightning_selmerge.hf.files import (
     load_table,
     require_columns,
     require_files,
+    require_splits,
     train_val_split,
 )
 from lightning_selmerge.hf.loading import ensure_pad_token, ensure_sequence_tokens, load_tokenizer
@@ -70,9 +71,11 @@ class _TextDataModule(LightningDataModule):
         # unknown extensions and missing files fail here, before a Trainer is built
         infer_format(owner, data_files, data_format)
         require_files(owner, data_files, "data_files")
+        require_splits(owner, data_files, "data_files")
         if val_data_files is not None:
             infer_format(owner, val_data_files, data_format)
             require_files(owner, val_data_files, "val_data_files")
+            require_splits(owner, val_data_files, "val_data_files")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.data_files = data_files
         self.data_format = data_format

@@ -16,6 +16,7 @@ __all__ = [
     "load_table",
     "require_columns",
     "require_files",
+    "require_splits",
     "train_val_split",
 ]
 
@@ -106,6 +107,26 @@ def require_files(owner: str, data_files: DataFiles, argument: str = "data_files
         raise FileNotFoundError(
             f"{owner}: data file {path!r} does not exist{where}; fix {argument} "
             f"(command line: --data.init_args.{argument}=PATH)."
+        )
+
+
+def require_splits(owner: str, data_files: DataFiles, argument: str = "data_files") -> None:
+    """Raise ``ValueError`` when a dict of ``data_files`` names a split other than ``"train"``
+    and ``"validation"``: any other (``"test"``, ``"val"``) would be ignored without a word.
+
+    Example:
+        >>> require_splits("X", {"train": "t.csv", "val": "v.csv"})
+        Traceback (most recent call last):
+        ...
+        ValueError: X: data_files has splits ['val'], which would be ignored...
+    """
+    if not isinstance(data_files, Mapping):
+        return
+    unknown = sorted(str(name) for name in data_files if name not in ("train", "validation"))
+    if unknown:
+        raise ValueError(
+            f"{owner}: {argument} has splits {unknown}, which would be ignored: only 'train' "
+            "and 'validation' are read; name the files {'train': ..., 'validation': ...}."
         )
 
 
