@@ -192,6 +192,21 @@ def test_rows_missing_a_value_are_dropped_not_trained_as_none(tmp_path: Path) ->
     assert dm.train_set["labels"] == [1, 0]
 
 
+def test_whole_float_labels_are_class_ids(tmp_path: Path) -> None:
+    """An int label column with an empty cell reads as floats (pandas); once the row missing
+    its label was dropped, the rest were refused as "the label column holds ['float']"."""
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text,label\ngood,1\nbad,0\nmeh,\nfine,2\n", encoding="utf-8")
+    dm = ClassificationDataModule(data_files=str(texts), val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 4 rows missing a value"):
+        ready(dm)
+    assert dm.train_set["labels"] == [1, 0, 2]
+    assert (dm.num_labels, dm.label_names) == (3, None)
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": 1.0}]
+    with pytest.raises(ValueError, match=r"holds \['float'\]"):
+        ready(ClassificationDataModule(data_files=write_jsonl(tmp_path / "f.jsonl", rows)))
+
+
 def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
     """Training on from a classifier whose config names its classes: the data's string labels
     take the checkpoint's ids (sorted names would swap pos and neg without a word), and labels
