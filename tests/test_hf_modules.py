@@ -302,6 +302,15 @@ def test_data_files_splits_other_than_train_and_validation_are_refused(tmp_path:
     assert (len(dm.train_set), len(dm.val_set)) == (10, 3)
 
 
+def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A Latin-1 CSV raised datasets' DatasetGenerationError "An error occurred while
+    generating the dataset", naming neither the file nor the encoding."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"prompt,response\nhi,caf\xe9\nq,r\n")
+    with pytest.raises(ValueError, match=r"cannot read data_files=.*pairs\.csv.*must be UTF-8"):
+        ready(SFTDataModule(data_files=str(pairs), val_fraction=0.0))
+
+
 def test_batches_are_right_padded_whatever_the_tokenizer_padding_side(tmp_path: Path) -> None:
     # without position_ids, left padding shifts GPT-2's positions: a loss would depend on the batch
     rows = [

@@ -9,6 +9,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 __all__ = [
     "DataFiles",
@@ -142,6 +143,17 @@ def load_table(owner: str, data_files: DataFiles, data_format: str | None) -> Da
         raise FileNotFoundError(
             f"{owner}: data file not found ({err}); data_files={data_files!r} are read "
             "relative to the working directory."
+        ) from err
+    except DatasetGenerationError as err:  # says only "An error occurred while generating"
+        cause = err.__cause__ or err
+        fix = (
+            "the files must be UTF-8: convert them (e.g. iconv -f latin1 -t utf-8)"
+            if isinstance(cause, UnicodeDecodeError)
+            else "fix the files, or data_format if it is not theirs"
+        )
+        raise ValueError(
+            f"{owner}: cannot read data_files={data_files!r} as {fmt}: "
+            f"{type(cause).__name__}: {cause}; {fix}."
         ) from err
 
 
