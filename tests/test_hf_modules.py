@@ -302,6 +302,21 @@ def test_data_files_splits_other_than_train_and_validation_are_refused(tmp_path:
     assert (len(dm.train_set), len(dm.val_set)) == (10, 3)
 
 
+def test_csv_text_columns_of_numbers_are_read_as_written(tmp_path: Path) -> None:
+    """pandas read a CSV column of numbers as numbers: SFT trained "02139" as "2139.0" and
+    "1e3" as "1000.0"; a classification text column of numbers crashed the tokenizer."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,response\nHalf?,0.50\nZip?,02139\nk?,1e3\n", encoding="utf-8")
+    dm = ready(SFTDataModule(data_files=str(pairs), val_fraction=0.0, max_length=32))
+    targets = [[i for i in ids if i != -100] for ids in dm.train_set["labels"]]
+    assert targets == [[*byte_ids(r), 1] for r in ("0.50", "02139", "1e3")]
+    texts = tmp_path / "texts.tsv"
+    texts.write_text("text\tlabel\n007\t1\n42\t0\n", encoding="utf-8")
+    dm = ready(ClassificationDataModule(data_files=str(texts), val_fraction=0.0))
+    assert dm.train_set["input_ids"] == [byte_ids("007"), byte_ids("42")]
+    assert dm.train_set["labels"] == [1, 0]
+
+
 def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path: Path) -> None:
     """A Latin-1 CSV raised datasets' DatasetGenerationError "An error occurred while
     generating the dataset", naming neither the file nor the encoding."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 __all__ = [
@@ -131,14 +131,28 @@ def require_splits(owner: str, data_files: DataFiles, argument: str = "data_file
         )
 
 
-def load_table(owner: str, data_files: DataFiles, data_format: str | None) -> DatasetDict:
-    """``datasets.load_dataset`` on local files; a plain path or list becomes split ``"train"``."""
+def load_table(
+    owner: str, data_files: DataFiles, data_format: str | None, text_columns: Sequence[str] = ()
+) -> DatasetDict:
+    """``datasets.load_dataset`` on local files; a plain path or list becomes split ``"train"``.
+
+    CSV/TSV ``text_columns`` are read as written: pandas would read a column of numbers as
+    numbers (``02139`` -> ``2139.0``), so such a file is read again with them as strings.
+    """
     fmt = infer_format(owner, data_files, data_format)
     kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
     builder = "csv" if fmt == "tsv" else fmt
     files = dict(data_files) if isinstance(data_files, Mapping) else data_files
     try:
-        return load_dataset(builder, data_files=files, **kwargs)
+        tables = load_dataset(builder, data_files=files, **kwargs)
+        features = next(iter(tables.values())).features.copy() if tables else None
+        numeric = [c for c in text_columns if features and c in features]
+        numeric = [c for c in numeric if features[c] != Value("string")]
+        same = len({tuple(t.column_names) for t in tables.values()}) == 1
+        if builder == "csv" and numeric and same:
+            features.update({c: Value("string") for c in numeric})
+            tables = load_dataset(builder, data_files=files, features=features, **kwargs)
+        return tables
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{owner}: data file not found ({err}); data_files={data_files!r} are read "
