@@ -192,6 +192,21 @@ def test_rows_missing_a_value_are_dropped_not_trained_as_none(tmp_path: Path) ->
     assert dm.train_set["labels"] == [1, 0]
 
 
+def test_whole_float_labels_are_class_ids(tmp_path: Path) -> None:
+    """An int label column with an empty cell reads as floats (pandas); once the row missing
+    its label was dropped, the rest were refused as "the label column holds ['float']"."""
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text,label\ngood,1\nbad,0\nmeh,\nfine,2\n", encoding="utf-8")
+    dm = ClassificationDataModule(data_files=str(texts), val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 4 rows missing a value"):
+        ready(dm)
+    assert dm.train_set["labels"] == [1, 0, 2]
+    assert (dm.num_labels, dm.label_names) == (3, None)
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": 1.0}]
+    with pytest.raises(ValueError, match=r"holds \['float'\]"):
+        ready(ClassificationDataModule(data_files=write_jsonl(tmp_path / "f.jsonl", rows)))
+
+
 def test_a_classifier_checkpoint_keeps_its_class_ids(tmp_path: Path) -> None:
     """Training on from a classifier whose config names its classes: the data's string labels
     take the checkpoint's ids (sorted names would swap pos and neg without a word), and labels
@@ -270,6 +285,45 @@ def test_bad_data_inputs_raise_clear_errors(tmp_path: Path) -> None:
         ready(SFTDataModule(data_files=str(PAIRS), prompt_template="{topic}", limit_samples=4))
     with pytest.raises(ValueError, match="has no tokenizer"):
         SFTDataModule(data_files=str(PAIRS)).setup("fit")
+
+
+def test_data_files_splits_other_than_train_and_validation_are_refused(tmp_path: Path) -> None:
+    """A {"train": ..., "test": ...} (or "val") dict read only "train": the other file was
+    ignored and validation silently came from val_fraction of the training rows."""
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    val = write_jsonl(tmp_path / "v.jsonl", rows[:3])
+    for name in ("test", "val"):
+        with pytest.raises(ValueError, match=rf"splits \['{name}'\], which would be ignored"):
+            SFTDataModule(data_files={"train": train, name: val})
+    with pytest.raises(ValueError, match=r"val_data_files has splits \['test'\]"):
+        SFTDataModule(data_files=train, val_data_files={"test": val})
+    dm = ready(SFTDataModule(data_files={"train": train, "validation": val}))
+    assert (len(dm.train_set), len(dm.val_set)) == (10, 3)
+
+
+def test_csv_text_columns_of_numbers_are_read_as_written(tmp_path: Path) -> None:
+    """pandas read a CSV column of numbers as numbers: SFT trained "02139" as "2139.0" and
+    "1e3" as "1000.0"; a classification text column of numbers crashed the tokenizer."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,response\nHalf?,0.50\nZip?,02139\nk?,1e3\n", encoding="utf-8")
+    dm = ready(SFTDataModule(data_files=str(pairs), val_fraction=0.0, max_length=32))
+    targets = [[i for i in ids if i != -100] for ids in dm.train_set["labels"]]
+    assert targets == [[*byte_ids(r), 1] for r in ("0.50", "02139", "1e3")]
+    texts = tmp_path / "texts.tsv"
+    texts.write_text("text\tlabel\n007\t1\n42\t0\n", encoding="utf-8")
+    dm = ready(ClassificationDataModule(data_files=str(texts), val_fraction=0.0))
+    assert dm.train_set["input_ids"] == [byte_ids("007"), byte_ids("42")]
+    assert dm.train_set["labels"] == [1, 0]
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A Latin-1 CSV raised datasets' DatasetGenerationError "An error occurred while
+    generating the dataset", naming neither the file nor the encoding."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"prompt,response\nhi,caf\xe9\nq,r\n")
+    with pytest.raises(ValueError, match=r"cannot read data_files=.*pairs\.csv.*must be UTF-8"):
+        ready(SFTDataModule(data_files=str(pairs), val_fraction=0.0))
 
 
 def test_batches_are_right_padded_whatever_the_tokenizer_padding_side(tmp_path: Path) -> None:

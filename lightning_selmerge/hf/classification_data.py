@@ -105,6 +105,9 @@ class ClassificationDataModule(_TextDataModule):
     def _required_columns(self) -> dict[str, str]:
         return {"text_field": self.text_field, "label_field": self.label_field}
 
+    def _text_columns(self) -> list[str]:
+        return [self.text_field]
+
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         owner = type(self).__name__
         fields = [self.text_field, self.label_field]

@@ -30,6 +30,7 @@ from lightning_selmerge.hf.files import (
     load_table,
     require_columns,
     require_files,
+    require_splits,
     train_val_split,
 )
 from lightning_selmerge.hf.loading import ensure_pad_token, ensure_sequence_tokens, load_tokenizer
@@ -70,9 +71,11 @@ class _TextDataModule(LightningDataModule):
         # unknown extensions and missing files fail here, before a Trainer is built
         infer_format(owner, data_files, data_format)
         require_files(owner, data_files, "data_files")
+        require_splits(owner, data_files, "data_files")
         if val_data_files is not None:
             infer_format(owner, val_data_files, data_format)
             require_files(owner, val_data_files, "val_data_files")
+            require_splits(owner, val_data_files, "val_data_files")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.data_files = data_files
         self.data_format = data_format
@@ -95,6 +98,10 @@ class _TextDataModule(LightningDataModule):
     def _required_columns(self) -> dict[str, str]:
         """``{argument name: column}`` that every data file must have."""
         raise NotImplementedError
+
+    def _text_columns(self) -> list[str]:
+        """The columns read as text (a CSV column of numbers stays as written)."""
+        return []
 
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         raise NotImplementedError
@@ -177,13 +184,14 @@ class _TextDataModule(LightningDataModule):
 
     def _load_raw(self) -> tuple[Dataset, Dataset | None]:
         owner = type(self).__name__
-        tables = load_table(owner, self.data_files, self.data_format)
+        text = self._text_columns()
+        tables = load_table(owner, self.data_files, self.data_format, text)
         train = _split(owner, tables, "train", "data_files")
         require_columns(owner, train, **self._required_columns())
         if self.limit_samples is not None and self.limit_samples < len(train):
             train = train.shuffle(seed=self.split_seed).select(range(self.limit_samples))
         if self.val_data_files is not None:
-            val_tables = load_table(owner, self.val_data_files, self.data_format)
+            val_tables = load_table(owner, self.val_data_files, self.data_format, text)
             name = "validation" if "validation" in val_tables else "train"
             val = _split(owner, val_tables, name, "val_data_files")
         elif "validation" in tables:

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 __all__ = [
     "DataFiles",
@@ -16,6 +17,7 @@ __all__ = [
     "load_table",
     "require_columns",
     "require_files",
+    "require_splits",
     "train_val_split",
 ]
 
@@ -109,18 +111,63 @@ def require_files(owner: str, data_files: DataFiles, argument: str = "data_files
         )
 
 
-def load_table(owner: str, data_files: DataFiles, data_format: str | None) -> DatasetDict:
-    """``datasets.load_dataset`` on local files; a plain path or list becomes split ``"train"``."""
+def require_splits(owner: str, data_files: DataFiles, argument: str = "data_files") -> None:
+    """Raise ``ValueError`` when a dict of ``data_files`` names a split other than ``"train"``
+    and ``"validation"``: any other (``"test"``, ``"val"``) would be ignored without a word.
+
+    Example:
+        >>> require_splits("X", {"train": "t.csv", "val": "v.csv"})
+        Traceback (most recent call last):
+        ...
+        ValueError: X: data_files has splits ['val'], which would be ignored...
+    """
+    if not isinstance(data_files, Mapping):
+        return
+    unknown = sorted(str(name) for name in data_files if name not in ("train", "validation"))
+    if unknown:
+        raise ValueError(
+            f"{owner}: {argument} has splits {unknown}, which would be ignored: only 'train' "
+            "and 'validation' are read; name the files {'train': ..., 'validation': ...}."
+        )
+
+
+def load_table(
+    owner: str, data_files: DataFiles, data_format: str | None, text_columns: Sequence[str] = ()
+) -> DatasetDict:
+    """``datasets.load_dataset`` on local files; a plain path or list becomes split ``"train"``.
+
+    CSV/TSV ``text_columns`` are read as written: pandas would read a column of numbers as
+    numbers (``02139`` -> ``2139.0``), so such a file is read again with them as strings.
+    """
     fmt = infer_format(owner, data_files, data_format)
     kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
     builder = "csv" if fmt == "tsv" else fmt
     files = dict(data_files) if isinstance(data_files, Mapping) else data_files
     try:
-        return load_dataset(builder, data_files=files, **kwargs)
+        tables = load_dataset(builder, data_files=files, **kwargs)
+        features = next(iter(tables.values())).features.copy() if tables else None
+        numeric = [c for c in text_columns if features and c in features]
+        numeric = [c for c in numeric if features[c] != Value("string")]
+        same = len({tuple(t.column_names) for t in tables.values()}) == 1
+        if builder == "csv" and numeric and same:
+            features.update({c: Value("string") for c in numeric})
+            tables = load_dataset(builder, data_files=files, features=features, **kwargs)
+        return tables
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{owner}: data file not found ({err}); data_files={data_files!r} are read "
             "relative to the working directory."
+        ) from err
+    except DatasetGenerationError as err:  # says only "An error occurred while generating"
+        cause = err.__cause__ or err
+        fix = (
+            "the files must be UTF-8: convert them (e.g. iconv -f latin1 -t utf-8)"
+            if isinstance(cause, UnicodeDecodeError)
+            else "fix the files, or data_format if it is not theirs"
+        )
+        raise ValueError(
+            f"{owner}: cannot read data_files={data_files!r} as {fmt}: "
+            f"{type(cause).__name__}: {cause}; {fix}."
         ) from err
 
 

@@ -340,7 +340,8 @@ def label_ids(
     """Class ids for a label column, and the class names (``None`` for unnamed int labels).
 
     String labels map to their index in ``label_names``, or in the sorted distinct values when
-    ``label_names`` is ``None``; int labels stay as they are (checked against ``label_names``).
+    ``label_names`` is ``None``; int labels stay as they are (checked against ``label_names``),
+    as do whole floats (``1.0``: a CSV int column with an empty cell, a JSON ``1.0``).
 
     Example:
         >>> label_ids("X", ["b", "a", "b"], None)
@@ -361,6 +362,8 @@ def label_ids(
                 "label_names (or leave label_names unset to use the sorted distinct labels)."
             )
         return [index[v] for v in values], names
+    if all(isinstance(v, float) and v.is_integer() for v in values):
+        values = [int(v) for v in values]  # an int column with an empty cell reads as floats
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         bad = sorted({v for v in values if v < 0 or (names is not None and v >= len(names))})
         if bad:

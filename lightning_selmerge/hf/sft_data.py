@@ -207,6 +207,10 @@ class SFTDataModule(_TextDataModule):
             return {"messages_field": self.messages_field}
         return {"prompt_field": self.prompt_field, "response_field": self.response_field}
 
+    def _text_columns(self) -> list[str]:
+        used = template_fields(self.prompt_template) - {"prompt"}
+        return [self.prompt_field, self.response_field, *sorted(used)]
+
     def _prepare(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
         if self.chat_template is not False:
             use_chat_template(type(self).__name__, self.tokenizer, self.chat_template)
