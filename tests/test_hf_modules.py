@@ -317,6 +317,18 @@ def test_csv_text_columns_of_numbers_are_read_as_written(tmp_path: Path) -> None
     assert dm.train_set["labels"] == [1, 0]
 
 
+def test_csv_answers_such_as_none_or_na_are_text_and_empty_cells_are_missing(
+    tmp_path: Path,
+) -> None:
+    """pandas' default NA strings dropped rows answering N/A, None, NA or null as missing."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,response\nA?,N/A\nB?,None\nC?,null\nD?,NA\nE?,\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="dropped 1 of 5 rows missing a value"):
+        dm = ready(SFTDataModule(data_files=str(pairs), val_fraction=0.0, max_length=32))
+    targets = [[i for i in ids if i != -100] for ids in dm.train_set["labels"]]
+    assert targets == [[*byte_ids(r), 1] for r in ("N/A", "None", "null", "NA")]
+
+
 def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path: Path) -> None:
     """A Latin-1 CSV raised datasets' DatasetGenerationError "An error occurred while
     generating the dataset", naming neither the file nor the encoding."""

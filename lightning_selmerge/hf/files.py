@@ -137,11 +137,15 @@ def load_table(
     """``datasets.load_dataset`` on local files; a plain path or list becomes split ``"train"``.
 
     CSV/TSV ``text_columns`` are read as written: pandas would read a column of numbers as
-    numbers (``02139`` -> ``2139.0``), so such a file is read again with them as strings.
+    numbers (``02139`` -> ``2139.0``), so such a file is read again with them as strings. Only an
+    empty CSV/TSV cell is a missing value: pandas' default would also drop a row answering
+    ``N/A``, ``None``, ``NA`` or ``null``.
     """
     fmt = infer_format(owner, data_files, data_format)
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
     builder = "csv" if fmt == "tsv" else fmt
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
+    if builder == "csv":  # an empty cell is missing; "N/A", "None", "null" are text
+        kwargs.update(keep_default_na=False, na_values=[""])
     files = dict(data_files) if isinstance(data_files, Mapping) else data_files
     try:
         tables = load_dataset(builder, data_files=files, **kwargs)
