@@ -37,4 +37,5 @@ def test_checkpointing_gives_the_same_gradients(module_class: type, lora: Any) -
 
 def test_the_module_checkpoints_its_blocks() -> None:
     module = CausalLMModule(config=TINY, gradient_checkpointing=True)
-    assert module.model.is_gradient_checkpointing
+    model = module.model
+    assert getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing)

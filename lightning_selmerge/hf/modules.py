@@ -97,7 +97,10 @@ class _HFModule(LightningModule):
             **model_kwargs,
         )
         if gradient_checkpointing:  # non-reentrant: a frozen input (LoRA's base) is fine
-            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+            # transformers 5 renamed it (the old name warns, and goes in v6); 4.x has the old
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            enable = enable or self.model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if lora is not None:
             self.model = with_lora(owner, self.model, lora, self.lora_task_type)
         self.learning_rate = learning_rate
