@@ -219,6 +219,25 @@ def test_probe_evaluates_in_eval_mode_without_grad(tmp_path: Path) -> None:
     assert model.training  # restored
 
 
+def test_probe_restores_each_submodules_mode(tmp_path: Path) -> None:
+    """A submodule the module keeps in eval mode while training (a frozen BatchNorm) stays so
+    after a probe, as after Lightning's validation (the probe set every submodule to train)."""
+    modes: list[bool] = []
+
+    class FrozenNorm(ProbeAware):
+        def setup(self, stage: str) -> None:
+            self.norm = torch.nn.BatchNorm1d(1).eval()
+
+        def training_step(self, batch, batch_idx):
+            modes.append(self.norm.training)
+            return super().training_step(batch, batch_idx)
+
+    make_trainer(tmp_path, PositionLossMonitor(probe_size=8), max_epochs=2).fit(
+        FrozenNorm(), DataLoader(make_dataset(), batch_size=8)
+    )
+    assert modes and not any(modes)
+
+
 def test_probe_runs_in_validations_precision(tmp_path: Path) -> None:
     """bf16-mixed: the probe scores the model under the same autocast as validation (it ran
     in float32, so its losses were not the ones validation would report)."""

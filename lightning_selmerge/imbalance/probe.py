@@ -92,8 +92,9 @@ class PositionProbe:
         """Losses ``[len(indices)]`` (float32, CPU) from ``loss_fn(batch)``.
 
         ``loss_fn`` defaults to ``module.per_sample_loss``. The module is put in eval mode and
-        restored to its previous mode afterwards; under a Trainer it runs in validation's
-        precision context (e.g. ``bf16-mixed`` autocast).
+        each of its submodules restored to its own previous mode afterwards (as Lightning's
+        validation does: a submodule kept in eval mode while training stays so); under a
+        Trainer it runs in validation's precision context (e.g. ``bf16-mixed`` autocast).
         """
         fn = loss_fn if loss_fn is not None else getattr(module, "per_sample_loss", None)
         if not callable(fn):
@@ -110,7 +111,7 @@ class PositionProbe:
         )
         device = _module_device(module)
         trainer = _attached_trainer(module)
-        was_training = module.training
+        modes = {sub: sub.training for sub in module.modules()}
         module.eval()
         out: list[torch.Tensor] = []
         try:
@@ -120,7 +121,8 @@ class PositionProbe:
                 losses = torch.as_tensor(losses).detach().float().reshape(-1).cpu()
                 out.append(losses)
         finally:
-            module.train(was_training)
+            for sub, training in modes.items():
+                sub.training = training
         result = torch.cat(out) if out else torch.empty(0)
         if result.numel() != len(self):
             raise ValueError(
