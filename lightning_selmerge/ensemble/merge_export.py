@@ -4,7 +4,6 @@ renamed into place, the tokenizer beside it."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +12,23 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_selmerge.merging.checkpoints import publish_directory
-from lightning_selmerge.merging.leftovers import recover_output, staging_path
+from lightning_selmerge.merging.leftovers import recover_output
 
 __all__ = ["export_merge", "pretrained_submodule", "warn_later_exports"]
 
 
 def export_merge(pl_module: LightningModule, merged: dict[str, torch.Tensor], target: Path) -> None:
-    """Write the merged model as a Hugging Face directory (temporary name, then rename)."""
+    """Write the merged model as a Hugging Face directory (temporary name, then rename;
+    the old export stays until then)."""
     prefix, model = pretrained_submodule(pl_module)
     state = {
         name[len(prefix) :]: tensor for name, tensor in merged.items() if name.startswith(prefix)
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
     recover_output(target)  # what a killed export left behind
-    tmp = staging_path(target)
-    tmp.mkdir()
-    try:
-        from lightning_selmerge.hf.export import write_pretrained_files
+    # the staged write of hf.export (imported here: hf's modules import the ensemble)
+    from lightning_selmerge.hf.export import save_pretrained
 
-        write_pretrained_files(model, getattr(pl_module, "tokenizer", None), tmp, state)
-        publish_directory(tmp, target, overwrite=True)  # the old export stays until then
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained(model, getattr(pl_module, "tokenizer", None), target, state)
 
 
 def warn_later_exports(save_dir: Path, last_epoch: int) -> None:

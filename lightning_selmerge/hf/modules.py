@@ -181,8 +181,8 @@ class CausalLMModule(_HFModule):
             (needs peft). The frozen base is held once for all replicas, the merge and the
             exports are the adapters' (load them with ``PeftModel.from_pretrained``).
         gradient_checkpointing: recompute each block's activations in the backward pass
-            instead of keeping them (transformers' ``gradient_checkpointing_enable``,
-            non-reentrant): less memory for a longer step, the same gradients.
+            instead of keeping them (transformers' activation checkpointing, non-reentrant):
+            less memory for a longer step, the same gradients.
 
     Example:
         >>> module = CausalLMModule(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16,
@@ -261,8 +261,8 @@ class SequenceClassificationModule(_HFModule):
             "value"]}`` (needs peft). The frozen base is held once for all replicas, the merge
             and the exports are the adapters' and the head's.
         gradient_checkpointing: recompute each block's activations in the backward pass
-            instead of keeping them (transformers' ``gradient_checkpointing_enable``,
-            non-reentrant): less memory for a longer step, the same gradients.
+            instead of keeping them (transformers' activation checkpointing, non-reentrant):
+            less memory for a longer step, the same gradients.
 
     Example:
         >>> module = SequenceClassificationModule(
