@@ -72,6 +72,16 @@ def snapshot(snapshot_dir: Path, epoch: int, replica: int) -> Path:
     return snapshot_dir / f"epoch_{epoch:03d}" / f"replica_{replica:03d}.safetensors"
 
 
+def merged_epoch(epoch_dir: Path, out: Path, base: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """``merge_epoch`` with the callbacks' merge of these tests (selection + resample(1),
+    ``MERGE_SEED``), as the tensors it wrote."""
+    from lightning_selmerge.merging.snapshots import merge_epoch
+
+    method = ParameterSelection(resample=1)
+    written = merge_epoch(epoch_dir, out, method=method, base=base, seed=MERGE_SEED, **kwargs)
+    return load_file(written / "model.safetensors")
+
+
 def equal_states(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
     return set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
 
@@ -561,16 +571,12 @@ def test_tied_gpt2_directory_merge_equals_the_ensemble_merge(
 ) -> None:
     snapshot_dir, record = gpt2_run
     for epoch in range(EPOCHS):
-        from lightning_selmerge.merging.snapshots import merge_epoch
-
-        out = merge_epoch(
+        merged = merged_epoch(
             snapshot_dir / f"epoch_{epoch:03d}",
             tmp_path / f"merged_{epoch}",
-            method=ParameterSelection(resample=1),
-            base=snapshot_dir / "initial",
-            seed=MERGE_SEED,
+            snapshot_dir / "initial",
         )
-        for name, tensor in load_file(out / "model.safetensors").items():
+        for name, tensor in merged.items():
             assert torch.equal(tensor, record.merged[epoch][f"model.{name}"]), (epoch, name)
 
 
@@ -580,7 +586,6 @@ def test_rules_written_for_the_modules_names_apply_to_the_snapshots(
     """A rule anchored on the in-process names (``^model\\.``) applies to the save_pretrained
     snapshots, whose names lack the prefix: the merge of the epoch equals the ensemble's."""
     from lightning_selmerge.merging import MergeRule, WeightedAverage
-    from lightning_selmerge.merging.snapshots import merge_epoch
 
     snapshot_dir, _ = gpt2_run
     rules = [MergeRule(r"^model\.transformer\.(h\.0\.ln|ln_f)", WeightedAverage())]
@@ -590,15 +595,9 @@ def test_rules_written_for_the_modules_names_apply_to_the_snapshots(
     record = RecordEpochs(merge)
     strategy = DataOrderEnsemble(num_replicas=2, seed=ORDER_SEED)
     ensemble_trainer(strategy, [merge, record], max_epochs=1).fit(gpt2(), token_loader())
-    out = merge_epoch(
-        snapshot_dir / "epoch_000",
-        tmp_path / "merged",
-        method=ParameterSelection(resample=1),
-        rules=rules,
-        base=snapshot_dir / "initial",
-        seed=MERGE_SEED,
+    merged = merged_epoch(
+        snapshot_dir / "epoch_000", tmp_path / "merged", snapshot_dir / "initial", rules=rules
     )
-    merged = load_file(out / "model.safetensors")
     replicas = record.replicas[0]
     name = "transformer.ln_f.weight"
     mean = (replicas[0][f"model.{name}"] + replicas[1][f"model.{name}"]) / 2
@@ -631,7 +630,6 @@ class TiedNet(LightningModule):
 def test_a_tie_group_snapshot_merges_under_the_ensembles_draws(tmp_path: Path) -> None:
     """A file snapshot keeps a tie group under the name the merge keys its draws by (the
     canonical one), not the state dict's first: its merge equals the ensemble's."""
-    from lightning_selmerge.merging.snapshots import merge_epoch
 
     def tied() -> TiedNet:
         net = TiedNet()
@@ -646,14 +644,9 @@ def test_a_tie_group_snapshot_merges_under_the_ensembles_draws(tmp_path: Path) -
     strategy = DataOrderEnsemble(num_replicas=2, seed=ORDER_SEED)
     ensemble_trainer(strategy, [merge]).fit(tied(), token_loader())
     assert set(load_file(snapshot(snapshot_dir, 0, 1))) == {"emb.weight"}
-    out = merge_epoch(
-        snapshot_dir / "epoch_000",
-        tmp_path / "merged",
-        method=ParameterSelection(resample=1),
-        base=snapshot_dir / "initial.safetensors",
-        seed=MERGE_SEED,
+    merged = merged_epoch(
+        snapshot_dir / "epoch_000", tmp_path / "merged", snapshot_dir / "initial.safetensors"
     )
-    merged = load_file(out / "model.safetensors")
     assert torch.equal(
         merged["emb.weight"].view(torch.uint8), merge.merged_state["emb.weight"].view(torch.uint8)
     )
@@ -681,7 +674,6 @@ def test_lora_jobs_snapshot_the_adapters_and_merge_to_the_ensemble_bits(tmp_path
     """A PEFT model's snapshots hold its trained tensors, not its frozen base (save_pretrained
     would write an adapter directory, which the merge does not read); their merge equals the
     ensemble's."""
-    from lightning_selmerge.merging.snapshots import merge_epoch
 
     snapshot_dir = tmp_path / "snapshots"
     for replica in range(2):
@@ -693,14 +685,9 @@ def test_lora_jobs_snapshot_the_adapters_and_merge_to_the_ensemble_bits(tmp_path
     trained = {n for n, p in LoraGPT2().named_parameters() if p.requires_grad}
     for path in [snapshot_dir / "initial", snapshot(snapshot_dir, 0, 1)]:
         assert set(load_file(path.with_suffix(".safetensors"))) == trained, path
-    out = merge_epoch(
-        snapshot_dir / "epoch_000",
-        tmp_path / "merged",
-        method=ParameterSelection(resample=1),
-        base=snapshot_dir / "initial.safetensors",
-        seed=MERGE_SEED,
+    merged = merged_epoch(
+        snapshot_dir / "epoch_000", tmp_path / "merged", snapshot_dir / "initial.safetensors"
     )
-    merged = load_file(out / "model.safetensors")
     assert set(merged) == trained
     for name, tensor in merged.items():
         assert torch.equal(tensor, merge.merged_state[name]), name
